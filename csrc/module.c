@@ -1,0 +1,1220 @@
+/* wsmanager._core: the only CPython glue.
+ *
+ * Multi-phase init (PEP 489), module state (PEP 630), one heap type `Core`
+ * with GC support. The Python class wsmanager.ConnectionManager subclasses
+ * Core: the synchronous methods of the seed's API are the C methods here.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <time.h>
+
+#include "registry.h"
+#include "json_writer.h"
+
+#define WSM_RTT_WINDOW 1024
+
+typedef struct {
+    PyTypeObject *core_type;
+    PyObject *str_empty;
+    PyObject *str_server_full;
+    PyObject *str_lobby_full;
+    PyObject *str_user_limit;
+    PyObject *str_shutting_down;
+    PyObject *accept_ok;        /* (True, "") */
+    PyObject *refuse_server;    /* (False, "server_full") */
+    PyObject *refuse_lobby;     /* (False, "lobby_full") */
+    PyObject *refuse_shutdown;  /* (False, "shutting_down") */
+} module_state;
+
+typedef struct {
+    PyObject_HEAD
+    wsm_registry reg;
+    Py_ssize_t max_connections;
+    Py_ssize_t max_per_lobby;
+    Py_ssize_t max_per_user;    /* -1: no limit */
+    Py_ssize_t max_id_bytes;
+    PyObject *clock;            /* callable returning monotonic seconds, or NULL */
+    int shutting_down;
+    int initialized;
+    /* counters */
+    unsigned long long n_connects;
+    unsigned long long n_disconnects;
+    unsigned long long n_refused_server;
+    unsigned long long n_refused_lobby;
+    unsigned long long n_refused_user;
+    unsigned long long n_refused_shutdown;
+    unsigned long long n_pings;
+    unsigned long long n_pongs;
+    /* recent round-trip times, seconds */
+    double rtt[WSM_RTT_WINDOW];
+    int rtt_len;
+    int rtt_pos;
+    PyObject *module;           /* strong ref: owner of the state below */
+    module_state *st;           /* borrowed from module */
+} CoreObject;
+
+static struct PyModuleDef core_module;
+
+static inline module_state *
+get_state(PyObject *module)
+{
+    return (module_state *)PyModule_GetState(module);
+}
+
+/* PyType_GetModuleByDef() for every supported version (it is 3.11+):
+ * the module that defined Core, found through the MRO of a subclass.
+ * Returns a borrowed reference or NULL with an exception set. */
+static PyObject *
+find_module(PyTypeObject *tp)
+{
+    PyObject *mro = tp->tp_mro;
+    Py_ssize_t n = mro ? PyTuple_GET_SIZE(mro) : 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyTypeObject *base = (PyTypeObject *)PyTuple_GET_ITEM(mro, i);
+        if (!(base->tp_flags & Py_TPFLAGS_HEAPTYPE)) {
+            continue;
+        }
+        PyObject *mod = PyType_GetModule(base);
+        if (mod == NULL) {
+            PyErr_Clear();
+            continue;
+        }
+        if (PyModule_GetDef(mod) == &core_module) {
+            return mod;
+        }
+    }
+    PyErr_SetString(PyExc_TypeError, "not a wsmanager._core.Core subclass");
+    return NULL;
+}
+
+/* ---- helpers ---------------------------------------------------------- */
+
+/* Current time in monotonic seconds, from the injected clock if any.
+ * Returns -1 with an exception set on failure. */
+static double
+core_now(CoreObject *self)
+{
+    if (self->clock == NULL) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    }
+    PyObject *res = PyObject_CallNoArgs(self->clock); /* new ref */
+    if (res == NULL) {
+        return -1.0;
+    }
+    double v = PyFloat_AsDouble(res);
+    Py_DECREF(res);
+    if (v == -1.0 && PyErr_Occurred()) {
+        return -1.0;
+    }
+    if (!isfinite(v) || v < 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "clock() must return a finite, non-negative number");
+        return -1.0;
+    }
+    return v;
+}
+
+#define NOW_OR_FAIL(var, self, fail)                                   \
+    double var = core_now(self);                                       \
+    if (var == -1.0 && PyErr_Occurred()) {                             \
+        fail;                                                          \
+    }
+
+/* Validate an id used to *register* a connection. Returns a new reference
+ * to an exact str, or NULL with TypeError / ValueError set. */
+static PyObject *
+checked_id(CoreObject *self, PyObject *obj, const char *what)
+{
+    Py_ssize_t len;
+    if (!PyUnicode_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a str, not %.100s", what,
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    if (PyUnicode_GET_LENGTH(obj) == 0) {
+        PyErr_Format(PyExc_ValueError, "%s must not be empty", what);
+        return NULL;
+    }
+    if (PyUnicode_AsUTF8AndSize(obj, &len) == NULL) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s must be valid Unicode text "
+                     "(no lone surrogates)", what);
+        return NULL;
+    }
+    if (len > self->max_id_bytes) {
+        PyErr_Format(PyExc_ValueError, "%s is %zd bytes long; the limit is "
+                     "%zd bytes (UTF-8)", what, len, self->max_id_bytes);
+        return NULL;
+    }
+    if (PyUnicode_CheckExact(obj)) {
+        Py_INCREF(obj);
+        return obj;
+    }
+    return PyUnicode_FromObject(obj);
+}
+
+/* Type check for ids used only to *look up*: a wrong type is a clear error,
+ * an unknown or odd-looking id simply matches nothing. */
+static int
+check_lookup_id(PyObject *obj, const char *what)
+{
+    if (!PyUnicode_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a str, not %.100s", what,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
+static void
+record_rtt(CoreObject *self, double rtt)
+{
+    self->rtt[self->rtt_pos] = rtt;
+    self->rtt_pos = (self->rtt_pos + 1) % WSM_RTT_WINDOW;
+    if (self->rtt_len < WSM_RTT_WINDOW) {
+        self->rtt_len++;
+    }
+}
+
+static PyObject *
+info_tuple(wsm_conn *c)
+{
+    return PyTuple_Pack(2, c->lobby->key, c->user->key);
+}
+
+/* ---- type slots ------------------------------------------------------- */
+
+static int
+Core_init(CoreObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"max_connections", "max_per_lobby",
+                             "max_per_user", "max_id_bytes", "clock", NULL};
+    Py_ssize_t max_connections = 500, max_per_lobby = 10, max_id_bytes = 1024;
+    PyObject *max_per_user = Py_None, *clock = Py_None;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|nn$OnO:ConnectionManager",
+                                     kwlist, &max_connections, &max_per_lobby,
+                                     &max_per_user, &max_id_bytes, &clock)) {
+        return -1;
+    }
+    if (self->initialized) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "ConnectionManager is already initialized");
+        return -1;
+    }
+    if (max_connections < 0 || max_per_lobby < 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "max_connections and max_per_lobby must be >= 0");
+        return -1;
+    }
+    if (max_id_bytes < 1) {
+        PyErr_SetString(PyExc_ValueError, "max_id_bytes must be >= 1");
+        return -1;
+    }
+    self->max_per_user = -1;
+    if (max_per_user != Py_None) {
+        Py_ssize_t v = PyNumber_AsSsize_t(max_per_user, PyExc_OverflowError);
+        if (v == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        if (v < 1) {
+            PyErr_SetString(PyExc_ValueError,
+                            "max_per_user must be None or >= 1");
+            return -1;
+        }
+        self->max_per_user = v;
+    }
+    if (clock != Py_None && !PyCallable_Check(clock)) {
+        PyErr_SetString(PyExc_TypeError, "clock must be callable or None");
+        return -1;
+    }
+    PyObject *mod = find_module(Py_TYPE(self)); /* borrowed */
+    if (mod == NULL) {
+        return -1;
+    }
+    Py_INCREF(mod);
+    self->module = mod;
+    self->st = get_state(mod);
+    self->max_connections = max_connections;
+    self->max_per_lobby = max_per_lobby;
+    self->max_id_bytes = max_id_bytes;
+    if (clock != Py_None) {
+        Py_INCREF(clock);
+        self->clock = clock;
+    }
+    wsm_registry_init(&self->reg);
+    self->initialized = 1;
+    return 0;
+}
+
+static int
+Core_traverse(CoreObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->clock);
+    Py_VISIT(self->module);
+    return wsm_registry_traverse(&self->reg, visit, arg);
+}
+
+static int
+Core_clear(CoreObject *self)
+{
+    Py_CLEAR(self->clock);
+    wsm_registry_clear(&self->reg);
+    self->st = NULL;
+    self->initialized = 0;
+    Py_CLEAR(self->module);
+    return 0;
+}
+
+static void
+Core_dealloc(CoreObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    (void)Core_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static Py_ssize_t
+Core_len(CoreObject *self)
+{
+    return self->reg.active;
+}
+
+static int
+Core_contains(CoreObject *self, PyObject *ws)
+{
+    wsm_conn *c = wsm_find_conn(&self->reg, ws);
+    return c != NULL && c->state == WSM_ACTIVE;
+}
+
+
+#define CHECK_INIT(self, ret)                                               \
+    if (!(self)->initialized) {                                             \
+        PyErr_SetString(PyExc_RuntimeError, "ConnectionManager.__init__() " \
+                        "was not called");                                  \
+        return ret;                                                         \
+    }
+
+/* ---- seed API: synchronous methods ------------------------------------ */
+
+/* Capacity verdict without reserving; counts reserved handshakes too. */
+static PyObject *
+Core_can_accept_connection(CoreObject *self, PyObject *lobby_code)
+{
+    CHECK_INIT(self, NULL);
+    if (check_lookup_id(lobby_code, "lobby_code") < 0) {
+        return NULL;
+    }
+    module_state *st = self->st;
+    PyObject *res;
+    if (self->shutting_down) {
+        res = st->refuse_shutdown;
+    }
+    else if (self->reg.active + self->reg.pending >= self->max_connections) {
+        res = st->refuse_server;
+    }
+    else {
+        wsm_group *g = wsm_find_lobby(&self->reg, lobby_code);
+        Py_ssize_t n = g ? g->members.len + g->reserved : 0;
+        res = n >= self->max_per_lobby ? st->refuse_lobby : st->accept_ok;
+    }
+    Py_INCREF(res);
+    return res;
+}
+
+/* _reserve(websocket, lobby_code, user_id) -> "" | refusal reason
+ * Holds one unit of capacity for a handshake in progress. */
+static PyObject *
+Core_reserve(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *lobby = NULL, *user = NULL, *res = NULL;
+    wsm_verdict verdict = WSM_OK;
+
+    CHECK_INIT(self, NULL);
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_reserve(websocket, lobby_code, user_id)");
+        return NULL;
+    }
+    lobby = checked_id(self, args[1], "lobby_code");
+    if (lobby == NULL) {
+        goto error;
+    }
+    user = checked_id(self, args[2], "user_id");
+    if (user == NULL) {
+        goto error;
+    }
+    if (wsm_find_conn(&self->reg, args[0]) != NULL) {
+        PyErr_SetString(PyExc_ValueError,
+                        "this websocket is already connected to the manager");
+        goto error;
+    }
+    if (self->shutting_down) {
+        self->n_refused_shutdown++;
+        res = self->st->str_shutting_down;
+        Py_INCREF(res);
+        goto done;
+    }
+    NOW_OR_FAIL(now, self, goto error);
+    if (wsm_reserve(&self->reg, args[0], lobby, user, self->max_connections,
+                    self->max_per_lobby, self->max_per_user, now,
+                    &verdict) == NULL) {
+        switch (verdict) {
+        case WSM_SERVER_FULL:
+            self->n_refused_server++;
+            res = self->st->str_server_full;
+            break;
+        case WSM_LOBBY_FULL:
+            self->n_refused_lobby++;
+            res = self->st->str_lobby_full;
+            break;
+        case WSM_USER_FULL:
+            self->n_refused_user++;
+            res = self->st->str_user_limit;
+            break;
+        default:
+            goto error;
+        }
+        Py_INCREF(res);
+        goto done;
+    }
+    res = self->st->str_empty;
+    Py_INCREF(res);
+done:
+    Py_DECREF(lobby);
+    Py_DECREF(user);
+    return res;
+error:
+    Py_XDECREF(lobby);
+    Py_XDECREF(user);
+    return NULL;
+}
+
+/* _commit(websocket) -> bool: a reserved handshake completed. */
+static PyObject *
+Core_commit(CoreObject *self, PyObject *ws)
+{
+    CHECK_INIT(self, NULL);
+    wsm_conn *c = wsm_find_conn(&self->reg, ws);
+    if (c == NULL || c->state != WSM_PENDING) {
+        Py_RETURN_FALSE;
+    }
+    NOW_OR_FAIL(now, self, return NULL);
+    wsm_commit(&self->reg, c, now);
+    self->n_connects++;
+    Py_RETURN_TRUE;
+}
+
+/* _release(websocket) -> bool: a reserved handshake failed. */
+static PyObject *
+Core_release(CoreObject *self, PyObject *ws)
+{
+    CHECK_INIT(self, NULL);
+    wsm_conn *c = wsm_find_conn(&self->reg, ws);
+    if (c == NULL || c->state != WSM_PENDING) {
+        Py_RETURN_FALSE;
+    }
+    wsm_remove(&self->reg, c);
+    Py_RETURN_TRUE;
+}
+
+/* disconnect(websocket) -> (lobby_code, user_id) | None */
+static PyObject *
+Core_disconnect(CoreObject *self, PyObject *ws)
+{
+    CHECK_INIT(self, NULL);
+    wsm_conn *c = wsm_find_conn(&self->reg, ws);
+    if (c == NULL || c->state != WSM_ACTIVE) {
+        Py_RETURN_NONE;
+    }
+    PyObject *info = info_tuple(c); /* new ref */
+    if (info == NULL) {
+        return NULL;
+    }
+    wsm_remove(&self->reg, c);
+    self->n_disconnects++;
+    return info;
+}
+
+/* _info(websocket) -> (lobby_code, user_id) | None */
+static PyObject *
+Core_info(CoreObject *self, PyObject *ws)
+{
+    CHECK_INIT(self, NULL);
+    wsm_conn *c = wsm_find_conn(&self->reg, ws);
+    if (c == NULL || c->state != WSM_ACTIVE) {
+        Py_RETURN_NONE;
+    }
+    return info_tuple(c);
+}
+
+static PyObject *
+Core_update_last_message(CoreObject *self, PyObject *user_id)
+{
+    CHECK_INIT(self, NULL);
+    if (check_lookup_id(user_id, "user_id") < 0) {
+        return NULL;
+    }
+    wsm_group *g = wsm_find_user(&self->reg, user_id);
+    if (g != NULL && g->members.len) {
+        NOW_OR_FAIL(now, self, return NULL);
+        /* touch() moves entries on the activity lists only, never the user
+         * list being walked */
+        for (wsm_conn *c = g->members.head; c; c = c->user_link.next) {
+            wsm_touch(&self->reg, c, now);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* record_pong(user_id): every connection of the user is alive; returns the
+ * round-trip time in ms of the ping answered, or None. */
+static PyObject *
+Core_record_pong(CoreObject *self, PyObject *user_id)
+{
+    CHECK_INIT(self, NULL);
+    if (check_lookup_id(user_id, "user_id") < 0) {
+        return NULL;
+    }
+    double best = -1.0;
+    wsm_group *g = wsm_find_user(&self->reg, user_id);
+    if (g != NULL && g->members.len) {
+        NOW_OR_FAIL(now, self, return NULL);
+        self->n_pongs++;
+        for (wsm_conn *c = g->members.head; c; c = c->user_link.next) {
+            double rtt = wsm_pong(&self->reg, c, now);
+            if (rtt >= 0 && (best < 0 || rtt < best)) {
+                best = rtt;
+            }
+        }
+        if (best >= 0) {
+            record_rtt(self, best);
+        }
+    }
+    if (best < 0) {
+        Py_RETURN_NONE;
+    }
+    return PyFloat_FromDouble(best * 1000.0);
+}
+
+/* touch(websocket) -> bool: something was received on this connection. */
+static PyObject *
+Core_touch(CoreObject *self, PyObject *ws)
+{
+    CHECK_INIT(self, NULL);
+    wsm_conn *c = wsm_find_conn(&self->reg, ws);
+    if (c == NULL || c->state != WSM_ACTIVE) {
+        Py_RETURN_FALSE;
+    }
+    NOW_OR_FAIL(now, self, return NULL);
+    wsm_touch(&self->reg, c, now);
+    Py_RETURN_TRUE;
+}
+
+/* record_pong_ws(websocket) -> latency ms | None: a pong on this connection. */
+static PyObject *
+Core_record_pong_ws(CoreObject *self, PyObject *ws)
+{
+    CHECK_INIT(self, NULL);
+    wsm_conn *c = wsm_find_conn(&self->reg, ws);
+    if (c == NULL || c->state != WSM_ACTIVE) {
+        Py_RETURN_NONE;
+    }
+    NOW_OR_FAIL(now, self, return NULL);
+    self->n_pongs++;
+    double rtt = wsm_pong(&self->reg, c, now);
+    if (rtt < 0) {
+        Py_RETURN_NONE;
+    }
+    record_rtt(self, rtt);
+    return PyFloat_FromDouble(rtt * 1000.0);
+}
+
+/* _note_ping(websocket) -> bool: a ping was sent outside the sweep
+ * (ping_user); its pong will yield a round-trip time. */
+static PyObject *
+Core_note_ping(CoreObject *self, PyObject *ws)
+{
+    CHECK_INIT(self, NULL);
+    wsm_conn *c = wsm_find_conn(&self->reg, ws);
+    if (c == NULL || c->state != WSM_ACTIVE) {
+        Py_RETURN_FALSE;
+    }
+    NOW_OR_FAIL(now, self, return NULL);
+    if (c->pong_due_since <= 0) {
+        c->pong_due_since = now;
+    }
+    self->n_pings++;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+Core_is_user_connected(CoreObject *self, PyObject *user_id)
+{
+    CHECK_INIT(self, NULL);
+    if (check_lookup_id(user_id, "user_id") < 0) {
+        return NULL;
+    }
+    wsm_group *g = wsm_find_user(&self->reg, user_id);
+    return PyBool_FromLong(g != NULL && g->members.len > 0);
+}
+
+static PyObject *
+Core_get_lobby_users(CoreObject *self, PyObject *lobby_code)
+{
+    CHECK_INIT(self, NULL);
+    if (check_lookup_id(lobby_code, "lobby_code") < 0) {
+        return NULL;
+    }
+    PyObject *set = PySet_New(NULL);
+    if (set == NULL) {
+        return NULL;
+    }
+    wsm_group *g = wsm_find_lobby(&self->reg, lobby_code);
+    if (g != NULL) {
+        /* PySet_Add on str keys runs no Python code (str hash/eq are C) */
+        for (wsm_conn *c = g->members.head; c; c = c->lobby_link.next) {
+            if (PySet_Add(set, c->user->key) < 0) {
+                Py_DECREF(set);
+                return NULL;
+            }
+        }
+    }
+    return set;
+}
+
+/* Snapshot of a list into a new Python list of websockets. */
+static PyObject *
+snapshot_list(wsm_list *l, size_t link_off, wsm_group *exclude_user)
+{
+    PyObject *out = PyList_New(l->len);
+    if (out == NULL) {
+        return NULL;
+    }
+    Py_ssize_t i = 0;
+    for (wsm_conn *c = l->head; c;
+         c = ((wsm_link *)((char *)c + link_off))->next) {
+        if (exclude_user != NULL && c->user == exclude_user) {
+            continue;
+        }
+        Py_INCREF(c->ws);
+        PyList_SET_ITEM(out, i, c->ws);
+        i++;
+    }
+    if (i < l->len && PyList_SetSlice(out, i, l->len, NULL) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+/* _lobby_targets(lobby_code, exclude_user_id=None) -> list[websocket] */
+static PyObject *
+Core_lobby_targets(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    static wsm_list empty = {NULL, NULL, 0};
+    CHECK_INIT(self, NULL);
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_lobby_targets(lobby_code, exclude_user_id=None)");
+        return NULL;
+    }
+    if (check_lookup_id(args[0], "lobby_code") < 0) {
+        return NULL;
+    }
+    wsm_group *exclude = NULL;
+    if (nargs == 2 && args[1] != Py_None) {
+        if (check_lookup_id(args[1], "exclude_user_id") < 0) {
+            return NULL;
+        }
+        exclude = wsm_find_user(&self->reg, args[1]);
+    }
+    wsm_group *g = wsm_find_lobby(&self->reg, args[0]);
+    return snapshot_list(g ? &g->members : &empty,
+                         offsetof(wsm_conn, lobby_link), exclude);
+}
+
+/* _user_targets(user_id) -> list[websocket], oldest connection first */
+static PyObject *
+Core_user_targets(CoreObject *self, PyObject *user_id)
+{
+    static wsm_list empty = {NULL, NULL, 0};
+    CHECK_INIT(self, NULL);
+    if (check_lookup_id(user_id, "user_id") < 0) {
+        return NULL;
+    }
+    wsm_group *g = wsm_find_user(&self->reg, user_id);
+    return snapshot_list(g ? &g->members : &empty,
+                         offsetof(wsm_conn, user_link), NULL);
+}
+
+/* _snapshot() -> list[(websocket, lobby_code, user_id)] of committed
+ * connections, in connection order per lobby. O(connections): for the
+ * read-only compatibility views only. */
+static PyObject *
+Core_snapshot(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_INIT(self, NULL);
+    PyObject *out = PyList_New(self->reg.active);
+    if (out == NULL) {
+        return NULL;
+    }
+    Py_ssize_t i = 0;
+    wsm_group *g, *tmp;
+    HASH_ITER(hh, self->reg.lobbies, g, tmp) {
+        for (wsm_conn *c = g->members.head; c; c = c->lobby_link.next) {
+            if (i >= self->reg.active) {
+                break;
+            }
+            PyObject *t = PyTuple_Pack(3, c->ws, g->key, c->user->key);
+            if (t == NULL) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            PyList_SET_ITEM(out, i, t);
+            i++;
+        }
+    }
+    return out;
+}
+
+/* _sweep(ping_interval, ping_timeout) -> (to_ping, expired)
+ * to_ping: websockets silent for ping_interval, now moved to the wait list
+ * (the caller sends them a ping). expired: (websocket, lobby, user) tuples of
+ * connections pinged more than ping_timeout ago without any answer; they are
+ * removed from the registry here, the caller closes them.
+ * Cost: O(connections due), the lists being ordered by time. */
+static PyObject *
+Core_sweep(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *to_ping = NULL, *expired = NULL, *t = NULL;
+    CHECK_INIT(self, NULL);
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "_sweep(ping_interval, ping_timeout)");
+        return NULL;
+    }
+    double interval = PyFloat_AsDouble(args[0]);
+    if (interval == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    double timeout = PyFloat_AsDouble(args[1]);
+    if (timeout == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!(interval >= 0) || !(timeout >= 0)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "ping_interval and ping_timeout must be >= 0");
+        return NULL;
+    }
+    NOW_OR_FAIL(now, self, return NULL);
+    to_ping = PyList_New(0);
+    expired = PyList_New(0);
+    if (to_ping == NULL || expired == NULL) {
+        goto error;
+    }
+    /* Expired first: a connection pinged in this sweep cannot expire in it. */
+    while (self->reg.wait.head &&
+           self->reg.wait.head->ping_sent + timeout <= now) {
+        wsm_conn *c = self->reg.wait.head;
+        t = PyTuple_Pack(3, c->ws, c->lobby->key, c->user->key);
+        if (t == NULL || PyList_Append(expired, t) < 0) {
+            goto error;
+        }
+        Py_CLEAR(t);
+        wsm_remove(&self->reg, c); /* the tuple keeps ws and keys alive */
+        self->n_disconnects++;
+    }
+    while (self->reg.idle.head &&
+           self->reg.idle.head->last_rx + interval <= now) {
+        wsm_conn *c = self->reg.idle.head;
+        if (PyList_Append(to_ping, c->ws) < 0) {
+            goto error;
+        }
+        wsm_mark_pinged(&self->reg, c, now);
+        self->n_pings++;
+    }
+    t = PyTuple_Pack(2, to_ping, expired);
+    Py_DECREF(to_ping);
+    Py_DECREF(expired);
+    return t;
+error:
+    Py_XDECREF(t);
+    Py_XDECREF(to_ping);
+    Py_XDECREF(expired);
+    return NULL;
+}
+
+/* _set_shutting_down(flag): stop (or resume) admitting connections. */
+static PyObject *
+Core_set_shutting_down(CoreObject *self, PyObject *flag)
+{
+    CHECK_INIT(self, NULL);
+    int v = PyObject_IsTrue(flag);
+    if (v < 0) {
+        return NULL;
+    }
+    self->shutting_down = v;
+    Py_RETURN_NONE;
+}
+
+static int
+cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static int
+dict_set_ull(PyObject *d, const char *key, unsigned long long v)
+{
+    PyObject *o = PyLong_FromUnsignedLongLong(v);
+    if (o == NULL) {
+        return -1;
+    }
+    int rc = PyDict_SetItemString(d, key, o);
+    Py_DECREF(o);
+    return rc;
+}
+
+static int
+dict_set_ssize(PyObject *d, const char *key, Py_ssize_t v)
+{
+    PyObject *o = PyLong_FromSsize_t(v);
+    if (o == NULL) {
+        return -1;
+    }
+    int rc = PyDict_SetItemString(d, key, o);
+    Py_DECREF(o);
+    return rc;
+}
+
+static int
+dict_set_double(PyObject *d, const char *key, double v)
+{
+    PyObject *o = PyFloat_FromDouble(v);
+    if (o == NULL) {
+        return -1;
+    }
+    int rc = PyDict_SetItemString(d, key, o);
+    Py_DECREF(o);
+    return rc;
+}
+
+/* round(x, 1) as Python computes it (correctly rounded decimal). */
+static double
+round1(double x)
+{
+    char *s = PyOS_double_to_string(x, 'f', 1, 0, NULL);
+    if (s == NULL) {
+        PyErr_Clear();
+        return floor(x * 10.0 + 0.5) / 10.0;
+    }
+    double v = PyOS_string_to_double(s, NULL, NULL);
+    PyMem_Free(s);
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return floor(x * 10.0 + 0.5) / 10.0;
+    }
+    return v;
+}
+
+/* Percentile (nearest rank) of sorted values, in ms. */
+static double
+pct_ms(const double *sorted, int n, double p)
+{
+    int rank = (int)ceil(p / 100.0 * n);
+    if (rank < 1) {
+        rank = 1;
+    }
+    return sorted[rank - 1] * 1000.0;
+}
+
+/* get_stats() -> dict. O(1): every count is kept up to date. */
+static PyObject *
+Core_get_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_INIT(self, NULL);
+    Py_ssize_t total = self->reg.active;
+    double pct = self->max_connections > 0
+        ? round1((double)total / (double)self->max_connections * 100.0)
+        : 100.0;
+    PyObject *d = PyDict_New(), *refused = NULL, *lat = NULL;
+    if (d == NULL) {
+        return NULL;
+    }
+    if (dict_set_ssize(d, "total_connections", total) < 0 ||
+        dict_set_ssize(d, "max_connections", self->max_connections) < 0 ||
+        dict_set_double(d, "capacity_percent", pct) < 0 ||
+        dict_set_ssize(d, "active_lobbies", self->reg.active_lobbies) < 0 ||
+        dict_set_ssize(d, "max_per_lobby", self->max_per_lobby) < 0 ||
+        dict_set_ssize(d, "pending_connections", self->reg.pending) < 0 ||
+        dict_set_ssize(d, "connected_users", HASH_COUNT(self->reg.users)) < 0 ||
+        dict_set_ull(d, "connects", self->n_connects) < 0 ||
+        dict_set_ull(d, "disconnects", self->n_disconnects) < 0 ||
+        dict_set_ull(d, "pings_sent", self->n_pings) < 0 ||
+        dict_set_ull(d, "pongs_received", self->n_pongs) < 0) {
+        goto error;
+    }
+    if (self->max_per_user < 0) {
+        if (PyDict_SetItemString(d, "max_per_user", Py_None) < 0) {
+            goto error;
+        }
+    }
+    else if (dict_set_ssize(d, "max_per_user", self->max_per_user) < 0) {
+        goto error;
+    }
+    if (PyDict_SetItemString(d, "shutting_down",
+                             self->shutting_down ? Py_True : Py_False) < 0) {
+        goto error;
+    }
+    refused = PyDict_New();
+    if (refused == NULL ||
+        dict_set_ull(refused, "server_full", self->n_refused_server) < 0 ||
+        dict_set_ull(refused, "lobby_full", self->n_refused_lobby) < 0 ||
+        dict_set_ull(refused, "user_limit", self->n_refused_user) < 0 ||
+        dict_set_ull(refused, "shutting_down", self->n_refused_shutdown) < 0 ||
+        PyDict_SetItemString(d, "refused", refused) < 0) {
+        goto error;
+    }
+    lat = PyDict_New();
+    if (lat == NULL) {
+        goto error;
+    }
+    if (self->rtt_len > 0) {
+        double sorted[WSM_RTT_WINDOW];
+        int n = self->rtt_len;
+        memcpy(sorted, self->rtt, sizeof(double) * (size_t)n);
+        qsort(sorted, (size_t)n, sizeof(double), cmp_double);
+        if (dict_set_double(lat, "p50", pct_ms(sorted, n, 50)) < 0 ||
+            dict_set_double(lat, "p95", pct_ms(sorted, n, 95)) < 0 ||
+            dict_set_double(lat, "p99", pct_ms(sorted, n, 99)) < 0 ||
+            dict_set_ssize(lat, "samples", n) < 0) {
+            goto error;
+        }
+    }
+    else if (PyDict_SetItemString(lat, "p50", Py_None) < 0 ||
+             PyDict_SetItemString(lat, "p95", Py_None) < 0 ||
+             PyDict_SetItemString(lat, "p99", Py_None) < 0 ||
+             dict_set_ssize(lat, "samples", 0) < 0) {
+        goto error;
+    }
+    if (PyDict_SetItemString(d, "latency_ms", lat) < 0) {
+        goto error;
+    }
+    Py_DECREF(refused);
+    Py_DECREF(lat);
+    return d;
+error:
+    Py_XDECREF(refused);
+    Py_XDECREF(lat);
+    Py_DECREF(d);
+    return NULL;
+}
+
+/* ---- attributes ------------------------------------------------------- */
+
+static PyObject *
+Core_get_max_per_user(CoreObject *self, void *Py_UNUSED(closure))
+{
+    if (self->max_per_user < 0) {
+        Py_RETURN_NONE;
+    }
+    return PyLong_FromSsize_t(self->max_per_user);
+}
+
+static int
+set_limit(Py_ssize_t *slot, PyObject *value, Py_ssize_t minimum,
+          const char *name)
+{
+    if (value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "cannot delete %s", name);
+        return -1;
+    }
+    Py_ssize_t v = PyNumber_AsSsize_t(value, PyExc_OverflowError);
+    if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (v < minimum) {
+        PyErr_Format(PyExc_ValueError, "%s must be >= %zd", name, minimum);
+        return -1;
+    }
+    *slot = v;
+    return 0;
+}
+
+static int
+Core_set_max_per_user(CoreObject *self, PyObject *value, void *Py_UNUSED(c))
+{
+    if (value == Py_None) {
+        self->max_per_user = -1;
+        return 0;
+    }
+    return set_limit(&self->max_per_user, value, 1, "max_per_user");
+}
+
+static PyObject *
+Core_get_max_connections(CoreObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(self->max_connections);
+}
+
+static int
+Core_set_max_connections(CoreObject *self, PyObject *value, void *Py_UNUSED(c))
+{
+    return set_limit(&self->max_connections, value, 0, "max_connections");
+}
+
+static PyObject *
+Core_get_max_per_lobby(CoreObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(self->max_per_lobby);
+}
+
+static int
+Core_set_max_per_lobby(CoreObject *self, PyObject *value, void *Py_UNUSED(c))
+{
+    return set_limit(&self->max_per_lobby, value, 0, "max_per_lobby");
+}
+
+static PyObject *
+Core_get_clock(CoreObject *self, void *Py_UNUSED(closure))
+{
+    if (self->clock == NULL) {
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(self->clock);
+    return self->clock;
+}
+
+static PyObject *
+Core_now(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    NOW_OR_FAIL(now, self, return NULL);
+    return PyFloat_FromDouble(now);
+}
+
+static PyObject *
+Core_get_shutting_down(CoreObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->shutting_down);
+}
+
+static PyGetSetDef Core_getset[] = {
+    {"max_connections", (getter)Core_get_max_connections,
+     (setter)Core_set_max_connections, "Global connection limit.", NULL},
+    {"max_per_lobby", (getter)Core_get_max_per_lobby,
+     (setter)Core_set_max_per_lobby, "Connections allowed in one lobby.", NULL},
+    {"max_per_user", (getter)Core_get_max_per_user,
+     (setter)Core_set_max_per_user,
+     "Connections allowed for one user id (None: no limit).", NULL},
+    {"clock", (getter)Core_get_clock, NULL,
+     "The injected monotonic clock, or None for the system's.", NULL},
+    {"shutting_down", (getter)Core_get_shutting_down, NULL,
+     "True once shutdown began: no connection is admitted.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef Core_methods[] = {
+    {"can_accept_connection", (PyCFunction)Core_can_accept_connection, METH_O,
+     "can_accept_connection(lobby_code) -> (bool, reason)\n\n"
+     "Whether a new connection to lobby_code would be admitted now; reason is\n"
+     "'server_full', 'lobby_full', 'shutting_down', or '' when admitted.\n"
+     "Handshakes in progress count. Reserves nothing: connect() decides."},
+    {"disconnect", (PyCFunction)Core_disconnect, METH_O,
+     "disconnect(websocket) -> (lobby_code, user_id) | None\n\n"
+     "Remove the connection; None if it was not registered."},
+    {"update_last_message", (PyCFunction)Core_update_last_message, METH_O,
+     "update_last_message(user_id): every connection of the user is alive."},
+    {"record_pong", (PyCFunction)Core_record_pong, METH_O,
+     "record_pong(user_id) -> latency_ms | None"},
+    {"touch", (PyCFunction)Core_touch, METH_O,
+     "touch(websocket) -> bool: this connection received something."},
+    {"record_pong_ws", (PyCFunction)Core_record_pong_ws, METH_O,
+     "record_pong_ws(websocket) -> latency_ms | None: a pong on this connection."},
+    {"is_user_connected", (PyCFunction)Core_is_user_connected, METH_O,
+     "is_user_connected(user_id) -> bool: True while any connection is open."},
+    {"get_lobby_users", (PyCFunction)Core_get_lobby_users, METH_O,
+     "get_lobby_users(lobby_code) -> set[str]"},
+    {"get_stats", (PyCFunction)Core_get_stats, METH_NOARGS,
+     "get_stats() -> dict of counts and limits (O(1))."},
+    {"_reserve", (PyCFunction)(void (*)(void))Core_reserve, METH_FASTCALL,
+     NULL},
+    {"_commit", (PyCFunction)Core_commit, METH_O, NULL},
+    {"_release", (PyCFunction)Core_release, METH_O, NULL},
+    {"_info", (PyCFunction)Core_info, METH_O, NULL},
+    {"_note_ping", (PyCFunction)Core_note_ping, METH_O, NULL},
+    {"_lobby_targets", (PyCFunction)(void (*)(void))Core_lobby_targets,
+     METH_FASTCALL, NULL},
+    {"_user_targets", (PyCFunction)Core_user_targets, METH_O, NULL},
+    {"_snapshot", (PyCFunction)Core_snapshot, METH_NOARGS, NULL},
+    {"_sweep", (PyCFunction)(void (*)(void))Core_sweep, METH_FASTCALL, NULL},
+    {"_set_shutting_down", (PyCFunction)Core_set_shutting_down, METH_O, NULL},
+    {"_now", (PyCFunction)Core_now, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Core_slots[] = {
+    {Py_tp_doc, "C core of wsmanager.ConnectionManager: the registry of "
+                "connections by websocket, lobby and user."},
+    {Py_tp_init, Core_init},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_traverse, Core_traverse},
+    {Py_tp_clear, Core_clear},
+    {Py_tp_dealloc, Core_dealloc},
+    {Py_tp_methods, Core_methods},
+    {Py_tp_getset, Core_getset},
+    {Py_sq_length, Core_len},
+    {Py_sq_contains, Core_contains},
+    {0, NULL},
+};
+
+static PyType_Spec Core_spec = {
+    .name = "wsmanager._core.Core",
+    .basicsize = sizeof(CoreObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = Core_slots,
+};
+
+/* ---- module ----------------------------------------------------------- */
+
+static PyObject *
+mod_dumps(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"obj", "default", NULL};
+    PyObject *obj, *def = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$O:dumps", kwlist, &obj,
+                                     &def)) {
+        return NULL;
+    }
+    if (def != Py_None && !PyCallable_Check(def)) {
+        PyErr_SetString(PyExc_TypeError, "default must be callable or None");
+        return NULL;
+    }
+    return wsm_json_dumps(obj, def == Py_None ? NULL : def);
+}
+
+static PyMethodDef module_methods[] = {
+    {"dumps", (PyCFunction)(void (*)(void))mod_dumps,
+     METH_VARARGS | METH_KEYWORDS,
+     "dumps(obj, *, default=None) -> str\n\n"
+     "Compact JSON text of obj (UTF-8 kept as is). Raises ValueError for NaN\n"
+     "and infinities, TypeError for unsupported types unless default()\n"
+     "converts them, RecursionError for too deep nesting."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyObject *
+make_tuple(PyObject *flag, PyObject *reason)
+{
+    return PyTuple_Pack(2, flag, reason);
+}
+
+static int
+module_exec(PyObject *m)
+{
+    module_state *st = get_state(m);
+#define INTERN(field, text)                                   \
+    st->field = PyUnicode_InternFromString(text);             \
+    if (st->field == NULL) {                                  \
+        return -1;                                            \
+    }
+    INTERN(str_empty, "");
+    INTERN(str_server_full, "server_full");
+    INTERN(str_lobby_full, "lobby_full");
+    INTERN(str_user_limit, "user_limit");
+    INTERN(str_shutting_down, "shutting_down");
+#undef INTERN
+    if ((st->accept_ok = make_tuple(Py_True, st->str_empty)) == NULL ||
+        (st->refuse_server = make_tuple(Py_False, st->str_server_full)) == NULL ||
+        (st->refuse_lobby = make_tuple(Py_False, st->str_lobby_full)) == NULL ||
+        (st->refuse_shutdown = make_tuple(Py_False, st->str_shutting_down)) == NULL) {
+        return -1;
+    }
+    st->core_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &Core_spec,
+                                                             NULL);
+    if (st->core_type == NULL) {
+        return -1;
+    }
+    if (PyModule_AddType(m, st->core_type) < 0) {
+        return -1;
+    }
+    return 0;
+}
+
+static int
+module_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    module_state *st = get_state(m);
+    if (st == NULL) {
+        return 0;
+    }
+    Py_VISIT(st->core_type);
+    Py_VISIT(st->str_empty);
+    Py_VISIT(st->str_server_full);
+    Py_VISIT(st->str_lobby_full);
+    Py_VISIT(st->str_user_limit);
+    Py_VISIT(st->str_shutting_down);
+    Py_VISIT(st->accept_ok);
+    Py_VISIT(st->refuse_server);
+    Py_VISIT(st->refuse_lobby);
+    Py_VISIT(st->refuse_shutdown);
+    return 0;
+}
+
+static int
+module_clear(PyObject *m)
+{
+    module_state *st = get_state(m);
+    if (st == NULL) {
+        return 0;
+    }
+    Py_CLEAR(st->core_type);
+    Py_CLEAR(st->str_empty);
+    Py_CLEAR(st->str_server_full);
+    Py_CLEAR(st->str_lobby_full);
+    Py_CLEAR(st->str_user_limit);
+    Py_CLEAR(st->str_shutting_down);
+    Py_CLEAR(st->accept_ok);
+    Py_CLEAR(st->refuse_server);
+    Py_CLEAR(st->refuse_lobby);
+    Py_CLEAR(st->refuse_shutdown);
+    return 0;
+}
+
+static void
+module_free(void *m)
+{
+    (void)module_clear((PyObject *)m);
+}
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+#ifdef Py_mod_gil
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef core_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "wsmanager._core",
+    .m_doc = "C core of wsmanager: connection registry and JSON encoder.",
+    .m_size = sizeof(module_state),
+    .m_methods = module_methods,
+    .m_slots = module_slots,
+    .m_traverse = module_traverse,
+    .m_clear = module_clear,
+    .m_free = module_free,
+};
+
+PyMODINIT_FUNC
+PyInit__core(void)
+{
+    return PyModuleDef_Init(&core_module);
+}

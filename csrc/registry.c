@@ -1,0 +1,420 @@
+/* Connection registry: see registry.h for the contract. */
+#include "registry.h"
+
+int wsm_uthash_oom = 0;
+
+/* ---- intrusive lists ------------------------------------------------- */
+
+
+static void
+list_push_tail(wsm_list *l, wsm_conn *c, size_t off)
+{
+    wsm_link *lk = (wsm_link *)((char *)c + off);
+    lk->prev = l->tail;
+    lk->next = NULL;
+    if (l->tail) {
+        ((wsm_link *)((char *)l->tail + off))->next = c;
+    }
+    else {
+        l->head = c;
+    }
+    l->tail = c;
+    l->len++;
+}
+
+static void
+list_unlink(wsm_list *l, wsm_conn *c, size_t off)
+{
+    wsm_link *lk = (wsm_link *)((char *)c + off);
+    if (lk->prev) {
+        ((wsm_link *)((char *)lk->prev + off))->next = lk->next;
+    }
+    else {
+        l->head = lk->next;
+    }
+    if (lk->next) {
+        ((wsm_link *)((char *)lk->next + off))->prev = lk->prev;
+    }
+    else {
+        l->tail = lk->prev;
+    }
+    lk->prev = lk->next = NULL;
+    l->len--;
+}
+
+#define OFF_LOBBY offsetof(wsm_conn, lobby_link)
+#define OFF_USER offsetof(wsm_conn, user_link)
+#define OFF_ACT offsetof(wsm_conn, act_link)
+
+/* ---- hashing ---------------------------------------------------------- */
+
+static inline unsigned
+ptr_hash(const void *p)
+{
+    uint64_t x = (uint64_t)(uintptr_t)p;
+    x ^= x >> 33;
+    x *= UINT64_C(0xff51afd7ed558ccd);
+    x ^= x >> 33;
+    return (unsigned)x;
+}
+
+/* Hash and UTF-8 view of a validated str key. Returns -1 with an exception
+ * set on failure. */
+static int
+str_key(PyObject *key, const char **utf8, Py_ssize_t *len, unsigned *hv)
+{
+    Py_hash_t h = PyObject_Hash(key);
+    if (h == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *utf8 = PyUnicode_AsUTF8AndSize(key, len);
+    if (*utf8 == NULL) {
+        return -1;
+    }
+    *hv = (unsigned)((uint64_t)h ^ ((uint64_t)h >> 32));
+    return 0;
+}
+
+static wsm_group *
+group_find(wsm_group *table, PyObject *key)
+{
+    const char *utf8;
+    Py_ssize_t len;
+    unsigned hv;
+    wsm_group *g = NULL;
+    if (table == NULL) {
+        return NULL;
+    }
+    if (str_key(key, &utf8, &len, &hv) < 0) {
+        PyErr_Clear();
+        return NULL;
+    }
+    HASH_FIND_BYHASHVALUE(hh, table, utf8, (unsigned)len, hv, g);
+    return g;
+}
+
+/* Find or create a group. NULL with an exception set on failure. */
+static wsm_group *
+group_get(wsm_group **table, PyObject *key)
+{
+    const char *utf8;
+    Py_ssize_t len;
+    unsigned hv;
+    wsm_group *g = NULL;
+    if (str_key(key, &utf8, &len, &hv) < 0) {
+        return NULL;
+    }
+    if (*table) {
+        HASH_FIND_BYHASHVALUE(hh, *table, utf8, (unsigned)len, hv, g);
+        if (g) {
+            return g;
+        }
+    }
+    g = PyMem_Calloc(1, sizeof(*g));
+    if (g == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    Py_INCREF(key);
+    g->key = key;
+    g->key_utf8 = utf8;
+    g->key_len = len;
+    wsm_uthash_oom = 0;
+    HASH_ADD_KEYPTR_BYHASHVALUE(hh, *table, g->key_utf8, (unsigned)len, hv, g);
+    if (wsm_uthash_oom) {
+        wsm_uthash_oom = 0;
+        Py_DECREF(key);
+        PyMem_Free(g);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    return g;
+}
+
+/* Free a group once nothing refers to it. */
+static void
+group_release_if_empty(wsm_group **table, wsm_group *g)
+{
+    if (g->members.len == 0 && g->reserved == 0) {
+        HASH_DELETE(hh, *table, g);
+        Py_CLEAR(g->key);
+        PyMem_Free(g);
+    }
+}
+
+/* ---- public ----------------------------------------------------------- */
+
+void
+wsm_registry_init(wsm_registry *r)
+{
+    memset(r, 0, sizeof(*r));
+    r->next_id = 1;
+}
+
+int
+wsm_registry_traverse(wsm_registry *r, visitproc visit, void *arg)
+{
+    wsm_conn *c, *tmp;
+    wsm_group *g, *gtmp;
+    HASH_ITER(hh, r->conns, c, tmp) {
+        Py_VISIT(c->ws);
+    }
+    HASH_ITER(hh, r->lobbies, g, gtmp) {
+        Py_VISIT(g->key);
+    }
+    HASH_ITER(hh, r->users, g, gtmp) {
+        Py_VISIT(g->key);
+    }
+    return 0;
+}
+
+void
+wsm_registry_clear(wsm_registry *r)
+{
+    /* Unhook everything first, then drop references: a websocket's
+     * finalizer may run Python code, which must see a consistent (empty)
+     * registry and must not find half-freed entries. */
+    wsm_conn *conns = r->conns;
+    wsm_group *lobbies = r->lobbies;
+    wsm_group *users = r->users;
+    wsm_conn *c, *tmp;
+    wsm_group *g, *gtmp;
+
+    r->conns = NULL;
+    r->lobbies = NULL;
+    r->users = NULL;
+    r->active = r->pending = r->active_lobbies = 0;
+    memset(&r->idle, 0, sizeof(r->idle));
+    memset(&r->wait, 0, sizeof(r->wait));
+
+    HASH_ITER(hh, conns, c, tmp) {
+        HASH_DELETE(hh, conns, c);
+        PyObject *ws = c->ws;
+        PyMem_Free(c);
+        Py_XDECREF(ws);
+    }
+    HASH_ITER(hh, lobbies, g, gtmp) {
+        HASH_DELETE(hh, lobbies, g);
+        PyObject *key = g->key;
+        PyMem_Free(g);
+        Py_XDECREF(key);
+    }
+    HASH_ITER(hh, users, g, gtmp) {
+        HASH_DELETE(hh, users, g);
+        PyObject *key = g->key;
+        PyMem_Free(g);
+        Py_XDECREF(key);
+    }
+}
+
+wsm_conn *
+wsm_find_conn(wsm_registry *r, PyObject *ws)
+{
+    wsm_conn *c = NULL;
+    if (r->conns) {
+        HASH_FIND_BYHASHVALUE(hh, r->conns, &ws, sizeof(PyObject *),
+                              ptr_hash(ws), c);
+    }
+    return c;
+}
+
+wsm_group *
+wsm_find_lobby(wsm_registry *r, PyObject *code)
+{
+    return group_find(r->lobbies, code);
+}
+
+wsm_group *
+wsm_find_user(wsm_registry *r, PyObject *uid)
+{
+    return group_find(r->users, uid);
+}
+
+wsm_conn *
+wsm_reserve(wsm_registry *r, PyObject *ws, PyObject *lobby, PyObject *user,
+            Py_ssize_t max_conn, Py_ssize_t max_lobby, Py_ssize_t max_user,
+            double now, wsm_verdict *verdict)
+{
+    wsm_group *lg = NULL, *ug = NULL;
+    wsm_conn *c = NULL;
+
+    if (max_conn >= 0 && r->active + r->pending >= max_conn) {
+        *verdict = WSM_SERVER_FULL;
+        return NULL;
+    }
+    lg = group_find(r->lobbies, lobby);
+    if (max_lobby >= 0 && lg && lg->members.len + lg->reserved >= max_lobby) {
+        *verdict = WSM_LOBBY_FULL;
+        return NULL;
+    }
+    if (max_lobby == 0) {
+        *verdict = WSM_LOBBY_FULL;
+        return NULL;
+    }
+    ug = group_find(r->users, user);
+    if (max_user >= 0 &&
+        ((ug && ug->members.len + ug->reserved >= max_user) || max_user == 0)) {
+        *verdict = WSM_USER_FULL;
+        return NULL;
+    }
+
+    c = PyMem_Calloc(1, sizeof(*c));
+    if (c == NULL) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    lg = group_get(&r->lobbies, lobby);
+    if (lg == NULL) {
+        goto error;
+    }
+    lg->reserved++;
+    ug = group_get(&r->users, user);
+    if (ug == NULL) {
+        lg->reserved--;
+        group_release_if_empty(&r->lobbies, lg);
+        goto error;
+    }
+    ug->reserved++;
+
+    Py_INCREF(ws);
+    c->ws = ws;
+    c->lobby = lg;
+    c->user = ug;
+    c->state = WSM_PENDING;
+    c->id = r->next_id++;
+    c->connected_at = now;
+    c->last_rx = now;
+    wsm_uthash_oom = 0;
+    HASH_ADD_KEYPTR_BYHASHVALUE(hh, r->conns, &c->ws, sizeof(PyObject *),
+                                ptr_hash(ws), c);
+    if (wsm_uthash_oom) {
+        wsm_uthash_oom = 0;
+        lg->reserved--;
+        ug->reserved--;
+        group_release_if_empty(&r->lobbies, lg);
+        group_release_if_empty(&r->users, ug);
+        Py_DECREF(ws);
+        PyErr_NoMemory();
+        goto error;
+    }
+    r->pending++;
+    *verdict = WSM_OK;
+    return c;
+
+error:
+    PyMem_Free(c);
+    *verdict = WSM_ERROR;
+    return NULL;
+}
+
+void
+wsm_commit(wsm_registry *r, wsm_conn *c, double now)
+{
+    if (c->state != WSM_PENDING) {
+        return;
+    }
+    c->state = WSM_ACTIVE;
+    r->pending--;
+    r->active++;
+    c->lobby->reserved--;
+    c->user->reserved--;
+    if (c->lobby->members.len == 0) {
+        r->active_lobbies++;
+    }
+    list_push_tail(&c->lobby->members, c, OFF_LOBBY);
+    list_push_tail(&c->user->members, c, OFF_USER);
+    c->connected_at = now;
+    c->last_rx = now;
+    c->ping_sent = 0;
+    c->on_list = WSM_ON_IDLE;
+    list_push_tail(&r->idle, c, OFF_ACT);
+}
+
+void
+wsm_remove(wsm_registry *r, wsm_conn *c)
+{
+    wsm_group *lg = c->lobby, *ug = c->user;
+    PyObject *ws = c->ws;
+
+    HASH_DELETE(hh, r->conns, c);
+    if (c->state == WSM_ACTIVE) {
+        list_unlink(&lg->members, c, OFF_LOBBY);
+        list_unlink(&ug->members, c, OFF_USER);
+        wsm_unlist(r, c);
+        if (lg->members.len == 0) {
+            r->active_lobbies--;
+        }
+        r->active--;
+    }
+    else {
+        lg->reserved--;
+        ug->reserved--;
+        r->pending--;
+    }
+    PyMem_Free(c);
+    group_release_if_empty(&r->lobbies, lg);
+    group_release_if_empty(&r->users, ug);
+    /* Last: the websocket's finalizer may run arbitrary code. */
+    Py_DECREF(ws);
+}
+
+void
+wsm_unlist(wsm_registry *r, wsm_conn *c)
+{
+    if (c->on_list == WSM_ON_IDLE) {
+        list_unlink(&r->idle, c, OFF_ACT);
+    }
+    else if (c->on_list == WSM_ON_WAIT) {
+        list_unlink(&r->wait, c, OFF_ACT);
+    }
+    c->on_list = WSM_ON_NONE;
+}
+
+void
+wsm_touch(wsm_registry *r, wsm_conn *c, double now)
+{
+    if (c->state != WSM_ACTIVE) {
+        return;
+    }
+    wsm_unlist(r, c);
+    c->ping_sent = 0;
+    c->last_rx = now;
+    c->on_list = WSM_ON_IDLE;
+    list_push_tail(&r->idle, c, OFF_ACT);
+}
+
+double
+wsm_pong(wsm_registry *r, wsm_conn *c, double now)
+{
+    double rtt = -1.0;
+    if (c->state != WSM_ACTIVE) {
+        return rtt;
+    }
+    if (c->pong_due_since > 0) {
+        rtt = now - c->pong_due_since;
+        if (rtt < 0) {
+            rtt = 0;
+        }
+        c->pong_due_since = 0;
+    }
+    wsm_touch(r, c, now);
+    return rtt;
+}
+
+void
+wsm_mark_pinged(wsm_registry *r, wsm_conn *c, double now)
+{
+    if (c->state != WSM_ACTIVE) {
+        return;
+    }
+    if (c->on_list == WSM_ON_IDLE) {
+        list_unlink(&r->idle, c, OFF_ACT);
+    }
+    else if (c->on_list == WSM_ON_WAIT) {
+        return; /* keep the first ping's deadline */
+    }
+    c->ping_sent = now;
+    c->pong_due_since = now;
+    c->on_list = WSM_ON_WAIT;
+    list_push_tail(&r->wait, c, OFF_ACT);
+}

@@ -1,0 +1,147 @@
+/* The connection registry: connections keyed by websocket identity, lobbies,
+ * users, capacity reservations and the activity lists used by the heartbeat.
+ *
+ * Plain C over uthash; it holds strong references to Python objects (the
+ * websocket and the interned id strings) but never calls back into Python
+ * while a table or list is being walked: the walkers copy what they need
+ * first.
+ *
+ * Every count the public API reports is kept up to date on each change, so
+ * capacity checks and statistics are O(1).
+ */
+#ifndef WSM_REGISTRY_H
+#define WSM_REGISTRY_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+/* uthash allocates through PyMem_* so tracemalloc sees the core's memory,
+ * and reports out-of-memory instead of calling exit(). */
+#define HASH_NONFATAL_OOM 1
+#define uthash_malloc(sz) PyMem_Malloc(sz)
+#define uthash_free(ptr, sz) PyMem_Free(ptr)
+extern int wsm_uthash_oom;
+#define uthash_nonfatal_oom(obj) (wsm_uthash_oom = 1)
+#include <uthash.h>
+
+typedef struct wsm_conn wsm_conn;
+typedef struct wsm_group wsm_group;
+
+/* Intrusive doubly linked list node. */
+typedef struct wsm_link {
+    wsm_conn *prev;
+    wsm_conn *next;
+} wsm_link;
+
+typedef struct wsm_list {
+    wsm_conn *head;
+    wsm_conn *tail;
+    Py_ssize_t len;
+} wsm_list;
+
+/* A lobby or a user: a keyed group of connections. */
+struct wsm_group {
+    PyObject *key;          /* strong ref: the str id as first seen */
+    const char *key_utf8;   /* borrowed from key's cached UTF-8 */
+    Py_ssize_t key_len;
+    wsm_list members;       /* committed connections, oldest first */
+    Py_ssize_t reserved;    /* handshakes admitted but not yet committed */
+    UT_hash_handle hh;
+};
+
+enum wsm_conn_state {
+    WSM_PENDING = 0,        /* capacity reserved, accept() in progress */
+    WSM_ACTIVE = 1,         /* committed: in lobby and user lists */
+};
+
+enum wsm_activity_list {
+    WSM_ON_NONE = 0,
+    WSM_ON_IDLE = 1,        /* waiting to become due for a ping */
+    WSM_ON_WAIT = 2,        /* pinged, waiting for any answer */
+};
+
+struct wsm_conn {
+    PyObject *ws;           /* strong ref; identity is the key */
+    uint64_t id;            /* monotonically increasing connection number */
+    wsm_group *lobby;
+    wsm_group *user;
+    int state;
+    int on_list;            /* enum wsm_activity_list */
+    wsm_link lobby_link;
+    wsm_link user_link;
+    wsm_link act_link;      /* on idle list (by last_rx) or wait list (by ping_sent) */
+    double connected_at;
+    double last_rx;         /* last time anything was received */
+    double ping_sent;       /* when it was put on the wait list */
+    double pong_due_since;  /* last ping not yet answered by a pong, 0 if none:
+                               kept apart from ping_sent so that any message
+                               proves liveness while only a pong gives an RTT */
+    double tokens;          /* inbound token bucket */
+    double tokens_ts;
+    uint32_t violations;    /* consecutive rate-limit violations */
+    UT_hash_handle hh;
+};
+
+typedef struct wsm_registry {
+    wsm_conn *conns;        /* by websocket pointer */
+    wsm_group *lobbies;     /* by lobby code */
+    wsm_group *users;       /* by user id */
+    Py_ssize_t active;      /* committed connections */
+    Py_ssize_t pending;     /* reserved, not committed */
+    Py_ssize_t active_lobbies;  /* lobbies with at least one committed conn */
+    uint64_t next_id;
+    wsm_list idle;          /* ACTIVE conns not pinged, ordered by last_rx */
+    wsm_list wait;          /* ACTIVE conns pinged, ordered by ping_sent */
+} wsm_registry;
+
+/* Refusal reasons of wsm_reserve. */
+typedef enum {
+    WSM_OK = 0,
+    WSM_SERVER_FULL,
+    WSM_LOBBY_FULL,
+    WSM_USER_FULL,
+    WSM_ERROR,              /* an exception is set */
+} wsm_verdict;
+
+void wsm_registry_init(wsm_registry *r);
+/* Drop every entry and reference. Safe to call twice. */
+void wsm_registry_clear(wsm_registry *r);
+int wsm_registry_traverse(wsm_registry *r, visitproc visit, void *arg);
+
+wsm_conn *wsm_find_conn(wsm_registry *r, PyObject *ws);           /* borrowed */
+wsm_group *wsm_find_lobby(wsm_registry *r, PyObject *code);       /* borrowed, NULL w/o exc if absent; -1 never */
+wsm_group *wsm_find_user(wsm_registry *r, PyObject *uid);
+
+/* Add a PENDING connection holding one unit of capacity in the server, the
+ * lobby and the user. `reserved_limits`: max_connections, max_per_lobby,
+ * max_per_user (<0: no limit). Returns the new entry, or NULL with *verdict
+ * set to the refusal (no exception) or WSM_ERROR (exception set). */
+wsm_conn *wsm_reserve(wsm_registry *r, PyObject *ws, PyObject *lobby,
+                      PyObject *user, Py_ssize_t max_conn,
+                      Py_ssize_t max_lobby, Py_ssize_t max_user,
+                      double now, wsm_verdict *verdict);
+/* PENDING -> ACTIVE: linked into its lobby and user, activity clock started. */
+void wsm_commit(wsm_registry *r, wsm_conn *c, double now);
+/* Remove an entry (either state) and free it. The caller must hold its own
+ * reference to anything it still needs from it (ws, lobby->key, user->key):
+ * the entry's references are released here. */
+void wsm_remove(wsm_registry *r, wsm_conn *c);
+
+/* Mark a connection as having received something: leaves the wait list,
+ * moves to the idle tail. */
+void wsm_touch(wsm_registry *r, wsm_conn *c, double now);
+/* A pong arrived: touch, and return the round-trip time in seconds of the
+ * ping it answers, or -1 if no ping was outstanding. */
+double wsm_pong(wsm_registry *r, wsm_conn *c, double now);
+/* Connection was sent a ping at `now`: idle list -> wait list tail. */
+void wsm_mark_pinged(wsm_registry *r, wsm_conn *c, double now);
+/* Take a connection off the activity lists (it is being closed as stale). */
+void wsm_unlist(wsm_registry *r, wsm_conn *c);
+
+static inline Py_ssize_t wsm_group_count(const wsm_group *g)
+{
+    return g ? g->members.len : 0;
+}
+
+#endif
