@@ -27,7 +27,10 @@ def find_uthash() -> list[str]:
         if folder and (Path(folder) / "uthash.h").is_file():
             return [] if folder in ("/usr/include", "/usr/local/include") else [folder]
     # Commands that do not compile (sdist, egg_info, clean) need no header.
-    compiling = any(cmd in sys.argv for cmd in ("build_ext", "build", "bdist_wheel", "install", "develop", "editable_wheel"))
+    compiling = any(
+        cmd in sys.argv
+        for cmd in ("build_ext", "build", "bdist_wheel", "install", "develop", "editable_wheel")
+    )
     if compiling:
         sys.exit("error: uthash.h not found.\n" + UTHASH_HELP)
     return []
@@ -39,7 +42,13 @@ def compile_args() -> tuple[list[str], list[str]]:
     if os.environ.get("WSM_DEV") == "1":
         cflags.append("-Werror")
     if os.environ.get("WSM_SANITIZE") == "1":
-        san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined", "-O1", "-g"]
+        san = [
+            "-fsanitize=address,undefined",
+            "-fno-omit-frame-pointer",
+            "-fno-sanitize-recover=undefined",
+            "-O1",
+            "-g",
+        ]
         cflags += san
         ldflags += ["-fsanitize=address,undefined"]
     else:

@@ -105,9 +105,7 @@ class ConnectionManager(Core):
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("connected", extra={"lobby": lobby_code, "user": user_id})
         if len(self) >= self.max_connections:
-            logger.warning(
-                "server at capacity: %d connections", len(self), extra={"reason": "server_full"}
-            )
+            logger.warning("server at capacity: %d connections", len(self), extra={"reason": "server_full"})
         return True
 
     async def _refuse(self, websocket: WebSocket, reason: str) -> None:

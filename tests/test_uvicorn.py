@@ -1,0 +1,83 @@
+"""The seed's endpoint on a real uvicorn server, with real `websockets` clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.servers import uvicorn_server
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def port() -> Iterator[int]:
+    with uvicorn_server("tests.seed_app:app") as (p, _proc):
+        yield p
+
+
+async def stats(port: int) -> dict[str, Any]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    raw = await reader.read()
+    writer.close()
+    return dict(json.loads(raw.split(b"\r\n\r\n", 1)[1]))
+
+
+async def wait_stats(port: int, key: str, value: int) -> dict[str, Any]:
+    for _ in range(200):
+        s = await stats(port)
+        if s[key] == value:
+            return s
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{key} never reached {value}: {s}")
+
+
+def test_chat_and_direct_message_over_real_sockets(port: int) -> None:
+    async def main() -> None:
+        url = f"ws://127.0.0.1:{port}/ws/lobbyA?token=user:"
+        async with connect(url + "alice") as alice, connect(url + "bob") as bob:
+            await wait_stats(port, "total_connections", 2)
+            await alice.send(json.dumps({"type": "chat", "text": "héllo"}))
+            assert json.loads(await bob.recv()) == {"type": "chat", "from": "alice", "text": "héllo"}
+            assert json.loads(await alice.recv())["from"] == "alice"
+            await bob.send(json.dumps({"type": "dm", "to": "alice", "text": "psst"}))
+            assert json.loads(await alice.recv()) == {"type": "dm", "from": "bob", "text": "psst"}
+        await wait_stats(port, "total_connections", 0)
+
+    asyncio.run(main())
+
+
+def test_concurrent_handshakes_never_overshoot_the_lobby(port: int) -> None:
+    async def attempt(i: int) -> ClientConnection | int:
+        try:
+            ws = await connect(f"ws://127.0.0.1:{port}/ws/busy?token=user:u{i}")
+        except InvalidStatus as exc:  # refused before accept by the seed's own check
+            return int(exc.response.status_code)
+        try:
+            await asyncio.wait_for(ws.recv(), timeout=0.5)
+        except ConnectionClosed as exc:  # refused by connect(): accept-then-close
+            assert exc.rcvd is not None
+            assert (exc.rcvd.code, exc.rcvd.reason) == (4002, "lobby_full")
+            return 4002
+        except asyncio.TimeoutError:
+            pass
+        return ws
+
+    async def main() -> None:
+        results = await asyncio.gather(*(attempt(i) for i in range(30)))
+        admitted = [r for r in results if not isinstance(r, int)]
+        assert len(admitted) == 10
+        s = await wait_stats(port, "total_connections", 10)
+        assert s["active_lobbies"] == 1
+        for ws in admitted:
+            await ws.close()
+        await wait_stats(port, "total_connections", 0)
+
+    asyncio.run(main())
