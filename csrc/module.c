@@ -640,6 +640,18 @@ Core_lobby_targets(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
                          offsetof(wsm_conn, lobby_link), exclude);
 }
 
+/* _lobby_count(lobby_code) -> committed connections in the lobby, O(1) */
+static PyObject *
+Core_lobby_count(CoreObject *self, PyObject *lobby_code)
+{
+    CHECK_INIT(self, NULL);
+    if (check_lookup_id(lobby_code, "lobby_code") < 0) {
+        return NULL;
+    }
+    return PyLong_FromSsize_t(
+        wsm_group_count(wsm_find_lobby(&self->reg, lobby_code)));
+}
+
 /* _user_targets(user_id) -> list[websocket], oldest connection first */
 static PyObject *
 Core_user_targets(CoreObject *self, PyObject *user_id)
@@ -1052,6 +1064,7 @@ static PyMethodDef Core_methods[] = {
     {"_lobby_targets", (PyCFunction)(void (*)(void))Core_lobby_targets,
      METH_FASTCALL, NULL},
     {"_user_targets", (PyCFunction)Core_user_targets, METH_O, NULL},
+    {"_lobby_count", (PyCFunction)Core_lobby_count, METH_O, NULL},
     {"_snapshot", (PyCFunction)Core_snapshot, METH_NOARGS, NULL},
     {"_sweep", (PyCFunction)(void (*)(void))Core_sweep, METH_FASTCALL, NULL},
     {"_set_shutting_down", (PyCFunction)Core_set_shutting_down, METH_O, NULL},

@@ -142,17 +142,9 @@ class ConnectionManager(Core):
         removed; one that disconnects meanwhile is skipped. ``exclude_user_id``
         skips every connection of that user.
         """
-        targets = self._lobby_targets(lobby_code, exclude_user_id)
-        if not targets:
+        if not self._lobby_count(lobby_code):
             return 0
-        data = dumps(message)
-        sent = 0
-        for websocket in targets:
-            if websocket not in self:  # left while an earlier send awaited
-                continue
-            if await self._send(websocket, data):
-                sent += 1
-        return sent
+        return await self._deliver_lobby(lobby_code, dumps(message), exclude_user_id)
 
     async def send_to_user(self, user_id: str, message: Any) -> bool:
         """Send ``message`` to every open connection of ``user_id``.
@@ -160,12 +152,26 @@ class ConnectionManager(Core):
         True if at least one connection got it. Never raises for a failing
         connection: it is removed.
         """
-        targets = self._user_targets(user_id)
-        if not targets:
+        if not self.is_user_connected(user_id):
             return False
-        data = dumps(message)
+        return await self._deliver_user(user_id, dumps(message))
+
+    # Local delivery of serialized text: the seam a backplane publishes into.
+
+    async def _deliver_lobby(self, lobby_code: str, data: str, exclude_user_id: str | None) -> int:
+        """Send ``data`` to this process's connections in the lobby; the count."""
+        sent = 0
+        for websocket in self._lobby_targets(lobby_code, exclude_user_id):
+            if websocket not in self:  # left while an earlier send awaited
+                continue
+            if await self._send(websocket, data):
+                sent += 1
+        return sent
+
+    async def _deliver_user(self, user_id: str, data: str) -> bool:
+        """Send ``data`` to this process's connections of the user."""
         delivered = False
-        for websocket in targets:
+        for websocket in self._user_targets(user_id):
             if websocket in self and await self._send(websocket, data):
                 delivered = True
         return delivered
