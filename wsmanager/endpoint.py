@@ -152,7 +152,8 @@ async def _read_loop(
         if text is None:
             await manager.close_connection(websocket, "binary_not_supported")
             return
-        if len(text) > max_bytes and (text.isascii() or _utf8_len(text) > max_bytes):
+        n = len(text)  # characters: a lower bound of the UTF-8 size, 4x an upper one
+        if n > max_bytes or (n * 4 > max_bytes and not text.isascii() and _utf8_len(text) > max_bytes):
             await manager.close_connection(websocket, "message_too_big")
             return
         try:
