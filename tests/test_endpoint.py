@@ -211,3 +211,25 @@ def test_serve_in_a_fastapi_app_shows_codes_to_the_client() -> None:
         anon.receive_text()
     assert (info.value.code, info.value.reason) == (4001, "unauthorized")
     assert len(m) == 0
+
+
+def test_safe_chat_example_with_its_lifespan() -> None:
+    from examples.safe_chat import app as example
+
+    with TestClient(example.app) as client:
+        with (
+            client.websocket_connect("/ws/main?token=ann") as ann,
+            client.websocket_connect("/ws/main?token=bob") as bob,
+        ):
+            ann.send_json({"type": "chat", "text": "hi bob"})
+            assert bob.receive_json() == {"type": "chat", "from": "ann", "text": "hi bob"}
+            bob.send_json({"type": "dm", "to": "ann", "text": "psst"})
+            assert ann.receive_json() == {"type": "chat", "from": "ann", "text": "hi bob"}
+            assert ann.receive_json() == {"type": "dm", "from": "bob", "text": "psst"}
+            assert client.get("/stats").json()["total_connections"] == 2
+        nobody = client.websocket_connect("/ws/main?token=%20")
+        with nobody as ws, pytest.raises(WebSocketDisconnect) as info:
+            ws.receive_text()
+        assert info.value.code == 4001
+    # the lifespan ran shutdown() on exit, then re-opened the manager for the next start
+    assert len(example.manager) == 0 and example.manager.can_accept_connection("main") == (True, "")
