@@ -203,6 +203,12 @@ class Result:
     server_cpu: float = 0.0
 
     @property
+    def cpu_us(self) -> float | None:
+        """Server CPU time per delivered message, in microseconds: unlike
+        msg/s, not skewed by other processes taking the server's core."""
+        return self.server_cpu * self.seconds / self.delivered * 1e6 if self.delivered else None
+
+    @property
     def rate(self) -> float:
         return self.delivered / self.seconds if self.seconds else 0.0
 
@@ -334,18 +340,20 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         f"Python {sys.version.split()[0]}",
         "",
         "| server | members | stuck member | delivered msg/s | vs baseline | p50 ms | p99 ms | delivered"
-        " | server CPU | gen CPU |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        " | server CPU | server µs/msg | µs/msg vs baseline | gen CPU |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = {(r.members, r.stuck): r for r in results if r.server == "baseline"}
     for r in results:
         b = base.get((r.members, r.stuck))
         ratio = f"{r.rate / b.rate:.2f}x" if b and b.rate > 0 else ("inf" if r.rate else "-")
         share = f"{100 * r.delivered / r.expected:.0f}%" if r.expected else "-"
+        us, bus = r.cpu_us, b.cpu_us if b else None
+        us_ratio = f"{bus / us:.2f}x" if us and bus and not r.stuck else "-"
         lines.append(
             f"| {r.server} | {r.members} | {'yes' if r.stuck else 'no'} | {r.rate:,.0f} | {ratio} | "
             f"{fmt(r.pct(50))} | {fmt(r.pct(99))} | {share} | "
-            f"{100 * r.server_cpu:.0f}% | {100 * r.gen_cpu:.0f}% |"
+            f"{100 * r.server_cpu:.0f}% | {fmt(us)} | {us_ratio} | {100 * r.gen_cpu:.0f}% |"
         )
     lines.append("")
     for members in args.sizes:
