@@ -8,12 +8,13 @@ PORT   ?= 8000
 APT_PACKAGES = uthash-dev
 ASAN_LIB = $(shell gcc -print-file-name=libasan.so)
 
-.PHONY: help deps apt build demo test test-fast test-asan test-pythons lint bench clean
+.PHONY: help deps apt build demo test test-fast test-asan test-pythons lint bench bench-e2e clean
 
 help:
 	@echo "make demo   - run the demo app on http://$(HOST):$(PORT) (in-memory)"
 	@echo "make test   - lint, type-check, full test suite, then the suite under ASan+UBSan"
 	@echo "make bench  - benchmarks (tables with ratios against baselines)"
+	@echo "make bench-e2e - end-to-end broadcast benchmark only (uvicorn, ~3 min)"
 
 # System packages (Debian): only when something is missing, and only as root.
 apt:
@@ -76,6 +77,10 @@ test: lint test-fast test-asan test-pythons
 
 bench: build
 	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_e2e.py
+
+bench-e2e: build
+	$(PY) benchmarks/bench_e2e.py
 
 clean:
 	rm -rf build wsmanager/*.so *.egg-info .pytest_cache .mypy_cache .ruff_cache
