@@ -110,6 +110,10 @@ class HealthMonitor:
 
     ``ping_interval=None`` turns the heartbeat off (leaked entries are still
     reclaimed); ``ping_timeout=None`` keeps sending pings but never closes.
+
+    The monitor starts with the first ``connect()`` in each event loop, unless
+    the manager has an injected ``clock``: then call ``await sweep()`` (or
+    ``start()``) yourself.
     """
 
     def __init__(
@@ -152,6 +156,13 @@ class HealthMonitor:
         """True while a monitor task runs in some event loop."""
         return any(st.monitor is not None and not st.monitor.done() for st in list(self._states.values()))
 
+    @property
+    def _autostart(self) -> bool:
+        # The monitor sleeps in loop seconds until the clock's next deadline:
+        # with an injected clock that is only right if it runs at real speed,
+        # so whoever injects one drives sweeps (or calls start()).
+        return self._manager.clock is None
+
     # ------------------------------------------------------------ lifecycle
 
     def watch(self, websocket: WebSocket) -> None:
@@ -171,7 +182,8 @@ class HealthMonitor:
             st.handlers += 1
             self._owners[websocket] = st
             task.add_done_callback(functools.partial(self._endpoint_done, websocket, st))
-        self._ensure_monitor(st)
+        if self._autostart:
+            self._ensure_monitor(st)
 
     async def start(self) -> None:
         """Run the monitor in the current loop until :meth:`stop` (for a lifespan)."""
@@ -256,7 +268,7 @@ class HealthMonitor:
             if st.loop.is_closed():
                 continue
             with contextlib.suppress(RuntimeError):
-                if st.handlers or st.pinned:
+                if st.pinned or (st.handlers and self._autostart):
                     st.loop.call_soon_threadsafe(self._ensure_monitor, st)
                 if st.waker is not None:
                     st.loop.call_soon_threadsafe(_wake, st.waker)
