@@ -49,7 +49,8 @@ class Lines:
             for line in stdout:
                 self._q.put(line.strip())
 
-        threading.Thread(target=pump, daemon=True).start()
+        self.thread = threading.Thread(target=pump, daemon=True)
+        self.thread.start()
 
     def get(self, timeout: float = 10.0) -> str:
         return self._q.get(timeout=timeout)
@@ -89,8 +90,8 @@ def test_frozen_client_is_closed_as_stale_and_its_lobby_slot_freed(port: int) ->
         stdout=subprocess.PIPE,
         text=True,
     )
+    lines = Lines(client)
     try:
-        lines = Lines(client)
         assert lines.get() == "connected"
         assert [lines.get(), lines.get(), lines.get()] == ["pong"] * 3  # alive: pinged and kept
         assert get_stats(port)["total_connections"] == before["total_connections"] + 1
@@ -118,6 +119,7 @@ def test_frozen_client_is_closed_as_stale_and_its_lobby_slot_freed(port: int) ->
         os.kill(client.pid, signal.SIGCONT)
         client.kill()
         client.wait(10)
+        lines.thread.join(10)  # it reads to EOF
         assert client.stdout is not None
         client.stdout.close()
 
