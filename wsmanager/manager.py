@@ -51,6 +51,15 @@ class ConnectionManager(Core):
     * capacity is reserved before ``accept()``: concurrent handshakes never
       overshoot ``max_connections`` / ``max_per_lobby``.
     * sends never raise; a connection whose send fails is removed.
+    * a heartbeat runs by itself (``ping_interval`` / ``ping_timeout``, see
+      ``wsmanager.health``): a connection silent for ``ping_interval`` seconds
+      gets ``{"type": "health_ping", "timestamp": ...}`` and, still silent
+      ``ping_timeout`` seconds later, is closed with 4004 ``"stale"`` and
+      removed. An entry whose endpoint died without ``disconnect()`` (e.g. on
+      malformed JSON) is reclaimed. ``touch(websocket)`` and
+      ``record_pong_ws(websocket)`` report one connection, where the seed's
+      ``update_last_message(user_id)`` / ``record_pong(user_id)`` vouch for
+      every connection of the user.
     """
 
     def __init__(
