@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
+import wsmanager
 from tests import seed_app
 from tests.asgi_fakes import FakePeer
 from wsmanager import CloseCode, ConnectionManager
@@ -178,7 +180,8 @@ def test_any_message_counts_as_liveness_but_only_a_pong_gives_a_latency() -> Non
     run(main)
 
 
-def test_dead_tab_is_found_while_the_other_tab_of_the_user_answers() -> None:
+def test_dead_tab_is_found_while_the_other_tab_of_the_user_answers(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="wsmanager")
     clock = FakeClock()
     m = ConnectionManager(clock=clock, ping_interval=10, ping_timeout=5)
 
@@ -196,6 +199,8 @@ def test_dead_tab_is_found_while_the_other_tab_of_the_user_answers() -> None:
         assert live.close_code is None and m.is_user_connected("u")
         assert m._user_targets("u") == [live.ws]
         assert m.get_stats()["stale_closed"]["no_pong"] == 1
+        [record] = [r for r in caplog.records if getattr(r, "reason", None) == "no_pong"]
+        assert (record.lobby, record.user, record.code) == ("l", "u", 4004)  # type: ignore[attr-defined]
         m.disconnect(live.ws)
 
     run(main)
@@ -546,6 +551,21 @@ def test_successive_event_loops_each_get_a_monitor_and_keep_none() -> None:
         assert not m.health.running and len(m) == 0 and m.health._states == {}
     assert len({id(lp) for lp in loops}) == 3
     assert m.get_stats()["stale_closed"]["handler_exited"] == 3
+
+
+def test_module_level_manager_across_testclient_sessions() -> None:
+    # The seed's app on the real module-level manager; each session without
+    # `with` runs in an event loop of its own, closed when the session ends.
+    assert seed_app.manager is wsmanager.manager  # type: ignore[comparison-overlap]
+    client = TestClient(seed_app.app)
+    for name in ("a", "b"):
+        with client.websocket_connect(f"/ws/loops?token=user:{name}") as ws:
+            ws.send_json({"type": "chat", "text": "hi"})
+            assert ws.receive_json()["from"] == name
+            assert wsmanager.manager.health.running
+        wait_until_sync(lambda: not wsmanager.manager.health.running)
+        assert wsmanager.manager.health._states == {}
+    assert wsmanager.manager.get_lobby_users("loops") == set()
 
 
 def test_stop_cancels_the_monitor_and_connect_restarts_it() -> None:

@@ -393,7 +393,8 @@ class HealthMonitor:
 
     def _reclaim(self, websocket: WebSocket, reason: str) -> None:
         info = self._manager._reap(websocket, reason)
-        logger.info(
+        logger.log(
+            logging.INFO if info else logging.DEBUG,  # else _drop() logged it already
             "stale connection removed: %s",
             reason,
             extra={
