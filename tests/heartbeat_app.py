@@ -5,16 +5,13 @@ environment so that a test can choose them."""
 from __future__ import annotations
 
 import os
-from typing import cast
 
+import wsmanager
 from tests.seed_app import app
-from tests.seed_app import manager as _manager
-from wsmanager import ConnectionManager
-
-# (mypy takes `wsmanager.manager` for the submodule of that name)
-manager = cast(ConnectionManager, _manager)
 
 __all__ = ["app", "manager"]
+
+manager = wsmanager.manager  # the one the seed's endpoint imported
 
 manager.ping_interval = float(os.environ.get("WSM_TEST_PING_INTERVAL", "0.3"))
 manager.ping_timeout = float(os.environ.get("WSM_TEST_PING_TIMEOUT", "0.5"))

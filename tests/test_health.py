@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -339,7 +340,7 @@ def test_sweep_agrees_with_a_plain_python_model(ops: list[tuple[str, float]]) ->
                 seq += 1
                 model[i][:3] = [clock.t, None, seq]
         elif op == "pong":
-            rtt = m.record_pong_ws(socks[i])  # type: ignore[arg-type]
+            rtt = m.record_pong_ws(socks[i])
             if i in model and model[i][3] is not None:
                 assert rtt == pytest.approx((clock.t - model[i][3]) * 1000.0)
             else:
@@ -556,7 +557,6 @@ def test_successive_event_loops_each_get_a_monitor_and_keep_none() -> None:
 def test_module_level_manager_across_testclient_sessions() -> None:
     # The seed's app on the real module-level manager; each session without
     # `with` runs in an event loop of its own, closed when the session ends.
-    assert seed_app.manager is wsmanager.manager  # type: ignore[comparison-overlap]
     client = TestClient(seed_app.app)
     for name in ("a", "b"):
         with client.websocket_connect(f"/ws/loops?token=user:{name}") as ws:
@@ -566,6 +566,20 @@ def test_module_level_manager_across_testclient_sessions() -> None:
         wait_until_sync(lambda: not wsmanager.manager.health.running)
         assert wsmanager.manager.health._states == {}
     assert wsmanager.manager.get_lobby_users("loops") == set()
+
+
+def test_a_manager_nobody_holds_is_freed_and_its_monitor_ends() -> None:
+    async def main() -> None:
+        m = ConnectionManager(ping_interval=0.05, ping_timeout=5)
+        health = m.health
+        await connect(m, "l", "u")
+        assert health.running
+        alive = weakref.ref(m)
+        del m
+        assert alive() is None  # the monitor holds no reference to it
+        await wait_until(lambda: not health.running)
+
+    run(main)
 
 
 def test_stop_cancels_the_monitor_and_connect_restarts_it() -> None:

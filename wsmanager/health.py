@@ -22,6 +22,7 @@ import functools
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -123,7 +124,9 @@ class HealthMonitor:
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 10.0,
     ) -> None:
-        self._manager = manager
+        # weak: the manager owns its monitor, and a manager nobody uses any
+        # more is freed by reference counting (its monitor tasks then end)
+        self._manager_ref = weakref.ref(manager)
         self._interval = _check_period("ping_interval", ping_interval)
         self._timeout = _check_period("ping_timeout", ping_timeout)
         self._states: dict[asyncio.AbstractEventLoop, _LoopState] = {}
@@ -161,7 +164,8 @@ class HealthMonitor:
         # The monitor sleeps in loop seconds until the clock's next deadline:
         # with an injected clock that is only right if it runs at real speed,
         # so whoever injects one drives sweeps (or calls start()).
-        return self._manager.clock is None
+        manager = self._manager_ref()
+        return manager is not None and manager.clock is None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -221,10 +225,10 @@ class HealthMonitor:
         current loop (tests, or a scheduler of your own).
         """
         interval = self._interval
-        if interval is None:
+        manager = self._manager_ref()
+        if interval is None or manager is None:
             return SweepResult(0, 0, False)
         timeout = math.inf if self._timeout is None else self._timeout
-        manager = self._manager
         to_ping, expired = manager._sweep(interval, timeout, _BATCH)
         here = self._state(asyncio.get_running_loop())
         spawned: list[asyncio.Task[None]] = []
@@ -278,7 +282,9 @@ class HealthMonitor:
         interval = self._interval
         assert interval is not None
         timeout = math.inf if self._timeout is None else self._timeout
-        manager = self._manager
+        manager = self._manager_ref()
+        if manager is None:
+            return interval
         now = manager._now()
         due = manager._next_deadline(interval, timeout)
         # Anything registered or touched from now on is due at now + interval or later.
@@ -287,7 +293,7 @@ class HealthMonitor:
 
     async def _run(self, st: _LoopState) -> None:
         try:
-            while self._interval is not None:
+            while self._interval is not None and self._manager_ref() is not None:
                 fut = st.loop.create_future()
                 st.waker = fut
                 handle = st.loop.call_later(self._delay(), _wake, fut)
@@ -340,8 +346,8 @@ class HealthMonitor:
                 self._reclaim(websocket, "handler_exited")
 
     async def _ping(self, websocket: WebSocket, data: str) -> None:
-        manager = self._manager
-        if websocket not in manager:  # left since the sweep
+        manager = self._manager_ref()
+        if manager is None or websocket not in manager:  # left since the sweep
             return
         if _is_closed(websocket) or not await manager._send(websocket, data):
             self._reclaim(websocket, "send_failed")
@@ -369,7 +375,8 @@ class HealthMonitor:
         """The endpoint task that called ``connect()`` has ended."""
         st.handlers -= 1
         self._owners.pop(websocket, None)
-        if websocket in self._manager:  # it never called disconnect()
+        manager = self._manager_ref()
+        if manager is not None and websocket in manager:  # it never called disconnect()
             if task.cancelled() or _is_closed(websocket) or st.loop.is_closed():
                 self._reclaim(websocket, "handler_exited")
             else:
@@ -382,17 +389,21 @@ class HealthMonitor:
         """Is the socket of an endpoint that ended still open? A ping tells:
         if it cannot be sent, the entry is reclaimed; if it can, ``connect()``
         was called from a helper task and the heartbeat keeps watching."""
+        manager = self._manager_ref()
+        if manager is None:
+            return
         sent = False
         try:
-            sent = await self._manager._send(
-                websocket, dumps({"type": "health_ping", "timestamp": time.time()})
-            )
+            sent = await manager._send(websocket, dumps({"type": "health_ping", "timestamp": time.time()}))
         finally:
             if not sent:
                 self._reclaim(websocket, "handler_exited")
 
     def _reclaim(self, websocket: WebSocket, reason: str) -> None:
-        info = self._manager._reap(websocket, reason)
+        manager = self._manager_ref()
+        if manager is None:
+            return
+        info = manager._reap(websocket, reason)
         logger.log(
             logging.INFO if info else logging.DEBUG,  # else _drop() logged it already
             "stale connection removed: %s",

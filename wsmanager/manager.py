@@ -262,7 +262,7 @@ class ConnectionManager(Core):
         if waiter is not None and not waiter.future.done() and not waiter.future.get_loop().is_closed():
             waiter.future.set_result(time.perf_counter())
 
-    def record_pong_ws(self, websocket: WebSocket) -> float | None:
+    def record_pong_ws(self, websocket: Any) -> float | None:
         """Record a ``health_pong`` received on ``websocket``: that connection
         (only) is alive, and any ``ping_user`` waiting for its user returns.
         Returns the round-trip time in ms of the ping it answers, or None."""
