@@ -240,6 +240,7 @@ class HealthMonitor:
             self._dispatch(here, spawned, self._close_stale, websocket, lobby, user)
         if wait and spawned:
             await asyncio.gather(*spawned, return_exceptions=True)
+        self._forget_if_idle(here)  # a sweep from a loop that has nothing else here
         return SweepResult(len(to_ping), len(expired), len(to_ping) >= _BATCH or len(expired) >= _BATCH)
 
     # ------------------------------------------------------------- internals
