@@ -77,6 +77,7 @@ test: lint test-fast test-asan test-pythons
 
 bench: build
 	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_sweep.py
 	$(PY) benchmarks/bench_e2e.py
 
 bench-e2e: build

@@ -227,7 +227,7 @@ def test_shutdown_flushes_backlogs_then_closes_everyone_with_1001() -> None:
         async def stop() -> None:  # the heartbeat's stop(), when the manager has one
             stopped.append(True)
 
-        m.stop = stop  # type: ignore[attr-defined]
+        m.stop = stop  # type: ignore[method-assign]
         loop = asyncio.get_running_loop()
         loop.call_later(0.05, slow.send_gate.set)
         await asyncio.wait_for(m.shutdown(timeout=2.0), 3.0)

@@ -16,13 +16,14 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
+from types import MappingProxyType, TracebackType
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketState
 
 from ._core import Core, dumps
 from .codes import CloseCode, close_code_for
+from .health import HealthMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,15 @@ class ConnectionManager(Core):
     Origin; else browsers from other origins are refused with 4008),
     ``close_timeout`` (seconds a close handshake may take before the socket is
     aborted) and ``shutdown_timeout`` (default for :meth:`shutdown`).
+    * a heartbeat runs by itself (``ping_interval`` / ``ping_timeout``, see
+      ``wsmanager.health``): a connection silent for ``ping_interval`` seconds
+      gets ``{"type": "health_ping", "timestamp": ...}`` and, still silent
+      ``ping_timeout`` seconds later, is closed with 4004 ``"stale"`` and
+      removed. An entry whose endpoint died without ``disconnect()`` (e.g. on
+      malformed JSON) is reclaimed. ``touch(websocket)`` and
+      ``record_pong_ws(websocket)`` report one connection, where the seed's
+      ``update_last_message(user_id)`` / ``record_pong(user_id)`` vouch for
+      every connection of the user.
     """
 
     def __init__(
@@ -153,6 +163,8 @@ class ConnectionManager(Core):
         allowed_origins: Collection[str] | None = None,
         close_timeout: float = 5.0,
         shutdown_timeout: float = 10.0,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 10.0,
     ) -> None:
         super().__init__(
             max_connections,
@@ -168,6 +180,7 @@ class ConnectionManager(Core):
         if close_timeout <= 0 or shutdown_timeout <= 0:
             raise ValueError("close_timeout and shutdown_timeout must be > 0")
         self._ping_waiters: dict[str, _PingWaiter] = {}
+        self._health = HealthMonitor(self, ping_interval=ping_interval, ping_timeout=ping_timeout)
         self.max_backlog = max_backlog
         self.max_backlog_bytes = max_backlog_bytes
         self.max_message_bytes = max_message_bytes
@@ -237,6 +250,7 @@ class ConnectionManager(Core):
             self._release(websocket)
             raise
         self._commit(websocket)
+        self._health.watch(websocket)  # heartbeat: runs in this loop; reclaims the entry if the endpoint dies
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("connected", extra={"lobby": lobby_code, "user": user_id})
         if len(self) >= self.max_connections:
@@ -593,6 +607,66 @@ class ConnectionManager(Core):
         waiter = self._ping_waiters.get(user_id)
         if waiter is not None and not waiter.future.done() and not waiter.future.get_loop().is_closed():
             waiter.future.set_result(time.perf_counter())
+
+    def record_pong_ws(self, websocket: Any) -> float | None:
+        """Record a ``health_pong`` received on ``websocket``: that connection
+        (only) is alive, and any ``ping_user`` waiting for its user returns.
+        Returns the round-trip time in ms of the ping it answers, or None."""
+        latency = super().record_pong_ws(websocket)
+        if self._ping_waiters:
+            info = self._info(websocket)
+            waiter = self._ping_waiters.get(info[1]) if info else None
+            if waiter is not None and not waiter.future.done() and not waiter.future.get_loop().is_closed():
+                waiter.future.set_result(time.perf_counter())
+        return latency
+
+    # ------------------------------------------------- heartbeat (health.py)
+
+    @property
+    def health(self) -> HealthMonitor:
+        """The heartbeat: ``await manager.health.sweep()`` runs one sweep now."""
+        return self._health
+
+    @property
+    def ping_interval(self) -> float | None:
+        """Seconds of silence before a connection gets a ``health_ping``
+        (None: no heartbeat). Settable."""
+        return self._health.ping_interval
+
+    @ping_interval.setter
+    def ping_interval(self, value: float | None) -> None:
+        self._health.ping_interval = value
+
+    @property
+    def ping_timeout(self) -> float | None:
+        """Seconds a pinged connection has to send anything before it is
+        closed with 4004 ``stale`` (None: never). Settable."""
+        return self._health.ping_timeout
+
+    @ping_timeout.setter
+    def ping_timeout(self, value: float | None) -> None:
+        self._health.ping_timeout = value
+
+    async def start(self) -> None:
+        """Start the heartbeat in the running loop, e.g. from a lifespan.
+        Optional: the first ``connect()`` starts it too."""
+        await self._health.start()
+
+    async def stop(self) -> None:
+        """Stop the heartbeat (it restarts with the next ``connect()``)."""
+        await self._health.stop()
+
+    async def __aenter__(self) -> ConnectionManager:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
 
     # ------------------------------------------------- read-only seed views
 
