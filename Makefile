@@ -28,7 +28,7 @@ apt:
 $(VENV)/.deps-stamp: pyproject.toml
 	$(MAKE) apt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip 'setuptools>=77' wheel
 	$(PIP) install -q -e '.[dev,demo]'
 	touch $@
 
@@ -65,7 +65,7 @@ test-pythons: apt
 	  if [ -z "$$py" ]; then echo "== CPython $$v: not installed here, not tested"; continue; fi; \
 	  echo "== CPython $$v ($$py)"; \
 	  venv=.venv-$$v; test -x $$venv/bin/python || $$py -m venv $$venv || exit 1; \
-	  $$venv/bin/python -m pip install -q --upgrade pip && \
+	  $$venv/bin/python -m pip install -q --upgrade pip 'setuptools>=77' wheel && \
 	  $$venv/bin/python -m pip install -q -e '.[test]' && \
 	  WSM_DEV=1 $$venv/bin/python setup.py -q build_ext --inplace --force && \
 	  $$venv/bin/python -m pytest -q -p no:cacheprovider $(CORE_TESTS) || exit 1; \
