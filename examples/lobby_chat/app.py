@@ -141,7 +141,10 @@ class LobbyChat:
                 self.manager.touch(websocket)
                 if isinstance(data, dict):
                     await self.handle(websocket, lobby, user, data)
-        except (WebSocketDisconnect, ValueError, RuntimeError):  # ValueError: malformed JSON
+        except ValueError:  # malformed JSON: say so, instead of leaving the client hanging
+            with contextlib.suppress(Exception):
+                await websocket.close(code=CloseCode.BAD_MESSAGE, reason="bad_message")
+        except (WebSocketDisconnect, RuntimeError):  # RuntimeError: closed meanwhile (e.g. stale)
             pass
         finally:
             if self.manager.disconnect(websocket) is not None:

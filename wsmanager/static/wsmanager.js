@@ -152,7 +152,7 @@ export class WSManagerClient extends EventTarget {
 
   /**
    * Send `message` (JSON-encoded unless it is a string). While (re)connecting it
-   * is buffered, up to `maxBuffer` messages; returns false when it was dropped
+   * (or before connect()) it is buffered, up to `maxBuffer` messages; returns false when it was dropped
    * (buffer full, or the client is closed for good).
    */
   send(message) {
@@ -161,7 +161,7 @@ export class WSManagerClient extends EventTarget {
       this._ws.send(data);
       return true;
     }
-    if (this.state === "closed" || this.state === "idle" || this._buffer.length >= this.options.maxBuffer) {
+    if (this.state === "closed" || this._buffer.length >= this.options.maxBuffer) {
       this.dropped += 1;
       return false;
     }
@@ -220,7 +220,7 @@ export class WSManagerClient extends EventTarget {
     } catch {
       return; // not JSON: nothing a handler could dispatch on
     }
-    if (message === null || typeof message !== "object") return;
+    if (message === null || typeof message !== "object" || Array.isArray(message)) return; // objects only
     if (message.type === "health_ping") {
       if (ws.readyState === OPEN) {
         ws.send(JSON.stringify({ type: "health_pong", timestamp: message.timestamp }));
