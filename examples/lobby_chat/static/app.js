@@ -100,6 +100,8 @@ function join(name, lobby) {
     const next = willRetry ? ` — retrying in ${(delay / 1000).toFixed(1)} s` : " — not retrying";
     $("close-info").textContent = `${why} (${code})${next}`;
     $("close-info").dataset.code = String(code);
+    members = []; // out of date until the server sends the list again
+    renderMembers();
     renderStatus();
   });
   client.on("welcome", (m) => line("system", "", `joined ${m.lobby} as ${m.user}`));
