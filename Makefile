@@ -12,7 +12,7 @@ APT_TEST_PACKAGES = chromium
 NODE ?= node
 ASAN_LIB = $(shell gcc -print-file-name=libasan.so)
 
-.PHONY: help deps apt apt-test build demo test test-fast test-js test-asan lint bench clean
+.PHONY: help deps apt apt-test build demo test test-fast test-js test-asan test-pythons lint bench clean
 
 help:
 	@echo "make demo   - run the demo app on http://$(HOST):$(PORT) (in-memory)"
@@ -71,7 +71,24 @@ test-asan: deps
 	  PYTHONMALLOC=malloc LD_PRELOAD=$(ASAN_LIB) $(PY) -m pytest -q -p no:cacheprovider -m "not browser"; \
 	  rc=$$?; WSM_DEV=1 $(PY) setup.py -q build_ext --inplace --force; exit $$rc
 
-test: lint test-fast test-js test-asan
+# Build and run the core tests on every CPython 3.10-3.13 that pyenv has.
+CORE_TESTS = tests/test_manager_api.py tests/test_defects.py tests/test_json.py tests/test_model.py tests/test_memory.py
+test-pythons: apt
+	@ran=""; root=$$(pyenv root 2>/dev/null || echo $$HOME/.pyenv); \
+	for v in 3.10 3.11 3.12 3.13; do \
+	  py=$$(ls -d $$root/versions/$$v.*/bin/python3 2>/dev/null | sort -V | tail -n 1); \
+	  if [ -z "$$py" ]; then echo "== CPython $$v: not installed here, not tested"; continue; fi; \
+	  echo "== CPython $$v ($$py)"; \
+	  venv=.venv-$$v; test -x $$venv/bin/python || $$py -m venv $$venv || exit 1; \
+	  $$venv/bin/python -m pip install -q --upgrade pip && \
+	  $$venv/bin/python -m pip install -q -e '.[test]' && \
+	  WSM_DEV=1 $$venv/bin/python setup.py -q build_ext --inplace --force && \
+	  $$venv/bin/python -m pytest -q -p no:cacheprovider $(CORE_TESTS) || exit 1; \
+	  ran="$$ran $$v"; \
+	done; echo "core tests passed on CPython:$$ran"; \
+	WSM_DEV=1 $(PY) setup.py -q build_ext --inplace --force
+
+test: lint test-fast test-js test-asan test-pythons
 
 bench: build
 	$(PY) benchmarks/bench_core.py

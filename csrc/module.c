@@ -337,6 +337,8 @@ Core_reserve(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     wsm_verdict verdict = WSM_OK;
 
     CHECK_INIT(self, NULL);
+    /* the clock may run Python code: read it before any lookup */
+    NOW_OR_FAIL(now, self, return NULL);
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError,
                         "_reserve(websocket, lobby_code, user_id)");
@@ -361,7 +363,6 @@ Core_reserve(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_INCREF(res);
         goto done;
     }
-    NOW_OR_FAIL(now, self, goto error);
     if (wsm_reserve(&self->reg, args[0], lobby, user, self->max_connections,
                     self->max_per_lobby, self->max_per_user, now,
                     &verdict) == NULL) {
@@ -401,11 +402,12 @@ static PyObject *
 Core_commit(CoreObject *self, PyObject *ws)
 {
     CHECK_INIT(self, NULL);
+    /* the clock may run Python code: read it before any lookup */
+    NOW_OR_FAIL(now, self, return NULL);
     wsm_conn *c = wsm_find_conn(&self->reg, ws);
     if (c == NULL || c->state != WSM_PENDING) {
         Py_RETURN_FALSE;
     }
-    NOW_OR_FAIL(now, self, return NULL);
     wsm_commit(&self->reg, c, now);
     self->n_connects++;
     Py_RETURN_TRUE;
@@ -458,12 +460,13 @@ static PyObject *
 Core_update_last_message(CoreObject *self, PyObject *user_id)
 {
     CHECK_INIT(self, NULL);
+    /* the clock may run Python code: read it before any lookup */
+    NOW_OR_FAIL(now, self, return NULL);
     if (check_lookup_id(user_id, "user_id") < 0) {
         return NULL;
     }
     wsm_group *g = wsm_find_user(&self->reg, user_id);
     if (g != NULL && g->members.len) {
-        NOW_OR_FAIL(now, self, return NULL);
         /* touch() moves entries on the activity lists only, never the user
          * list being walked */
         for (wsm_conn *c = g->members.head; c; c = c->user_link.next) {
@@ -479,13 +482,14 @@ static PyObject *
 Core_record_pong(CoreObject *self, PyObject *user_id)
 {
     CHECK_INIT(self, NULL);
+    /* the clock may run Python code: read it before any lookup */
+    NOW_OR_FAIL(now, self, return NULL);
     if (check_lookup_id(user_id, "user_id") < 0) {
         return NULL;
     }
     double best = -1.0;
     wsm_group *g = wsm_find_user(&self->reg, user_id);
     if (g != NULL && g->members.len) {
-        NOW_OR_FAIL(now, self, return NULL);
         self->n_pongs++;
         for (wsm_conn *c = g->members.head; c; c = c->user_link.next) {
             double rtt = wsm_pong(&self->reg, c, now);
@@ -508,11 +512,12 @@ static PyObject *
 Core_touch(CoreObject *self, PyObject *ws)
 {
     CHECK_INIT(self, NULL);
+    /* the clock may run Python code: read it before any lookup */
+    NOW_OR_FAIL(now, self, return NULL);
     wsm_conn *c = wsm_find_conn(&self->reg, ws);
     if (c == NULL || c->state != WSM_ACTIVE) {
         Py_RETURN_FALSE;
     }
-    NOW_OR_FAIL(now, self, return NULL);
     wsm_touch(&self->reg, c, now);
     Py_RETURN_TRUE;
 }
@@ -522,11 +527,12 @@ static PyObject *
 Core_record_pong_ws(CoreObject *self, PyObject *ws)
 {
     CHECK_INIT(self, NULL);
+    /* the clock may run Python code: read it before any lookup */
+    NOW_OR_FAIL(now, self, return NULL);
     wsm_conn *c = wsm_find_conn(&self->reg, ws);
     if (c == NULL || c->state != WSM_ACTIVE) {
         Py_RETURN_NONE;
     }
-    NOW_OR_FAIL(now, self, return NULL);
     self->n_pongs++;
     double rtt = wsm_pong(&self->reg, c, now);
     if (rtt < 0) {
@@ -542,11 +548,12 @@ static PyObject *
 Core_note_ping(CoreObject *self, PyObject *ws)
 {
     CHECK_INIT(self, NULL);
+    /* the clock may run Python code: read it before any lookup */
+    NOW_OR_FAIL(now, self, return NULL);
     wsm_conn *c = wsm_find_conn(&self->reg, ws);
     if (c == NULL || c->state != WSM_ACTIVE) {
         Py_RETURN_FALSE;
     }
-    NOW_OR_FAIL(now, self, return NULL);
     if (c->pong_due_since <= 0) {
         c->pong_due_since = now;
     }
@@ -707,6 +714,8 @@ Core_sweep(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *to_ping = NULL, *expired = NULL, *t = NULL;
     CHECK_INIT(self, NULL);
+    /* the clock may run Python code: read it before any lookup */
+    NOW_OR_FAIL(now, self, return NULL);
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "_sweep(ping_interval, ping_timeout)");
         return NULL;
@@ -724,7 +733,6 @@ Core_sweep(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
                         "ping_interval and ping_timeout must be >= 0");
         return NULL;
     }
-    NOW_OR_FAIL(now, self, return NULL);
     to_ping = PyList_New(0);
     expired = PyList_New(0);
     if (to_ping == NULL || expired == NULL) {
@@ -866,7 +874,7 @@ Core_get_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
         dict_set_ssize(d, "active_lobbies", self->reg.active_lobbies) < 0 ||
         dict_set_ssize(d, "max_per_lobby", self->max_per_lobby) < 0 ||
         dict_set_ssize(d, "pending_connections", self->reg.pending) < 0 ||
-        dict_set_ssize(d, "connected_users", HASH_COUNT(self->reg.users)) < 0 ||
+        dict_set_ssize(d, "connected_users", self->reg.active_users) < 0 ||
         dict_set_ull(d, "connects", self->n_connects) < 0 ||
         dict_set_ull(d, "disconnects", self->n_disconnects) < 0 ||
         dict_set_ull(d, "pings_sent", self->n_pings) < 0 ||

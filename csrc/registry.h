@@ -90,6 +90,7 @@ typedef struct wsm_registry {
     Py_ssize_t active;      /* committed connections */
     Py_ssize_t pending;     /* reserved, not committed */
     Py_ssize_t active_lobbies;  /* lobbies with at least one committed conn */
+    Py_ssize_t active_users;    /* users with at least one committed conn */
     uint64_t next_id;
     wsm_list idle;          /* ACTIVE conns not pinged, ordered by last_rx */
     wsm_list wait;          /* ACTIVE conns pinged, ordered by ping_sent */

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,6 +14,14 @@ from starlette.websockets import WebSocketDisconnect
 from examples.lobby_chat.app import create_app
 from wsmanager import ConnectionManager
 from wsmanager.client import CLIENT_DIR, mount_client
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage() -> Iterator[None]:
+    """An app and its TestClient leave reference cycles; collect them here rather than in
+    a later test that counts references (tests/test_memory.py)."""
+    yield
+    gc.collect()
 
 
 def receive_until(ws: WebSocketTestSession, kind: str) -> dict[str, Any]:
