@@ -12,13 +12,14 @@ APT_TEST_PACKAGES = chromium
 NODE ?= node
 ASAN_LIB = $(shell gcc -print-file-name=libasan.so)
 
-.PHONY: help deps apt apt-test build demo test test-fast test-js test-asan test-pythons lint bench clean
+.PHONY: help deps apt apt-test build demo test test-fast test-js test-asan test-pythons lint bench bench-e2e clean
 
 help:
 	@echo "make demo   - run the demo app on http://$(HOST):$(PORT) (in-memory)"
 	@echo "make test   - lint, type-check, full test suite (real browser included), the JS client's"
 	@echo "              tests on node, then the suite under ASan+UBSan"
 	@echo "make bench  - benchmarks (tables with ratios against baselines)"
+	@echo "make bench-e2e - end-to-end broadcast benchmark only (uvicorn, ~3 min)"
 
 # System packages (Debian): only when something is missing, and only as root.
 apt:
@@ -92,6 +93,10 @@ test: lint test-fast test-js test-asan test-pythons
 
 bench: build
 	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_e2e.py
+
+bench-e2e: build
+	$(PY) benchmarks/bench_e2e.py
 
 clean:
 	rm -rf build wsmanager/*.so *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -46,6 +46,12 @@ typedef struct {
     unsigned long long n_refused_shutdown;
     unsigned long long n_pings;
     unsigned long long n_pongs;
+    /* inbound rate limit (token bucket per connection); rate <= 0: off */
+    double rate;                /* tokens per second */
+    double burst;               /* bucket size */
+    unsigned long max_violations;   /* drops before the verdict is "close" */
+    unsigned long long n_rate_dropped;
+    unsigned long long n_rate_closed;
     /* recent round-trip times, seconds */
     double rtt[WSM_RTT_WINDOW];
     int rtt_len;
@@ -770,6 +776,97 @@ error:
     return NULL;
 }
 
+/* _set_rate_limit(rate, burst, close_after): inbound token bucket settings.
+ * rate <= 0 turns the limit off. Buckets already started keep their tokens
+ * (capped to the new burst on their next message). */
+static PyObject *
+Core_set_rate_limit(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_INIT(self, NULL);
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_set_rate_limit(rate, burst, close_after)");
+        return NULL;
+    }
+    double rate = PyFloat_AsDouble(args[0]);
+    if (rate == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    double burst = PyFloat_AsDouble(args[1]);
+    if (burst == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    unsigned long close_after = PyLong_AsUnsignedLong(args[2]);
+    if (close_after == (unsigned long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!isfinite(rate) || !isfinite(burst) || (rate > 0 && burst < 1)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "rate must be finite, burst finite and >= 1");
+        return NULL;
+    }
+    self->rate = rate > 0 ? rate : 0.0;
+    self->burst = burst;
+    self->max_violations = close_after;
+    Py_RETURN_NONE;
+}
+
+/* _allow(websocket) -> int: the rate-limit verdict for one inbound message.
+ * 0: allowed (also when the limit is off or the websocket is unknown);
+ * 1: dropped, first drop since the bucket was last full (tell the client);
+ * 2: dropped again; 3: dropped, and `close_after` drops were exceeded
+ * without the bucket refilling (close the connection). */
+static PyObject *
+Core_allow(CoreObject *self, PyObject *ws)
+{
+    CHECK_INIT(self, NULL);
+    if (self->rate <= 0) {
+        return PyLong_FromLong(0);
+    }
+    wsm_conn *c = wsm_find_conn(&self->reg, ws);
+    if (c == NULL || c->state != WSM_ACTIVE) {
+        return PyLong_FromLong(0);
+    }
+    NOW_OR_FAIL(now, self, return NULL);
+    if (!c->bucket_ready) {
+        c->bucket_ready = 1;
+        c->tokens = self->burst;
+        c->tokens_ts = now;
+        c->violations = 0;
+    }
+    else {
+        double elapsed = now - c->tokens_ts;
+        if (elapsed > 0) {
+            c->tokens += elapsed * self->rate;
+        }
+        c->tokens_ts = now;
+        if (c->tokens >= self->burst) {
+            c->tokens = self->burst;
+            c->violations = 0;  /* the client calmed down */
+        }
+    }
+    if (c->tokens >= 1.0) {
+        c->tokens -= 1.0;
+        return PyLong_FromLong(0);
+    }
+    self->n_rate_dropped++;
+    if (c->violations < UINT32_MAX) {
+        c->violations++;
+    }
+    if (self->max_violations > 0 && c->violations > self->max_violations) {
+        self->n_rate_closed++;
+        return PyLong_FromLong(3);
+    }
+    return PyLong_FromLong(c->violations == 1 ? 1 : 2);
+}
+
+/* _rate_stats() -> (messages dropped, connections closed) by the limit */
+static PyObject *
+Core_rate_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("(KK)", self->n_rate_dropped, self->n_rate_closed);
+}
+
 /* _set_shutting_down(flag): stop (or resume) admitting connections. */
 static PyObject *
 Core_set_shutting_down(CoreObject *self, PyObject *flag)
@@ -1076,6 +1173,10 @@ static PyMethodDef Core_methods[] = {
     {"_snapshot", (PyCFunction)Core_snapshot, METH_NOARGS, NULL},
     {"_sweep", (PyCFunction)(void (*)(void))Core_sweep, METH_FASTCALL, NULL},
     {"_set_shutting_down", (PyCFunction)Core_set_shutting_down, METH_O, NULL},
+    {"_set_rate_limit", (PyCFunction)(void (*)(void))Core_set_rate_limit,
+     METH_FASTCALL, NULL},
+    {"_allow", (PyCFunction)Core_allow, METH_O, NULL},
+    {"_rate_stats", (PyCFunction)Core_rate_stats, METH_NOARGS, NULL},
     {"_now", (PyCFunction)Core_now, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };

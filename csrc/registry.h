@@ -79,7 +79,8 @@ struct wsm_conn {
                                proves liveness while only a pong gives an RTT */
     double tokens;          /* inbound token bucket */
     double tokens_ts;
-    uint32_t violations;    /* consecutive rate-limit violations */
+    uint32_t violations;    /* messages dropped since the bucket was last full */
+    int bucket_ready;       /* tokens/tokens_ts initialized (lazily, on first use) */
     UT_hash_handle hh;
 };
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -66,3 +67,14 @@ def test_without_the_extra_the_import_error_says_what_to_install(monkeypatch: py
     monkeypatch.delitem(sys.modules, "wsmanager.metrics")
     with pytest.raises(ImportError, match=r"pip install 'wsmanager\[metrics\]'"):
         importlib.import_module("wsmanager.metrics")
+
+
+def test_closes_by_reason_come_from_the_managers_stats() -> None:
+    class Source:
+        def get_stats(self) -> dict[str, Any]:
+            return {"total_connections": 3, "closed": {"stale": 2, "slow_consumer": 1}}
+
+    s = samples(ManagerMetrics(Source()))
+    assert s[("wsmanager_connections", ())] == 3
+    assert s[("wsmanager_closes_total", (("reason", "stale"),))] == 2
+    assert s[("wsmanager_closes_total", (("reason", "slow_consumer"),))] == 1

@@ -10,9 +10,11 @@ methods that must await a socket: ``connect``, ``broadcast_to_lobby``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -20,7 +22,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketState
 
 from ._core import Core, dumps
-from .codes import close_code_for
+from .codes import CloseCode, close_code_for
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,73 @@ class _PingWaiter:
     future: asyncio.Future[float]
     started: float  # perf_counter() when the ping was sent
     callers: int = 0
+
+
+_CONNECTED = WebSocketState.CONNECTED
+
+
+class _Outbox:
+    """The outbound backlog of one connection whose send suspended."""
+
+    __slots__ = ("loop", "nbytes", "queue", "task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: deque[tuple[str, int]] = deque()
+        self.nbytes = 0
+        self.task: asyncio.Task[None] | None = None
+
+
+async def _resume(coro: Coroutine[Any, Any, Any], step: Any) -> None:
+    """Finish driving ``coro``, which already yielded ``step`` to its caller.
+
+    Does what an asyncio Task does with a coroutine: wait for the future it
+    yielded (or one loop iteration for a bare yield), resume it, repeat; a
+    cancellation is passed into the coroutine.
+    """
+    while True:
+        try:
+            if step is None:
+                await asyncio.sleep(0)
+            else:
+                step._asyncio_future_blocking = False
+                await asyncio.wait((step,))
+        except BaseException as exc:
+            if step is not None:
+                step.cancel()
+            try:
+                step = coro.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            step = coro.send(None)
+        except StopIteration:
+            return
+
+
+def _abort_transport(websocket: Any) -> bool:
+    """Abort the TCP connection under ``websocket`` when the server exposes it.
+
+    ASGI offers no abort; uvicorn's ``send`` is a method of its protocol
+    object, which holds the transport (possibly wrapped by middleware closures,
+    followed a few levels). Returns whether a transport was aborted.
+    """
+    stack: list[Any] = [getattr(websocket, "_send", None)]
+    for _ in range(8):
+        if not stack:
+            break
+        fn = stack.pop()
+        transport = getattr(getattr(fn, "__self__", None), "transport", None)
+        abort = getattr(transport, "abort", None)
+        if callable(abort):
+            abort()
+            return True
+        for cell in getattr(fn, "__closure__", None) or ():
+            with contextlib.suppress(ValueError):
+                if callable(cell.cell_contents):
+                    stack.append(cell.cell_contents)
+    return False
 
 
 class ConnectionManager(Core):
@@ -50,6 +119,20 @@ class ConnectionManager(Core):
     * capacity is reserved before ``accept()``: concurrent handshakes never
       overshoot ``max_connections`` / ``max_per_lobby``.
     * sends never raise; a connection whose send fails is removed.
+    * sends never wait for a slow client: a send that cannot complete at
+      once is queued on that connection (order kept) and written by its own
+      task; past ``max_backlog`` messages or ``max_backlog_bytes`` bytes the
+      connection is closed with 4006 ``"slow_consumer"``.
+
+    Keyword-only settings beyond the seed's: ``max_backlog`` and
+    ``max_backlog_bytes`` (outbound backlog per connection), ``rate_limit``
+    (inbound messages per second per connection, None: off), ``rate_burst``
+    (bucket size, default ``max(1, rate_limit)``), ``rate_limit_close_after``
+    (drops before a 4005 close, 0: never close), ``max_message_bytes`` and
+    ``max_bad_messages`` (for :meth:`serve`), ``allowed_origins`` (None: any
+    Origin; else browsers from other origins are refused with 4008),
+    ``close_timeout`` (seconds a close handshake may take before the socket is
+    aborted) and ``shutdown_timeout`` (default for :meth:`shutdown`).
     """
 
     def __init__(
@@ -60,6 +143,16 @@ class ConnectionManager(Core):
         max_per_user: int | None = None,
         max_id_bytes: int = 1024,
         clock: Callable[[], float] | None = None,
+        max_backlog: int = 1024,
+        max_backlog_bytes: int = 1 << 20,
+        rate_limit: float | None = None,
+        rate_burst: float | None = None,
+        rate_limit_close_after: int = 100,
+        max_message_bytes: int = 64 * 1024,
+        max_bad_messages: int = 10,
+        allowed_origins: Collection[str] | None = None,
+        close_timeout: float = 5.0,
+        shutdown_timeout: float = 10.0,
     ) -> None:
         super().__init__(
             max_connections,
@@ -68,7 +161,49 @@ class ConnectionManager(Core):
             max_id_bytes=max_id_bytes,
             clock=clock,
         )
+        if max_backlog < 1 or max_backlog_bytes < 1:
+            raise ValueError("max_backlog and max_backlog_bytes must be >= 1")
+        if max_message_bytes < 1 or max_bad_messages < 1:
+            raise ValueError("max_message_bytes and max_bad_messages must be >= 1")
+        if close_timeout <= 0 or shutdown_timeout <= 0:
+            raise ValueError("close_timeout and shutdown_timeout must be > 0")
         self._ping_waiters: dict[str, _PingWaiter] = {}
+        self.max_backlog = max_backlog
+        self.max_backlog_bytes = max_backlog_bytes
+        self.max_message_bytes = max_message_bytes
+        self.max_bad_messages = max_bad_messages
+        self.allowed_origins: frozenset[str] | None = (
+            None if allowed_origins is None else frozenset(allowed_origins)
+        )
+        self.close_timeout = close_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self.set_rate_limit(rate_limit, rate_burst, close_after=rate_limit_close_after)
+        # websocket -> its outbound backlog; only connections whose last send
+        # suspended are here, so the common case costs one dict miss.
+        self._outboxes: dict[Any, _Outbox] = {}
+        self._closers: set[asyncio.Task[None]] = set()
+        self._closed: dict[str, int] = {}
+        self._shutdown_task: asyncio.Task[None] | None = None
+
+    def set_rate_limit(
+        self, rate: float | None, burst: float | None = None, *, close_after: int = 100
+    ) -> None:
+        """Set the inbound limit: ``rate`` messages/s per connection (None or
+        0: off), ``burst`` at once (default ``max(1, rate)``); after
+        ``close_after`` drops without the client slowing down the connection
+        is closed with 4005 (0: never). Applies to open connections too."""
+        if rate is not None and rate < 0:
+            raise ValueError("rate_limit must be None or >= 0")
+        if close_after < 0:
+            raise ValueError("rate_limit_close_after must be >= 0")
+        r = float(rate or 0.0)
+        b = float(burst) if burst is not None else max(1.0, r)
+        if r > 0 and b < 1:
+            raise ValueError("rate_burst must be >= 1")
+        self._set_rate_limit(r, b, close_after)
+        self.rate_limit = rate or None
+        self.rate_burst = b if r > 0 else None
+        self.rate_limit_close_after = close_after
 
     # ------------------------------------------------------------------ connect
 
@@ -157,32 +292,97 @@ class ConnectionManager(Core):
         return await self._deliver_user(user_id, dumps(message))
 
     # Local delivery of serialized text: the seam a backplane publishes into.
+    #
+    # A send is first tried inline: the send coroutine is stepped once, and
+    # when it completes (the transport took the frame) no Task or Future is
+    # made. If it suspends (the client does not read and the transport's
+    # buffer is over its high-water mark), the suspended send and every later
+    # message for that connection go to the connection's outbox, written in
+    # order by one writer task; the broadcast moves on to the next member.
 
     async def _deliver_lobby(self, lobby_code: str, data: str, exclude_user_id: str | None) -> int:
-        """Send ``data`` to this process's connections in the lobby; the count."""
+        """Send ``data`` to this process's connections in the lobby without
+        waiting for any of them; the count of connections that got it or have
+        it queued."""
+        post = self._post
         sent = 0
         for websocket in self._lobby_targets(lobby_code, exclude_user_id):
-            if websocket not in self:  # left while an earlier send awaited
-                continue
-            if await self._send(websocket, data):
+            if post(websocket, data):
                 sent += 1
         return sent
 
     async def _deliver_user(self, user_id: str, data: str) -> bool:
-        """Send ``data`` to this process's connections of the user."""
+        """Send ``data`` to this process's connections of the user (no waiting)."""
         delivered = False
         for websocket in self._user_targets(user_id):
-            if websocket in self and await self._send(websocket, data):
+            if self._post(websocket, data):
                 delivered = True
         return delivered
 
     async def _send(self, websocket: WebSocket, data: str) -> bool:
+        """Send ``data`` to one connection, in order with the others; never
+        waits for a slow client. False if the connection failed or was closed
+        as a slow consumer (it is then removed)."""
+        return self._post(websocket, data)
+
+    def _post(self, websocket: Any, data: str) -> bool:
+        box = self._outboxes.get(websocket)
+        if box is not None:
+            return self._enqueue(websocket, box, data)
+        if type(websocket) is WebSocket and websocket.application_state is _CONNECTED:
+            # what send_text() would do, minus two coroutine frames of checks
+            coro: Any = websocket._send({"type": "websocket.send", "text": data})
+        else:
+            coro = websocket.send_text(data)
         try:
-            await websocket.send_text(data)
+            step = coro.send(None)
+        except StopIteration:
+            return True
         except Exception as exc:
             self._drop(websocket, exc)
             return False
+        if websocket not in self:  # not registered (e.g. already closed): no backlog
+            coro.close()
+            return False
+        box = _Outbox(asyncio.get_running_loop())
+        self._outboxes[websocket] = box
+        box.task = box.loop.create_task(self._writer(websocket, box, coro, step))
         return True
+
+    def _enqueue(self, websocket: Any, box: _Outbox, data: str) -> bool:
+        if box.loop is not asyncio.get_running_loop():  # left over from a closed loop
+            del self._outboxes[websocket]
+            return self._post(websocket, data)
+        size = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
+        if len(box.queue) >= self.max_backlog or box.nbytes + size > self.max_backlog_bytes:
+            logger.info(
+                "slow consumer: %d messages, %d bytes queued",
+                len(box.queue),
+                box.nbytes,
+                extra={"reason": "slow_consumer", "code": int(CloseCode.SLOW_CONSUMER)},
+            )
+            self._close_later(websocket, "slow_consumer")
+            return False
+        box.queue.append((data, size))
+        box.nbytes += size
+        return True
+
+    async def _writer(self, websocket: Any, box: _Outbox, coro: Coroutine[Any, Any, Any], step: Any) -> None:
+        """Finish the suspended send, then write the backlog in order."""
+        try:
+            await _resume(coro, step)
+            queue = box.queue
+            while queue:
+                data, size = queue.popleft()
+                box.nbytes -= size
+                await websocket.send_text(data)
+        except Exception as exc:
+            if self._outboxes.get(websocket) is box:
+                del self._outboxes[websocket]
+                self._drop(websocket, exc)
+        finally:
+            if self._outboxes.get(websocket) is box:
+                del self._outboxes[websocket]
 
     def _drop(self, websocket: WebSocket, exc: BaseException | None = None) -> None:
         """Remove a connection whose send failed."""
@@ -193,6 +393,149 @@ class ConnectionManager(Core):
                 type(exc).__name__ if exc else "closed",
                 extra={"lobby": info[0], "user": info[1], "reason": "send_failed"},
             )
+
+    def disconnect(self, websocket: Any) -> tuple[str, str] | None:
+        """Remove the connection; ``(lobby_code, user_id)``, or None if it was
+        not registered. Its queued outbound messages are dropped."""
+        info = super().disconnect(websocket)
+        if self._outboxes:
+            box = self._outboxes.pop(websocket, None)
+            if box is not None and box.task is not None and box.task is not asyncio.current_task():
+                box.task.cancel()
+        return info
+
+    # ------------------------------------------------------------- closing
+
+    def _close_later(
+        self, websocket: Any, reason: str, *, code: int | None = None, timeout: float | None = None
+    ) -> asyncio.Task[None]:
+        """Remove ``websocket`` now and close it with ``reason`` in the
+        background; a close that cannot complete within ``timeout`` (default
+        ``close_timeout``) aborts the TCP connection."""
+        info = self.disconnect(websocket)
+        self._closed[reason] = self._closed.get(reason, 0) + 1
+        if info is not None and reason != "server_shutdown":
+            logger.info(
+                "closing connection: %s",
+                reason,
+                extra={
+                    "lobby": info[0],
+                    "user": info[1],
+                    "reason": reason,
+                    "code": code or close_code_for(reason),
+                },
+            )
+        task = asyncio.get_running_loop().create_task(
+            self._close_socket(websocket, reason, code, self.close_timeout if timeout is None else timeout)
+        )
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+        return task
+
+    async def _close_socket(self, websocket: Any, reason: str, code: int | None, timeout: float) -> None:
+        code = close_code_for(reason) if code is None else code
+        try:
+            if websocket.application_state != WebSocketState.DISCONNECTED:
+                await asyncio.wait_for(websocket.close(code=code, reason=reason), timeout)
+        except Exception:  # stuck (a client that never reads) or gone
+            _abort_transport(websocket)
+            return
+        # As in _refuse: a seed-style endpoint's next receive_*() then sees the
+        # client's close as WebSocketDisconnect instead of a RuntimeError.
+        websocket.application_state = WebSocketState.CONNECTED
+
+    async def close_connection(self, websocket: Any, reason: str, *, code: int | None = None) -> None:
+        """Remove ``websocket`` and close it with ``reason`` (code from the
+        table of :mod:`wsmanager.codes` unless given), without waiting for a
+        slow client longer than ``close_timeout``."""
+        await self._close_later(websocket, reason, code=code)
+
+    async def shutdown(
+        self,
+        *,
+        timeout: float | None = None,
+        code: int = CloseCode.GOING_AWAY,
+        reason: str = "server_shutdown",
+    ) -> None:
+        """Stop admitting (``can_accept_connection`` answers ``(False,
+        "shutting_down")``), stop the heartbeat, give queued messages up to half
+        of ``timeout`` (default ``shutdown_timeout``) to be written, then close
+        every connection with ``code`` / ``reason`` (1001 "server_shutdown").
+        Returns within ``timeout``: a client that does not take its close is
+        aborted. Calling it again waits for the first call."""
+        if self._shutdown_task is not None and not self._shutdown_task.done():
+            await asyncio.shield(self._shutdown_task)
+            return
+        self._shutdown_task = asyncio.ensure_future(self._shutdown(timeout, code, reason))
+        await asyncio.shield(self._shutdown_task)
+
+    async def _shutdown(self, timeout: float | None, code: int, reason: str) -> None:
+        timeout = self.shutdown_timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._set_shutting_down(True)
+        logger.info("shutting down: closing %d connections", len(self), extra={"reason": reason})
+        stop = getattr(self, "stop", None)
+        if stop is not None:
+            result = stop()
+            if isinstance(result, Awaitable):
+                await result
+        writers = [b.task for b in self._outboxes.values() if b.task is not None and b.loop is loop]
+        if writers:
+            await asyncio.wait(writers, timeout=max(0.0, (deadline - loop.time()) / 2))
+        close_budget = max(0.01, deadline - loop.time() - 0.05)
+        for websocket, _lobby, _user in self._snapshot():
+            self._close_later(websocket, reason, code=code, timeout=close_budget)
+        closers = [t for t in self._closers if t.get_loop() is loop]
+        if closers:
+            await asyncio.wait(closers, timeout=max(0.01, deadline - loop.time()))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """A lifespan for Starlette / FastAPI (``FastAPI(lifespan=manager.lifespan)``):
+        starts the heartbeat if the manager has one; on SIGTERM / SIGINT runs
+        :meth:`shutdown` *before* the server closes the sockets itself (uvicorn
+        would close them with 1012), then lets the server stop; on exit runs
+        :meth:`shutdown` if nothing did."""
+        from .endpoint import hook_signals
+
+        start = getattr(self, "start", None)
+        if start is not None:
+            result = start()
+            if isinstance(result, Awaitable):
+                await result
+        unhook = hook_signals(self)
+        try:
+            yield
+        finally:
+            unhook()
+            await self.shutdown()
+            self._set_shutting_down(False)
+            self._shutdown_task = None
+
+    async def serve(
+        self,
+        websocket: WebSocket,
+        lobby_code: str,
+        user_id: str | None,
+        handler: Callable[[str, str, dict[str, Any]], Awaitable[Any]],
+    ) -> None:
+        """Run one connection from handshake to cleanup; see
+        :func:`wsmanager.endpoint.serve`."""
+        from .endpoint import serve
+
+        await serve(self, websocket, lobby_code, user_id, handler)
+
+    def get_stats(self) -> dict[str, Any]:
+        """The seed's statistics plus counters: ``closed`` (closes the library
+        performed, by reason), ``backlogged_connections`` (connections with
+        queued outbound messages) and ``rate_limited_messages`` (inbound
+        messages dropped by the rate limit)."""
+        stats = super().get_stats()
+        stats["closed"] = dict(self._closed)
+        stats["backlogged_connections"] = len(self._outboxes)
+        stats["rate_limited_messages"] = self._rate_stats()[0]
+        return stats
 
     # ------------------------------------------------------------------ health
 
@@ -244,6 +587,9 @@ class ConnectionManager(Core):
         """Record a ``health_pong`` from ``user_id``: it is alive, and any
         ``ping_user`` waiting for it returns."""
         super().record_pong(user_id)
+        self._wake_ping_waiter(user_id)
+
+    def _wake_ping_waiter(self, user_id: str) -> None:
         waiter = self._ping_waiters.get(user_id)
         if waiter is not None and not waiter.future.done() and not waiter.future.get_loop().is_closed():
             waiter.future.set_result(time.perf_counter())

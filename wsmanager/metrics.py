@@ -95,6 +95,14 @@ class _StatsCollector(Collector):
         for reason in sorted(counts):
             refusals.add_metric([reason], counts[reason])
         yield refusals
+        closes = CounterMetricFamily(
+            f"{ns}_closes",
+            "Connections the library closed, by reason (stale, slow_consumer, ...).",
+            labels=["reason"],
+        )
+        for reason, n in sorted((stats.get("closed") or {}).items()):
+            closes.add_metric([reason], float(n))
+        yield closes
 
 
 class ManagerMetrics:
