@@ -6,13 +6,18 @@ PIP     = $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 APT_PACKAGES = uthash-dev
+# Only for the tests: the browser tests drive Debian's chromium (never Playwright's
+# download); the client tests run on node >= 20 (installed from Debian when absent).
+APT_TEST_PACKAGES = chromium
+NODE ?= node
 ASAN_LIB = $(shell gcc -print-file-name=libasan.so)
 
-.PHONY: help deps apt build demo test test-fast test-asan test-pythons lint bench bench-e2e clean
+.PHONY: help deps apt apt-test build demo test test-fast test-js test-asan test-pythons lint bench bench-e2e clean
 
 help:
 	@echo "make demo   - run the demo app on http://$(HOST):$(PORT) (in-memory)"
-	@echo "make test   - lint, type-check, full test suite, then the suite under ASan+UBSan"
+	@echo "make test   - lint, type-check, full test suite (real browser included), the JS client's"
+	@echo "              tests on node, then the suite under ASan+UBSan"
 	@echo "make bench  - benchmarks (tables with ratios against baselines)"
 	@echo "make bench-e2e - end-to-end broadcast benchmark only (uvicorn, ~3 min)"
 
@@ -24,6 +29,10 @@ apt:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "missing Debian packages:$$missing (run: sudo apt-get install$$missing)"; exit 1; fi; \
 	fi
+
+apt-test:
+	@pkgs="$(APT_TEST_PACKAGES)"; command -v $(NODE) >/dev/null 2>&1 || pkgs="$$pkgs nodejs"; \
+	$(MAKE) --no-print-directory apt APT_PACKAGES="$$pkgs"
 
 $(VENV)/.deps-stamp: pyproject.toml
 	$(MAKE) apt
@@ -46,14 +55,21 @@ lint: deps
 	$(VENV)/bin/ruff format --check wsmanager tests examples benchmarks setup.py
 	$(VENV)/bin/mypy
 
-test-fast: build
+test-fast: build apt-test
 	$(PY) -m pytest -q
+
+# The browser client's logic on node's test runner: mocked sockets, then the demo app for real.
+test-js: build apt-test
+	@command -v $(NODE) >/dev/null 2>&1 || { echo "error: node >= 20 is needed for the client tests (apt-get install nodejs)"; exit 1; }
+	@$(NODE) -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' || \
+	  { echo "error: node >= 20 is needed for the client tests, found $$($(NODE) --version)"; exit 1; }
+	WSM_PYTHON=$(abspath $(PY)) $(NODE) --experimental-websocket --test tests/js/*.test.mjs
 
 # The suite again with the extension built under ASan + UBSan.
 test-asan: deps
 	WSM_DEV=1 WSM_SANITIZE=1 $(PY) setup.py -q build_ext --inplace --force
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	  PYTHONMALLOC=malloc LD_PRELOAD=$(ASAN_LIB) $(PY) -m pytest -q -p no:cacheprovider; \
+	  PYTHONMALLOC=malloc LD_PRELOAD=$(ASAN_LIB) $(PY) -m pytest -q -p no:cacheprovider -m "not browser"; \
 	  rc=$$?; WSM_DEV=1 $(PY) setup.py -q build_ext --inplace --force; exit $$rc
 
 # Build and run the core tests on every CPython 3.10-3.13 that pyenv has.
@@ -73,7 +89,7 @@ test-pythons: apt
 	done; echo "core tests passed on CPython:$$ran"; \
 	WSM_DEV=1 $(PY) setup.py -q build_ext --inplace --force
 
-test: lint test-fast test-asan test-pythons
+test: lint test-fast test-js test-asan test-pythons
 
 bench: build
 	$(PY) benchmarks/bench_core.py

@@ -34,10 +34,14 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeou
 
 @contextlib.contextmanager
 def uvicorn_server(
-    app: str, *, env: dict[str, str] | None = None, extra_args: list[str] | None = None
+    app: str,
+    *,
+    env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
+    port: int | None = None,
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    """Run ``uvicorn app`` on a free port; yields (port, process). Stops it on exit."""
-    port = free_port()
+    """Run ``uvicorn app`` on ``port`` (default: a free one); yields (port, process). Stops it on exit."""
+    port = port or free_port()
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--log-level", "warning", *(extra_args or [])]

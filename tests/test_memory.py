@@ -180,7 +180,9 @@ BAD_IDS: list[Callable[[], object]] = [
 
 @pytest.mark.parametrize("make_bad", BAD_IDS)
 @pytest.mark.parametrize("bad_arg", ["lobby", "user"])
-def test_invalid_id_keeps_no_reference(make_bad: Callable[[], object], bad_arg: str) -> None:
+def test_invalid_id_keeps_no_reference(
+    make_bad: Callable[[], object], bad_arg: str, no_automatic_gc: None
+) -> None:
     m = ConnectionManager()
     ws = Sock()
     bad, good = make_bad(), new_id("good")

@@ -1,0 +1,144 @@
+"""The lobby chat demo under TestClient: page, client module, /stats, /metrics and the endpoint."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.testclient import TestClient, WebSocketTestSession
+from starlette.websockets import WebSocketDisconnect
+
+from examples.lobby_chat.app import create_app
+from wsmanager import ConnectionManager
+from wsmanager.client import CLIENT_DIR, mount_client
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage() -> Iterator[None]:
+    """An app and its TestClient leave reference cycles; collect them here rather than in
+    a later test that counts references (tests/test_memory.py)."""
+    yield
+    gc.collect()
+
+
+def receive_until(ws: WebSocketTestSession, kind: str) -> dict[str, Any]:
+    """The next message of type ``kind`` (pings and other messages are skipped)."""
+    for _ in range(50):
+        message = dict(ws.receive_json())
+        if message.get("type") == kind:
+            return message
+    raise AssertionError(f"no {kind!r} message")
+
+
+def test_page_and_client_module_are_served() -> None:
+    with TestClient(create_app(ConnectionManager())) as client:
+        page = client.get("/")
+        assert page.status_code == 200
+        assert '<script type="module" src="/static/app.js">' in page.text
+        app_js = client.get("/static/app.js")
+        assert 'from "/wsmanager/wsmanager.js"' in app_js.text
+        module = client.get("/wsmanager/wsmanager.js")
+        assert module.status_code == 200
+        assert module.headers["content-type"].startswith("text/javascript")
+        assert "export class WSManagerClient" in module.text
+        assert module.text == (CLIENT_DIR / "wsmanager.js").read_text()
+        dts = client.get("/wsmanager/wsmanager.d.ts")
+        assert dts.status_code == 200
+        assert "export declare class WSManagerClient" in dts.text
+
+
+def test_mount_client_on_any_starlette_app_and_refuses_other_objects() -> None:
+    app = Starlette()
+    mount_client(app, "/js")
+    with TestClient(app) as client:
+        assert "WSManagerClient" in client.get("/js/wsmanager.js").text
+        assert client.get("/js/missing.js").status_code == 404
+    with pytest.raises(TypeError, match="Starlette or FastAPI app"):
+        mount_client(object())
+
+
+def test_chat_direct_message_stats_and_metrics() -> None:
+    manager = ConnectionManager(50, 2)
+    with TestClient(create_app(manager)) as client:
+        with (
+            client.websocket_connect("/ws/room?token=alice") as alice,
+            client.websocket_connect("/ws/room?token=bob") as bob,
+        ):
+            assert receive_until(alice, "welcome") == {"type": "welcome", "user": "alice", "lobby": "room"}
+            assert [m["user"] for m in receive_until(bob, "members")["members"]] == ["alice", "bob"]
+            alice.send_json({"type": "chat", "text": "hi"})
+            chat = receive_until(bob, "chat")
+            assert (chat["from"], chat["text"]) == ("alice", "hi")
+            bob.send_json({"type": "dm", "to": "alice", "text": "psst"})
+            dm = receive_until(alice, "dm")
+            assert (dm["from"], dm["to"], dm["text"]) == ("bob", "alice", "psst")
+            bob.send_json({"type": "dm", "to": "nobody", "text": "?"})
+            assert receive_until(bob, "error")["text"] == "nobody is not in this lobby"
+            bob.send_text("{not json")  # a bad message ends that connection, not the server
+            with pytest.raises(WebSocketDisconnect) as exc:
+                receive_until(bob, "never")
+            assert (exc.value.code, exc.value.reason) == (4007, "bad_message")
+            assert [m["user"] for m in receive_until(alice, "members")["members"]] == ["alice"]
+
+            stats = client.get("/stats").json()
+            assert stats["total_connections"] == 1
+            assert stats["max_per_lobby"] == 2
+            assert stats["lobbies"] == {"room": 1}
+            metrics = client.get("/metrics")
+            assert metrics.headers["content-type"].startswith("text/plain")
+            assert "wsmanager_connections 1.0" in metrics.text
+            assert "wsmanager_messages_sent_total" in metrics.text
+        assert manager.get_stats()["total_connections"] == 0
+
+
+def test_refusals_carry_their_close_code_and_reason() -> None:
+    manager = ConnectionManager(50, 1)
+    with TestClient(create_app(manager)) as client:
+        with (
+            client.websocket_connect("/ws/room?token=bad!name") as ws,
+            pytest.raises(WebSocketDisconnect) as exc,
+        ):
+            ws.receive_json()
+        assert (exc.value.code, exc.value.reason) == (4001, "unauthorized")
+
+        with client.websocket_connect("/ws/room?token=alice") as alice:
+            receive_until(alice, "welcome")
+            with (
+                client.websocket_connect("/ws/room?token=bob") as bob,
+                pytest.raises(WebSocketDisconnect) as exc,
+            ):
+                bob.receive_json()
+            assert (exc.value.code, exc.value.reason) == (4002, "lobby_full")
+        text = client.get("/metrics").text
+        assert 'wsmanager_refusals_total{reason="lobby_full"} 1.0' in text
+        assert 'wsmanager_refusals_total{reason="unauthorized"} 1.0' in text
+
+
+def test_heartbeat_pings_silent_members_and_closes_the_stale_one() -> None:
+    now = [1000.0]
+    manager = ConnectionManager(clock=lambda: now[0])
+    with TestClient(create_app(manager, ping_interval=1.0, ping_timeout=1.0)) as client:
+        with (
+            client.websocket_connect("/ws/hb?token=alice") as alice,
+            client.websocket_connect("/ws/hb?token=zed") as zed,
+        ):
+            receive_until(alice, "welcome")
+            receive_until(zed, "welcome")
+            now[0] += 1.5  # both silent for longer than ping_interval
+            ping = receive_until(alice, "health_ping")
+            receive_until(zed, "health_ping")
+            alice.send_json({"type": "health_pong", "timestamp": ping["timestamp"]})
+            # alice's pong gives her a latency, announced to the lobby
+            members = receive_until(alice, "members")["members"]
+            assert isinstance(members[0]["latency_ms"], float)
+            now[0] += 1.5  # zed never answered: closed as stale, alice is pinged again
+            members = receive_until(alice, "members")["members"]
+            while [m["user"] for m in members] != ["alice"]:
+                members = receive_until(alice, "members")["members"]
+            with pytest.raises(WebSocketDisconnect) as exc:
+                receive_until(zed, "never")
+            assert (exc.value.code, exc.value.reason) == (4004, "stale")
+        assert "wsmanager_stale_closes_total 1.0" in client.get("/metrics").text

@@ -1,0 +1,80 @@
+"""wsmanager.metrics: Prometheus metrics of a manager (the optional ``metrics`` extra)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from wsmanager import ConnectionManager
+from wsmanager.metrics import ManagerMetrics
+
+
+def samples(metrics: ManagerMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_scrape_reads_the_managers_live_counts() -> None:
+    manager = ConnectionManager(10, 1)
+    metrics = ManagerMetrics(manager)
+    ws_a, ws_b = object(), object()
+    assert manager._reserve(ws_a, "l1", "alice") == ""
+    manager._commit(ws_a)
+    assert manager._reserve(ws_b, "l1", "bob") == "lobby_full"
+    metrics.record_refusal("unauthorized")
+    metrics.record_sent(3)
+    metrics.record_stale()
+    metrics.observe_latency_ms(4.0)
+    metrics.observe_latency_ms(None)
+
+    s = samples(metrics)
+    assert s[("wsmanager_connections", ())] == 1
+    assert s[("wsmanager_lobbies", ())] == 1
+    assert s[("wsmanager_max_connections", ())] == 10
+    assert s[("wsmanager_refusals_total", (("reason", "lobby_full"),))] == 1
+    assert s[("wsmanager_refusals_total", (("reason", "unauthorized"),))] == 1
+    assert s[("wsmanager_refusals_total", (("reason", "server_full"),))] == 0
+    assert s[("wsmanager_messages_sent_total", ())] == 3
+    assert s[("wsmanager_stale_closes_total", ())] == 1
+    assert s[("wsmanager_latency_seconds_count", ())] == 1
+    assert s[("wsmanager_latency_seconds_bucket", (("le", "0.005"),))] == 1
+    assert s[("wsmanager_latency_seconds_bucket", (("le", "0.0025"),))] == 0
+
+    manager.disconnect(ws_a)
+    s = samples(metrics)
+    assert s[("wsmanager_connections", ())] == 0
+    assert s[("wsmanager_disconnects_total", ())] == 1
+
+
+def test_two_managers_have_separate_registries() -> None:
+    a, b = ManagerMetrics(ConnectionManager()), ManagerMetrics(ConnectionManager(7))
+    a.record_sent(2)
+    assert samples(a)[("wsmanager_messages_sent_total", ())] == 2
+    assert samples(b)[("wsmanager_messages_sent_total", ())] == 0
+    assert samples(b)[("wsmanager_max_connections", ())] == 7
+    assert ManagerMetrics.content_type.startswith("text/plain")
+
+
+def test_without_the_extra_the_import_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "wsmanager.metrics")
+    with pytest.raises(ImportError, match=r"pip install 'wsmanager\[metrics\]'"):
+        importlib.import_module("wsmanager.metrics")
+
+
+def test_closes_by_reason_come_from_the_managers_stats() -> None:
+    class Source:
+        def get_stats(self) -> dict[str, Any]:
+            return {"total_connections": 3, "closed": {"stale": 2, "slow_consumer": 1}}
+
+    s = samples(ManagerMetrics(Source()))
+    assert s[("wsmanager_connections", ())] == 3
+    assert s[("wsmanager_closes_total", (("reason", "stale"),))] == 2
+    assert s[("wsmanager_closes_total", (("reason", "slow_consumer"),))] == 1

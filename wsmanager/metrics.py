@@ -1,0 +1,168 @@
+"""Prometheus metrics for a ConnectionManager (the optional ``metrics`` extra).
+
+    pip install 'wsmanager[metrics]'
+
+    from wsmanager.metrics import ManagerMetrics
+    metrics = ManagerMetrics(manager)
+    app.add_route("/metrics", metrics.endpoint)
+
+Gauges and totals the core already keeps (connections, lobbies, users,
+refusals by reason, pings, pongs, connects, disconnects) are read from
+``manager.get_stats()`` at scrape time: nothing is counted twice and the hot
+path pays nothing. What only the application or the heartbeat sees is recorded
+through :meth:`ManagerMetrics.record_stale`, :meth:`record_sent`,
+:meth:`record_refusal` and :meth:`observe_latency_ms`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+try:
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+    from prometheus_client.registry import Collector
+except ImportError as exc:  # pragma: no cover - exercised by a test that hides the module
+    raise ImportError(
+        "wsmanager.metrics needs prometheus-client: install the extra with  pip install 'wsmanager[metrics]'"
+    ) from exc
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+__all__ = ["DEFAULT_LATENCY_BUCKETS", "ManagerMetrics"]
+
+DEFAULT_LATENCY_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+"""Ping round-trip buckets, in seconds."""
+
+
+class _StatsSource(Protocol):
+    def get_stats(self) -> dict[str, Any]: ...
+
+
+class _StatsCollector(Collector):
+    """Reads the manager's counters when Prometheus scrapes."""
+
+    def __init__(self, manager: _StatsSource, namespace: str, extra_refusals: dict[str, int]) -> None:
+        self._manager = manager
+        self._ns = namespace
+        self._extra_refusals = extra_refusals
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families({}))
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families(self._manager.get_stats()))
+
+    def _families(self, stats: dict[str, Any]) -> Iterator[Metric]:
+        ns = self._ns
+
+        def gauge(name: str, doc: str, key: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{ns}_{name}", doc, value=float(stats.get(key) or 0))
+
+        def total(name: str, doc: str, key: str) -> CounterMetricFamily:
+            return CounterMetricFamily(f"{ns}_{name}", doc, value=float(stats.get(key) or 0))
+
+        yield gauge("connections", "Open WebSocket connections.", "total_connections")
+        yield gauge("max_connections", "Connection limit of this process.", "max_connections")
+        yield gauge("lobbies", "Lobbies with at least one connection.", "active_lobbies")
+        yield gauge("users", "Distinct connected users.", "connected_users")
+        yield gauge(
+            "pending_connections", "Handshakes holding a capacity reservation.", "pending_connections"
+        )
+        yield total("connects", "Connections registered.", "connects")
+        yield total("disconnects", "Connections removed.", "disconnects")
+        yield total("pings_sent", "health_ping messages sent.", "pings_sent")
+        yield total("pongs_received", "health_pong messages recorded.", "pongs_received")
+        refusals = CounterMetricFamily(f"{ns}_refusals", "Connections refused, by reason.", labels=["reason"])
+        counts: dict[str, float] = {k: float(v) for k, v in (stats.get("refused") or {}).items()}
+        for reason, n in self._extra_refusals.items():
+            counts[reason] = counts.get(reason, 0.0) + n
+        for reason in sorted(counts):
+            refusals.add_metric([reason], counts[reason])
+        yield refusals
+        closes = CounterMetricFamily(
+            f"{ns}_closes",
+            "Connections the library closed, by reason (stale, slow_consumer, ...).",
+            labels=["reason"],
+        )
+        for reason, n in sorted((stats.get("closed") or {}).items()):
+            closes.add_metric([reason], float(n))
+        yield closes
+
+
+class ManagerMetrics:
+    """Prometheus metrics of one manager, in their own registry by default.
+
+    ``registry`` defaults to a fresh ``CollectorRegistry`` (so that several
+    managers, or tests, never collide); pass ``prometheus_client.REGISTRY`` to
+    expose them with the process's other metrics.
+    """
+
+    def __init__(
+        self,
+        manager: _StatsSource,
+        *,
+        registry: CollectorRegistry | None = None,
+        namespace: str = "wsmanager",
+        latency_buckets: Sequence[float] = DEFAULT_LATENCY_BUCKETS,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self._extra_refusals: dict[str, int] = {}
+        self.registry.register(_StatsCollector(manager, namespace, self._extra_refusals))
+        self.stale_closes = Counter(
+            f"{namespace}_stale_closes", "Connections closed for not answering pings.", registry=self.registry
+        )
+        self.messages_sent = Counter(
+            f"{namespace}_messages_sent", "Messages delivered to connections.", registry=self.registry
+        )
+        self.latency = Histogram(
+            f"{namespace}_latency_seconds",
+            "Ping round-trip time.",
+            buckets=tuple(latency_buckets),
+            registry=self.registry,
+        )
+
+    def record_stale(self, count: int = 1) -> None:
+        """Count connections closed as stale (close code 4004)."""
+        if count:
+            self.stale_closes.inc(count)
+
+    def record_sent(self, count: int = 1) -> None:
+        """Count messages delivered (e.g. the return value of ``broadcast_to_lobby``)."""
+        if count:
+            self.messages_sent.inc(count)
+
+    def record_refusal(self, reason: str) -> None:
+        """Count a refusal the application made itself (e.g. ``unauthorized``);
+        capacity refusals are already counted by the manager."""
+        self._extra_refusals[reason] = self._extra_refusals.get(reason, 0) + 1
+
+    def observe_latency_ms(self, latency_ms: float | None) -> None:
+        """Record one ping round trip, in milliseconds (None is ignored)."""
+        if latency_ms is not None:
+            self.latency.observe(latency_ms / 1000.0)
+
+    def render(self) -> bytes:
+        """The metrics in Prometheus' text format."""
+        return bytes(generate_latest(self.registry))
+
+    content_type: str = CONTENT_TYPE_LATEST
+
+    async def endpoint(self, request: Request) -> Response:
+        """A Starlette / FastAPI route: ``app.add_route("/metrics", metrics.endpoint)``."""
+        return Response(self.render(), media_type=self.content_type)

@@ -1,0 +1,141 @@
+// Type declarations for wsmanager.js (the wsmanager browser client).
+
+/** Close codes sent by wsmanager servers. */
+export declare const CloseCode: Readonly<{
+  NORMAL: 1000;
+  GOING_AWAY: 1001;
+  UNSUPPORTED_DATA: 1003;
+  ABNORMAL: 1006;
+  POLICY_VIOLATION: 1008;
+  MESSAGE_TOO_BIG: 1009;
+  INTERNAL_ERROR: 1011;
+  SERVICE_RESTART: 1012;
+  TRY_AGAIN_LATER: 1013;
+  UNAUTHORIZED: 4001;
+  CAPACITY: 4002;
+  REPLACED: 4003;
+  STALE: 4004;
+  RATE_LIMITED: 4005;
+  SLOW_CONSUMER: 4006;
+  BAD_MESSAGE: 4007;
+  FORBIDDEN_ORIGIN: 4008;
+}>;
+
+/** "stop": no retry; "later": retry after retryLaterDelay + backoff; "restart": retry from the first
+ * backoff step; "retry": exponential backoff. */
+export type ClosePolicy = "stop" | "later" | "restart" | "retry";
+
+export declare function closePolicy(code: number): ClosePolicy;
+
+export interface BackoffOptions {
+  /** First delay in ms (default 500). */
+  baseDelay?: number;
+  /** Upper bound of the exponential part in ms (default 30000). */
+  maxDelay?: number;
+  /** Growth per attempt (default 2). */
+  factor?: number;
+  /** Fraction (0..1) of the delay removed at random (default 0.5). */
+  jitter?: number;
+}
+
+/** Delay in ms before attempt `attempt` (0-based): in [c * (1 - jitter), c], c = min(maxDelay, baseDelay * factor ** attempt). */
+export declare function backoffDelay(attempt: number, options?: BackoffOptions, random?: () => number): number;
+
+export type ClientState = "idle" | "connecting" | "open" | "reconnecting" | "closed";
+
+/** A message from the server: a JSON object, dispatched on its `type`. */
+export interface ServerMessage {
+  type?: string;
+  [key: string]: unknown;
+}
+
+export interface CloseInfo {
+  code: number;
+  reason: string;
+  wasClean: boolean;
+  /** Date.now() (or options.now()) when it closed. */
+  at: number;
+}
+
+export interface CloseDetail {
+  code: number;
+  reason: string;
+  wasClean: boolean;
+  policy: ClosePolicy;
+  willRetry: boolean;
+  /** ms until the next attempt, or null when it will not retry. */
+  delay: number | null;
+}
+
+export interface WebSocketLike {
+  readonly readyState: number;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  onopen: ((ev: unknown) => void) | null;
+  onmessage: ((ev: { data: unknown }) => void) | null;
+  onclose: ((ev: { code: number; reason: string; wasClean: boolean }) => void) | null;
+  onerror: ((ev: unknown) => void) | null;
+}
+
+export interface ClientOptions extends BackoffOptions {
+  /** Extra delay in ms after capacity (4002), 1013 and rate-limit (4005) refusals (default 5000). */
+  retryLaterDelay?: number;
+  /** A connection open this long (ms) resets the backoff (default 5000). */
+  stableAfter?: number;
+  /** Outgoing messages kept while not connected (default 100); more are dropped. */
+  maxBuffer?: number;
+  /** Message type that marks the connection usable (buffer flushed); null: the open event (default). */
+  readyOn?: string | null;
+  protocols?: string | string[];
+  /** Override the policy for some codes; return undefined to keep the default. */
+  policy?: (code: number, reason: string) => ClosePolicy | undefined;
+  /** For tests and non-browser runtimes. */
+  WebSocket?: new (url: string, protocols?: string | string[]) => WebSocketLike;
+  random?: () => number;
+  now?: () => number;
+  setTimeout?: (fn: () => void, ms: number) => unknown;
+  clearTimeout?: (id: unknown) => void;
+}
+
+export interface ClientEventMap {
+  state: CustomEvent<{ state: ClientState }>;
+  open: CustomEvent<Record<string, never>>;
+  ready: CustomEvent<Record<string, never>>;
+  close: CustomEvent<CloseDetail>;
+  latency: CustomEvent<{ latency: number }>;
+}
+
+export declare class WSManagerClient extends EventTarget {
+  /** A ws:, wss:, http(s): or page-relative URL, or a function returning one (called on every attempt). */
+  constructor(url: string | (() => string), options?: ClientOptions);
+  url: string | (() => string);
+  readonly options: Required<Omit<ClientOptions, "protocols" | "policy">> & Pick<ClientOptions, "protocols" | "policy">;
+  readonly state: ClientState;
+  /** True once open (or once a `readyOn` message arrived): sends go straight out. */
+  readonly ready: boolean;
+  /** The last close code and reason, or null before any close. */
+  readonly lastClose: CloseInfo | null;
+  /** Round-trip time in ms reported by the server with its last health_ping, or null. */
+  readonly latency: number | null;
+  /** Reconnect attempts since the last stable connection. */
+  readonly attempt: number;
+  /** Messages refused because the buffer was full or the client was closed. */
+  readonly dropped: number;
+  /** A copy of the outgoing messages waiting for the connection (JSON text). */
+  readonly buffered: string[];
+  connect(): this;
+  /** False when the message was dropped (buffer full, or closed for good). */
+  send(message: unknown): boolean;
+  close(code?: number, reason?: string): void;
+  on<T extends ServerMessage = ServerMessage>(type: string, handler: (message: T) => void): () => void;
+  addEventListener<K extends keyof ClientEventMap>(
+    type: K,
+    listener: (ev: ClientEventMap[K]) => void,
+    options?: boolean | AddEventListenerOptions,
+  ): void;
+  addEventListener(
+    type: string,
+    listener: EventListenerOrEventListenerObject | null,
+    options?: boolean | AddEventListenerOptions,
+  ): void;
+}

@@ -1,0 +1,310 @@
+// wsmanager browser client: an ES module, no build step, no dependencies.
+//
+//   import { WSManagerClient } from "/wsmanager/wsmanager.js";
+//   const client = new WSManagerClient("/ws/lobby?token=alice");
+//   client.on("chat", (msg) => show(msg));
+//   client.addEventListener("close", (ev) => console.log(ev.detail.code, ev.detail.reason));
+//   client.connect();
+//   client.send({ type: "chat", text: "hi" });   // buffered (bounded) while reconnecting
+//
+// It answers the server's `health_ping` with `health_pong` echoing the timestamp,
+// dispatches JSON messages by their `type`, and reconnects with exponential
+// backoff and jitter according to the close code (see closePolicy).
+
+/** Close codes sent by wsmanager servers (wsmanager/codes.py). */
+export const CloseCode = Object.freeze({
+  NORMAL: 1000,
+  GOING_AWAY: 1001,
+  UNSUPPORTED_DATA: 1003,
+  ABNORMAL: 1006,
+  POLICY_VIOLATION: 1008,
+  MESSAGE_TOO_BIG: 1009,
+  INTERNAL_ERROR: 1011,
+  SERVICE_RESTART: 1012,
+  TRY_AGAIN_LATER: 1013,
+  UNAUTHORIZED: 4001,
+  CAPACITY: 4002,
+  REPLACED: 4003,
+  STALE: 4004,
+  RATE_LIMITED: 4005,
+  SLOW_CONSUMER: 4006,
+  BAD_MESSAGE: 4007,
+  FORBIDDEN_ORIGIN: 4008,
+});
+
+const STOP = new Set([
+  CloseCode.NORMAL, // the server said goodbye on purpose
+  CloseCode.UNSUPPORTED_DATA,
+  CloseCode.POLICY_VIOLATION,
+  CloseCode.UNAUTHORIZED, // retrying with the same credentials cannot succeed
+  CloseCode.REPLACED, // a newer connection of this user took over: do not fight it
+  CloseCode.FORBIDDEN_ORIGIN,
+]);
+const LATER = new Set([CloseCode.CAPACITY, CloseCode.TRY_AGAIN_LATER, CloseCode.RATE_LIMITED]);
+const RESTART = new Set([CloseCode.GOING_AWAY, CloseCode.SERVICE_RESTART]);
+
+/**
+ * What to do after the server closed the connection with `code`:
+ * "stop" (no retry: 1000, 1003, 1008, 4001, 4003, 4008),
+ * "later" (retry after `retryLaterDelay` plus backoff: 4002 capacity, 1013, 4005),
+ * "restart" (server shut down or restarts, 1001/1012: retry from the first backoff step),
+ * "retry" (anything else, e.g. 1006 network loss or 4004 stale: exponential backoff).
+ */
+export function closePolicy(code) {
+  if (STOP.has(code)) return "stop";
+  if (LATER.has(code)) return "later";
+  if (RESTART.has(code)) return "restart";
+  return "retry";
+}
+
+/**
+ * The delay (ms) before reconnect attempt number `attempt` (0 for the first):
+ * min(maxDelay, baseDelay * factor**attempt), minus up to `jitter` (0..1) of it
+ * at random, so it lies in [capped * (1 - jitter), capped].
+ */
+export function backoffDelay(attempt, options = {}, random = Math.random) {
+  const { baseDelay = 500, maxDelay = 30000, factor = 2, jitter = 0.5 } = options;
+  const n = Math.max(0, Math.floor(attempt));
+  const capped = Math.min(maxDelay, baseDelay * Math.pow(factor, n));
+  const j = Math.min(1, Math.max(0, jitter));
+  return Math.round(capped * (1 - j * random()));
+}
+
+function toWebSocketURL(url) {
+  if (/^wss?:\/\//i.test(url)) return url;
+  const base = globalThis.location ? globalThis.location.href : undefined;
+  const u = new URL(url, base);
+  if (u.protocol === "http:") u.protocol = "ws:";
+  else if (u.protocol === "https:") u.protocol = "wss:";
+  return u.href;
+}
+
+const OPEN = 1;
+
+/**
+ * A reconnecting JSON WebSocket client for wsmanager servers.
+ *
+ * Lifecycle events (EventTarget, `event.detail`): "state" ({state}),
+ * "open" ({}), "ready" ({}), "close" ({code, reason, wasClean, policy, willRetry, delay}),
+ * "latency" ({latency}).
+ * Messages: `on(type, handler)`; `on("*", handler)` receives every message.
+ */
+export class WSManagerClient extends EventTarget {
+  constructor(url, options = {}) {
+    super();
+    this.url = url;
+    this.options = {
+      baseDelay: 500,
+      maxDelay: 30000,
+      factor: 2,
+      jitter: 0.5,
+      retryLaterDelay: 5000,
+      stableAfter: 5000,
+      maxBuffer: 100,
+      readyOn: null,
+      protocols: undefined,
+      policy: closePolicy,
+      WebSocket: globalThis.WebSocket,
+      random: Math.random,
+      now: () => Date.now(),
+      setTimeout: (fn, ms) => globalThis.setTimeout(fn, ms),
+      clearTimeout: (id) => globalThis.clearTimeout(id),
+      ...options,
+    };
+    /** "idle" | "connecting" | "open" | "reconnecting" | "closed" */
+    this.state = "idle";
+    /** {code, reason, wasClean, at} of the last close, or null. */
+    this.lastClose = null;
+    /** Round-trip time in ms reported by the server with its last health_ping, or null. */
+    this.latency = null;
+    /** Reconnect attempts since the last stable connection. */
+    this.attempt = 0;
+    /** Messages refused because the buffer was full. */
+    this.dropped = 0;
+    this.ready = false;
+    this._ws = null;
+    this._timer = null;
+    this._openedAt = 0;
+    this._buffer = [];
+    this._handlers = new Map();
+  }
+
+  /** Messages waiting for the connection, oldest first (a copy). */
+  get buffered() {
+    return this._buffer.slice();
+  }
+
+  /** Register `handler(message)` for messages of `type` ("*": all). Returns an unsubscribe function. */
+  on(type, handler) {
+    let set = this._handlers.get(type);
+    if (!set) this._handlers.set(type, (set = new Set()));
+    set.add(handler);
+    return () => set.delete(handler);
+  }
+
+  /** Open the connection (again, also after a "stop" close such as 4001). */
+  connect() {
+    this._cancelTimer();
+    if (this._ws) this._detach(this._ws, 1000, "reconnect");
+    this._open();
+    return this;
+  }
+
+  /**
+   * Send `message` (JSON-encoded unless it is a string). While (re)connecting it
+   * (or before connect()) it is buffered, up to `maxBuffer` messages; returns false when it was dropped
+   * (buffer full, or the client is closed for good).
+   */
+  send(message) {
+    const data = typeof message === "string" ? message : JSON.stringify(message);
+    if (this.ready && this._ws && this._ws.readyState === OPEN) {
+      this._ws.send(data);
+      return true;
+    }
+    if (this.state === "closed" || this._buffer.length >= this.options.maxBuffer) {
+      this.dropped += 1;
+      return false;
+    }
+    this._buffer.push(data);
+    return true;
+  }
+
+  /** Close for good (no reconnect); buffered messages are discarded. */
+  close(code = 1000, reason = "") {
+    this._cancelTimer();
+    this._buffer = [];
+    const ws = this._ws;
+    this._setState("closed");
+    if (ws) this._detach(ws, code, reason);
+  }
+
+  // ------------------------------------------------------------------ internals
+
+  _open() {
+    const WS = this.options.WebSocket;
+    if (typeof WS !== "function") throw new Error("wsmanager: no WebSocket implementation available");
+    const url = toWebSocketURL(typeof this.url === "function" ? this.url() : this.url);
+    const ws = this.options.protocols === undefined ? new WS(url) : new WS(url, this.options.protocols);
+    this._ws = ws;
+    this.ready = false;
+    this._setState("connecting");
+    ws.onopen = () => {
+      if (ws !== this._ws) return;
+      this._openedAt = this.options.now();
+      this._setState("open");
+      this._emit("open", {});
+      if (!this.options.readyOn) this._becomeReady();
+    };
+    ws.onmessage = (event) => {
+      if (ws === this._ws) this._receive(ws, event.data);
+    };
+    ws.onclose = (event) => {
+      if (ws === this._ws) this._closed(event);
+    };
+    ws.onerror = () => {}; // a close event always follows
+  }
+
+  _becomeReady() {
+    if (this.ready) return;
+    this.ready = true;
+    const pending = this._buffer;
+    this._buffer = [];
+    for (const data of pending) this._ws.send(data);
+    this._emit("ready", {});
+  }
+
+  _receive(ws, raw) {
+    let message;
+    try {
+      message = JSON.parse(raw);
+    } catch {
+      return; // not JSON: nothing a handler could dispatch on
+    }
+    if (message === null || typeof message !== "object" || Array.isArray(message)) return; // objects only
+    if (message.type === "health_ping") {
+      if (ws.readyState === OPEN) {
+        ws.send(JSON.stringify({ type: "health_pong", timestamp: message.timestamp }));
+      }
+      if (typeof message.latency_ms === "number") {
+        this.latency = message.latency_ms;
+        this._emit("latency", { latency: this.latency });
+      }
+    }
+    if (this.options.readyOn && message.type === this.options.readyOn) this._becomeReady();
+    this._dispatch(message.type, message);
+    this._dispatch("*", message);
+  }
+
+  _dispatch(type, message) {
+    const set = this._handlers.get(type);
+    if (!set) return;
+    for (const handler of [...set]) {
+      try {
+        handler(message);
+      } catch (err) {
+        globalThis.setTimeout(() => {
+          throw err;
+        }, 0); // report without breaking the other handlers
+      }
+    }
+  }
+
+  _closed(event) {
+    const code = event.code;
+    const reason = event.reason || "";
+    const o = this.options;
+    const now = o.now();
+    this._ws = null;
+    this.ready = false;
+    this.lastClose = { code, reason, wasClean: Boolean(event.wasClean), at: now };
+    if (this._openedAt && now - this._openedAt >= o.stableAfter) this.attempt = 0;
+    this._openedAt = 0;
+    const policy = (o.policy && o.policy(code, reason)) || closePolicy(code);
+    let delay = null;
+    if (policy === "restart") this.attempt = 0;
+    if (policy !== "stop") {
+      delay = backoffDelay(this.attempt, o, o.random);
+      if (policy === "later") delay += o.retryLaterDelay;
+      this.attempt += 1;
+    }
+    if (delay === null) {
+      this._buffer = [];
+      this._setState("closed");
+    } else {
+      this._setState("reconnecting");
+      this._timer = o.setTimeout(() => {
+        this._timer = null;
+        this._open();
+      }, delay);
+    }
+    this._emit("close", { code, reason, wasClean: Boolean(event.wasClean), policy, willRetry: delay !== null, delay });
+  }
+
+  _detach(ws, code, reason) {
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    if (ws === this._ws) this._ws = null;
+    this.ready = false;
+    try {
+      ws.close(code, reason);
+    } catch {
+      ws.close();
+    }
+  }
+
+  _cancelTimer() {
+    if (this._timer !== null) {
+      this.options.clearTimeout(this._timer);
+      this._timer = null;
+    }
+  }
+
+  _setState(state) {
+    if (this.state === state) return;
+    this.state = state;
+    this._emit("state", { state });
+  }
+
+  _emit(name, detail) {
+    this.dispatchEvent(new CustomEvent(name, { detail }));
+  }
+}
