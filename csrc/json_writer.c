@@ -30,8 +30,8 @@
 #endif
 
 #define WSM_STACK_BUF 4096
-/* Non-ASCII strings are written in chunks of this many code points, each
- * preceded by one reservation of the chunk's worst case (6 bytes a point). */
+/* Strings with lone surrogates are written in chunks of this many code points,
+ * each preceded by one reservation of its worst case (6 bytes a point). */
 #define WSM_STR_CHUNK 1024
 #define WSM_RECURSION_WHERE " while encoding a JSON object"
 
@@ -282,9 +282,9 @@ write_utf8(Writer *w, const unsigned char *s, Py_ssize_t n)
     return 0;
 }
 
-/* One loop per storage kind; T is the code unit type. UTF-8 is produced
- * directly from the code points, so no UTF-8 copy is cached on the str and
- * lone surrogates are caught in the same pass. */
+/* Strings holding lone surrogates have no UTF-8 form: one loop per storage
+ * kind (T is the code unit type) writes UTF-8 from the code points and
+ * escapes the surrogates. Latin-1 strings never hold one. */
 #define WSM_WRITE_KIND(NAME, T, WIDE)                                        \
     static int NAME(Writer *w, const T *s, Py_ssize_t n)                     \
     {                                                                        \
@@ -321,8 +321,6 @@ write_utf8(Writer *w, const unsigned char *s, Py_ssize_t n)
         return 0;                                                            \
     }
 
-/* UCS1 never reaches 0x800. */
-#define WSM_WIDE_NONE { (void)0; }
 #define WSM_WIDE_UCS2                                                        \
     if (WSM_UNLIKELY(c >= 0xD800 && c <= 0xDFFF)) {                          \
         p = put_u_escape(p, c);                                              \
@@ -341,7 +339,6 @@ write_utf8(Writer *w, const unsigned char *s, Py_ssize_t n)
     }                                                                        \
     else WSM_WIDE_UCS2
 
-WSM_WRITE_KIND(write_ucs1, Py_UCS1, WSM_WIDE_NONE)
 WSM_WRITE_KIND(write_ucs2, Py_UCS2, WSM_WIDE_UCS2)
 WSM_WRITE_KIND(write_ucs4, Py_UCS4, WSM_WIDE_UCS4)
 
@@ -366,19 +363,16 @@ write_str(Writer *w, PyObject *obj)
     if (utf8 != NULL) {
         return write_utf8(w, (const unsigned char *)utf8, size);
     }
-    /* Lone surrogates have no UTF-8 form: escaped by the loops below. */
-    if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
+    /* Lone surrogates (the only reason for a UnicodeEncodeError). */
+    int kind = PyUnicode_KIND(obj);
+    if (kind == PyUnicode_1BYTE_KIND || !PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
         return -1;
     }
     PyErr_Clear();
-    switch (PyUnicode_KIND(obj)) {
-    case PyUnicode_1BYTE_KIND:
-        return write_ucs1(w, (const Py_UCS1 *)data, n);
-    case PyUnicode_2BYTE_KIND:
+    if (kind == PyUnicode_2BYTE_KIND) {
         return write_ucs2(w, (const Py_UCS2 *)data, n);
-    default:
-        return write_ucs4(w, (const Py_UCS4 *)data, n);
     }
+    return write_ucs4(w, (const Py_UCS4 *)data, n);
 }
 
 /* --------------------------------------------------------------- numbers */
