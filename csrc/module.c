@@ -25,8 +25,40 @@ static const char *const wsm_stale_names[WSM_STALE_NREASONS] = {
     "no_pong", "send_failed", "handler_exited",
 };
 
+/* Keys of get_stats(), interned once in the module state. */
+#define WSM_STAT_KEYS(X) \
+    X(total_connections) \
+    X(max_connections) \
+    X(capacity_percent) \
+    X(active_lobbies) \
+    X(max_per_lobby) \
+    X(pending_connections) \
+    X(connected_users) \
+    X(connects) \
+    X(disconnects) \
+    X(pings_sent) \
+    X(pongs_received) \
+    X(max_per_user) \
+    X(shutting_down) \
+    X(refused) \
+    X(server_full) \
+    X(lobby_full) \
+    X(user_limit) \
+    X(latency_ms) \
+    X(p50) \
+    X(p95) \
+    X(p99) \
+    X(samples) \
+    X(stale_closed) \
+    X(no_pong) \
+    X(send_failed) \
+    X(handler_exited) \
+
 typedef struct {
     PyTypeObject *core_type;
+#define WSM_DECLARE_KEY(name) PyObject *k_##name;
+    WSM_STAT_KEYS(WSM_DECLARE_KEY)
+#undef WSM_DECLARE_KEY
     PyObject *str_empty;
     PyObject *str_server_full;
     PyObject *str_lobby_full;
@@ -46,6 +78,9 @@ typedef struct {
     Py_ssize_t max_per_user;    /* -1: no limit */
     Py_ssize_t max_id_bytes;
     PyObject *clock;            /* callable returning monotonic seconds, or NULL */
+    PyObject *pong_hook;        /* called with the user id after a pong, or NULL */
+    PyObject *drop_hook;        /* called with a removed websocket that had an
+                                   outbound backlog, or NULL */
     int shutting_down;
     int initialized;
     /* counters */
@@ -68,6 +103,8 @@ typedef struct {
     double rtt[WSM_RTT_WINDOW];
     int rtt_len;
     int rtt_pos;
+    int rtt_dirty;              /* samples arrived since rtt_pct was computed */
+    double rtt_pct[3];          /* p50, p95, p99 in ms */
     PyObject *module;           /* strong ref: owner of the state below */
     module_state *st;           /* borrowed from module */
 } CoreObject;
@@ -135,6 +172,30 @@ core_now(CoreObject *self)
     return v;
 }
 
+/* The same, for activity timestamps: CLOCK_MONOTONIC_COARSE costs a fifth of
+ * CLOCK_MONOTONIC here (its resolution, a few ms, is far below any ping
+ * interval). Round-trip times use the precise clock. */
+static double
+core_now_coarse(CoreObject *self)
+{
+    if (self->clock == NULL) {
+        struct timespec ts;
+#ifdef CLOCK_MONOTONIC_COARSE
+        clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+#else
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+#endif
+        return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    }
+    return core_now(self);
+}
+
+#define NOW_COARSE_OR_FAIL(var, self, fail)                            \
+    double var = core_now_coarse(self);                                \
+    if (var == -1.0 && PyErr_Occurred()) {                             \
+        fail;                                                          \
+    }
+
 #define NOW_OR_FAIL(var, self, fail)                                   \
     double var = core_now(self);                                       \
     if (var == -1.0 && PyErr_Occurred()) {                             \
@@ -192,6 +253,7 @@ record_rtt(CoreObject *self, double rtt)
 {
     self->rtt[self->rtt_pos] = rtt;
     self->rtt_pos = (self->rtt_pos + 1) % WSM_RTT_WINDOW;
+    self->rtt_dirty = 1;
     if (self->rtt_len < WSM_RTT_WINDOW) {
         self->rtt_len++;
     }
@@ -273,6 +335,8 @@ Core_traverse(CoreObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->clock);
+    Py_VISIT(self->pong_hook);
+    Py_VISIT(self->drop_hook);
     Py_VISIT(self->module);
     return wsm_registry_traverse(&self->reg, visit, arg);
 }
@@ -281,6 +345,8 @@ static int
 Core_clear(CoreObject *self)
 {
     Py_CLEAR(self->clock);
+    Py_CLEAR(self->pong_hook);
+    Py_CLEAR(self->drop_hook);
     wsm_registry_clear(&self->reg);
     self->st = NULL;
     self->initialized = 0;
@@ -311,6 +377,8 @@ Core_contains(CoreObject *self, PyObject *ws)
     return c != NULL && c->state == WSM_ACTIVE;
 }
 
+
+static int call_pong_hook(CoreObject *self, PyObject *user_key);
 
 #define CHECK_INIT(self, ret)                                               \
     if (!(self)->initialized) {                                             \
@@ -355,8 +423,6 @@ Core_reserve(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     wsm_verdict verdict = WSM_OK;
 
     CHECK_INIT(self, NULL);
-    /* the clock may run Python code: read it before any lookup */
-    NOW_OR_FAIL(now, self, return NULL);
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError,
                         "_reserve(websocket, lobby_code, user_id)");
@@ -382,7 +448,7 @@ Core_reserve(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
     if (wsm_reserve(&self->reg, args[0], lobby, user, self->max_connections,
-                    self->max_per_lobby, self->max_per_user, now,
+                    self->max_per_lobby, self->max_per_user, 0.0,
                     &verdict) == NULL) {
         switch (verdict) {
         case WSM_SERVER_FULL:
@@ -421,7 +487,7 @@ Core_commit(CoreObject *self, PyObject *ws)
 {
     CHECK_INIT(self, NULL);
     /* the clock may run Python code: read it before any lookup */
-    NOW_OR_FAIL(now, self, return NULL);
+    NOW_COARSE_OR_FAIL(now, self, return NULL);
     wsm_conn *c = wsm_find_conn(&self->reg, ws);
     if (c == NULL || c->state != WSM_PENDING) {
         Py_RETURN_FALSE;
@@ -457,9 +523,64 @@ Core_disconnect(CoreObject *self, PyObject *ws)
     if (info == NULL) {
         return NULL;
     }
+    /* allocating may have run a GC pass whose finalizers re-entered us */
+    c = wsm_find_conn(&self->reg, ws);
+    if (c == NULL || c->state != WSM_ACTIVE) {
+        Py_DECREF(info);
+        Py_RETURN_NONE;
+    }
+    int had_outbox = c->has_outbox;
     wsm_remove(&self->reg, c);
     self->n_disconnects++;
+    if (had_outbox && self->drop_hook != NULL) {
+        PyObject *hook = self->drop_hook;
+        Py_INCREF(hook);
+        PyObject *res = PyObject_CallOneArg(hook, ws); /* new ref */
+        Py_DECREF(hook);
+        if (res == NULL) {
+            Py_DECREF(info);
+            return NULL;
+        }
+        Py_DECREF(res);
+    }
     return info;
+}
+
+/* _set_outbox(websocket, flag) -> bool: whether removing the connection
+ * must call the drop hook (its writer holds queued messages). */
+static PyObject *
+Core_set_outbox(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_INIT(self, NULL);
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "_set_outbox(websocket, flag)");
+        return NULL;
+    }
+    int flag = PyObject_IsTrue(args[1]);
+    if (flag < 0) {
+        return NULL;
+    }
+    wsm_conn *c = wsm_find_conn(&self->reg, args[0]);
+    if (c == NULL || c->state != WSM_ACTIVE) {
+        Py_RETURN_FALSE;
+    }
+    c->has_outbox = flag;
+    Py_RETURN_TRUE;
+}
+
+/* _set_drop_hook(callable | None) */
+static PyObject *
+Core_set_drop_hook(CoreObject *self, PyObject *hook)
+{
+    CHECK_INIT(self, NULL);
+    if (hook != Py_None && !PyCallable_Check(hook)) {
+        PyErr_SetString(PyExc_TypeError, "drop hook must be callable or None");
+        return NULL;
+    }
+    PyObject *old = self->drop_hook;
+    self->drop_hook = hook == Py_None ? NULL : Py_NewRef(hook);
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
 }
 
 /* _info(websocket) -> (lobby_code, user_id) | None */
@@ -479,7 +600,7 @@ Core_update_last_message(CoreObject *self, PyObject *user_id)
 {
     CHECK_INIT(self, NULL);
     /* the clock may run Python code: read it before any lookup */
-    NOW_OR_FAIL(now, self, return NULL);
+    NOW_COARSE_OR_FAIL(now, self, return NULL);
     if (check_lookup_id(user_id, "user_id") < 0) {
         return NULL;
     }
@@ -518,11 +639,51 @@ Core_record_pong(CoreObject *self, PyObject *user_id)
         if (best >= 0) {
             record_rtt(self, best);
         }
+        if (self->pong_hook != NULL && call_pong_hook(self, g->key) < 0) {
+            return NULL;
+        }
     }
-    if (best < 0) {
-        Py_RETURN_NONE;
+    Py_RETURN_NONE; /* the seed's record_pong returns None */
+}
+
+/* Run the pong hook (set while ping_user() waits) with the user id. The
+ * hook may run any Python code, so it is called after every walk, with a
+ * reference of our own to the key. */
+static int
+call_pong_hook(CoreObject *self, PyObject *user_key /* borrowed */)
+{
+    PyObject *hook = self->pong_hook;
+    Py_INCREF(hook);
+    Py_INCREF(user_key);
+    PyObject *res = PyObject_CallOneArg(hook, user_key); /* new ref */
+    Py_DECREF(user_key);
+    Py_DECREF(hook);
+    if (res == NULL) {
+        return -1;
     }
-    return PyFloat_FromDouble(best * 1000.0);
+    Py_DECREF(res);
+    return 0;
+}
+
+/* _set_pong_hook(callable | None) */
+static PyObject *
+Core_set_pong_hook(CoreObject *self, PyObject *hook)
+{
+    CHECK_INIT(self, NULL);
+    if (hook != Py_None && !PyCallable_Check(hook)) {
+        PyErr_SetString(PyExc_TypeError, "pong hook must be callable or None");
+        return NULL;
+    }
+    PyObject *old = self->pong_hook;
+    if (hook == Py_None) {
+        self->pong_hook = NULL;
+    }
+    else {
+        Py_INCREF(hook);
+        self->pong_hook = hook;
+    }
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
 }
 
 /* touch(websocket) -> bool: something was received on this connection. */
@@ -531,7 +692,7 @@ Core_touch(CoreObject *self, PyObject *ws)
 {
     CHECK_INIT(self, NULL);
     /* the clock may run Python code: read it before any lookup */
-    NOW_OR_FAIL(now, self, return NULL);
+    NOW_COARSE_OR_FAIL(now, self, return NULL);
     wsm_conn *c = wsm_find_conn(&self->reg, ws);
     if (c == NULL || c->state != WSM_ACTIVE) {
         Py_RETURN_FALSE;
@@ -553,10 +714,15 @@ Core_record_pong_ws(CoreObject *self, PyObject *ws)
     }
     self->n_pongs++;
     double rtt = wsm_pong(&self->reg, c, now);
+    if (rtt >= 0) {
+        record_rtt(self, rtt);
+    }
+    if (self->pong_hook != NULL && call_pong_hook(self, c->user->key) < 0) {
+        return NULL;
+    }
     if (rtt < 0) {
         Py_RETURN_NONE;
     }
-    record_rtt(self, rtt);
     return PyFloat_FromDouble(rtt * 1000.0);
 }
 
@@ -878,7 +1044,7 @@ Core_allow(CoreObject *self, PyObject *ws)
         return PyLong_FromLong(0);
     }
     /* the clock may run Python code: read it before any lookup */
-    NOW_OR_FAIL(now, self, return NULL);
+    NOW_COARSE_OR_FAIL(now, self, return NULL);
     wsm_conn *c = wsm_find_conn(&self->reg, ws);
     if (c == NULL || c->state != WSM_ACTIVE) {
         return PyLong_FromLong(0);
@@ -1000,37 +1166,37 @@ cmp_double(const void *a, const void *b)
 }
 
 static int
-dict_set_ull(PyObject *d, const char *key, unsigned long long v)
+dict_set_ull(PyObject *d, PyObject *key /* borrowed */, unsigned long long v)
 {
     PyObject *o = PyLong_FromUnsignedLongLong(v);
     if (o == NULL) {
         return -1;
     }
-    int rc = PyDict_SetItemString(d, key, o);
+    int rc = PyDict_SetItem(d, key, o);
     Py_DECREF(o);
     return rc;
 }
 
 static int
-dict_set_ssize(PyObject *d, const char *key, Py_ssize_t v)
+dict_set_ssize(PyObject *d, PyObject *key /* borrowed */, Py_ssize_t v)
 {
     PyObject *o = PyLong_FromSsize_t(v);
     if (o == NULL) {
         return -1;
     }
-    int rc = PyDict_SetItemString(d, key, o);
+    int rc = PyDict_SetItem(d, key, o);
     Py_DECREF(o);
     return rc;
 }
 
 static int
-dict_set_double(PyObject *d, const char *key, double v)
+dict_set_double(PyObject *d, PyObject *key /* borrowed */, double v)
 {
     PyObject *o = PyFloat_FromDouble(v);
     if (o == NULL) {
         return -1;
     }
-    int rc = PyDict_SetItemString(d, key, o);
+    int rc = PyDict_SetItem(d, key, o);
     Py_DECREF(o);
     return rc;
 }
@@ -1039,6 +1205,14 @@ dict_set_double(PyObject *d, const char *key, double v)
 static double
 round1(double x)
 {
+    /* Fast path: away from a tie, floor/ceil of x*10 divided by 10 is the
+     * double nearest the decimal, which is what round() returns. */
+    if (isfinite(x) && fabs(x) < 1e15) {
+        double y = x * 10.0, f = floor(y), frac = y - f;
+        if (fabs(frac - 0.5) > 1e-6) {
+            return (frac < 0.5 ? f : f + 1.0) / 10.0;
+        }
+    }
     char *s = PyOS_double_to_string(x, 'f', 1, 0, NULL);
     if (s == NULL) {
         PyErr_Clear();
@@ -1069,6 +1243,10 @@ static PyObject *
 Core_get_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
 {
     CHECK_INIT(self, NULL);
+    module_state *st = self->st;
+#define K(name) (st->k_##name)
+    PyObject *stale_keys[WSM_STALE_NREASONS] = {K(no_pong), K(send_failed),
+                                                 K(handler_exited)};
     Py_ssize_t total = self->reg.active;
     double pct = self->max_connections > 0
         ? round1((double)total / (double)self->max_connections * 100.0)
@@ -1077,38 +1255,38 @@ Core_get_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
     if (d == NULL) {
         return NULL;
     }
-    if (dict_set_ssize(d, "total_connections", total) < 0 ||
-        dict_set_ssize(d, "max_connections", self->max_connections) < 0 ||
-        dict_set_double(d, "capacity_percent", pct) < 0 ||
-        dict_set_ssize(d, "active_lobbies", self->reg.active_lobbies) < 0 ||
-        dict_set_ssize(d, "max_per_lobby", self->max_per_lobby) < 0 ||
-        dict_set_ssize(d, "pending_connections", self->reg.pending) < 0 ||
-        dict_set_ssize(d, "connected_users", self->reg.active_users) < 0 ||
-        dict_set_ull(d, "connects", self->n_connects) < 0 ||
-        dict_set_ull(d, "disconnects", self->n_disconnects) < 0 ||
-        dict_set_ull(d, "pings_sent", self->n_pings) < 0 ||
-        dict_set_ull(d, "pongs_received", self->n_pongs) < 0) {
+    if (dict_set_ssize(d, K(total_connections), total) < 0 ||
+        dict_set_ssize(d, K(max_connections), self->max_connections) < 0 ||
+        dict_set_double(d, K(capacity_percent), pct) < 0 ||
+        dict_set_ssize(d, K(active_lobbies), self->reg.active_lobbies) < 0 ||
+        dict_set_ssize(d, K(max_per_lobby), self->max_per_lobby) < 0 ||
+        dict_set_ssize(d, K(pending_connections), self->reg.pending) < 0 ||
+        dict_set_ssize(d, K(connected_users), self->reg.active_users) < 0 ||
+        dict_set_ull(d, K(connects), self->n_connects) < 0 ||
+        dict_set_ull(d, K(disconnects), self->n_disconnects) < 0 ||
+        dict_set_ull(d, K(pings_sent), self->n_pings) < 0 ||
+        dict_set_ull(d, K(pongs_received), self->n_pongs) < 0) {
         goto error;
     }
     if (self->max_per_user < 0) {
-        if (PyDict_SetItemString(d, "max_per_user", Py_None) < 0) {
+        if (PyDict_SetItem(d, K(max_per_user), Py_None) < 0) {
             goto error;
         }
     }
-    else if (dict_set_ssize(d, "max_per_user", self->max_per_user) < 0) {
+    else if (dict_set_ssize(d, K(max_per_user), self->max_per_user) < 0) {
         goto error;
     }
-    if (PyDict_SetItemString(d, "shutting_down",
+    if (PyDict_SetItem(d, K(shutting_down),
                              self->shutting_down ? Py_True : Py_False) < 0) {
         goto error;
     }
     refused = PyDict_New();
     if (refused == NULL ||
-        dict_set_ull(refused, "server_full", self->n_refused_server) < 0 ||
-        dict_set_ull(refused, "lobby_full", self->n_refused_lobby) < 0 ||
-        dict_set_ull(refused, "user_limit", self->n_refused_user) < 0 ||
-        dict_set_ull(refused, "shutting_down", self->n_refused_shutdown) < 0 ||
-        PyDict_SetItemString(d, "refused", refused) < 0) {
+        dict_set_ull(refused, K(server_full), self->n_refused_server) < 0 ||
+        dict_set_ull(refused, K(lobby_full), self->n_refused_lobby) < 0 ||
+        dict_set_ull(refused, K(user_limit), self->n_refused_user) < 0 ||
+        dict_set_ull(refused, K(shutting_down), self->n_refused_shutdown) < 0 ||
+        PyDict_SetItem(d, K(refused), refused) < 0) {
         goto error;
     }
     lat = PyDict_New();
@@ -1116,32 +1294,38 @@ Core_get_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
         goto error;
     }
     if (self->rtt_len > 0) {
-        double sorted[WSM_RTT_WINDOW];
         int n = self->rtt_len;
-        memcpy(sorted, self->rtt, sizeof(double) * (size_t)n);
-        qsort(sorted, (size_t)n, sizeof(double), cmp_double);
-        if (dict_set_double(lat, "p50", pct_ms(sorted, n, 50)) < 0 ||
-            dict_set_double(lat, "p95", pct_ms(sorted, n, 95)) < 0 ||
-            dict_set_double(lat, "p99", pct_ms(sorted, n, 99)) < 0 ||
-            dict_set_ssize(lat, "samples", n) < 0) {
+        if (self->rtt_dirty) { /* sort only when new samples came in */
+            double sorted[WSM_RTT_WINDOW];
+            memcpy(sorted, self->rtt, sizeof(double) * (size_t)n);
+            qsort(sorted, (size_t)n, sizeof(double), cmp_double);
+            self->rtt_pct[0] = pct_ms(sorted, n, 50);
+            self->rtt_pct[1] = pct_ms(sorted, n, 95);
+            self->rtt_pct[2] = pct_ms(sorted, n, 99);
+            self->rtt_dirty = 0;
+        }
+        if (dict_set_double(lat, K(p50), self->rtt_pct[0]) < 0 ||
+            dict_set_double(lat, K(p95), self->rtt_pct[1]) < 0 ||
+            dict_set_double(lat, K(p99), self->rtt_pct[2]) < 0 ||
+            dict_set_ssize(lat, K(samples), n) < 0) {
             goto error;
         }
     }
-    else if (PyDict_SetItemString(lat, "p50", Py_None) < 0 ||
-             PyDict_SetItemString(lat, "p95", Py_None) < 0 ||
-             PyDict_SetItemString(lat, "p99", Py_None) < 0 ||
-             dict_set_ssize(lat, "samples", 0) < 0) {
+    else if (PyDict_SetItem(lat, K(p50), Py_None) < 0 ||
+             PyDict_SetItem(lat, K(p95), Py_None) < 0 ||
+             PyDict_SetItem(lat, K(p99), Py_None) < 0 ||
+             dict_set_ssize(lat, K(samples), 0) < 0) {
         goto error;
     }
-    if (PyDict_SetItemString(d, "latency_ms", lat) < 0) {
+    if (PyDict_SetItem(d, K(latency_ms), lat) < 0) {
         goto error;
     }
     stale = PyDict_New();
-    if (stale == NULL || PyDict_SetItemString(d, "stale_closed", stale) < 0) {
+    if (stale == NULL || PyDict_SetItem(d, K(stale_closed), stale) < 0) {
         goto error;
     }
     for (int i = 0; i < WSM_STALE_NREASONS; i++) {
-        if (dict_set_ull(stale, wsm_stale_names[i], self->n_stale[i]) < 0) {
+        if (dict_set_ull(stale, stale_keys[i], self->n_stale[i]) < 0) {
             goto error;
         }
     }
@@ -1155,6 +1339,7 @@ error:
     Py_XDECREF(lat);
     Py_DECREF(d);
     return NULL;
+#undef K
 }
 
 /* ---- attributes ------------------------------------------------------- */
@@ -1272,7 +1457,8 @@ static PyMethodDef Core_methods[] = {
     {"update_last_message", (PyCFunction)Core_update_last_message, METH_O,
      "update_last_message(user_id): every connection of the user is alive."},
     {"record_pong", (PyCFunction)Core_record_pong, METH_O,
-     "record_pong(user_id) -> latency_ms | None"},
+     "record_pong(user_id): a health_pong from the user: every connection of\n"
+     "the user is alive, and a ping_user() waiting for it returns."},
     {"touch", (PyCFunction)Core_touch, METH_O,
      "touch(websocket) -> bool: this connection received something."},
     {"record_pong_ws", (PyCFunction)Core_record_pong_ws, METH_O,
@@ -1289,6 +1475,10 @@ static PyMethodDef Core_methods[] = {
     {"_release", (PyCFunction)Core_release, METH_O, NULL},
     {"_info", (PyCFunction)Core_info, METH_O, NULL},
     {"_note_ping", (PyCFunction)Core_note_ping, METH_O, NULL},
+    {"_set_pong_hook", (PyCFunction)Core_set_pong_hook, METH_O, NULL},
+    {"_set_drop_hook", (PyCFunction)Core_set_drop_hook, METH_O, NULL},
+    {"_set_outbox", (PyCFunction)(void (*)(void))Core_set_outbox, METH_FASTCALL,
+     NULL},
     {"_lobby_targets", (PyCFunction)(void (*)(void))Core_lobby_targets,
      METH_FASTCALL, NULL},
     {"_user_targets", (PyCFunction)Core_user_targets, METH_O, NULL},
@@ -1332,24 +1522,36 @@ static PyType_Spec Core_spec = {
 /* ---- module ----------------------------------------------------------- */
 
 static PyObject *
-mod_dumps(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwds)
+mod_dumps(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs,
+          PyObject *kwnames)
 {
-    static char *kwlist[] = {"obj", "default", NULL};
-    PyObject *obj, *def = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$O:dumps", kwlist, &obj,
-                                     &def)) {
+    PyObject *def = Py_None;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs != 1) {
+        PyErr_Format(PyExc_TypeError,
+                     "dumps() takes exactly one positional argument (%zd given)",
+                     nargs);
         return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        if (PyUnicode_CompareWithASCIIString(name, "default") != 0) {
+            PyErr_Format(PyExc_TypeError,
+                         "dumps() got an unexpected keyword argument '%U'", name);
+            return NULL;
+        }
+        def = args[nargs + i];
     }
     if (def != Py_None && !PyCallable_Check(def)) {
         PyErr_SetString(PyExc_TypeError, "default must be callable or None");
         return NULL;
     }
-    return wsm_json_dumps(obj, def == Py_None ? NULL : def);
+    return wsm_json_dumps(args[0], def == Py_None ? NULL : def);
 }
 
 static PyMethodDef module_methods[] = {
     {"dumps", (PyCFunction)(void (*)(void))mod_dumps,
-     METH_VARARGS | METH_KEYWORDS,
+     METH_FASTCALL | METH_KEYWORDS,
      "dumps(obj, *, default=None) -> str\n\n"
      "Compact JSON text of obj (UTF-8 kept as is). Raises ValueError for NaN\n"
      "and infinities, TypeError for unsupported types unless default()\n"
@@ -1378,6 +1580,13 @@ module_exec(PyObject *m)
     INTERN(str_user_limit, "user_limit");
     INTERN(str_shutting_down, "shutting_down");
 #undef INTERN
+#define WSM_INIT_KEY(name)                                        \
+    st->k_##name = PyUnicode_InternFromString(#name);             \
+    if (st->k_##name == NULL) {                                   \
+        return -1;                                                \
+    }
+    WSM_STAT_KEYS(WSM_INIT_KEY)
+#undef WSM_INIT_KEY
     if ((st->accept_ok = make_tuple(Py_True, st->str_empty)) == NULL ||
         (st->refuse_server = make_tuple(Py_False, st->str_server_full)) == NULL ||
         (st->refuse_lobby = make_tuple(Py_False, st->str_lobby_full)) == NULL ||
@@ -1403,6 +1612,9 @@ module_traverse(PyObject *m, visitproc visit, void *arg)
         return 0;
     }
     Py_VISIT(st->core_type);
+#define WSM_VISIT_KEY(name) Py_VISIT(st->k_##name);
+    WSM_STAT_KEYS(WSM_VISIT_KEY)
+#undef WSM_VISIT_KEY
     Py_VISIT(st->str_empty);
     Py_VISIT(st->str_server_full);
     Py_VISIT(st->str_lobby_full);
@@ -1423,6 +1635,9 @@ module_clear(PyObject *m)
         return 0;
     }
     Py_CLEAR(st->core_type);
+#define WSM_CLEAR_KEY(name) Py_CLEAR(st->k_##name);
+    WSM_STAT_KEYS(WSM_CLEAR_KEY)
+#undef WSM_CLEAR_KEY
     Py_CLEAR(st->str_empty);
     Py_CLEAR(st->str_server_full);
     Py_CLEAR(st->str_lobby_full);

@@ -48,6 +48,15 @@ list_unlink(wsm_list *l, wsm_conn *c, size_t off)
 
 /* ---- hashing ---------------------------------------------------------- */
 
+/* See HASH_BKT_CAPACITY_THRESH in registry.h. */
+#define REARM_EXPANSION(head)                                               \
+    do {                                                                    \
+        if ((head) != NULL && (head)->hh.tbl->noexpand) {                   \
+            (head)->hh.tbl->noexpand = 0;                                   \
+            (head)->hh.tbl->ineff_expands = 0;                              \
+        }                                                                   \
+    } while (0)
+
 static inline unsigned
 ptr_hash(const void *p)
 {
@@ -121,6 +130,7 @@ group_get(wsm_group **table, PyObject *key)
     g->key_len = len;
     wsm_uthash_oom = 0;
     HASH_ADD_KEYPTR_BYHASHVALUE(hh, *table, g->key_utf8, (unsigned)len, hv, g);
+    REARM_EXPANSION(*table);
     if (wsm_uthash_oom) {
         wsm_uthash_oom = 0;
         Py_DECREF(key);
@@ -263,13 +273,11 @@ wsm_reserve(wsm_registry *r, PyObject *ws, PyObject *lobby, PyObject *user,
         PyErr_NoMemory();
         goto error;
     }
-    lg = group_get(&r->lobbies, lobby);
-    if (lg == NULL) {
+    if (lg == NULL && (lg = group_get(&r->lobbies, lobby)) == NULL) {
         goto error;
     }
     lg->reserved++;
-    ug = group_get(&r->users, user);
-    if (ug == NULL) {
+    if (ug == NULL && (ug = group_get(&r->users, user)) == NULL) {
         lg->reserved--;
         group_release_if_empty(&r->lobbies, lg);
         goto error;
@@ -287,6 +295,7 @@ wsm_reserve(wsm_registry *r, PyObject *ws, PyObject *lobby, PyObject *user,
     wsm_uthash_oom = 0;
     HASH_ADD_KEYPTR_BYHASHVALUE(hh, r->conns, &c->ws, sizeof(PyObject *),
                                 ptr_hash(ws), c);
+    REARM_EXPANSION(r->conns);
     if (wsm_uthash_oom) {
         wsm_uthash_oom = 0;
         lg->reserved--;

@@ -25,6 +25,15 @@ extern int wsm_uthash_oom;
 #define uthash_nonfatal_oom(obj) (wsm_uthash_oom = 1)
 #include <uthash.h>
 
+/* Lookups at 100,000 entries were dominated by walking bucket chains of cold
+ * nodes: uthash doubles its buckets only once a chain reaches 10 entries, so
+ * tables ran at ~3 entries per bucket. Expanding at 3 keeps the load near 1.
+ * uthash then judges some expansions "ineffective" (a guard against bad hash
+ * functions) and may stop expanding for good; our hashes are Python's str
+ * hash and a mixed pointer, so registry.c re-arms expansion after each add. */
+#undef HASH_BKT_CAPACITY_THRESH
+#define HASH_BKT_CAPACITY_THRESH 3U
+
 typedef struct wsm_conn wsm_conn;
 typedef struct wsm_group wsm_group;
 
@@ -81,6 +90,8 @@ struct wsm_conn {
     double tokens_ts;
     uint32_t violations;    /* messages dropped since the bucket was last full */
     int bucket_ready;       /* tokens/tokens_ts initialized (lazily, on first use) */
+    int has_outbox;         /* the Python side queued messages for it: tell it
+                               when the connection is removed */
     UT_hash_handle hh;
 };
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
@@ -106,6 +107,18 @@ def _abort_transport(websocket: Any) -> bool:
     return False
 
 
+def _weak_method(obj: Any, method: Callable[[Any, Any], None]) -> Callable[[Any], None]:
+    """``method`` bound to ``obj`` through a weak reference."""
+    ref = weakref.ref(obj)
+
+    def call(arg: Any) -> None:
+        target = ref()
+        if target is not None:
+            method(target, arg)
+
+    return call
+
+
 class ConnectionManager(Core):
     """Registry of WebSocket connections by lobby and by user, with limits.
 
@@ -194,6 +207,9 @@ class ConnectionManager(Core):
         # websocket -> its outbound backlog; only connections whose last send
         # suspended are here, so the common case costs one dict miss.
         self._outboxes: dict[Any, _Outbox] = {}
+        # The core holds its hooks strongly: hand it functions that hold the
+        # manager weakly, so that dropping the manager frees it at once.
+        self._set_drop_hook(_weak_method(self, ConnectionManager._discard_outbox))
         self._closers: set[asyncio.Task[None]] = set()
         self._closed: dict[str, int] = {}
         self._shutdown_task: asyncio.Task[None] | None = None
@@ -249,7 +265,11 @@ class ConnectionManager(Core):
         except BaseException:
             self._release(websocket)
             raise
-        self._commit(websocket)
+        try:
+            self._commit(websocket)
+        except BaseException:  # a failing injected clock: never leak the reservation
+            self._release(websocket)
+            raise
         self._health.watch(websocket)  # heartbeat: runs in this loop; reclaims the entry if the endpoint dies
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("connected", extra={"lobby": lobby_code, "user": user_id})
@@ -360,12 +380,14 @@ class ConnectionManager(Core):
             return False
         box = _Outbox(asyncio.get_running_loop())
         self._outboxes[websocket] = box
+        self._set_outbox(websocket, True)
         box.task = box.loop.create_task(self._writer(websocket, box, coro, step))
         return True
 
     def _enqueue(self, websocket: Any, box: _Outbox, data: str) -> bool:
         if box.loop is not asyncio.get_running_loop():  # left over from a closed loop
             del self._outboxes[websocket]
+            self._set_outbox(websocket, False)
             return self._post(websocket, data)
         size = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
         if len(box.queue) >= self.max_backlog or box.nbytes + size > self.max_backlog_bytes:
@@ -386,17 +408,19 @@ class ConnectionManager(Core):
         try:
             await _resume(coro, step)
             queue = box.queue
-            while queue:
+            while queue and websocket in self:  # disconnected: the rest is dropped
                 data, size = queue.popleft()
                 box.nbytes -= size
                 await websocket.send_text(data)
         except Exception as exc:
             if self._outboxes.get(websocket) is box:
                 del self._outboxes[websocket]
+                self._set_outbox(websocket, False)
                 self._drop(websocket, exc)
         finally:
             if self._outboxes.get(websocket) is box:
                 del self._outboxes[websocket]
+                self._set_outbox(websocket, False)
 
     def _drop(self, websocket: WebSocket, exc: BaseException | None = None) -> None:
         """Remove a connection whose send failed."""
@@ -408,15 +432,14 @@ class ConnectionManager(Core):
                 extra={"lobby": info[0], "user": info[1], "reason": "send_failed"},
             )
 
-    def disconnect(self, websocket: Any) -> tuple[str, str] | None:
-        """Remove the connection; ``(lobby_code, user_id)``, or None if it was
-        not registered. Its queued outbound messages are dropped."""
-        info = super().disconnect(websocket)
-        if self._outboxes:
-            box = self._outboxes.pop(websocket, None)
-            if box is not None and box.task is not None and box.task is not asyncio.current_task():
-                box.task.cancel()
-        return info
+    # disconnect(websocket) is the C core's, with no Python layer on this hot
+    # path: only for a connection with an outbound backlog does the core call
+    # _discard_outbox (the drop hook), which cancels its writer.
+
+    def _discard_outbox(self, websocket: Any) -> None:
+        box = self._outboxes.pop(websocket, None)
+        if box is not None and box.task is not None and box.task is not asyncio.current_task():
+            box.task.cancel()
 
     # ------------------------------------------------------------- closing
 
@@ -427,6 +450,8 @@ class ConnectionManager(Core):
         background; a close that cannot complete within ``timeout`` (default
         ``close_timeout``) aborts the TCP connection."""
         info = self.disconnect(websocket)
+        if self._outboxes:
+            self._discard_outbox(websocket)
         self._closed[reason] = self._closed.get(reason, 0) + 1
         if info is not None and reason != "server_shutdown":
             logger.info(
@@ -568,7 +593,7 @@ class ConnectionManager(Core):
         waiter = self._ping_waiters.get(user_id)
         if waiter is None or waiter.future.done() or waiter.future.get_loop() is not loop:
             waiter = _PingWaiter(loop.create_future(), time.perf_counter())
-            self._ping_waiters[user_id] = waiter
+            self._add_ping_waiter(user_id, waiter)
             data = dumps({"type": "health_ping", "timestamp": time.time()})
             waiter.callers += 1
             try:
@@ -581,7 +606,7 @@ class ConnectionManager(Core):
                 waiter.callers -= 1
             if not sent:
                 if self._ping_waiters.get(user_id) is waiter and waiter.callers == 0:
-                    del self._ping_waiters[user_id]
+                    self._remove_ping_waiter(user_id)
                     waiter.future.cancel()
                 return False, None
         waiter.callers += 1
@@ -592,33 +617,29 @@ class ConnectionManager(Core):
         finally:
             waiter.callers -= 1
             if waiter.callers == 0 and self._ping_waiters.get(user_id) is waiter:
-                del self._ping_waiters[user_id]
+                self._remove_ping_waiter(user_id)
                 if not waiter.future.done():
                     waiter.future.cancel()
         return True, (answered_at - waiter.started) * 1000.0
 
-    def record_pong(self, user_id: str) -> None:
-        """Record a ``health_pong`` from ``user_id``: it is alive, and any
-        ``ping_user`` waiting for it returns."""
-        super().record_pong(user_id)
-        self._wake_ping_waiter(user_id)
+    # record_pong(user_id) / record_pong_ws(websocket) are the C core's: while
+    # a ping_user() waits, the core calls this hook with the user id after a
+    # pong, so the common case (nobody waiting) runs no Python code.
 
     def _wake_ping_waiter(self, user_id: str) -> None:
         waiter = self._ping_waiters.get(user_id)
         if waiter is not None and not waiter.future.done() and not waiter.future.get_loop().is_closed():
             waiter.future.set_result(time.perf_counter())
 
-    def record_pong_ws(self, websocket: Any) -> float | None:
-        """Record a ``health_pong`` received on ``websocket``: that connection
-        (only) is alive, and any ``ping_user`` waiting for its user returns.
-        Returns the round-trip time in ms of the ping it answers, or None."""
-        latency = super().record_pong_ws(websocket)
-        if self._ping_waiters:
-            info = self._info(websocket)
-            waiter = self._ping_waiters.get(info[1]) if info else None
-            if waiter is not None and not waiter.future.done() and not waiter.future.get_loop().is_closed():
-                waiter.future.set_result(time.perf_counter())
-        return latency
+    def _add_ping_waiter(self, user_id: str, waiter: _PingWaiter) -> None:
+        if not self._ping_waiters:
+            self._set_pong_hook(_weak_method(self, ConnectionManager._wake_ping_waiter))
+        self._ping_waiters[user_id] = waiter
+
+    def _remove_ping_waiter(self, user_id: str) -> None:
+        del self._ping_waiters[user_id]
+        if not self._ping_waiters:
+            self._set_pong_hook(None)
 
     # ------------------------------------------------- heartbeat (health.py)
 
