@@ -48,14 +48,6 @@ list_unlink(wsm_list *l, wsm_conn *c, size_t off)
 
 /* ---- hashing ---------------------------------------------------------- */
 
-/* See HASH_BKT_CAPACITY_THRESH in registry.h. */
-#define REARM_EXPANSION(head)                                               \
-    do {                                                                    \
-        if ((head) != NULL && (head)->hh.tbl->noexpand) {                   \
-            (head)->hh.tbl->noexpand = 0;                                   \
-            (head)->hh.tbl->ineff_expands = 0;                              \
-        }                                                                   \
-    } while (0)
 
 static inline unsigned
 ptr_hash(const void *p)
@@ -126,11 +118,8 @@ group_get(wsm_group **table, PyObject *key)
     }
     Py_INCREF(key);
     g->key = key;
-    g->key_utf8 = utf8;
-    g->key_len = len;
     wsm_uthash_oom = 0;
-    HASH_ADD_KEYPTR_BYHASHVALUE(hh, *table, g->key_utf8, (unsigned)len, hv, g);
-    REARM_EXPANSION(*table);
+    HASH_ADD_KEYPTR_BYHASHVALUE(hh, *table, utf8, (unsigned)len, hv, g);
     if (wsm_uthash_oom) {
         wsm_uthash_oom = 0;
         Py_DECREF(key);
@@ -158,7 +147,6 @@ void
 wsm_registry_init(wsm_registry *r)
 {
     memset(r, 0, sizeof(*r));
-    r->next_id = 1;
 }
 
 int
@@ -289,13 +277,10 @@ wsm_reserve(wsm_registry *r, PyObject *ws, PyObject *lobby, PyObject *user,
     c->lobby = lg;
     c->user = ug;
     c->state = WSM_PENDING;
-    c->id = r->next_id++;
-    c->connected_at = now;
     c->last_rx = now;
     wsm_uthash_oom = 0;
     HASH_ADD_KEYPTR_BYHASHVALUE(hh, r->conns, &c->ws, sizeof(PyObject *),
                                 ptr_hash(ws), c);
-    REARM_EXPANSION(r->conns);
     if (wsm_uthash_oom) {
         wsm_uthash_oom = 0;
         lg->reserved--;
@@ -335,7 +320,6 @@ wsm_commit(wsm_registry *r, wsm_conn *c, double now)
     }
     list_push_tail(&c->lobby->members, c, OFF_LOBBY);
     list_push_tail(&c->user->members, c, OFF_USER);
-    c->connected_at = now;
     c->last_rx = now;
     c->ping_sent = 0;
     c->on_list = WSM_ON_IDLE;

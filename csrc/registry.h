@@ -25,14 +25,6 @@ extern int wsm_uthash_oom;
 #define uthash_nonfatal_oom(obj) (wsm_uthash_oom = 1)
 #include <uthash.h>
 
-/* Lookups at 100,000 entries were dominated by walking bucket chains of cold
- * nodes: uthash doubles its buckets only once a chain reaches 10 entries, so
- * tables ran at ~3 entries per bucket. Expanding at 3 keeps the load near 1.
- * uthash then judges some expansions "ineffective" (a guard against bad hash
- * functions) and may stop expanding for good; our hashes are Python's str
- * hash and a mixed pointer, so registry.c re-arms expansion after each add. */
-#undef HASH_BKT_CAPACITY_THRESH
-#define HASH_BKT_CAPACITY_THRESH 3U
 
 typedef struct wsm_conn wsm_conn;
 typedef struct wsm_group wsm_group;
@@ -52,8 +44,7 @@ typedef struct wsm_list {
 /* A lobby or a user: a keyed group of connections. */
 struct wsm_group {
     PyObject *key;          /* strong ref: the str id as first seen */
-    const char *key_utf8;   /* borrowed from key's cached UTF-8 */
-    Py_ssize_t key_len;
+    /* hh.key / hh.keylen: the key's cached UTF-8, owned by `key` */
     wsm_list members;       /* committed connections, oldest first */
     Py_ssize_t reserved;    /* handshakes admitted but not yet committed */
     UT_hash_handle hh;
@@ -72,15 +63,17 @@ enum wsm_activity_list {
 
 struct wsm_conn {
     PyObject *ws;           /* strong ref; identity is the key */
-    uint64_t id;            /* monotonically increasing connection number */
     wsm_group *lobby;
     wsm_group *user;
-    int state;
-    int on_list;            /* enum wsm_activity_list */
+    uint8_t state;          /* enum wsm_conn_state */
+    uint8_t on_list;        /* enum wsm_activity_list */
+    uint8_t bucket_ready;   /* tokens/tokens_ts initialized (lazily, on first use) */
+    uint8_t has_outbox;     /* the Python side queued messages for it: tell it
+                               when the connection is removed */
+    uint32_t violations;    /* messages dropped since the bucket was last full */
     wsm_link lobby_link;
     wsm_link user_link;
     wsm_link act_link;      /* on idle list (by last_rx) or wait list (by ping_sent) */
-    double connected_at;
     double last_rx;         /* last time anything was received */
     double ping_sent;       /* when it was put on the wait list */
     double pong_due_since;  /* last ping not yet answered by a pong, 0 if none:
@@ -88,10 +81,6 @@ struct wsm_conn {
                                proves liveness while only a pong gives an RTT */
     double tokens;          /* inbound token bucket */
     double tokens_ts;
-    uint32_t violations;    /* messages dropped since the bucket was last full */
-    int bucket_ready;       /* tokens/tokens_ts initialized (lazily, on first use) */
-    int has_outbox;         /* the Python side queued messages for it: tell it
-                               when the connection is removed */
     UT_hash_handle hh;
 };
 
@@ -103,7 +92,6 @@ typedef struct wsm_registry {
     Py_ssize_t pending;     /* reserved, not committed */
     Py_ssize_t active_lobbies;  /* lobbies with at least one committed conn */
     Py_ssize_t active_users;    /* users with at least one committed conn */
-    uint64_t next_id;
     wsm_list idle;          /* ACTIVE conns not pinged, ordered by last_rx */
     wsm_list wait;          /* ACTIVE conns pinged, ordered by ping_sent */
 } wsm_registry;

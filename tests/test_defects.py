@@ -234,8 +234,10 @@ def _best_of(fn: Any, calls: int = 2000, repeats: int = 15) -> float:
 def test_capacity_check_and_stats_do_not_walk_the_lobbies() -> None:
     """A complexity test, not a speed test: at 100,000 lobbies an O(lobbies)
     check costs about 10,000x what it costs at 10. The best of 15 runs of each
-    is compared with a 20x allowance, far above any scheduling noise and far
-    below the growth of a per-lobby walk."""
+    is compared with a 200x allowance: a hash lookup in a table of 100,000
+    lobbies misses the CPU caches where one of 10 does not (about 15x seen,
+    a Python dict about 2x), and noise adds more; a per-lobby walk is 50x
+    further still."""
     small, big = ConnectionManager(max_connections=10**6), ConnectionManager(max_connections=10**6)
     _fill(small, 10)
     keep = _fill(big, 100_000)
@@ -247,7 +249,7 @@ def test_capacity_check_and_stats_do_not_walk_the_lobbies() -> None:
         else:
             t_small = _best_of(small.get_stats)
             t_big = _best_of(big.get_stats)
-        assert t_big < 20 * t_small, (name, t_small, t_big)
+        assert t_big < 200 * t_small, (name, t_small, t_big)
     assert len(keep) == 100_000
 
 
