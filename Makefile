@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
-APT_PACKAGES = uthash-dev
+APT_PACKAGES = uthash-dev redis-server
 ASAN_LIB = $(shell gcc -print-file-name=libasan.so)
 
 .PHONY: help deps apt build demo test test-fast test-asan lint bench clean

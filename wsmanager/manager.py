@@ -15,12 +15,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from starlette.websockets import WebSocket, WebSocketState
 
 from ._core import Core, dumps
+from .backends import Backend, InMemoryBackend
 from .codes import close_code_for
+
+if TYPE_CHECKING:
+    from .backends.redis import RedisBackend
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +64,7 @@ class ConnectionManager(Core):
         max_per_user: int | None = None,
         max_id_bytes: int = 1024,
         clock: Callable[[], float] | None = None,
+        backend: Backend | None = None,
     ) -> None:
         super().__init__(
             max_connections,
@@ -69,6 +74,13 @@ class ConnectionManager(Core):
             clock=clock,
         )
         self._ping_waiters: dict[str, _PingWaiter] = {}
+        # -- backend (issue 6): None on the single-process path, which then
+        # makes no backend call at all.
+        self.backend: Backend = backend if backend is not None else InMemoryBackend()
+        self.backend.bind(self)
+        self._backplane: RedisBackend | None = (
+            cast("RedisBackend", self.backend) if self.backend.clustered else None
+        )
 
     # ------------------------------------------------------------------ connect
 
@@ -87,6 +99,16 @@ class ConnectionManager(Core):
         registry is then unchanged.
         """
         reason = self._reserve(websocket, lobby_code, user_id)
+        bp = self._backplane
+        if bp is not None and not reason:  # backend: the cluster-wide slot
+            try:
+                reason = await bp.reserve(websocket, lobby_code, user_id)
+            except BaseException:
+                self._release(websocket)
+                bp.release(websocket)
+                raise
+            if reason:
+                self._release(websocket)
         if reason:
             logger.info(
                 "connection refused: %s",
@@ -100,8 +122,12 @@ class ConnectionManager(Core):
                 await websocket.accept()
         except BaseException:
             self._release(websocket)
+            if bp is not None:
+                bp.release(websocket)
             raise
         self._commit(websocket)
+        if bp is not None:
+            bp.commit(websocket)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("connected", extra={"lobby": lobby_code, "user": user_id})
         if len(self) >= self.max_connections:
@@ -142,9 +168,18 @@ class ConnectionManager(Core):
         removed; one that disconnects meanwhile is skipped. ``exclude_user_id``
         skips every connection of that user.
         """
+        bp = self._backplane
+        if bp is None:
+            if not self._lobby_count(lobby_code):
+                return 0
+            return await self._deliver_lobby(lobby_code, dumps(message), exclude_user_id)
+        # backend: other nodes get the same text, queued before local delivery
+        bp.ensure_running()
+        data = dumps(message)
+        remote = bp.publish_lobby(lobby_code, data, exclude_user_id)
         if not self._lobby_count(lobby_code):
-            return 0
-        return await self._deliver_lobby(lobby_code, dumps(message), exclude_user_id)
+            return remote
+        return remote + await self._deliver_lobby(lobby_code, data, exclude_user_id)
 
     async def send_to_user(self, user_id: str, message: Any) -> bool:
         """Send ``message`` to every open connection of ``user_id``.
@@ -152,9 +187,18 @@ class ConnectionManager(Core):
         True if at least one connection got it. Never raises for a failing
         connection: it is removed.
         """
-        if not self.is_user_connected(user_id):
-            return False
-        return await self._deliver_user(user_id, dumps(message))
+        bp = self._backplane
+        if bp is None:
+            if not Core.is_user_connected(self, user_id):
+                return False
+            return await self._deliver_user(user_id, dumps(message))
+        # backend: reach the user's connections on other nodes too
+        bp.ensure_running()
+        data = dumps(message)
+        remote = bp.publish_user(user_id, data) > 0
+        if not Core.is_user_connected(self, user_id):
+            return remote
+        return await self._deliver_user(user_id, data) or remote
 
     # Local delivery of serialized text: the seam a backplane publishes into.
 
@@ -183,6 +227,92 @@ class ConnectionManager(Core):
             self._drop(websocket, exc)
             return False
         return True
+
+    # ------------------------------------------------ backend (issue 6) hooks
+
+    async def start(self) -> None:
+        """Start the backend (a no-op in memory): for an app's lifespan startup.
+
+        With a Redis backend this connects, registers this node and waits up
+        to its ``connect_timeout``; it never raises for an unreachable Redis
+        (the node serves locally and keeps retrying). Without this call the
+        backend starts on the first ``connect()``.
+        """
+        await self.backend.start()
+
+    async def stop(self) -> None:
+        """Stop the backend: a Redis node leaves the cluster cleanly (its
+        connections stop counting at once instead of after the lease)."""
+        await self.backend.stop()
+
+    def disconnect(self, websocket: WebSocket) -> tuple[str, str] | None:
+        """Remove ``websocket``; ``(lobby_code, user_id)``, or None if unknown."""
+        info = Core.disconnect(self, websocket)
+        if info is not None and self._backplane is not None:
+            self._backplane.release(websocket)
+        return info
+
+    def can_accept_connection(self, lobby_code: str) -> tuple[bool, str]:
+        """``(True, "")`` or ``(False, reason)``: advisory, like the seed's.
+
+        With a clustered backend it also checks the cluster counts of the
+        view this node keeps (other nodes' handshakes in progress are not in
+        it); ``connect()`` decides atomically either way.
+        """
+        verdict = Core.can_accept_connection(self, lobby_code)
+        bp = self._backplane
+        if bp is None or not verdict[0]:
+            return verdict
+        view = bp.view
+        pending = len(bp._cids) - len(bp.own.nodes.get(bp.node_id, ()))
+        if view.total + pending >= self.max_connections:
+            return False, "server_full"
+        if view.lobbies.get(lobby_code, 0) >= self.max_per_lobby:
+            return False, "lobby_full"
+        return verdict
+
+    def is_user_connected(self, user_id: str, *, local: bool = False) -> bool:
+        """Whether ``user_id`` has an open connection, on any node of the
+        cluster (``local=True``: on this process)."""
+        if Core.is_user_connected(self, user_id):
+            return True
+        bp = self._backplane
+        return bp is not None and not local and bp.view.users.get(user_id, 0) > 0
+
+    def get_lobby_users(self, lobby_code: str, *, local: bool = False) -> set[str]:
+        """User ids connected to ``lobby_code`` on any node (``local=True``:
+        on this process)."""
+        users = Core.get_lobby_users(self, lobby_code)
+        bp = self._backplane
+        if bp is not None and not local:
+            users.update(bp.view.lobby_users.get(lobby_code, ()))
+        return users
+
+    def get_stats(self, *, local: bool = False) -> dict[str, Any]:
+        """The seed's stats, for the cluster when a clustered backend is up.
+
+        Cluster-wide: ``total_connections``, ``capacity_percent``,
+        ``active_lobbies``, ``connected_users``. The other counters are this
+        process's. ``local`` holds this process's own seed figures and
+        ``backplane`` the backend's health (``up``, ``last_error``, ...).
+        ``local=True`` returns this process's stats only.
+        """
+        stats = Core.get_stats(self)
+        bp = self._backplane
+        if bp is None or local:
+            return stats
+        keys = ("total_connections", "capacity_percent", "active_lobbies", "connected_users")
+        stats["local"] = {k: stats[k] for k in keys}
+        view = bp.view
+        total = view.total
+        stats["total_connections"] = total
+        stats["capacity_percent"] = (
+            round(total / self.max_connections * 100, 1) if self.max_connections else 100.0
+        )
+        stats["active_lobbies"] = len(view.lobbies)
+        stats["connected_users"] = len(view.users)
+        stats["backplane"] = bp.stats()
+        return stats
 
     def _drop(self, websocket: WebSocket, exc: BaseException | None = None) -> None:
         """Remove a connection whose send failed."""
