@@ -18,6 +18,7 @@ __all__ = [
     "CloseCode",
     "ConnectionManager",
     "InMemoryBackend",
+    "backend_from_env",
     "close_code_for",
     "dumps",
     "manager",

@@ -38,12 +38,14 @@ import socket
 import struct
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import ClusterView
 from ._lua import COMMIT, LEAVE, REAP, RELEASE, RENEW, RESERVE, SNAPSHOT, SYNC
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
     from ..manager import ConnectionManager
 
 __all__ = ["RedisBackend"]
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,40 @@ _LOBBY = b"L"
 _USER = b"U"
 _CONTROL = ord("C")
 _BATCH = 512
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def _detached(coro: Awaitable[T], timeout: float) -> T:
+    """Run one redis-py call in a task of its own and wait at most ``timeout``.
+
+    The caller's cancellation is not passed on: redis-py 8.1 can swallow a
+    cancellation delivered inside ``execute_command`` and leave the client
+    hanging (see the report), so a call is left to finish on its own; its
+    connection is closed with the session's client anyway. Raises
+    ``TimeoutError`` (a RedisError) when the call takes longer.
+    """
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(_retrieve)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        raise RedisTimeoutError(f"no answer from Redis within {timeout}s")
+    return task.result()
+
+
+async def _wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Wait for ``event`` at most ``timeout`` seconds. Unlike ``wait_for`` on
+    3.10/3.11, a cancellation of the caller is never swallowed."""
+    if event.is_set():
+        return
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
 
 
 class RedisBackend:
@@ -183,8 +221,7 @@ class RedisBackend:
         """True once the backplane is up (within ``timeout`` seconds)."""
         if self.up or self._ready is None:
             return self.up
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._ready.wait(), timeout)
+        await _wait_event(self._ready, timeout)
         return self.up
 
     async def stop(self) -> None:
@@ -194,8 +231,8 @@ class RedisBackend:
         client = self._client
         if client is not None and self.up:
             try:
-                await asyncio.wait_for(self._flush(client), self.command_timeout)
-                await asyncio.wait_for(self._eval(client, LEAVE), self.command_timeout)
+                await self._flush(client)
+                await self._eval(client, LEAVE)
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
                 logger.info("backplane: leave failed: %r (the lease will expire)", exc)
         if task is not None and not task.done():
@@ -223,18 +260,15 @@ class RedisBackend:
         assert m is not None
         max_user = m.max_per_user
         try:
-            res = await asyncio.wait_for(
-                self._eval(
-                    client,
-                    RESERVE,
-                    cid,
-                    lobby,
-                    user,
-                    m.max_connections,
-                    m.max_per_lobby,
-                    -1 if max_user is None else max_user,
-                ),
-                self.command_timeout,
+            res = await self._eval(
+                client,
+                RESERVE,
+                cid,
+                lobby,
+                user,
+                m.max_connections,
+                m.max_per_lobby,
+                -1 if max_user is None else max_user,
             )
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self._note_error(exc)
@@ -431,9 +465,8 @@ class RedisBackend:
         finally:
             for t in tasks:
                 t.cancel()
-            for t in tasks:
-                with contextlib.suppress(BaseException):
-                    await t
+            if tasks:  # bounded: a task stuck in redis-py must not hold the node
+                await asyncio.wait(tasks, timeout=1.0)
             self._session = False
             self._client = None
             with contextlib.suppress(BaseException):
@@ -470,7 +503,7 @@ class RedisBackend:
         self.last_error = f"{type(exc).__name__}: {exc}"
 
     async def _eval(self, client: aioredis.Redis, script: str, *args: Any) -> Any:
-        return await client.eval(script, 5, *self._keys, *self._argv, *args)
+        return await _detached(client.eval(script, 5, *self._keys, *self._argv, *args), self.command_timeout)
 
     async def _sync(self, client: aioredis.Redis) -> None:
         """Make Redis' record of this node equal to ``_entries``."""
@@ -574,7 +607,7 @@ class RedisBackend:
             if releases:
                 pipe.eval(RELEASE, 5, *self._keys, *self._argv, *releases)
                 kinds.append("r")
-            results = await pipe.execute(raise_on_error=False)
+            results = await _detached(pipe.execute(raise_on_error=False), self.command_timeout)
             for op, res in zip(kinds, results, strict=True):
                 if op == "p":
                     self.published += 1
@@ -603,8 +636,7 @@ class RedisBackend:
                 resync.clear()
                 await self._sync(client)
                 continue
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(resync.wait(), max(0.0, next_tick - loop.time()))
+            await _wait_event(resync, max(0.0, next_tick - loop.time()))
 
     # --------------------------------------------------------------- stats
 
