@@ -59,6 +59,7 @@ test: lint test-fast test-asan
 
 bench: build
 	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_redis.py
 
 clean:
 	rm -rf build wsmanager/*.so *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -59,13 +59,19 @@ T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
-# bus frame: kind (b"L" lobby, b"U" user), then lengths of node, target,
-# excluded user; then those three and the serialized text. b"C" + JSON: presence.
-_HDR = struct.Struct("!cIII")
+# Bus messages. b"C" + JSON: a presence event (from the Lua scripts).
+# b"M" + u32 length + node id, then one or more records, in the order sent:
+#   kind (b"L" lobby, b"U" user), u32 lengths of target, excluded user, text;
+#   then the target id, the excluded user id (lobby only) and the text (UTF-8).
+# The writer packs every record queued meanwhile into one PUBLISH, so under
+# load Redis and each receiver handle one message per batch, not per record.
+_REC = struct.Struct("!cIII")
+_U32 = struct.Struct("!I")
 _LOBBY = b"L"
 _USER = b"U"
 _CONTROL = ord("C")
-_BATCH = 512
+_BATCH = 512  # commands per pipeline
+_MAX_FRAME = 256 * 1024  # bytes of records per PUBLISH
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -348,13 +354,8 @@ class RedisBackend:
             return 0
         target = lobby.encode()
         excl = exclude_user_id.encode() if exclude_user_id is not None else b""
-        self._publish(
-            _HDR.pack(_LOBBY, len(self._node_b), len(target), len(excl))
-            + self._node_b
-            + target
-            + excl
-            + data.encode()
-        )
+        text = data.encode()
+        self._publish(_REC.pack(_LOBBY, len(target), len(excl), len(text)) + target + excl + text)
         return n
 
     def publish_user(self, user: str, data: str) -> int:
@@ -363,8 +364,8 @@ class RedisBackend:
         if n <= 0 or not self.up:
             return 0
         target = user.encode()
-        header = _HDR.pack(_USER, len(self._node_b), len(target), 0)
-        self._publish(header + self._node_b + target + data.encode())
+        text = data.encode()
+        self._publish(_REC.pack(_USER, len(target), 0, len(text)) + target + text)
         return n
 
     def _publish(self, frame: bytes) -> None:
@@ -482,7 +483,7 @@ class RedisBackend:
         self._client = None
         if self._ready is not None:
             self._ready.clear()
-        dropped = sum(1 for op, _ in self._ops if op == "p")
+        dropped = sum(1 for op, _ in self._ops if op == "p")  # records
         if any(op != "p" for op, _ in self._ops):
             self._dirty = True
         self._ops.clear()
@@ -531,29 +532,34 @@ class RedisBackend:
         m = self._manager
         assert m is not None
         node_b = self._node_b
-        hdr_size = _HDR.size
+        rec_size = _REC.size
         while True:
             reply = await conn.read_response(push_request=True)
             if not isinstance(reply, list) or len(reply) < 3 or reply[0] != b"message":
                 continue
             payload: bytes = reply[2]
-            self.received += 1
             if payload[0] == _CONTROL:
                 self._on_control(payload)
                 continue
-            kind, nlen, tlen, xlen = _HDR.unpack_from(payload)
-            off = hdr_size + nlen
-            if payload[hdr_size:off] == node_b:
+            (nlen,) = _U32.unpack_from(payload, 1)
+            off = 5 + nlen
+            if payload[5:off] == node_b:
                 continue
-            target = payload[off : off + tlen].decode()
-            off += tlen
-            excl = payload[off : off + xlen].decode() if xlen else None
-            off += xlen
-            if kind == _LOBBY:
-                if m._lobby_count(target):
-                    await m._deliver_lobby(target, payload[off:].decode(), excl)
-            elif m.is_user_connected(target, local=True):
-                await m._deliver_user(target, payload[off:].decode())
+            end = len(payload)
+            while off < end:
+                kind, tlen, xlen, dlen = _REC.unpack_from(payload, off)
+                off += rec_size
+                target = payload[off : off + tlen].decode()
+                off += tlen
+                excl = payload[off : off + xlen].decode() if xlen else None
+                off += xlen
+                start, off = off, off + dlen
+                self.received += 1
+                if kind == _LOBBY:
+                    if m._lobby_count(target):
+                        await m._deliver_lobby(target, payload[start:off].decode(), excl)
+                elif m.is_user_connected(target, local=True):
+                    await m._deliver_user(target, payload[start:off].decode())
 
     def _on_control(self, payload: bytes) -> None:
         ev = json.loads(payload[1:])
@@ -585,33 +591,46 @@ class RedisBackend:
             await self._flush(client)
 
     async def _flush(self, client: aioredis.Redis) -> None:
+        """Send everything queued, in order: records packed into PUBLISHes,
+        presence changes as script calls, one pipeline per round trip."""
         ops = self._ops
+        head = b"M" + _U32.pack(len(self._node_b)) + self._node_b
         while ops:
             pipe = client.pipeline(transaction=False)
             kinds: list[str] = []
+            frame: list[bytes] = []
+            size = 0
             releases: list[str] = []
-            for _ in range(min(len(ops), _BATCH)):
-                op, arg = ops.popleft()
+            commands = 0
+            while ops and commands < _BATCH:
+                op, arg = ops[0]
+                if op == "p":
+                    if frame and size + len(arg) > _MAX_FRAME:
+                        break
+                    ops.popleft()
+                    frame.append(arg)
+                    size += len(arg)
+                    continue
+                if frame:
+                    break  # the records go first, in their own PUBLISH
+                ops.popleft()
                 if op == "r":  # consecutive releases: one script call
                     releases.append(arg)
-                    continue
-                if releases:
+                    if ops and ops[0][0] == "r":
+                        continue
                     pipe.eval(RELEASE, 5, *self._keys, *self._argv, *releases)
-                    kinds.append("r")
                     releases = []
-                if op == "p":
-                    pipe.publish(self._channel, arg)
                 else:
                     pipe.eval(COMMIT, 5, *self._keys, *self._argv, arg)
                 kinds.append(op)
-            if releases:
-                pipe.eval(RELEASE, 5, *self._keys, *self._argv, *releases)
-                kinds.append("r")
+                commands += 1
+            if frame:
+                pipe.publish(self._channel, head + b"".join(frame))
+                kinds.append("p")
+                self.published += len(frame)
             results = await _detached(pipe.execute(raise_on_error=False), self.command_timeout)
             for op, res in zip(kinds, results, strict=True):
-                if op == "p":
-                    self.published += 1
-                elif isinstance(res, Exception) or (op == "c" and res == 0):
+                if op != "p" and (isinstance(res, Exception) or (op == "c" and res == 0)):
                     self._mark_dirty()
 
     async def _keep_loop(self, client: aioredis.Redis) -> None:
