@@ -8,12 +8,13 @@ PORT   ?= 8000
 APT_PACKAGES = uthash-dev redis-server
 ASAN_LIB = $(shell gcc -print-file-name=libasan.so)
 
-.PHONY: help deps apt build demo test test-fast test-asan lint bench clean
+.PHONY: help deps apt build demo test test-fast test-asan test-pythons lint bench bench-e2e clean
 
 help:
 	@echo "make demo   - run the demo app on http://$(HOST):$(PORT) (in-memory)"
 	@echo "make test   - lint, type-check, full test suite, then the suite under ASan+UBSan"
 	@echo "make bench  - benchmarks (tables with ratios against baselines)"
+	@echo "make bench-e2e - end-to-end broadcast benchmark only (uvicorn, ~3 min)"
 
 # System packages (Debian): only when something is missing, and only as root.
 apt:
@@ -27,7 +28,7 @@ apt:
 $(VENV)/.deps-stamp: pyproject.toml
 	$(MAKE) apt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip 'setuptools>=77' wheel
 	$(PIP) install -q -e '.[dev,demo]'
 	touch $@
 
@@ -55,11 +56,33 @@ test-asan: deps
 	  PYTHONMALLOC=malloc LD_PRELOAD=$(ASAN_LIB) $(PY) -m pytest -q -p no:cacheprovider; \
 	  rc=$$?; WSM_DEV=1 $(PY) setup.py -q build_ext --inplace --force; exit $$rc
 
-test: lint test-fast test-asan
+# Build and run the core tests on every CPython 3.10-3.13 that pyenv has.
+CORE_TESTS = tests/test_manager_api.py tests/test_defects.py tests/test_json.py tests/test_model.py tests/test_memory.py
+test-pythons: apt
+	@ran=""; root=$$(pyenv root 2>/dev/null || echo $$HOME/.pyenv); \
+	for v in 3.10 3.11 3.12 3.13; do \
+	  py=$$(ls -d $$root/versions/$$v.*/bin/python3 2>/dev/null | sort -V | tail -n 1); \
+	  if [ -z "$$py" ]; then echo "== CPython $$v: not installed here, not tested"; continue; fi; \
+	  echo "== CPython $$v ($$py)"; \
+	  venv=.venv-$$v; test -x $$venv/bin/python || $$py -m venv $$venv || exit 1; \
+	  $$venv/bin/python -m pip install -q --upgrade pip 'setuptools>=77' wheel && \
+	  $$venv/bin/python -m pip install -q -e '.[test]' && \
+	  WSM_DEV=1 $$venv/bin/python setup.py -q build_ext --inplace --force && \
+	  $$venv/bin/python -m pytest -q -p no:cacheprovider $(CORE_TESTS) || exit 1; \
+	  ran="$$ran $$v"; \
+	done; echo "core tests passed on CPython:$$ran"; \
+	WSM_DEV=1 $(PY) setup.py -q build_ext --inplace --force
+
+test: lint test-fast test-asan test-pythons
 
 bench: build
 	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_sweep.py
+	$(PY) benchmarks/bench_e2e.py
 	$(PY) benchmarks/bench_redis.py
+
+bench-e2e: build
+	$(PY) benchmarks/bench_e2e.py
 
 clean:
 	rm -rf build wsmanager/*.so *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -15,6 +15,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__SSE2__)
+#  include <emmintrin.h>
+#endif
 
 #if defined(__GNUC__) || defined(__clang__)
 #  define WSM_LIKELY(x) __builtin_expect(!!(x), 1)
@@ -86,13 +89,53 @@ writer_reserve(Writer *w, Py_ssize_t need)
     return writer_grow(w, need);
 }
 
+/* Moves n <= 16 bytes with fixed-size loads and stores (no libc call);
+ * all loads come before the stores, so src and dst may overlap. */
+static inline void
+move_small(char *dst, const char *src, size_t n)
+{
+    if (n >= 8) {
+        uint64_t a, b;
+        memcpy(&a, src, 8);
+        memcpy(&b, src + n - 8, 8);
+        memcpy(dst, &a, 8);
+        memcpy(dst + n - 8, &b, 8);
+    }
+    else if (n >= 4) {
+        uint32_t a, b;
+        memcpy(&a, src, 4);
+        memcpy(&b, src + n - 4, 4);
+        memcpy(dst, &a, 4);
+        memcpy(dst + n - 4, &b, 4);
+    }
+    else if (n > 0) {
+        char a = src[0], b = src[n / 2], c = src[n - 1];
+        dst[0] = a;
+        dst[n / 2] = b;
+        dst[n - 1] = c;
+    }
+}
+
+/* memcpy, inline for the short runs that dominate messages (keys, words,
+ * numbers). */
+static inline void
+copy_bytes(char *dst, const char *src, size_t n)
+{
+    if (n <= 16) {
+        move_small(dst, src, n);
+    }
+    else {
+        memcpy(dst, src, n);
+    }
+}
+
 static inline int
 writer_raw(Writer *w, const char *s, Py_ssize_t n)
 {
     if (writer_reserve(w, n) < 0) {
         return -1;
     }
-    memcpy(w->buf + w->len, s, (size_t)n);
+    copy_bytes(w->buf + w->len, s, (size_t)n);
     w->len += n;
     return 0;
 }
@@ -154,16 +197,30 @@ put_u_escape(char *p, Py_UCS4 c)
     return p;
 }
 
-/* Index of the first byte of ASCII text s[0:n] that needs an escape, or n.
- * Eight bytes at a time: a word needs a look when some byte is < 0x20, '"'
- * or '\\' (the classic "has less than" / "has zero byte" bit tricks, exact
- * for bytes < 0x80). */
+/* Index of the first byte of UTF-8 text s[0:n] that needs an escape, or n.
+ * 16 bytes at a time with SSE2, then 8 at a time: a word needs a look when
+ * some byte is < 0x20, '"' or '\\' (the classic "has less than" / "has zero
+ * byte" bit tricks, exact for any bytes). */
 static inline Py_ssize_t
-ascii_scan(const unsigned char *s, Py_ssize_t n)
+utf8_scan(const unsigned char *s, Py_ssize_t n)
 {
     const uint64_t ones = 0x0101010101010101ULL;
     const uint64_t highs = 0x8080808080808080ULL;
     Py_ssize_t i = 0;
+#if defined(__SSE2__)
+    const __m128i quote = _mm_set1_epi8('"');
+    const __m128i backslash = _mm_set1_epi8('\\');
+    const __m128i ctrl = _mm_set1_epi8(0x1F);
+    for (; i + 16 <= n; i += 16) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(const void *)(s + i));
+        __m128i hit = _mm_or_si128(
+            _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash)),
+            _mm_cmpeq_epi8(_mm_min_epu8(v, ctrl), v)); /* v <= 0x1F */
+        if (_mm_movemask_epi8(hit)) {
+            break;
+        }
+    }
+#endif
     for (; i + 8 <= n; i += 8) {
         uint64_t x, q, b;
         memcpy(&x, s + i, 8);
@@ -184,10 +241,11 @@ ascii_scan(const unsigned char *s, Py_ssize_t n)
     return n;
 }
 
+/* s: valid UTF-8 (bytes >= 0x80 are copied as they are). */
 static int
-write_ascii(Writer *w, const unsigned char *s, Py_ssize_t n)
+write_utf8(Writer *w, const unsigned char *s, Py_ssize_t n)
 {
-    Py_ssize_t i = ascii_scan(s, n);
+    Py_ssize_t i = utf8_scan(s, n);
     if (n > PY_SSIZE_T_MAX - 2) {
         PyErr_NoMemory();
         return -1;
@@ -197,7 +255,7 @@ write_ascii(Writer *w, const unsigned char *s, Py_ssize_t n)
     }
     char *p = w->buf + w->len;
     *p++ = '"';
-    memcpy(p, s, (size_t)i);
+    copy_bytes(p, (const char *)s, (size_t)i);
     p += i;
     if (WSM_LIKELY(i == n)) {
         *p++ = '"';
@@ -230,9 +288,10 @@ write_ascii(Writer *w, const unsigned char *s, Py_ssize_t n)
 #define WSM_WRITE_KIND(NAME, T, WIDE)                                        \
     static int NAME(Writer *w, const T *s, Py_ssize_t n)                     \
     {                                                                        \
-        if (writer_char(w, '"') < 0) {                                       \
+        if (writer_reserve(w, 2) < 0) { /* room for both quotes if n == 0 */ \
             return -1;                                                       \
         }                                                                    \
+        w->buf[w->len++] = '"';                                              \
         Py_ssize_t i = 0;                                                    \
         while (i < n) {                                                      \
             Py_ssize_t end = (n - i > WSM_STR_CHUNK) ? i + WSM_STR_CHUNK : n; \
@@ -298,9 +357,20 @@ write_str(Writer *w, PyObject *obj)
     Py_ssize_t n = PyUnicode_GET_LENGTH(obj);
     const void *data = PyUnicode_DATA(obj);
     if (PyUnicode_IS_ASCII(obj)) {
-        return write_ascii(w, (const unsigned char *)data, n);
+        return write_utf8(w, (const unsigned char *)data, n);
     }
     w->nonascii = 1;
+    /* CPython's UTF-8 form, made once and cached on the str. */
+    Py_ssize_t size;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(obj, &size);
+    if (utf8 != NULL) {
+        return write_utf8(w, (const unsigned char *)utf8, size);
+    }
+    /* Lone surrogates have no UTF-8 form: escaped by the loops below. */
+    if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
+        return -1;
+    }
+    PyErr_Clear();
     switch (PyUnicode_KIND(obj)) {
     case PyUnicode_1BYTE_KIND:
         return write_ucs1(w, (const Py_UCS1 *)data, n);
@@ -318,26 +388,73 @@ static const char DIGITS2[201] =
     "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
     "8081828384858687888990919293949596979899";
 
-/* Writes the decimal digits of u so that they end just before `end`;
- * returns where they start (at most 20 bytes). */
+/* Decimal writers: two digits per table lookup, and numbers cut into
+ * blocks of 8 / 4 digits whose halves are independent (no long chain of
+ * divisions). Each returns the end of what it wrote. */
 static inline char *
-fmt_u64(char *end, unsigned long long u)
+put2(char *p, uint32_t v) /* v < 100, exactly 2 digits */
 {
-    char *p = end;
-    while (u >= 100) {
-        unsigned r = (unsigned)(u % 100);
-        u /= 100;
-        p -= 2;
-        memcpy(p, DIGITS2 + 2 * r, 2);
+    memcpy(p, DIGITS2 + 2 * v, 2);
+    return p + 2;
+}
+
+static inline char *
+put4(char *p, uint32_t v) /* v < 10**4, exactly 4 digits */
+{
+    put2(p, v / 100);
+    return put2(p + 2, v % 100);
+}
+
+static inline char *
+put8(char *p, uint32_t v) /* v < 10**8, exactly 8 digits */
+{
+    put4(p, v / 10000);
+    return put4(p + 4, v % 10000);
+}
+
+static inline char *
+put_upto4(char *p, uint32_t v) /* v < 10**4, no leading zeros */
+{
+    if (v < 100) {
+        if (v < 10) {
+            *p = (char)('0' + v);
+            return p + 1;
+        }
+        return put2(p, v);
     }
-    if (u >= 10) {
-        p -= 2;
-        memcpy(p, DIGITS2 + 2 * u, 2);
+    if (v < 1000) {
+        *p = (char)('0' + v / 100);
+        return put2(p + 1, v % 100);
+    }
+    return put4(p, v);
+}
+
+static inline char *
+put_upto8(char *p, uint32_t v) /* v < 10**8, no leading zeros */
+{
+    if (v < 10000) {
+        return put_upto4(p, v);
+    }
+    return put4(put_upto4(p, v / 10000), v % 10000);
+}
+
+/* The digits of u (at most 20 bytes). */
+static inline char *
+put_u64(char *p, uint64_t u)
+{
+    if (u < 100000000u) {
+        return put_upto8(p, (uint32_t)u);
+    }
+    uint64_t high = u / 100000000u;
+    uint32_t low = (uint32_t)(u % 100000000u);
+    if (high < 100000000u) {
+        p = put_upto8(p, (uint32_t)high);
     }
     else {
-        *--p = (char)('0' + u);
+        p = put_upto4(p, (uint32_t)(high / 100000000u)); /* < 1845 */
+        p = put8(p, (uint32_t)(high % 100000000u));
     }
-    return p;
+    return put8(p, low);
 }
 
 static const char *
@@ -381,10 +498,39 @@ write_big_int(Writer *w, PyObject *obj, int quoted)
     return rc;
 }
 
+static inline int
+write_ll(Writer *w, long long v, int quoted)
+{
+    if (writer_reserve(w, 23) < 0) { /* quotes, sign, 19 digits */
+        return -1;
+    }
+    char *p = w->buf + w->len;
+    if (quoted) {
+        *p++ = '"';
+    }
+    uint64_t u = (uint64_t)v;
+    if (v < 0) {
+        *p++ = '-';
+        u = 0 - u;
+    }
+    p = put_u64(p, u);
+    if (quoted) {
+        *p++ = '"';
+    }
+    w->len = p - w->buf;
+    return 0;
+}
+
 /* obj: an int or int subclass (not bool). */
 static int
 write_int(Writer *w, PyObject *obj, int quoted)
 {
+#if PY_VERSION_HEX >= 0x030C0000
+    /* Small ints (|v| < 2**30 on 64-bit builds), without a call. */
+    if (PyUnstable_Long_IsCompact((PyLongObject *)obj)) {
+        return write_ll(w, (long long)PyUnstable_Long_CompactValue((PyLongObject *)obj), quoted);
+    }
+#endif
     int overflow = 0;
     long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
     if (WSM_UNLIKELY(overflow)) {
@@ -393,120 +539,245 @@ write_int(Writer *w, PyObject *obj, int quoted)
     if (WSM_UNLIKELY(v == -1 && PyErr_Occurred())) {
         return -1;
     }
-    char tmp[24];
-    char *end = tmp + sizeof(tmp);
-    char *q = end;
-    if (quoted) {
-        *--q = '"';
-    }
-    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
-    q = fmt_u64(q, u);
-    if (v < 0) {
-        *--q = '-';
-    }
-    if (quoted) {
-        *--q = '"';
-    }
-    return writer_raw(w, q, end - q);
+    return write_ll(w, v, quoted);
 }
 
-static const double POW10[23] = {
-    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11,
-    1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+static const uint64_t POW10_U64[20] = {
+    1ULL, 10ULL, 100ULL, 1000ULL, 10000ULL, 100000ULL, 1000000ULL,
+    10000000ULL, 100000000ULL, 1000000000ULL, 10000000000ULL,
+    100000000000ULL, 1000000000000ULL, 10000000000000ULL,
+    100000000000000ULL, 1000000000000000ULL, 10000000000000000ULL,
+    100000000000000000ULL, 1000000000000000000ULL,
+    10000000000000000000ULL,
 };
+
+/* Number of decimal digits of u >= 1. */
+static inline int
+count_digits(uint64_t u)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    int t = ((64 - __builtin_clzll(u)) * 1233) >> 12; /* 1233/4096 ~ log10 2 */
+    return t + 1 - (u < POW10_U64[t]);
+#else
+    int n = 1;
+    while (n < 20 && u >= POW10_U64[n]) {
+        n++;
+    }
+    return n;
+#endif
+}
+
+/* Writes n * 10**exp10 as float.__repr__ does in its fixed-notation range:
+ * n has at most 17 digits and no trailing zero when exp10 < 0; the value is in
+ * [1e-4, 1e16). Returns the length; out must have 48 bytes of room (the
+ * runs of zeros are written with fixed 16- and 5-byte stores). */
+static int
+put_fixed(char *out, uint64_t n, int exp10)
+{
+    int point = count_digits(n) + exp10; /* digits before the point, >= -3 */
+    char *o = out;
+    if (exp10 >= 0) {                   /* 1200.0 */
+        o = put_u64(o, n);
+        memcpy(o, "0000000000000000", 16);
+        o += exp10;                     /* <= 15 */
+        *o++ = '.';
+        *o++ = '0';
+    }
+    else if (point > 0) {               /* 12.34: digits, then the point */
+        o = put_u64(out + 1, n);
+        move_small(out, out + 1, (size_t)point); /* <= 16 bytes */
+        out[point] = '.';
+    }
+    else {                              /* 0.0012 */
+        memcpy(o, "0.000", 5);
+        o = put_u64(o + 2 - point, n);  /* -point <= 3 zeros */
+    }
+    return (int)(o - out);
+}
+
+static const double POW10_F64[5] = {1e0, 1e1, 1e2, 1e3, 1e4};
 
 #define WSM_TWO53 9007199254740992.0
 
-/* float.__repr__ of a finite, nonzero a = |v| in [1e-4, 2**53), without
- * dtoa, for the common "few decimals" floats; writes the digits at out and
- * returns their count, or 0 when the caller must fall back to
- * PyOS_double_to_string.
+/* float.__repr__ of a = |v| when it has at most 4 decimals (prices, game
+ * coordinates, millisecond timestamps), in a few multiplications and three
+ * divisions; returns the length written at out, or 0 (not settled here).
  *
- * repr is the shortest decimal that reads back as a, the closest one if there
- * are several. For k = 0, 1, 2 ... fractional digits, the nearest k-digit
- * decimal c / 10**k is tested with an exact check: c < 2**53 and 10**k
- * (k <= 22) are exact doubles, so c / 10**k is the correctly rounded value of
- * the decimal, i.e. what float() of its text gives (Clinger's fast path).
- * Doubles in this range below 2**53 leave no shorter candidate with fewer
- * integer digits, and in [1e-4, 1e16) repr uses fixed notation, so the first k
- * that reads back gives repr's digits. x = a * 10**k is within half an ulp
- * of the exact product, so the nearest integer to the exact product is one
- * of m-1, m, m+1 (m = the nearest to x); the readable candidates form a run
- * of integers around it, so when exactly one of those three reads back it is
- * the closest; when two do (ties, near-ties) dtoa decides. Values of x
- * farther than x * 2**-50 from an integer cannot read back (the interval of
- * a has half-width <= a * 2**-53): those k are skipped without a division. */
+ * repr is the shortest decimal that reads back as a, the closest one if
+ * there are several. For k = 0 .. 4 decimals the k-digit decimals c / 10**k
+ * near a are tested exactly: c < 2**53 and 10**k are exact doubles, so the
+ * division is correctly rounded, i.e. gives what float() of the decimal
+ * text gives (Clinger's fast path). Below 2**53 no decimal with fewer
+ * integer digits can read back (those integers are doubles themselves), so
+ * the first k that works gives repr's digits. x = a * 10**k is within half
+ * an ulp of the exact product, so the integer nearest to that product is
+ * m-1, m or m+1 (m = the one nearest to x); the decimals that read back form
+ * a run of integers around it, so when exactly one of the three does it is
+ * the closest; when two do, exact_repr decides. An x farther than
+ * x * 2**-50 from every integer cannot read back (a reads back from within
+ * a * 2**-53): that k is skipped without a division. */
 static int
-fast_repr(double a, char *out)
+short_repr(double a, char *out)
 {
     if (!(a >= 1e-4 && a < WSM_TWO53)) {
         return 0;
     }
-    for (int k = 0; k <= 22; k++) {
-        double x = a * POW10[k];
+    /* Any decimal with k <= 4 decimals is one with 4: one test rejects the
+     * full-precision floats. */
+    double x4 = a * 1e4;
+    if (x4 < WSM_TWO53) {
+        double d4 = x4 - (double)(int64_t)x4;
+        d4 = d4 >= 0.5 ? 1.0 - d4 : d4;
+        if (d4 > x4 * 0x1p-50) {
+            return 0;
+        }
+    }
+    for (int k = 0; k <= 4; k++) {
+        double x = a * POW10_F64[k];
         if (x >= WSM_TWO53) {
             return 0;
         }
-        long long t = (long long)x;
+        int64_t t = (int64_t)x;
         double frac = x - (double)t; /* exact */
-        long long m;
-        double d;
+        int64_t m = t;
+        double d = frac;
         if (frac >= 0.5) {
             m = t + 1;
-            d = 1.0 - frac; /* exact (Sterbenz) */
-        }
-        else {
-            m = t;
-            d = frac;
+            d = 1.0 - frac;          /* exact */
         }
         if (d > x * 0x1p-50) {
             continue;
         }
-        int count = 0;
-        long long found = 0;
-        for (long long c = m - 1; c <= m + 1; c++) {
-            if (c > 0 && (double)c / POW10[k] == a) {
-                count++;
-                found = c;
-            }
+        double scale = POW10_F64[k];
+        int lower = m > 1 && (double)(m - 1) / scale == a;
+        int mid = m > 0 && (double)m / scale == a;
+        int upper = (double)(m + 1) / scale == a;
+        if (lower + mid + upper == 1) {
+            /* c has no trailing zero when k > 0: c / 10 would have been
+             * found with k - 1 decimals */
+            uint64_t c = (uint64_t)(lower ? m - 1 : (mid ? m : m + 1));
+            return put_fixed(out, c, -k);
         }
-        if (count == 0) {
-            continue;
-        }
-        if (count > 1) {
+        if (lower + mid + upper > 1) {
             return 0;
         }
-        char tmp[24];
-        char *end = tmp + sizeof(tmp);
-        char *digits = fmt_u64(end, (unsigned long long)found);
-        int nd = (int)(end - digits);
-        char *p = out;
-        if (k == 0) {
-            memcpy(p, digits, (size_t)nd);
-            p += nd;
-            *p++ = '.';
-            *p++ = '0';
-        }
-        else if (nd > k) {
-            memcpy(p, digits, (size_t)(nd - k));
-            p += nd - k;
-            *p++ = '.';
-            memcpy(p, digits + (nd - k), (size_t)k);
-            p += k;
-        }
-        else {
-            *p++ = '0';
-            *p++ = '.';
-            for (int z = nd; z < k; z++) {
-                *p++ = '0';
-            }
-            memcpy(p, digits, (size_t)nd);
-            p += nd;
-        }
-        return (int)(p - out);
     }
     return 0;
 }
+
+#ifdef __SIZEOF_INT128__
+__extension__ typedef unsigned __int128 wsm_u128;
+
+/* Drops d digits (pw = 10**d) from lo, hi and vr; the caller has checked
+ * that a multiple of pw lies in [lo, hi]. */
+#define WSM_DROP(d, pw)                                                      \
+    {                                                                        \
+        uint64_t q_ = vr / (pw);                                             \
+        uint64_t rem_ = vr - q_ * (pw);                                      \
+        below_nz = dropped_nz;                                               \
+        cmp = (rem_ > (pw) / 2) - (rem_ < (pw) / 2);                         \
+        dropped_nz |= rem_ != 0;                                             \
+        vr = q_;                                                             \
+        hi /= (pw);                                                          \
+        lo = (lo + (pw) - 1) / (pw);                                         \
+        r += (d);                                                            \
+    }
+
+/* float.__repr__ of a finite a = |v| in [1e-4, 1e16) without dtoa: writes
+ * the text at out and returns its length (at most 22), or 0 when the caller
+ * must fall back to PyOS_double_to_string (other magnitudes).
+ *
+ * repr gives the shortest decimal that reads back as a (what float() of it
+ * returns), the closest to a if there are several, the even one on a tie;
+ * in this range it uses fixed notation. Computed exactly in integers:
+ * a = m2 * 2**e2; the decimals that read back are those inside
+ * [a - gap_below/2, a + gap_above/2] (ends included when m2 is even, as
+ * round-half-even reads them), scaled by 10**p (so a * 10**p >= 10**16, more
+ * than the 17 digits any double needs) and by 2**(2 - e2) to make the ends
+ * integers. [lo, hi] are the integer decimals (scale 10**-p) in that
+ * interval; r digits are dropped while a multiple of 10**r remains in it
+ * (fewest significant digits), then the multiple nearest to a is taken. */
+static int
+exact_repr(double a, char *out)
+{
+    if (!(a >= 1e-4 && a < 1e16)) {
+        return 0;
+    }
+    uint64_t bits;
+    memcpy(&bits, &a, sizeof(bits));
+    uint64_t fraction = bits & ((1ULL << 52) - 1);
+    int biased = (int)(bits >> 52); /* a > 0: no sign bit; normal here */
+    uint64_t m2 = fraction | (1ULL << 52);
+    int s = 2 - (biased - 1075);    /* a = 4*m2 / 2**s; 1 <= s <= 68 */
+
+    /* e10 = floor(e * log10(2)) <= floor(log10(a)) <= e10 + 1, where
+     * a in [2**e, 2**(e+1)); 78913 / 2**18 is log10(2) rounded down. */
+    int e = biased - 1023; /* -14 .. 53 */
+    int e10 = e >= 0 ? (e * 78913) >> 18 : -(((-e) * 78913 + (1 << 18) - 1) >> 18);
+    int p = 16 - e10;      /* 1 .. 21; a * 10**p in [10**16, 10**18) */
+
+    uint64_t mv = m2 << 2;
+    /* At a power of two the gap below is half the gap above. */
+    unsigned below = (fraction == 0 && biased > 1) ? 1 : 2;
+    int even = (m2 & 1) == 0;
+
+    wsm_u128 pow10 = p <= 19 ? (wsm_u128)POW10_U64[p]
+                             : (wsm_u128)POW10_U64[19] * POW10_U64[p - 19];
+    wsm_u128 mask = ((wsm_u128)1 << s) - 1;
+    wsm_u128 pv = (wsm_u128)mv * pow10;  /* < 2**55 * 10**21 < 2**125 */
+    wsm_u128 pm = pv - below * pow10;
+    wsm_u128 pp = pv + 2 * pow10;
+    uint64_t lo = (uint64_t)(pm >> s) + (((pm & mask) != 0) || !even);
+    uint64_t hi = (uint64_t)(pp >> s) - (((pp & mask) == 0) && !even);
+    uint64_t vr = (uint64_t)(pv >> s);           /* floor(a * 10**p) */
+    wsm_u128 vr_rem = pv & mask;                 /* its fraction, / 2**s */
+    wsm_u128 vr_half = (wsm_u128)1 << (s - 1);
+
+    /* vr is divided along with lo and hi; what it loses decides the final
+     * rounding: cmp compares the last dropped block with half its range,
+     * below_nz says whether anything under that block was nonzero. */
+    int cmp = (vr_rem > vr_half) - (vr_rem < vr_half);
+    int below_nz = 0;
+    int dropped_nz = vr_rem != 0;
+    int r = 0;
+    /* A multiple of pw lies in [lo, hi] when hi % pw <= hi - lo. */
+    while (hi % 100000000u <= hi - lo) {
+        WSM_DROP(8, 100000000u)
+    }
+    if (hi % 10000u <= hi - lo) {
+        WSM_DROP(4, 10000u)
+    }
+    if (hi % 100u <= hi - lo) {
+        WSM_DROP(2, 100u)
+    }
+    if (hi % 10u <= hi - lo) {
+        WSM_DROP(1, 10u)
+    }
+
+    /* n = a * 10**(p - r) rounded half-even, then kept inside [lo, hi]. */
+    uint64_t n = vr + (uint64_t)(cmp > 0 || (cmp == 0 && (below_nz || (vr & 1))));
+    if (n < lo) {
+        n = lo;
+    }
+    else if (n > hi) {
+        n = hi;
+    }
+
+    /* The value is n * 10**(r - p); n has no trailing zero (<= 17 digits):
+     * no multiple of 10 lies in [lo, hi] after the drops. */
+    return put_fixed(out, n, r - p);
+}
+#undef WSM_DROP
+#else
+/* No 128-bit integers (e.g. MSVC): every float goes through dtoa. */
+static int
+exact_repr(double a, char *out)
+{
+    (void)a;
+    (void)out;
+    return 0;
+}
+#endif
 
 static WSM_NOINLINE int
 float_not_finite(double v)
@@ -549,8 +820,8 @@ write_double(Writer *w, double v, int quoted)
     if (WSM_UNLIKELY(!isfinite(v))) {
         return float_not_finite(v);
     }
-    /* sign + 16 digits + "0." + 3 zeros + ".0" + quotes fits in 32 */
-    if (writer_reserve(w, 32) < 0) {
+    /* quote + sign + exact_repr's 48 (quote included) */
+    if (writer_reserve(w, 50) < 0) {
         return -1;
     }
     char *p = w->buf + w->len;
@@ -566,7 +837,11 @@ write_double(Writer *w, double v, int quoted)
         n = 3;
     }
     else {
-        n = fast_repr(fabs(v), p);
+        double a = fabs(v);
+        n = short_repr(a, p);
+        if (n == 0) {
+            n = exact_repr(a, p);
+        }
         if (n == 0) {
             return write_double_slow(w, v, quoted);
         }
@@ -581,7 +856,43 @@ write_double(Writer *w, double v, int quoted)
 
 /* ------------------------------------------------------------ containers */
 
-static int encode(Writer *w, PyObject *obj);
+static int encode_other(Writer *w, PyObject *obj);
+
+/* The hot path, inlined into the container loops: exact scalar types are
+ * one pointer comparison each; bool is tested before int (it is an int
+ * subclass, and its own type). Returns 1 when obj is not one of them.
+ * Encoding these runs no Python code, so their items need no reference. */
+static inline int
+encode_scalar(Writer *w, PyObject *obj)
+{
+    PyTypeObject *tp = Py_TYPE(obj);
+    if (tp == &PyUnicode_Type) {
+        return write_str(w, obj);
+    }
+    if (tp == &PyLong_Type) {
+        return write_int(w, obj, 0);
+    }
+    if (tp == &PyFloat_Type) {
+        return write_double(w, PyFloat_AS_DOUBLE(obj), 0);
+    }
+    if (obj == Py_True) {
+        return writer_raw(w, "true", 4);
+    }
+    if (obj == Py_False) {
+        return writer_raw(w, "false", 5);
+    }
+    if (obj == Py_None) {
+        return writer_raw(w, "null", 4);
+    }
+    return 1;
+}
+
+static inline int
+encode(Writer *w, PyObject *obj)
+{
+    int r = encode_scalar(w, obj);
+    return r == 1 ? encode_other(w, obj) : r;
+}
 
 static int
 write_key(Writer *w, PyObject *key)
@@ -610,9 +921,10 @@ write_key(Writer *w, PyObject *key)
     return -1;
 }
 
-/* obj: exactly a dict. Items come from PyDict_Next; the value is held while
- * it is encoded, since default_fn may run code that mutates the dict (the
- * iteration itself stays memory-safe then, only its result is undefined). */
+/* obj: exactly a dict. Items come from PyDict_Next; a value that is not a
+ * plain scalar is held while it is encoded, since default_fn may run code
+ * that mutates the dict (the iteration itself stays memory-safe then, only
+ * its result is undefined). */
 static int
 write_dict(Writer *w, PyObject *obj)
 {
@@ -633,9 +945,12 @@ write_dict(Writer *w, PyObject *obj)
         if (write_key(w, key) < 0 || writer_char(w, ':') < 0) {
             goto done;
         }
-        Py_INCREF(value);
-        int r = encode(w, value);
-        Py_DECREF(value);
+        int r = encode_scalar(w, value);
+        if (r == 1) {
+            Py_INCREF(value);
+            r = encode_other(w, value);
+            Py_DECREF(value);
+        }
         if (r < 0 || writer_char(w, ',') < 0) {
             goto done;
         }
@@ -682,7 +997,8 @@ done:
 }
 
 /* obj: a list (or subclass). Indexes are re-checked against the current size
- * and each item is held while encoded: default_fn may mutate the list. */
+ * and items other than plain scalars are held while encoded: default_fn may
+ * mutate the list. */
 static int
 write_list(Writer *w, PyObject *obj)
 {
@@ -697,22 +1013,20 @@ write_list(Writer *w, PyObject *obj)
         goto done;
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(obj); i++) {
-        PyObject *item = PyList_GET_ITEM(obj, i);
-        Py_INCREF(item);
-        int r = encode(w, item);
-        Py_DECREF(item);
+        PyObject *item = PyList_GET_ITEM(obj, i); /* borrowed */
+        int r = encode_scalar(w, item);
+        if (r == 1) {
+            Py_INCREF(item);
+            r = encode_other(w, item);
+            Py_DECREF(item);
+        }
         if (r < 0 || writer_char(w, ',') < 0) {
             goto done;
         }
     }
-    if (w->buf[w->len - 1] == ',') {
-        w->buf[w->len - 1] = ']';
-    }
-    else {
-        /* the list was emptied by default_fn before any item was written */
-        rc = writer_char(w, ']');
-        goto done;
-    }
+    /* The first item is written before any Python code can run, so the
+     * buffer ends with ',' even if default_fn emptied the list. */
+    w->buf[w->len - 1] = ']';
     rc = 0;
 done:
     Py_LeaveRecursiveCall();
@@ -769,40 +1083,22 @@ write_default(Writer *w, PyObject *obj)
     return rc;
 }
 
+/* Everything but the exact scalar types that encode() handles inline. */
 static int
-encode(Writer *w, PyObject *obj)
+encode_other(Writer *w, PyObject *obj)
 {
     PyTypeObject *tp = Py_TYPE(obj);
-    /* Exact types first: one pointer comparison each. */
-    if (tp == &PyUnicode_Type) {
-        return write_str(w, obj);
-    }
-    if (tp == &PyLong_Type) {
-        return write_int(w, obj, 0);
-    }
-    if (tp == &PyFloat_Type) {
-        return write_double(w, PyFloat_AS_DOUBLE(obj), 0);
-    }
     if (tp == &PyDict_Type) {
         return write_dict(w, obj);
     }
     if (tp == &PyList_Type) {
         return write_list(w, obj);
     }
-    /* bool before int: bool is an int subclass. */
-    if (obj == Py_True) {
-        return writer_raw(w, "true", 4);
-    }
-    if (obj == Py_False) {
-        return writer_raw(w, "false", 5);
-    }
-    if (obj == Py_None) {
-        return writer_raw(w, "null", 4);
-    }
     if (tp == &PyTuple_Type) {
         return write_tuple(w, obj);
     }
-    /* Subclasses are encoded as their base type (IntEnum -> its value). */
+    /* Subclasses are encoded as their base type (IntEnum -> its value);
+     * bool cannot be subclassed and was handled by encode(). */
     if (PyUnicode_Check(obj)) {
         return write_str(w, obj);
     }

@@ -14,6 +14,17 @@
 
 #define WSM_RTT_WINDOW 1024
 
+/* Why a connection was closed as stale (get_stats()["stale_closed"]). */
+enum wsm_stale_reason {
+    WSM_STALE_NO_PONG = 0,      /* pinged, nothing received in ping_timeout */
+    WSM_STALE_SEND_FAILED,      /* the heartbeat's ping could not be sent */
+    WSM_STALE_HANDLER_EXITED,   /* its endpoint ended without disconnect() */
+    WSM_STALE_NREASONS
+};
+static const char *const wsm_stale_names[WSM_STALE_NREASONS] = {
+    "no_pong", "send_failed", "handler_exited",
+};
+
 typedef struct {
     PyTypeObject *core_type;
     PyObject *str_empty;
@@ -46,6 +57,13 @@ typedef struct {
     unsigned long long n_refused_shutdown;
     unsigned long long n_pings;
     unsigned long long n_pongs;
+    /* inbound rate limit (token bucket per connection); rate <= 0: off */
+    double rate;                /* tokens per second */
+    double burst;               /* bucket size */
+    unsigned long max_violations;   /* drops before the verdict is "close" */
+    unsigned long long n_rate_dropped;
+    unsigned long long n_rate_closed;
+    unsigned long long n_stale[WSM_STALE_NREASONS];
     /* recent round-trip times, seconds */
     double rtt[WSM_RTT_WINDOW];
     int rtt_len;
@@ -337,6 +355,8 @@ Core_reserve(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     wsm_verdict verdict = WSM_OK;
 
     CHECK_INIT(self, NULL);
+    /* the clock may run Python code: read it before any lookup */
+    NOW_OR_FAIL(now, self, return NULL);
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError,
                         "_reserve(websocket, lobby_code, user_id)");
@@ -361,7 +381,6 @@ Core_reserve(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_INCREF(res);
         goto done;
     }
-    NOW_OR_FAIL(now, self, goto error);
     if (wsm_reserve(&self->reg, args[0], lobby, user, self->max_connections,
                     self->max_per_lobby, self->max_per_user, now,
                     &verdict) == NULL) {
@@ -401,11 +420,12 @@ static PyObject *
 Core_commit(CoreObject *self, PyObject *ws)
 {
     CHECK_INIT(self, NULL);
+    /* the clock may run Python code: read it before any lookup */
+    NOW_OR_FAIL(now, self, return NULL);
     wsm_conn *c = wsm_find_conn(&self->reg, ws);
     if (c == NULL || c->state != WSM_PENDING) {
         Py_RETURN_FALSE;
     }
-    NOW_OR_FAIL(now, self, return NULL);
     wsm_commit(&self->reg, c, now);
     self->n_connects++;
     Py_RETURN_TRUE;
@@ -458,12 +478,13 @@ static PyObject *
 Core_update_last_message(CoreObject *self, PyObject *user_id)
 {
     CHECK_INIT(self, NULL);
+    /* the clock may run Python code: read it before any lookup */
+    NOW_OR_FAIL(now, self, return NULL);
     if (check_lookup_id(user_id, "user_id") < 0) {
         return NULL;
     }
     wsm_group *g = wsm_find_user(&self->reg, user_id);
     if (g != NULL && g->members.len) {
-        NOW_OR_FAIL(now, self, return NULL);
         /* touch() moves entries on the activity lists only, never the user
          * list being walked */
         for (wsm_conn *c = g->members.head; c; c = c->user_link.next) {
@@ -479,13 +500,14 @@ static PyObject *
 Core_record_pong(CoreObject *self, PyObject *user_id)
 {
     CHECK_INIT(self, NULL);
+    /* the clock may run Python code: read it before any lookup */
+    NOW_OR_FAIL(now, self, return NULL);
     if (check_lookup_id(user_id, "user_id") < 0) {
         return NULL;
     }
     double best = -1.0;
     wsm_group *g = wsm_find_user(&self->reg, user_id);
     if (g != NULL && g->members.len) {
-        NOW_OR_FAIL(now, self, return NULL);
         self->n_pongs++;
         for (wsm_conn *c = g->members.head; c; c = c->user_link.next) {
             double rtt = wsm_pong(&self->reg, c, now);
@@ -508,11 +530,12 @@ static PyObject *
 Core_touch(CoreObject *self, PyObject *ws)
 {
     CHECK_INIT(self, NULL);
+    /* the clock may run Python code: read it before any lookup */
+    NOW_OR_FAIL(now, self, return NULL);
     wsm_conn *c = wsm_find_conn(&self->reg, ws);
     if (c == NULL || c->state != WSM_ACTIVE) {
         Py_RETURN_FALSE;
     }
-    NOW_OR_FAIL(now, self, return NULL);
     wsm_touch(&self->reg, c, now);
     Py_RETURN_TRUE;
 }
@@ -522,11 +545,12 @@ static PyObject *
 Core_record_pong_ws(CoreObject *self, PyObject *ws)
 {
     CHECK_INIT(self, NULL);
+    /* the clock may run Python code: read it before any lookup */
+    NOW_OR_FAIL(now, self, return NULL);
     wsm_conn *c = wsm_find_conn(&self->reg, ws);
     if (c == NULL || c->state != WSM_ACTIVE) {
         Py_RETURN_NONE;
     }
-    NOW_OR_FAIL(now, self, return NULL);
     self->n_pongs++;
     double rtt = wsm_pong(&self->reg, c, now);
     if (rtt < 0) {
@@ -542,11 +566,12 @@ static PyObject *
 Core_note_ping(CoreObject *self, PyObject *ws)
 {
     CHECK_INIT(self, NULL);
+    /* the clock may run Python code: read it before any lookup */
+    NOW_OR_FAIL(now, self, return NULL);
     wsm_conn *c = wsm_find_conn(&self->reg, ws);
     if (c == NULL || c->state != WSM_ACTIVE) {
         Py_RETURN_FALSE;
     }
-    NOW_OR_FAIL(now, self, return NULL);
     if (c->pong_due_since <= 0) {
         c->pong_due_since = now;
     }
@@ -696,54 +721,97 @@ Core_snapshot(CoreObject *self, PyObject *Py_UNUSED(ignored))
     return out;
 }
 
-/* _sweep(ping_interval, ping_timeout) -> (to_ping, expired)
- * to_ping: websockets silent for ping_interval, now moved to the wait list
- * (the caller sends them a ping). expired: (websocket, lobby, user) tuples of
- * connections pinged more than ping_timeout ago without any answer; they are
- * removed from the registry here, the caller closes them.
- * Cost: O(connections due), the lists being ordered by time. */
+/* Parse the (ping_interval, ping_timeout) pair shared by the sweep methods.
+ * Both must be >= 0; infinity is accepted (never due). */
+static int
+parse_periods(PyObject *const *args, double *interval, double *timeout)
+{
+    *interval = PyFloat_AsDouble(args[0]);
+    if (*interval == -1.0 && PyErr_Occurred()) {
+        return -1;
+    }
+    *timeout = PyFloat_AsDouble(args[1]);
+    if (*timeout == -1.0 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (!(*interval >= 0) || !(*timeout >= 0)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "ping_interval and ping_timeout must be >= 0");
+        return -1;
+    }
+    return 0;
+}
+
+/* _sweep(ping_interval, ping_timeout, limit=-1) -> (to_ping, expired)
+ * expired: (websocket, lobby, user) tuples of connections pinged at least
+ * ping_timeout ago and silent since; they are removed from the registry here
+ * (counted as stale "no_pong"), the caller closes them. Handled first, so a
+ * connection pinged by this sweep cannot expire in it.
+ * to_ping: websockets silent (nothing received) for at least ping_interval,
+ * now moved to the wait list; the caller sends them a ping.
+ * limit >= 0 caps each list; the caller sweeps again at once while a list
+ * came back full.
+ * Cost: O(connections due): both lists are ordered by time and each walk
+ * stops at the first entry not due. */
 static PyObject *
 Core_sweep(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *to_ping = NULL, *expired = NULL, *t = NULL;
+    double interval, timeout;
+    Py_ssize_t limit = -1;
     CHECK_INIT(self, NULL);
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "_sweep(ping_interval, ping_timeout)");
-        return NULL;
-    }
-    double interval = PyFloat_AsDouble(args[0]);
-    if (interval == -1.0 && PyErr_Occurred()) {
-        return NULL;
-    }
-    double timeout = PyFloat_AsDouble(args[1]);
-    if (timeout == -1.0 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (!(interval >= 0) || !(timeout >= 0)) {
-        PyErr_SetString(PyExc_ValueError,
-                        "ping_interval and ping_timeout must be >= 0");
-        return NULL;
-    }
+    /* the clock may run Python code: read it before any lookup */
     NOW_OR_FAIL(now, self, return NULL);
+    if (nargs < 2 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_sweep(ping_interval, ping_timeout, limit=-1)");
+        return NULL;
+    }
+    if (parse_periods(args, &interval, &timeout) < 0) {
+        return NULL;
+    }
+    if (nargs == 3) {
+        limit = PyNumber_AsSsize_t(args[2], PyExc_OverflowError);
+        if (limit == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
     to_ping = PyList_New(0);
     expired = PyList_New(0);
     if (to_ping == NULL || expired == NULL) {
         goto error;
     }
-    /* Expired first: a connection pinged in this sweep cannot expire in it. */
     while (self->reg.wait.head &&
-           self->reg.wait.head->ping_sent + timeout <= now) {
+           self->reg.wait.head->ping_sent + timeout <= now &&
+           (limit < 0 || PyList_GET_SIZE(expired) < limit)) {
         wsm_conn *c = self->reg.wait.head;
-        t = PyTuple_Pack(3, c->ws, c->lobby->key, c->user->key);
-        if (t == NULL || PyList_Append(expired, t) < 0) {
+        PyObject *ws = c->ws, *lobby = c->lobby->key, *user = c->user->key;
+        /* Unlink before allocating: a GC pass triggered by the allocation
+         * may run finalizers, which must find a consistent registry. */
+        Py_INCREF(ws);
+        Py_INCREF(lobby);
+        Py_INCREF(user);
+        wsm_remove(&self->reg, c);
+        self->n_disconnects++;
+        self->n_stale[WSM_STALE_NO_PONG]++;
+        t = PyTuple_New(3); /* steals the three references below */
+        if (t == NULL) {
+            Py_DECREF(ws);
+            Py_DECREF(lobby);
+            Py_DECREF(user);
+            goto error;
+        }
+        PyTuple_SET_ITEM(t, 0, ws);
+        PyTuple_SET_ITEM(t, 1, lobby);
+        PyTuple_SET_ITEM(t, 2, user);
+        if (PyList_Append(expired, t) < 0) {
             goto error;
         }
         Py_CLEAR(t);
-        wsm_remove(&self->reg, c); /* the tuple keeps ws and keys alive */
-        self->n_disconnects++;
     }
     while (self->reg.idle.head &&
-           self->reg.idle.head->last_rx + interval <= now) {
+           self->reg.idle.head->last_rx + interval <= now &&
+           (limit < 0 || PyList_GET_SIZE(to_ping) < limit)) {
         wsm_conn *c = self->reg.idle.head;
         if (PyList_Append(to_ping, c->ws) < 0) {
             goto error;
@@ -760,6 +828,155 @@ error:
     Py_XDECREF(to_ping);
     Py_XDECREF(expired);
     return NULL;
+}
+
+/* _set_rate_limit(rate, burst, close_after): inbound token bucket settings.
+ * rate <= 0 turns the limit off. Buckets already started keep their tokens
+ * (capped to the new burst on their next message). */
+static PyObject *
+Core_set_rate_limit(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_INIT(self, NULL);
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_set_rate_limit(rate, burst, close_after)");
+        return NULL;
+    }
+    double rate = PyFloat_AsDouble(args[0]);
+    if (rate == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    double burst = PyFloat_AsDouble(args[1]);
+    if (burst == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    unsigned long close_after = PyLong_AsUnsignedLong(args[2]);
+    if (close_after == (unsigned long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!isfinite(rate) || !isfinite(burst) || (rate > 0 && burst < 1)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "rate must be finite, burst finite and >= 1");
+        return NULL;
+    }
+    self->rate = rate > 0 ? rate : 0.0;
+    self->burst = burst;
+    self->max_violations = close_after;
+    Py_RETURN_NONE;
+}
+
+/* _allow(websocket) -> int: the rate-limit verdict for one inbound message.
+ * 0: allowed (also when the limit is off or the websocket is unknown);
+ * 1: dropped, first drop since the bucket was last full (tell the client);
+ * 2: dropped again; 3: dropped, and `close_after` drops were exceeded
+ * without the bucket refilling (close the connection). */
+static PyObject *
+Core_allow(CoreObject *self, PyObject *ws)
+{
+    CHECK_INIT(self, NULL);
+    if (self->rate <= 0) {
+        return PyLong_FromLong(0);
+    }
+    /* the clock may run Python code: read it before any lookup */
+    NOW_OR_FAIL(now, self, return NULL);
+    wsm_conn *c = wsm_find_conn(&self->reg, ws);
+    if (c == NULL || c->state != WSM_ACTIVE) {
+        return PyLong_FromLong(0);
+    }
+    if (!c->bucket_ready) {
+        c->bucket_ready = 1;
+        c->tokens = self->burst;
+        c->tokens_ts = now;
+        c->violations = 0;
+    }
+    else {
+        double elapsed = now - c->tokens_ts;
+        if (elapsed > 0) {
+            c->tokens += elapsed * self->rate;
+        }
+        c->tokens_ts = now;
+        if (c->tokens >= self->burst) {
+            c->tokens = self->burst;
+            c->violations = 0;  /* the client calmed down */
+        }
+    }
+    if (c->tokens >= 1.0) {
+        c->tokens -= 1.0;
+        return PyLong_FromLong(0);
+    }
+    self->n_rate_dropped++;
+    if (c->violations < UINT32_MAX) {
+        c->violations++;
+    }
+    if (self->max_violations > 0 && c->violations > self->max_violations) {
+        self->n_rate_closed++;
+        return PyLong_FromLong(3);
+    }
+    return PyLong_FromLong(c->violations == 1 ? 1 : 2);
+}
+
+/* _rate_stats() -> (messages dropped, connections closed) by the limit */
+static PyObject *
+Core_rate_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("(KK)", self->n_rate_dropped, self->n_rate_closed);
+}
+
+/* _next_deadline(ping_interval, ping_timeout) -> float | None
+ * The earliest clock time at which _sweep would find something due among
+ * the connections registered now (None: none registered). O(1): only the
+ * heads of the two ordered lists are read. A connection registered or
+ * touched later becomes due no earlier than its own time + ping_interval. */
+static PyObject *
+Core_next_deadline(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    double interval, timeout, due = INFINITY;
+    CHECK_INIT(self, NULL);
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_next_deadline(ping_interval, ping_timeout)");
+        return NULL;
+    }
+    if (parse_periods(args, &interval, &timeout) < 0) {
+        return NULL;
+    }
+    if (self->reg.wait.head) {
+        due = self->reg.wait.head->ping_sent + timeout;
+    }
+    if (self->reg.idle.head && self->reg.idle.head->last_rx + interval < due) {
+        due = self->reg.idle.head->last_rx + interval;
+    }
+    if (self->reg.wait.head == NULL && self->reg.idle.head == NULL) {
+        Py_RETURN_NONE;
+    }
+    return PyFloat_FromDouble(due);
+}
+
+/* _reap(websocket, reason) -> (lobby_code, user_id) | None
+ * Count one stale close for reason ("no_pong", "send_failed",
+ * "handler_exited") and remove the websocket if it is still registered
+ * (returning what disconnect() would). */
+static PyObject *
+Core_reap(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int reason = -1;
+    CHECK_INIT(self, NULL);
+    if (nargs != 2 || !PyUnicode_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "_reap(websocket, reason: str)");
+        return NULL;
+    }
+    for (int i = 0; i < WSM_STALE_NREASONS; i++) {
+        if (PyUnicode_CompareWithASCIIString(args[1], wsm_stale_names[i]) == 0) {
+            reason = i;
+            break;
+        }
+    }
+    if (reason < 0) {
+        PyErr_Format(PyExc_ValueError, "unknown stale reason %R", args[1]);
+        return NULL;
+    }
+    self->n_stale[reason]++;
+    return Core_disconnect(self, args[0]);
 }
 
 /* _set_shutting_down(flag): stop (or resume) admitting connections. */
@@ -856,7 +1073,7 @@ Core_get_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
     double pct = self->max_connections > 0
         ? round1((double)total / (double)self->max_connections * 100.0)
         : 100.0;
-    PyObject *d = PyDict_New(), *refused = NULL, *lat = NULL;
+    PyObject *d = PyDict_New(), *refused = NULL, *lat = NULL, *stale = NULL;
     if (d == NULL) {
         return NULL;
     }
@@ -866,7 +1083,7 @@ Core_get_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
         dict_set_ssize(d, "active_lobbies", self->reg.active_lobbies) < 0 ||
         dict_set_ssize(d, "max_per_lobby", self->max_per_lobby) < 0 ||
         dict_set_ssize(d, "pending_connections", self->reg.pending) < 0 ||
-        dict_set_ssize(d, "connected_users", HASH_COUNT(self->reg.users)) < 0 ||
+        dict_set_ssize(d, "connected_users", self->reg.active_users) < 0 ||
         dict_set_ull(d, "connects", self->n_connects) < 0 ||
         dict_set_ull(d, "disconnects", self->n_disconnects) < 0 ||
         dict_set_ull(d, "pings_sent", self->n_pings) < 0 ||
@@ -919,10 +1136,21 @@ Core_get_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
     if (PyDict_SetItemString(d, "latency_ms", lat) < 0) {
         goto error;
     }
+    stale = PyDict_New();
+    if (stale == NULL || PyDict_SetItemString(d, "stale_closed", stale) < 0) {
+        goto error;
+    }
+    for (int i = 0; i < WSM_STALE_NREASONS; i++) {
+        if (dict_set_ull(stale, wsm_stale_names[i], self->n_stale[i]) < 0) {
+            goto error;
+        }
+    }
+    Py_DECREF(stale);
     Py_DECREF(refused);
     Py_DECREF(lat);
     return d;
 error:
+    Py_XDECREF(stale);
     Py_XDECREF(refused);
     Py_XDECREF(lat);
     Py_DECREF(d);
@@ -1067,7 +1295,14 @@ static PyMethodDef Core_methods[] = {
     {"_lobby_count", (PyCFunction)Core_lobby_count, METH_O, NULL},
     {"_snapshot", (PyCFunction)Core_snapshot, METH_NOARGS, NULL},
     {"_sweep", (PyCFunction)(void (*)(void))Core_sweep, METH_FASTCALL, NULL},
+    {"_next_deadline", (PyCFunction)(void (*)(void))Core_next_deadline,
+     METH_FASTCALL, NULL},
+    {"_reap", (PyCFunction)(void (*)(void))Core_reap, METH_FASTCALL, NULL},
     {"_set_shutting_down", (PyCFunction)Core_set_shutting_down, METH_O, NULL},
+    {"_set_rate_limit", (PyCFunction)(void (*)(void))Core_set_rate_limit,
+     METH_FASTCALL, NULL},
+    {"_allow", (PyCFunction)Core_allow, METH_O, NULL},
+    {"_rate_stats", (PyCFunction)Core_rate_stats, METH_NOARGS, NULL},
     {"_now", (PyCFunction)Core_now, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };

@@ -183,7 +183,7 @@ wsm_registry_clear(wsm_registry *r)
     r->conns = NULL;
     r->lobbies = NULL;
     r->users = NULL;
-    r->active = r->pending = r->active_lobbies = 0;
+    r->active = r->pending = r->active_lobbies = r->active_users = 0;
     memset(&r->idle, 0, sizeof(r->idle));
     memset(&r->wait, 0, sizeof(r->wait));
 
@@ -321,6 +321,9 @@ wsm_commit(wsm_registry *r, wsm_conn *c, double now)
     if (c->lobby->members.len == 0) {
         r->active_lobbies++;
     }
+    if (c->user->members.len == 0) {
+        r->active_users++;
+    }
     list_push_tail(&c->lobby->members, c, OFF_LOBBY);
     list_push_tail(&c->user->members, c, OFF_USER);
     c->connected_at = now;
@@ -343,6 +346,9 @@ wsm_remove(wsm_registry *r, wsm_conn *c)
         wsm_unlist(r, c);
         if (lg->members.len == 0) {
             r->active_lobbies--;
+        }
+        if (ug->members.len == 0) {
+            r->active_users--;
         }
         r->active--;
     }

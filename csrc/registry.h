@@ -79,7 +79,8 @@ struct wsm_conn {
                                proves liveness while only a pong gives an RTT */
     double tokens;          /* inbound token bucket */
     double tokens_ts;
-    uint32_t violations;    /* consecutive rate-limit violations */
+    uint32_t violations;    /* messages dropped since the bucket was last full */
+    int bucket_ready;       /* tokens/tokens_ts initialized (lazily, on first use) */
     UT_hash_handle hh;
 };
 
@@ -90,6 +91,7 @@ typedef struct wsm_registry {
     Py_ssize_t active;      /* committed connections */
     Py_ssize_t pending;     /* reserved, not committed */
     Py_ssize_t active_lobbies;  /* lobbies with at least one committed conn */
+    Py_ssize_t active_users;    /* users with at least one committed conn */
     uint64_t next_id;
     wsm_list idle;          /* ACTIVE conns not pinged, ordered by last_rx */
     wsm_list wait;          /* ACTIVE conns pinged, ordered by ping_sent */

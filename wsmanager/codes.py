@@ -17,6 +17,7 @@ class CloseCode(IntEnum):
     UNSUPPORTED_DATA = 1003  # binary frame where JSON text was expected
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009  # inbound message over max_message_bytes
+    INTERNAL_ERROR = 1011  # the application's message handler raised
     TRY_AGAIN_LATER = 1013  # refused while shutting down
     UNAUTHORIZED = 4001  # the seed's code: authentication failed
     CAPACITY = 4002  # the seed's code: server_full / lobby_full / user_limit
@@ -45,9 +46,33 @@ CLOSE_CODES: dict[str, CloseCode] = {
     "binary_not_supported": CloseCode.UNSUPPORTED_DATA,
     "forbidden_origin": CloseCode.FORBIDDEN_ORIGIN,
     "server_shutdown": CloseCode.GOING_AWAY,
+    "internal_error": CloseCode.INTERNAL_ERROR,
+    "invalid_id": CloseCode.POLICY_VIOLATION,
 }
 
 
 def close_code_for(reason: str) -> int:
     """The close code for a refusal or close reason (1008 for an unknown one)."""
     return int(CLOSE_CODES.get(reason, CloseCode.POLICY_VIOLATION))
+
+
+# Error messages sent (as {"type": "error", "error": <reason>, ...}) without
+# closing, by ConnectionManager.serve(). Persistent errors end in a close:
+#
+# * "bad_json" / "not_an_object": malformed JSON or JSON that is not an object.
+#   After ``max_bad_messages`` such messages in a row the connection is closed
+#   with 4007 "bad_message".
+# * "rate_limited": the first message dropped by the inbound token bucket
+#   (``rate_limit`` messages/s, ``rate_burst`` at once). Further drops are
+#   silent; after ``rate_limit_close_after`` drops without the bucket filling
+#   up again (the client never slowed down) the connection is closed with
+#   4005 "rate_limited".
+#
+# Closed at once: binary frames (1003 "binary_not_supported"), messages over
+# ``max_message_bytes`` (1009 "message_too_big"), a handler that raised
+# (1011 "internal_error"), an outbound backlog over ``max_backlog`` messages or
+# ``max_backlog_bytes`` bytes (4006 "slow_consumer"), shutdown (1001
+# "server_shutdown"). Refused before registration, always as accept-then-close
+# so browsers see the code: 4001 "unauthorized", 4002 capacity, 4008
+# "forbidden_origin", 1013 "shutting_down", 1008 "invalid_id".
+ERROR_REASONS: tuple[str, ...] = ("bad_json", "not_an_object", "rate_limited")

@@ -10,18 +10,21 @@ methods that must await a socket: ``connect``, ``broadcast_to_lobby``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
+from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, cast
 
 from starlette.websockets import WebSocket, WebSocketState
 
 from ._core import Core, dumps
 from .backends import Backend, InMemoryBackend
-from .codes import close_code_for
+from .codes import CloseCode, close_code_for
+from .health import HealthMonitor
 
 if TYPE_CHECKING:
     from .backends.redis import RedisBackend
@@ -40,6 +43,73 @@ class _PingWaiter:
     callers: int = 0
 
 
+_CONNECTED = WebSocketState.CONNECTED
+
+
+class _Outbox:
+    """The outbound backlog of one connection whose send suspended."""
+
+    __slots__ = ("loop", "nbytes", "queue", "task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: deque[tuple[str, int]] = deque()
+        self.nbytes = 0
+        self.task: asyncio.Task[None] | None = None
+
+
+async def _resume(coro: Coroutine[Any, Any, Any], step: Any) -> None:
+    """Finish driving ``coro``, which already yielded ``step`` to its caller.
+
+    Does what an asyncio Task does with a coroutine: wait for the future it
+    yielded (or one loop iteration for a bare yield), resume it, repeat; a
+    cancellation is passed into the coroutine.
+    """
+    while True:
+        try:
+            if step is None:
+                await asyncio.sleep(0)
+            else:
+                step._asyncio_future_blocking = False
+                await asyncio.wait((step,))
+        except BaseException as exc:
+            if step is not None:
+                step.cancel()
+            try:
+                step = coro.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            step = coro.send(None)
+        except StopIteration:
+            return
+
+
+def _abort_transport(websocket: Any) -> bool:
+    """Abort the TCP connection under ``websocket`` when the server exposes it.
+
+    ASGI offers no abort; uvicorn's ``send`` is a method of its protocol
+    object, which holds the transport (possibly wrapped by middleware closures,
+    followed a few levels). Returns whether a transport was aborted.
+    """
+    stack: list[Any] = [getattr(websocket, "_send", None)]
+    for _ in range(8):
+        if not stack:
+            break
+        fn = stack.pop()
+        transport = getattr(getattr(fn, "__self__", None), "transport", None)
+        abort = getattr(transport, "abort", None)
+        if callable(abort):
+            abort()
+            return True
+        for cell in getattr(fn, "__closure__", None) or ():
+            with contextlib.suppress(ValueError):
+                if callable(cell.cell_contents):
+                    stack.append(cell.cell_contents)
+    return False
+
+
 class ConnectionManager(Core):
     """Registry of WebSocket connections by lobby and by user, with limits.
 
@@ -54,6 +124,33 @@ class ConnectionManager(Core):
     * capacity is reserved before ``accept()``: concurrent handshakes never
       overshoot ``max_connections`` / ``max_per_lobby``.
     * sends never raise; a connection whose send fails is removed.
+    * sends never wait for a slow client: a send that cannot complete at
+      once is queued on that connection (order kept) and written by its own
+      task; past ``max_backlog`` messages or ``max_backlog_bytes`` bytes the
+      connection is closed with 4006 ``"slow_consumer"``.
+
+    Keyword-only settings beyond the seed's: ``max_backlog`` and
+    ``max_backlog_bytes`` (outbound backlog per connection), ``rate_limit``
+    (inbound messages per second per connection, None: off), ``rate_burst``
+    (bucket size, default ``max(1, rate_limit)``), ``rate_limit_close_after``
+    (drops before a 4005 close, 0: never close), ``max_message_bytes`` and
+    ``max_bad_messages`` (for :meth:`serve`), ``allowed_origins`` (None: any
+    Origin; else browsers from other origins are refused with 4008),
+    ``close_timeout`` (seconds a close handshake may take before the socket is
+    aborted) and ``shutdown_timeout`` (default for :meth:`shutdown`).
+    * a heartbeat runs by itself (``ping_interval`` / ``ping_timeout``, see
+      ``wsmanager.health``): a connection silent for ``ping_interval`` seconds
+      gets ``{"type": "health_ping", "timestamp": ...}`` and, still silent
+      ``ping_timeout`` seconds later, is closed with 4004 ``"stale"`` and
+      removed. An entry whose endpoint died without ``disconnect()`` (e.g. on
+      malformed JSON) is reclaimed. ``touch(websocket)`` and
+      ``record_pong_ws(websocket)`` report one connection, where the seed's
+      ``update_last_message(user_id)`` / ``record_pong(user_id)`` vouch for
+      every connection of the user.
+    * ``backend``: where the manager's reach ends. ``InMemoryBackend()`` (the
+      default) is this process; ``RedisBackend(url)`` (``wsmanager.backends.redis``)
+      joins every process and machine sharing that Redis into one cluster:
+      broadcasts, direct messages, limits and presence then span all of them.
     """
 
     def __init__(
@@ -64,6 +161,18 @@ class ConnectionManager(Core):
         max_per_user: int | None = None,
         max_id_bytes: int = 1024,
         clock: Callable[[], float] | None = None,
+        max_backlog: int = 1024,
+        max_backlog_bytes: int = 1 << 20,
+        rate_limit: float | None = None,
+        rate_burst: float | None = None,
+        rate_limit_close_after: int = 100,
+        max_message_bytes: int = 64 * 1024,
+        max_bad_messages: int = 10,
+        allowed_origins: Collection[str] | None = None,
+        close_timeout: float = 5.0,
+        shutdown_timeout: float = 10.0,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 10.0,
         backend: Backend | None = None,
     ) -> None:
         super().__init__(
@@ -73,7 +182,30 @@ class ConnectionManager(Core):
             max_id_bytes=max_id_bytes,
             clock=clock,
         )
+        if max_backlog < 1 or max_backlog_bytes < 1:
+            raise ValueError("max_backlog and max_backlog_bytes must be >= 1")
+        if max_message_bytes < 1 or max_bad_messages < 1:
+            raise ValueError("max_message_bytes and max_bad_messages must be >= 1")
+        if close_timeout <= 0 or shutdown_timeout <= 0:
+            raise ValueError("close_timeout and shutdown_timeout must be > 0")
         self._ping_waiters: dict[str, _PingWaiter] = {}
+        self._health = HealthMonitor(self, ping_interval=ping_interval, ping_timeout=ping_timeout)
+        self.max_backlog = max_backlog
+        self.max_backlog_bytes = max_backlog_bytes
+        self.max_message_bytes = max_message_bytes
+        self.max_bad_messages = max_bad_messages
+        self.allowed_origins: frozenset[str] | None = (
+            None if allowed_origins is None else frozenset(allowed_origins)
+        )
+        self.close_timeout = close_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self.set_rate_limit(rate_limit, rate_burst, close_after=rate_limit_close_after)
+        # websocket -> its outbound backlog; only connections whose last send
+        # suspended are here, so the common case costs one dict miss.
+        self._outboxes: dict[Any, _Outbox] = {}
+        self._closers: set[asyncio.Task[None]] = set()
+        self._closed: dict[str, int] = {}
+        self._shutdown_task: asyncio.Task[None] | None = None
         # -- backend (issue 6): None on the single-process path, which then
         # makes no backend call at all.
         self.backend: Backend = backend if backend is not None else InMemoryBackend()
@@ -81,6 +213,26 @@ class ConnectionManager(Core):
         self._backplane: RedisBackend | None = (
             cast("RedisBackend", self.backend) if self.backend.clustered else None
         )
+
+    def set_rate_limit(
+        self, rate: float | None, burst: float | None = None, *, close_after: int = 100
+    ) -> None:
+        """Set the inbound limit: ``rate`` messages/s per connection (None or
+        0: off), ``burst`` at once (default ``max(1, rate)``); after
+        ``close_after`` drops without the client slowing down the connection
+        is closed with 4005 (0: never). Applies to open connections too."""
+        if rate is not None and rate < 0:
+            raise ValueError("rate_limit must be None or >= 0")
+        if close_after < 0:
+            raise ValueError("rate_limit_close_after must be >= 0")
+        r = float(rate or 0.0)
+        b = float(burst) if burst is not None else max(1.0, r)
+        if r > 0 and b < 1:
+            raise ValueError("rate_burst must be >= 1")
+        self._set_rate_limit(r, b, close_after)
+        self.rate_limit = rate or None
+        self.rate_burst = b if r > 0 else None
+        self.rate_limit_close_after = close_after
 
     # ------------------------------------------------------------------ connect
 
@@ -128,6 +280,7 @@ class ConnectionManager(Core):
         self._commit(websocket)
         if bp is not None:
             bp.commit(websocket)
+        self._health.watch(websocket)  # heartbeat: runs in this loop; reclaims the entry if the endpoint dies
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("connected", extra={"lobby": lobby_code, "user": user_id})
         if len(self) >= self.max_connections:
@@ -201,103 +354,258 @@ class ConnectionManager(Core):
         return await self._deliver_user(user_id, data) or remote
 
     # Local delivery of serialized text: the seam a backplane publishes into.
+    #
+    # A send is first tried inline: the send coroutine is stepped once, and
+    # when it completes (the transport took the frame) no Task or Future is
+    # made. If it suspends (the client does not read and the transport's
+    # buffer is over its high-water mark), the suspended send and every later
+    # message for that connection go to the connection's outbox, written in
+    # order by one writer task; the broadcast moves on to the next member.
 
     async def _deliver_lobby(self, lobby_code: str, data: str, exclude_user_id: str | None) -> int:
-        """Send ``data`` to this process's connections in the lobby; the count."""
+        """Send ``data`` to this process's connections in the lobby without
+        waiting for any of them; the count of connections that got it or have
+        it queued."""
+        post = self._post
         sent = 0
         for websocket in self._lobby_targets(lobby_code, exclude_user_id):
-            if websocket not in self:  # left while an earlier send awaited
-                continue
-            if await self._send(websocket, data):
+            if post(websocket, data):
                 sent += 1
         return sent
 
     async def _deliver_user(self, user_id: str, data: str) -> bool:
-        """Send ``data`` to this process's connections of the user."""
+        """Send ``data`` to this process's connections of the user (no waiting)."""
         delivered = False
         for websocket in self._user_targets(user_id):
-            if websocket in self and await self._send(websocket, data):
+            if self._post(websocket, data):
                 delivered = True
         return delivered
 
     async def _send(self, websocket: WebSocket, data: str) -> bool:
+        """Send ``data`` to one connection, in order with the others; never
+        waits for a slow client. False if the connection failed or was closed
+        as a slow consumer (it is then removed)."""
+        return self._post(websocket, data)
+
+    def _post(self, websocket: Any, data: str) -> bool:
+        box = self._outboxes.get(websocket)
+        if box is not None:
+            return self._enqueue(websocket, box, data)
+        if type(websocket) is WebSocket and websocket.application_state is _CONNECTED:
+            # what send_text() would do, minus two coroutine frames of checks
+            coro: Any = websocket._send({"type": "websocket.send", "text": data})
+        else:
+            coro = websocket.send_text(data)
         try:
-            await websocket.send_text(data)
+            step = coro.send(None)
+        except StopIteration:
+            return True
         except Exception as exc:
             self._drop(websocket, exc)
             return False
+        if websocket not in self:  # not registered (e.g. already closed): no backlog
+            coro.close()
+            return False
+        box = _Outbox(asyncio.get_running_loop())
+        self._outboxes[websocket] = box
+        box.task = box.loop.create_task(self._writer(websocket, box, coro, step))
         return True
 
-    # ------------------------------------------------ backend (issue 6) hooks
+    def _enqueue(self, websocket: Any, box: _Outbox, data: str) -> bool:
+        if box.loop is not asyncio.get_running_loop():  # left over from a closed loop
+            del self._outboxes[websocket]
+            return self._post(websocket, data)
+        size = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
+        if len(box.queue) >= self.max_backlog or box.nbytes + size > self.max_backlog_bytes:
+            logger.info(
+                "slow consumer: %d messages, %d bytes queued",
+                len(box.queue),
+                box.nbytes,
+                extra={"reason": "slow_consumer", "code": int(CloseCode.SLOW_CONSUMER)},
+            )
+            self._close_later(websocket, "slow_consumer")
+            return False
+        box.queue.append((data, size))
+        box.nbytes += size
+        return True
 
-    async def start(self) -> None:
-        """Start the backend (a no-op in memory): for an app's lifespan startup.
+    async def _writer(self, websocket: Any, box: _Outbox, coro: Coroutine[Any, Any, Any], step: Any) -> None:
+        """Finish the suspended send, then write the backlog in order."""
+        try:
+            await _resume(coro, step)
+            queue = box.queue
+            while queue:
+                data, size = queue.popleft()
+                box.nbytes -= size
+                await websocket.send_text(data)
+        except Exception as exc:
+            if self._outboxes.get(websocket) is box:
+                del self._outboxes[websocket]
+                self._drop(websocket, exc)
+        finally:
+            if self._outboxes.get(websocket) is box:
+                del self._outboxes[websocket]
 
-        With a Redis backend this connects, registers this node and waits up
-        to its ``connect_timeout``; it never raises for an unreachable Redis
-        (the node serves locally and keeps retrying). Without this call the
-        backend starts on the first ``connect()``.
-        """
-        await self.backend.start()
+    def _drop(self, websocket: WebSocket, exc: BaseException | None = None) -> None:
+        """Remove a connection whose send failed."""
+        info = self.disconnect(websocket)
+        if info is not None:
+            logger.info(
+                "send failed, connection removed: %s",
+                type(exc).__name__ if exc else "closed",
+                extra={"lobby": info[0], "user": info[1], "reason": "send_failed"},
+            )
 
-    async def stop(self) -> None:
-        """Stop the backend: a Redis node leaves the cluster cleanly (its
-        connections stop counting at once instead of after the lease)."""
-        await self.backend.stop()
-
-    def disconnect(self, websocket: WebSocket) -> tuple[str, str] | None:
-        """Remove ``websocket``; ``(lobby_code, user_id)``, or None if unknown."""
-        info = Core.disconnect(self, websocket)
+    def disconnect(self, websocket: Any) -> tuple[str, str] | None:
+        """Remove the connection; ``(lobby_code, user_id)``, or None if it was
+        not registered. Its queued outbound messages are dropped."""
+        info = super().disconnect(websocket)
         if info is not None and self._backplane is not None:
             self._backplane.release(websocket)
+        if self._outboxes:
+            box = self._outboxes.pop(websocket, None)
+            if box is not None and box.task is not None and box.task is not asyncio.current_task():
+                box.task.cancel()
         return info
 
-    def can_accept_connection(self, lobby_code: str) -> tuple[bool, str]:
-        """``(True, "")`` or ``(False, reason)``: advisory, like the seed's.
+    # ------------------------------------------------------------- closing
 
-        With a clustered backend it also checks the cluster counts of the
-        view this node keeps (other nodes' handshakes in progress are not in
-        it); ``connect()`` decides atomically either way.
-        """
-        verdict = Core.can_accept_connection(self, lobby_code)
-        bp = self._backplane
-        if bp is None or not verdict[0]:
-            return verdict
-        view = bp.view
-        pending = len(bp._cids) - len(bp.own.nodes.get(bp.node_id, ()))
-        if view.total + pending >= self.max_connections:
-            return False, "server_full"
-        if view.lobbies.get(lobby_code, 0) >= self.max_per_lobby:
-            return False, "lobby_full"
-        return verdict
+    def _close_later(
+        self, websocket: Any, reason: str, *, code: int | None = None, timeout: float | None = None
+    ) -> asyncio.Task[None]:
+        """Remove ``websocket`` now and close it with ``reason`` in the
+        background; a close that cannot complete within ``timeout`` (default
+        ``close_timeout``) aborts the TCP connection."""
+        info = self.disconnect(websocket)
+        self._closed[reason] = self._closed.get(reason, 0) + 1
+        if info is not None and reason != "server_shutdown":
+            logger.info(
+                "closing connection: %s",
+                reason,
+                extra={
+                    "lobby": info[0],
+                    "user": info[1],
+                    "reason": reason,
+                    "code": code or close_code_for(reason),
+                },
+            )
+        task = asyncio.get_running_loop().create_task(
+            self._close_socket(websocket, reason, code, self.close_timeout if timeout is None else timeout)
+        )
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+        return task
 
-    def is_user_connected(self, user_id: str, *, local: bool = False) -> bool:
-        """Whether ``user_id`` has an open connection, on any node of the
-        cluster (``local=True``: on this process)."""
-        if Core.is_user_connected(self, user_id):
-            return True
-        bp = self._backplane
-        return bp is not None and not local and bp.view.users.get(user_id, 0) > 0
+    async def _close_socket(self, websocket: Any, reason: str, code: int | None, timeout: float) -> None:
+        code = close_code_for(reason) if code is None else code
+        try:
+            if websocket.application_state != WebSocketState.DISCONNECTED:
+                await asyncio.wait_for(websocket.close(code=code, reason=reason), timeout)
+        except Exception:  # stuck (a client that never reads) or gone
+            _abort_transport(websocket)
+            return
+        # As in _refuse: a seed-style endpoint's next receive_*() then sees the
+        # client's close as WebSocketDisconnect instead of a RuntimeError.
+        websocket.application_state = WebSocketState.CONNECTED
 
-    def get_lobby_users(self, lobby_code: str, *, local: bool = False) -> set[str]:
-        """User ids connected to ``lobby_code`` on any node (``local=True``:
-        on this process)."""
-        users = Core.get_lobby_users(self, lobby_code)
-        bp = self._backplane
-        if bp is not None and not local:
-            users.update(bp.view.lobby_users.get(lobby_code, ()))
-        return users
+    async def close_connection(self, websocket: Any, reason: str, *, code: int | None = None) -> None:
+        """Remove ``websocket`` and close it with ``reason`` (code from the
+        table of :mod:`wsmanager.codes` unless given), without waiting for a
+        slow client longer than ``close_timeout``."""
+        await self._close_later(websocket, reason, code=code)
+
+    async def shutdown(
+        self,
+        *,
+        timeout: float | None = None,
+        code: int = CloseCode.GOING_AWAY,
+        reason: str = "server_shutdown",
+    ) -> None:
+        """Stop admitting (``can_accept_connection`` answers ``(False,
+        "shutting_down")``), stop the heartbeat, give queued messages up to half
+        of ``timeout`` (default ``shutdown_timeout``) to be written, then close
+        every connection with ``code`` / ``reason`` (1001 "server_shutdown").
+        Returns within ``timeout``: a client that does not take its close is
+        aborted. Calling it again waits for the first call."""
+        if self._shutdown_task is not None and not self._shutdown_task.done():
+            await asyncio.shield(self._shutdown_task)
+            return
+        self._shutdown_task = asyncio.ensure_future(self._shutdown(timeout, code, reason))
+        await asyncio.shield(self._shutdown_task)
+
+    async def _shutdown(self, timeout: float | None, code: int, reason: str) -> None:
+        timeout = self.shutdown_timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._set_shutting_down(True)
+        logger.info("shutting down: closing %d connections", len(self), extra={"reason": reason})
+        stop = getattr(self, "stop", None)
+        if stop is not None:
+            result = stop()
+            if isinstance(result, Awaitable):
+                await result
+        writers = [b.task for b in self._outboxes.values() if b.task is not None and b.loop is loop]
+        if writers:
+            await asyncio.wait(writers, timeout=max(0.0, (deadline - loop.time()) / 2))
+        close_budget = max(0.01, deadline - loop.time() - 0.05)
+        for websocket, _lobby, _user in self._snapshot():
+            self._close_later(websocket, reason, code=code, timeout=close_budget)
+        closers = [t for t in self._closers if t.get_loop() is loop]
+        if closers:
+            await asyncio.wait(closers, timeout=max(0.01, deadline - loop.time()))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """A lifespan for Starlette / FastAPI (``FastAPI(lifespan=manager.lifespan)``):
+        starts the heartbeat if the manager has one; on SIGTERM / SIGINT runs
+        :meth:`shutdown` *before* the server closes the sockets itself (uvicorn
+        would close them with 1012), then lets the server stop; on exit runs
+        :meth:`shutdown` if nothing did."""
+        from .endpoint import hook_signals
+
+        start = getattr(self, "start", None)
+        if start is not None:
+            result = start()
+            if isinstance(result, Awaitable):
+                await result
+        unhook = hook_signals(self)
+        try:
+            yield
+        finally:
+            unhook()
+            await self.shutdown()
+            self._set_shutting_down(False)
+            self._shutdown_task = None
+
+    async def serve(
+        self,
+        websocket: WebSocket,
+        lobby_code: str,
+        user_id: str | None,
+        handler: Callable[[str, str, dict[str, Any]], Awaitable[Any]],
+    ) -> None:
+        """Run one connection from handshake to cleanup; see
+        :func:`wsmanager.endpoint.serve`."""
+        from .endpoint import serve
+
+        await serve(self, websocket, lobby_code, user_id, handler)
 
     def get_stats(self, *, local: bool = False) -> dict[str, Any]:
-        """The seed's stats, for the cluster when a clustered backend is up.
+        """The seed's statistics plus counters: ``closed`` (closes the library
+        performed, by reason), ``backlogged_connections`` (connections with
+        queued outbound messages) and ``rate_limited_messages`` (inbound
+        messages dropped by the rate limit).
 
-        Cluster-wide: ``total_connections``, ``capacity_percent``,
-        ``active_lobbies``, ``connected_users``. The other counters are this
-        process's. ``local`` holds this process's own seed figures and
-        ``backplane`` the backend's health (``up``, ``last_error``, ...).
-        ``local=True`` returns this process's stats only.
+        With a clustered backend, ``total_connections``, ``capacity_percent``,
+        ``active_lobbies`` and ``connected_users`` are the cluster's (the
+        other counters stay this process's), ``local`` holds this process's
+        four figures and ``backplane`` the backend's health (``up``,
+        ``last_error``, ...). ``local=True``: this process's stats only.
         """
-        stats = Core.get_stats(self)
+        stats = super().get_stats()
+        stats["closed"] = dict(self._closed)
+        stats["backlogged_connections"] = len(self._outboxes)
+        stats["rate_limited_messages"] = self._rate_stats()[0]
         bp = self._backplane
         if bp is None or local:
             return stats
@@ -314,15 +622,42 @@ class ConnectionManager(Core):
         stats["backplane"] = bp.stats()
         return stats
 
-    def _drop(self, websocket: WebSocket, exc: BaseException | None = None) -> None:
-        """Remove a connection whose send failed."""
-        info = self.disconnect(websocket)
-        if info is not None:
-            logger.info(
-                "send failed, connection removed: %s",
-                type(exc).__name__ if exc else "closed",
-                extra={"lobby": info[0], "user": info[1], "reason": "send_failed"},
-            )
+    # ------------------------------------------- cluster reads (backend, issue 6)
+
+    def can_accept_connection(self, lobby_code: str) -> tuple[bool, str]:
+        """``(True, "")`` or ``(False, reason)``: advisory, like the seed's.
+
+        With a clustered backend it also checks the cluster counts of the
+        view this node keeps (other nodes' handshakes in progress are not in
+        it); ``connect()`` decides atomically either way.
+        """
+        verdict = Core.can_accept_connection(self, lobby_code)
+        bp = self._backplane
+        if bp is None or not verdict[0]:
+            return verdict
+        view = bp.view
+        if view.total + bp.pending_count() >= self.max_connections:
+            return False, "server_full"
+        if view.lobbies.get(lobby_code, 0) >= self.max_per_lobby:
+            return False, "lobby_full"
+        return verdict
+
+    def is_user_connected(self, user_id: str, *, local: bool = False) -> bool:
+        """Whether ``user_id`` has an open connection, on any node of the
+        cluster (``local=True``: in this process)."""
+        if Core.is_user_connected(self, user_id):
+            return True
+        bp = self._backplane
+        return bp is not None and not local and bp.view.users.get(user_id, 0) > 0
+
+    def get_lobby_users(self, lobby_code: str, *, local: bool = False) -> set[str]:
+        """User ids connected to ``lobby_code`` on any node (``local=True``:
+        in this process)."""
+        users = Core.get_lobby_users(self, lobby_code)
+        bp = self._backplane
+        if bp is not None and not local:
+            users.update(bp.view.lobby_users.get(lobby_code, ()))
+        return users
 
     # ------------------------------------------------------------------ health
 
@@ -374,9 +709,80 @@ class ConnectionManager(Core):
         """Record a ``health_pong`` from ``user_id``: it is alive, and any
         ``ping_user`` waiting for it returns."""
         super().record_pong(user_id)
+        self._wake_ping_waiter(user_id)
+
+    def _wake_ping_waiter(self, user_id: str) -> None:
         waiter = self._ping_waiters.get(user_id)
         if waiter is not None and not waiter.future.done() and not waiter.future.get_loop().is_closed():
             waiter.future.set_result(time.perf_counter())
+
+    def record_pong_ws(self, websocket: Any) -> float | None:
+        """Record a ``health_pong`` received on ``websocket``: that connection
+        (only) is alive, and any ``ping_user`` waiting for its user returns.
+        Returns the round-trip time in ms of the ping it answers, or None."""
+        latency = super().record_pong_ws(websocket)
+        if self._ping_waiters:
+            info = self._info(websocket)
+            waiter = self._ping_waiters.get(info[1]) if info else None
+            if waiter is not None and not waiter.future.done() and not waiter.future.get_loop().is_closed():
+                waiter.future.set_result(time.perf_counter())
+        return latency
+
+    # ------------------------------------------------- heartbeat (health.py)
+
+    @property
+    def health(self) -> HealthMonitor:
+        """The heartbeat: ``await manager.health.sweep()`` runs one sweep now."""
+        return self._health
+
+    @property
+    def ping_interval(self) -> float | None:
+        """Seconds of silence before a connection gets a ``health_ping``
+        (None: no heartbeat). Settable."""
+        return self._health.ping_interval
+
+    @ping_interval.setter
+    def ping_interval(self, value: float | None) -> None:
+        self._health.ping_interval = value
+
+    @property
+    def ping_timeout(self) -> float | None:
+        """Seconds a pinged connection has to send anything before it is
+        closed with 4004 ``stale`` (None: never). Settable."""
+        return self._health.ping_timeout
+
+    @ping_timeout.setter
+    def ping_timeout(self, value: float | None) -> None:
+        self._health.ping_timeout = value
+
+    async def start(self) -> None:
+        """Start the heartbeat and the backend in the running loop, e.g. from a
+        lifespan. Optional: the first ``connect()`` starts both too.
+
+        A Redis backend connects, registers this node and waits up to its
+        ``connect_timeout``; it never raises for an unreachable Redis (the
+        node serves locally and keeps retrying)."""
+        await self._health.start()
+        await self.backend.start()
+
+    async def stop(self) -> None:
+        """Stop the heartbeat and the backend (both restart with the next
+        ``connect()``). A Redis node leaves the cluster: its connections stop
+        counting at once instead of after the lease."""
+        await self.backend.stop()
+        await self._health.stop()
+
+    async def __aenter__(self) -> ConnectionManager:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
 
     # ------------------------------------------------- read-only seed views
 

@@ -83,11 +83,11 @@ async def lobby_socket(websocket: WebSocket, lobby_code: str, token: str = Query
     try:
         while True:
             data = await websocket.receive_json()
-            manager.update_last_message(user_id)
+            manager.touch(websocket)  # per websocket: a dead tab is found even if another answers
             if not isinstance(data, dict):
                 continue
             if data.get("type") == "health_pong":
-                manager.record_pong(user_id)
+                manager.record_pong_ws(websocket)
             elif data.get("type") == "chat":
                 text = str(data.get("text", ""))[:500]
                 await manager.broadcast_to_lobby(lobby_code, {"type": "chat", "from": user_id, "text": text})

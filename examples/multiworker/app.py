@@ -13,8 +13,6 @@ cluster (``/stats?local=1`` for the worker that served the request).
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Query, WebSocket, WebSocketDisconnect
@@ -32,14 +30,10 @@ manager = ConnectionManager(
 )
 
 
-@asynccontextmanager
-async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-    await manager.start()  # join the cluster (never fails: serves locally until Redis answers)
-    yield
-    await manager.stop()  # leave it: this worker's connections stop counting at once
-
-
-app = FastAPI(title="wsmanager multi-worker chat", lifespan=lifespan)
+# starts the heartbeat and joins the cluster (never fails: serves locally until
+# Redis answers); on SIGTERM closes this worker's sockets with 1001 and leaves
+# the cluster, so its connections stop counting at once
+app = FastAPI(title="wsmanager multi-worker chat", lifespan=manager.lifespan)
 
 
 @app.get("/stats")

@@ -322,6 +322,10 @@ class RedisBackend:
         else:
             self._dirty = True  # the next session's sync carries it
 
+    def pending_count(self) -> int:
+        """Handshakes of this node holding a cluster reservation."""
+        return len(self._cids) - len(self.own.nodes.get(self.node_id, ()))
+
     def reconcile(self) -> int:
         """Release connections the manager removed without telling the backend
         (e.g. a sweep that bypassed ``disconnect``). Returns how many."""

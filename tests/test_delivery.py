@@ -1,0 +1,260 @@
+"""Delivery under load and abuse: slow consumers, backlogs, order, rate limits, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.asgi_fakes import FakePeer
+from wsmanager import CloseCode, ConnectionManager
+
+
+async def joined(m: ConnectionManager, lobby: str, user: str) -> FakePeer:
+    peer = FakePeer()
+    assert await m.connect(peer.ws, lobby, user)
+    return peer
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+# ------------------------------------------------------------- slow consumers
+
+
+def test_a_stuck_member_does_not_delay_the_others() -> None:
+    async def main() -> None:
+        m = ConnectionManager(max_per_lobby=50)
+        peers = [await joined(m, "a", f"u{i}") for i in range(10)]
+        stuck = peers[3]
+        stuck.send_gate = asyncio.Event()  # its sends suspend until set
+        for n in range(20):
+            # the broadcast returns without waiting for the stuck member
+            assert await asyncio.wait_for(m.broadcast_to_lobby("a", {"n": n}), 1.0) == 10
+        for p in peers:
+            if p is not stuck:
+                assert p.texts() == [{"n": n} for n in range(20)]
+        assert stuck.texts() == []
+        assert m.get_stats()["backlogged_connections"] == 1
+        stuck.send_gate.set()
+        await settle()
+        # order kept: the suspended send first, then the backlog
+        assert stuck.texts() == [{"n": n} for n in range(20)]
+        assert m.get_stats()["backlogged_connections"] == 0
+        assert stuck.ws in m
+
+    asyncio.run(main())
+
+
+def test_order_is_kept_across_broadcasts_direct_sends_and_pings() -> None:
+    async def main() -> None:
+        m = ConnectionManager()
+        slow = await joined(m, "a", "slow")
+        slow.send_gate = asyncio.Event()
+        await m.broadcast_to_lobby("a", {"n": 0})
+        await m.send_to_user("slow", {"n": 1})
+        await m.broadcast_to_lobby("a", {"n": 2})
+        ping = asyncio.create_task(m.ping_user("slow", timeout=0.5))
+        await asyncio.sleep(0)
+        await m.send_to_user("slow", {"n": 3})
+        slow.send_gate.set()
+        await settle()
+        got = slow.texts()
+        assert [g.get("n") for g in got] == [0, 1, 2, None, 3]
+        assert got[3]["type"] == "health_ping"
+        assert await ping == (False, None)
+
+    asyncio.run(main())
+
+
+def test_backlog_over_its_message_bound_closes_with_4006() -> None:
+    async def main() -> None:
+        m = ConnectionManager(max_backlog=5)
+        good = await joined(m, "a", "good")
+        slow = await joined(m, "a", "slow")
+        slow.send_gate = asyncio.Event()
+        counts = [await m.broadcast_to_lobby("a", {"n": n}) for n in range(7)]
+        # 1 suspended in flight + 5 queued; the 7th overflows
+        assert counts == [2, 2, 2, 2, 2, 2, 1]
+        await settle()
+        assert slow.close_code == int(CloseCode.SLOW_CONSUMER) == 4006
+        assert slow.close_reason == "slow_consumer"
+        assert slow.ws not in m and good.ws in m
+        assert m.get_lobby_users("a") == {"good"}
+        stats = m.get_stats()
+        assert stats["closed"] == {"slow_consumer": 1}
+        assert stats["backlogged_connections"] == 0
+        assert len(good.texts()) == 7
+
+    asyncio.run(main())
+
+
+def test_backlog_over_its_byte_bound_closes_with_4006() -> None:
+    async def main() -> None:
+        m = ConnectionManager(max_backlog_bytes=1000)
+        slow = await joined(m, "a", "slow")
+        slow.send_gate = asyncio.Event()
+        assert await m.send_to_user("slow", {"t": "x" * 10}) is True  # in flight
+        assert await m.send_to_user("slow", {"t": "é" * 400}) is True  # 800+ bytes queued
+        assert await m.send_to_user("slow", {"t": "y" * 200}) is False  # over 1000 bytes
+        await settle()
+        assert (slow.close_code, slow.close_reason) == (4006, "slow_consumer")
+        assert not m.is_user_connected("slow")
+
+    asyncio.run(main())
+
+
+def test_sends_that_complete_at_once_create_no_task() -> None:
+    async def main() -> None:
+        m = ConnectionManager(max_per_lobby=100)
+        peers = [await joined(m, "a", f"u{i}") for i in range(50)]
+        created = 0
+        loop = asyncio.get_running_loop()
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> Any:
+            nonlocal created
+            created += 1
+            return asyncio.Task(coro, loop=loop, **kw)
+
+        loop.set_task_factory(factory)
+        try:
+            for n in range(100):
+                assert await m.broadcast_to_lobby("a", {"n": n}) == 50
+        finally:
+            loop.set_task_factory(None)
+        assert created == 0
+        assert all(len(p.texts()) == 100 for p in peers)
+
+    asyncio.run(main())
+
+
+def test_a_backlogged_connection_that_fails_is_removed() -> None:
+    async def main() -> None:
+        m = ConnectionManager()
+        slow = await joined(m, "a", "slow")
+        slow.send_gate = asyncio.Event()
+        await m.broadcast_to_lobby("a", {"n": 0})
+        await m.broadcast_to_lobby("a", {"n": 1})
+        slow.fail_sends = True
+        slow.send_gate.set()
+        await settle()
+        assert slow.ws not in m
+        assert m.get_stats()["backlogged_connections"] == 0
+        assert await m.broadcast_to_lobby("a", {"n": 2}) == 0
+
+    asyncio.run(main())
+
+
+def test_disconnect_drops_the_backlog_and_its_writer() -> None:
+    async def main() -> None:
+        m = ConnectionManager()
+        slow = await joined(m, "a", "slow")
+        slow.send_gate = asyncio.Event()
+        before = len(asyncio.all_tasks())
+        await m.broadcast_to_lobby("a", {"n": 0})
+        await m.broadcast_to_lobby("a", {"n": 1})
+        assert len(asyncio.all_tasks()) == before + 1  # one writer for the connection
+        m.disconnect(slow.ws)
+        await settle()
+        assert len(asyncio.all_tasks()) == before
+        assert m.get_stats()["backlogged_connections"] == 0
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- rate limit
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_token_bucket_allows_burst_then_rate() -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        m = ConnectionManager(rate_limit=8, rate_burst=5, rate_limit_close_after=8, clock=clock)
+        peer = await joined(m, "a", "u")
+        verdicts = [m._allow(peer.ws) for _ in range(7)]
+        assert verdicts == [0, 0, 0, 0, 0, 1, 2]  # burst of 5, then dropped (first one told)
+        clock.now += 0.125  # one token back
+        assert [m._allow(peer.ws) for _ in range(2)] == [0, 2]
+        clock.now += 10  # bucket full again: the streak is forgiven
+        assert [m._allow(peer.ws) for _ in range(6)] == [0, 0, 0, 0, 0, 1]
+        # persistent abuse: more than close_after drops without refilling
+        assert [m._allow(peer.ws) for _ in range(8)] == [2] * 7 + [3]
+        assert m.get_stats()["rate_limited_messages"] == 12
+
+    asyncio.run(main())
+
+
+def test_rate_limit_is_off_by_default_and_can_be_changed() -> None:
+    async def main() -> None:
+        m = ConnectionManager()
+        peer = await joined(m, "a", "u")
+        assert all(m._allow(peer.ws) == 0 for _ in range(10_000))
+        assert m.rate_limit is None
+        m.set_rate_limit(1, burst=2)
+        assert [m._allow(peer.ws) for _ in range(3)] == [0, 0, 1]
+        assert m._allow(FakePeer().ws) == 0  # unknown websockets are not limited
+        with pytest.raises(ValueError):
+            m.set_rate_limit(-1)
+        with pytest.raises(ValueError):
+            m.set_rate_limit(5, burst=0.5)
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------ shutdown
+
+
+def test_shutdown_flushes_backlogs_then_closes_everyone_with_1001() -> None:
+    async def main() -> None:
+        m = ConnectionManager(max_per_lobby=10)
+        peers = [await joined(m, "a", f"u{i}") for i in range(5)]
+        slow = peers[0]
+        slow.send_gate = asyncio.Event()
+        for n in range(3):
+            await m.broadcast_to_lobby("a", {"n": n})
+        stopped = []
+
+        async def stop() -> None:  # the heartbeat's stop(), when the manager has one
+            stopped.append(True)
+
+        m.stop = stop  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, slow.send_gate.set)
+        await asyncio.wait_for(m.shutdown(timeout=2.0), 3.0)
+        assert stopped == [True]
+        assert m.can_accept_connection("a") == (False, "shutting_down")
+        assert len(m) == 0
+        assert slow.texts() == [{"n": 0}, {"n": 1}, {"n": 2}]  # flushed before the close
+        assert all((p.close_code, p.close_reason) == (1001, "server_shutdown") for p in peers)
+        late = FakePeer()
+        assert await m.connect(late.ws, "a", "late") is False
+        assert (late.close_code, late.close_reason) == (1013, "shutting_down")
+        assert m.get_stats()["closed"]["server_shutdown"] == 5
+
+    asyncio.run(main())
+
+
+def test_shutdown_returns_within_its_timeout_despite_a_stuck_client() -> None:
+    async def main() -> None:
+        m = ConnectionManager()
+        stuck = await joined(m, "a", "stuck")
+        ok = await joined(m, "a", "ok")
+        stuck.send_gate = asyncio.Event()  # never set
+        await m.broadcast_to_lobby("a", {"n": 0})
+        await asyncio.wait_for(m.shutdown(timeout=0.3), 2.0)
+        assert len(m) == 0
+        assert ok.close_code == 1001
+        await settle()
+        assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    asyncio.run(main())
