@@ -238,3 +238,20 @@ def test_redis_restart_empty_is_survived() -> None:
         asyncio.run(main(server))
     finally:
         server.close()
+
+
+def test_a_stopped_node_leaves_at_once_and_only_a_connect_rejoins(redis: RedisServer) -> None:
+    async def main() -> None:
+        async with cluster(redis.url, lease=60.0) as (a, b):  # no lease expiry within the test
+            alice = await join(a, "L", "alice")
+            await join(b, "L", "bob")
+            await until(lambda: b.get_stats()["total_connections"] == 2, "b sees 2")
+            await a.stop()  # e.g. shutdown: a leaves without waiting for its lease
+            await until(lambda: b.get_stats()["total_connections"] == 1, "a's connection gone at once")
+            assert await a.broadcast_to_lobby("L", {"bye": 1}) == 1  # local only, and a stays out
+            assert alice.texts() == [{"bye": 1}]
+            assert not bp(a).up and b.get_stats()["total_connections"] == 1
+            await join(a, "L", "carol")  # a connect rejoins, with every live connection
+            await until(lambda: b.get_stats()["total_connections"] == 3, "a back with alice and carol")
+
+    asyncio.run(main())

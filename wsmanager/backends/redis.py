@@ -196,10 +196,17 @@ class RedisBackend:
             raise ValueError("a RedisBackend serves one ConnectionManager")
         self._manager = manager
 
-    def ensure_running(self) -> None:
-        """Start the backplane on the running loop unless it runs there already."""
+    def ensure_running(self, *, after_stop: bool = False) -> None:
+        """Start the backplane on the running loop unless it runs there already.
+
+        After ``stop()`` on this loop only ``after_stop=True`` (a new
+        ``connect()``) or ``start()`` restarts it: the broadcasts of a server
+        that is shutting down do not rejoin the cluster.
+        """
         loop = asyncio.get_running_loop()
-        if self._loop is loop and self._task is not None and not self._task.done():
+        if self._loop is loop and (
+            (self._task is not None and not self._task.done()) or (self._stopping and not after_stop)
+        ):
             return
         if self._loop is not loop:
             self._reset_session(outage=False)
@@ -213,7 +220,7 @@ class RedisBackend:
     async def start(self) -> None:
         """Start, and wait up to ``connect_timeout`` for Redis. Never raises for
         an unreachable Redis: the node serves locally and keeps retrying."""
-        self.ensure_running()
+        self.ensure_running(after_stop=True)
         await self.wait_up(self.connect_timeout)
         if not self.up:
             logger.warning(
@@ -251,7 +258,7 @@ class RedisBackend:
 
     async def reserve(self, websocket: Any, lobby: str, user: str) -> str:
         """Take a slot cluster-wide: ``""`` or the refusal reason."""
-        self.ensure_running()
+        self.ensure_running(after_stop=True)
         if not self.up and not self._ever_up:
             await self.wait_up(self.connect_timeout)
         cid = f"{next(self._ids)}"
