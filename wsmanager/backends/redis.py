@@ -666,6 +666,9 @@ class RedisBackend:
                 resync.clear()
                 await self._sync(client)
                 continue
+            if resync.is_set():  # asked for while a sync (e.g. the session's first) was running
+                resync.clear()
+                continue
             await _wait_event(resync, max(0.0, next_tick - loop.time()))
 
     # --------------------------------------------------------------- stats
