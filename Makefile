@@ -7,8 +7,9 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 APT_PACKAGES = uthash-dev
 # Only for the tests: the browser tests drive Debian's chromium (never Playwright's
-# download); the client tests run on node >= 20 (installed from Debian when absent).
-APT_TEST_PACKAGES = chromium
+# download); the backplane tests start Debian's redis-server; the client tests run
+# on node >= 20 (installed from Debian when absent).
+APT_TEST_PACKAGES = chromium redis-server
 NODE ?= node
 ASAN_LIB = $(shell gcc -print-file-name=libasan.so)
 
@@ -66,7 +67,7 @@ test-js: build apt-test
 	WSM_PYTHON=$(abspath $(PY)) $(NODE) --experimental-websocket --test tests/js/*.test.mjs
 
 # The suite again with the extension built under ASan + UBSan.
-test-asan: deps
+test-asan: deps apt-test
 	WSM_DEV=1 WSM_SANITIZE=1 $(PY) setup.py -q build_ext --inplace --force
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  PYTHONMALLOC=malloc LD_PRELOAD=$(ASAN_LIB) $(PY) -m pytest -q -p no:cacheprovider -m "not browser"; \
@@ -95,6 +96,7 @@ bench: build
 	$(PY) benchmarks/bench_core.py
 	$(PY) benchmarks/bench_sweep.py
 	$(PY) benchmarks/bench_e2e.py
+	$(PY) benchmarks/bench_redis.py
 
 bench-e2e: build
 	$(PY) benchmarks/bench_e2e.py

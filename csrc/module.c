@@ -80,7 +80,9 @@ typedef struct {
     PyObject *clock;            /* callable returning monotonic seconds, or NULL */
     PyObject *pong_hook;        /* called with the user id after a pong, or NULL */
     PyObject *drop_hook;        /* called with a removed websocket that had an
-                                   outbound backlog, or NULL */
+                                   outbound backlog (any removed websocket if
+                                   drop_hook_all), or NULL */
+    int drop_hook_all;
     int shutting_down;
     int initialized;
     /* counters */
@@ -532,7 +534,7 @@ Core_disconnect(CoreObject *self, PyObject *ws)
     int had_outbox = c->has_outbox;
     wsm_remove(&self->reg, c);
     self->n_disconnects++;
-    if (had_outbox && self->drop_hook != NULL) {
+    if ((had_outbox || self->drop_hook_all) && self->drop_hook != NULL) {
         PyObject *hook = self->drop_hook;
         Py_INCREF(hook);
         PyObject *res = PyObject_CallOneArg(hook, ws); /* new ref */
@@ -568,17 +570,29 @@ Core_set_outbox(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_TRUE;
 }
 
-/* _set_drop_hook(callable | None) */
+/* _set_drop_hook(callable | None, every=False): called by disconnect() with
+ * the websocket it removed, if that connection had an outbound backlog, or
+ * always with every=True (a backplane must hear of every removal). */
 static PyObject *
-Core_set_drop_hook(CoreObject *self, PyObject *hook)
+Core_set_drop_hook(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     CHECK_INIT(self, NULL);
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "_set_drop_hook(hook, every=False)");
+        return NULL;
+    }
+    PyObject *hook = args[0];
+    int every = 0;
+    if (nargs == 2 && (every = PyObject_IsTrue(args[1])) < 0) {
+        return NULL;
+    }
     if (hook != Py_None && !PyCallable_Check(hook)) {
         PyErr_SetString(PyExc_TypeError, "drop hook must be callable or None");
         return NULL;
     }
     PyObject *old = self->drop_hook;
     self->drop_hook = hook == Py_None ? NULL : Py_NewRef(hook);
+    self->drop_hook_all = every;
     Py_XDECREF(old);
     Py_RETURN_NONE;
 }
@@ -1476,7 +1490,8 @@ static PyMethodDef Core_methods[] = {
     {"_info", (PyCFunction)Core_info, METH_O, NULL},
     {"_note_ping", (PyCFunction)Core_note_ping, METH_O, NULL},
     {"_set_pong_hook", (PyCFunction)Core_set_pong_hook, METH_O, NULL},
-    {"_set_drop_hook", (PyCFunction)Core_set_drop_hook, METH_O, NULL},
+    {"_set_drop_hook", (PyCFunction)(void (*)(void))Core_set_drop_hook,
+     METH_FASTCALL, NULL},
     {"_set_outbox", (PyCFunction)(void (*)(void))Core_set_outbox, METH_FASTCALL,
      NULL},
     {"_lobby_targets", (PyCFunction)(void (*)(void))Core_lobby_targets,

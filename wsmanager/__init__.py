@@ -8,13 +8,17 @@ See README.md for the API, the close codes and the benchmarks.
 from __future__ import annotations
 
 from ._core import dumps
+from .backends import Backend, InMemoryBackend, backend_from_env
 from .codes import CLOSE_CODES, CloseCode, close_code_for
 from .manager import ConnectionManager
 
 __all__ = [
     "CLOSE_CODES",
+    "Backend",
     "CloseCode",
     "ConnectionManager",
+    "InMemoryBackend",
+    "backend_from_env",
     "close_code_for",
     "dumps",
     "manager",
@@ -22,5 +26,8 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-manager = ConnectionManager()
-"""The shared manager, with the seed's defaults (500 connections, 10 per lobby)."""
+manager = ConnectionManager(backend=backend_from_env())
+"""The shared manager, with the seed's defaults (500 connections, 10 per lobby).
+
+In memory, unless ``WSMANAGER_REDIS_URL`` is set at import: then it joins the
+Redis backplane at that URL (see ``wsmanager.backends.backend_from_env``)."""

@@ -230,6 +230,9 @@ class HealthMonitor:
             return SweepResult(0, 0, False)
         timeout = math.inf if self._timeout is None else self._timeout
         to_ping, expired = manager._sweep(interval, timeout, _BATCH)
+        if expired and manager._backplane is not None:  # removed in C: tell the cluster
+            for websocket, _lobby, _user in expired:
+                manager._backplane.release(websocket)
         here = self._state(asyncio.get_running_loop())
         spawned: list[asyncio.Task[None]] = []
         if to_ping:
@@ -412,6 +415,8 @@ class HealthMonitor:
         if manager is None:
             return
         info = manager._reap(websocket, reason)
+        if info is not None and manager._backplane is not None:
+            manager._backplane.release(websocket)
         logger.log(
             logging.INFO if info else logging.DEBUG,  # else _drop() logged it already
             "stale connection removed: %s",

@@ -18,13 +18,17 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from starlette.websockets import WebSocket, WebSocketState
 
 from ._core import Core, dumps
+from .backends import Backend, InMemoryBackend
 from .codes import CloseCode, close_code_for
 from .health import HealthMonitor
+
+if TYPE_CHECKING:
+    from .backends.redis import RedisBackend
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +160,10 @@ class ConnectionManager(Core):
       ``record_pong_ws(websocket)`` report one connection, where the seed's
       ``update_last_message(user_id)`` / ``record_pong(user_id)`` vouch for
       every connection of the user.
+    * ``backend``: where the manager's reach ends. ``InMemoryBackend()`` (the
+      default) is this process; ``RedisBackend(url)`` (``wsmanager.backends.redis``)
+      joins every process and machine sharing that Redis into one cluster:
+      broadcasts, direct messages, limits and presence then span all of them.
     """
 
     def __init__(
@@ -178,6 +186,7 @@ class ConnectionManager(Core):
         shutdown_timeout: float = 10.0,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 10.0,
+        backend: Backend | None = None,
     ) -> None:
         super().__init__(
             max_connections,
@@ -207,12 +216,19 @@ class ConnectionManager(Core):
         # websocket -> its outbound backlog; only connections whose last send
         # suspended are here, so the common case costs one dict miss.
         self._outboxes: dict[Any, _Outbox] = {}
-        # The core holds its hooks strongly: hand it functions that hold the
-        # manager weakly, so that dropping the manager frees it at once.
-        self._set_drop_hook(_weak_method(self, ConnectionManager._discard_outbox))
         self._closers: set[asyncio.Task[None]] = set()
         self._closed: dict[str, int] = {}
         self._shutdown_task: asyncio.Task[None] | None = None
+        # -- backend (issue 6): None on the single-process path, which then
+        # makes no backend call at all.
+        self.backend: Backend = backend if backend is not None else InMemoryBackend()
+        self.backend.bind(self)
+        self._backplane: RedisBackend | None = (
+            cast("RedisBackend", self.backend) if self.backend.clustered else None
+        )
+        # The core holds its hooks strongly: hand it functions that hold the
+        # manager weakly, so that dropping the manager frees it at once.
+        self._set_drop_hook(_weak_method(self, ConnectionManager._on_removed), self._backplane is not None)
 
     def set_rate_limit(
         self, rate: float | None, burst: float | None = None, *, close_after: int = 100
@@ -251,6 +267,16 @@ class ConnectionManager(Core):
         registry is then unchanged.
         """
         reason = self._reserve(websocket, lobby_code, user_id)
+        bp = self._backplane
+        if bp is not None and not reason:  # backend: the cluster-wide slot
+            try:
+                reason = await bp.reserve(websocket, lobby_code, user_id)
+            except BaseException:
+                self._release(websocket)
+                bp.release(websocket)
+                raise
+            if reason:
+                self._release(websocket)
         if reason:
             logger.info(
                 "connection refused: %s",
@@ -264,12 +290,18 @@ class ConnectionManager(Core):
                 await websocket.accept()
         except BaseException:
             self._release(websocket)
+            if bp is not None:
+                bp.release(websocket)
             raise
         try:
             self._commit(websocket)
         except BaseException:  # a failing injected clock: never leak the reservation
             self._release(websocket)
+            if bp is not None:
+                bp.release(websocket)
             raise
+        if bp is not None:
+            bp.commit(websocket)
         self._health.watch(websocket)  # heartbeat: runs in this loop; reclaims the entry if the endpoint dies
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("connected", extra={"lobby": lobby_code, "user": user_id})
@@ -311,9 +343,18 @@ class ConnectionManager(Core):
         removed; one that disconnects meanwhile is skipped. ``exclude_user_id``
         skips every connection of that user.
         """
+        bp = self._backplane
+        if bp is None:
+            if not self._lobby_count(lobby_code):
+                return 0
+            return await self._deliver_lobby(lobby_code, dumps(message), exclude_user_id)
+        # backend: other nodes get the same text, queued before local delivery
+        bp.ensure_running()
+        data = dumps(message)
+        remote = bp.publish_lobby(lobby_code, data, exclude_user_id)
         if not self._lobby_count(lobby_code):
-            return 0
-        return await self._deliver_lobby(lobby_code, dumps(message), exclude_user_id)
+            return remote
+        return remote + await self._deliver_lobby(lobby_code, data, exclude_user_id)
 
     async def send_to_user(self, user_id: str, message: Any) -> bool:
         """Send ``message`` to every open connection of ``user_id``.
@@ -321,9 +362,18 @@ class ConnectionManager(Core):
         True if at least one connection got it. Never raises for a failing
         connection: it is removed.
         """
-        if not self.is_user_connected(user_id):
-            return False
-        return await self._deliver_user(user_id, dumps(message))
+        bp = self._backplane
+        if bp is None:
+            if not Core.is_user_connected(self, user_id):
+                return False
+            return await self._deliver_user(user_id, dumps(message))
+        # backend: reach the user's connections on other nodes too
+        bp.ensure_running()
+        data = dumps(message)
+        remote = bp.publish_user(user_id, data) > 0
+        if not Core.is_user_connected(self, user_id):
+            return remote
+        return await self._deliver_user(user_id, data) or remote
 
     # Local delivery of serialized text: the seam a backplane publishes into.
     #
@@ -433,8 +483,15 @@ class ConnectionManager(Core):
             )
 
     # disconnect(websocket) is the C core's, with no Python layer on this hot
-    # path: only for a connection with an outbound backlog does the core call
-    # _discard_outbox (the drop hook), which cancels its writer.
+    # path: the core calls _on_removed (the drop hook) only for a connection
+    # with an outbound backlog, or for every removal when a backplane must
+    # hear of it.
+
+    def _on_removed(self, websocket: Any) -> None:
+        if self._outboxes:
+            self._discard_outbox(websocket)
+        if self._backplane is not None:
+            self._backplane.release(websocket)
 
     def _discard_outbox(self, websocket: Any) -> None:
         box = self._outboxes.pop(websocket, None)
@@ -565,16 +622,74 @@ class ConnectionManager(Core):
 
         await serve(self, websocket, lobby_code, user_id, handler)
 
-    def get_stats(self) -> dict[str, Any]:
+    def get_stats(self, *, local: bool = False) -> dict[str, Any]:
         """The seed's statistics plus counters: ``closed`` (closes the library
         performed, by reason), ``backlogged_connections`` (connections with
         queued outbound messages) and ``rate_limited_messages`` (inbound
-        messages dropped by the rate limit)."""
+        messages dropped by the rate limit).
+
+        With a clustered backend, ``total_connections``, ``capacity_percent``,
+        ``active_lobbies`` and ``connected_users`` are the cluster's (the
+        other counters stay this process's), ``local`` holds this process's
+        four figures and ``backplane`` the backend's health (``up``,
+        ``last_error``, ...). ``local=True``: this process's stats only.
+        """
         stats = super().get_stats()
         stats["closed"] = dict(self._closed)
         stats["backlogged_connections"] = len(self._outboxes)
         stats["rate_limited_messages"] = self._rate_stats()[0]
+        bp = self._backplane
+        if bp is None or local:
+            return stats
+        keys = ("total_connections", "capacity_percent", "active_lobbies", "connected_users")
+        stats["local"] = {k: stats[k] for k in keys}
+        view = bp.view
+        total = view.total
+        stats["total_connections"] = total
+        stats["capacity_percent"] = (
+            round(total / self.max_connections * 100, 1) if self.max_connections else 100.0
+        )
+        stats["active_lobbies"] = len(view.lobbies)
+        stats["connected_users"] = len(view.users)
+        stats["backplane"] = bp.stats()
         return stats
+
+    # ------------------------------------------- cluster reads (backend, issue 6)
+
+    def can_accept_connection(self, lobby_code: str) -> tuple[bool, str]:
+        """``(True, "")`` or ``(False, reason)``: advisory, like the seed's.
+
+        With a clustered backend it also checks the cluster counts of the
+        view this node keeps (other nodes' handshakes in progress are not in
+        it); ``connect()`` decides atomically either way.
+        """
+        verdict = Core.can_accept_connection(self, lobby_code)
+        bp = self._backplane
+        if bp is None or not verdict[0]:
+            return verdict
+        view = bp.view
+        if view.total + bp.pending_count() >= self.max_connections:
+            return False, "server_full"
+        if view.lobbies.get(lobby_code, 0) >= self.max_per_lobby:
+            return False, "lobby_full"
+        return verdict
+
+    def is_user_connected(self, user_id: str, *, local: bool = False) -> bool:
+        """Whether ``user_id`` has an open connection, on any node of the
+        cluster (``local=True``: in this process)."""
+        if Core.is_user_connected(self, user_id):
+            return True
+        bp = self._backplane
+        return bp is not None and not local and bp.view.users.get(user_id, 0) > 0
+
+    def get_lobby_users(self, lobby_code: str, *, local: bool = False) -> set[str]:
+        """User ids connected to ``lobby_code`` on any node (``local=True``:
+        in this process)."""
+        users = Core.get_lobby_users(self, lobby_code)
+        bp = self._backplane
+        if bp is not None and not local:
+            users.update(bp.view.lobby_users.get(lobby_code, ()))
+        return users
 
     # ------------------------------------------------------------------ health
 
@@ -669,12 +784,20 @@ class ConnectionManager(Core):
         self._health.ping_timeout = value
 
     async def start(self) -> None:
-        """Start the heartbeat in the running loop, e.g. from a lifespan.
-        Optional: the first ``connect()`` starts it too."""
+        """Start the heartbeat and the backend in the running loop, e.g. from a
+        lifespan. Optional: the first ``connect()`` starts both too.
+
+        A Redis backend connects, registers this node and waits up to its
+        ``connect_timeout``; it never raises for an unreachable Redis (the
+        node serves locally and keeps retrying)."""
         await self._health.start()
+        await self.backend.start()
 
     async def stop(self) -> None:
-        """Stop the heartbeat (it restarts with the next ``connect()``)."""
+        """Stop the heartbeat and the backend (both restart with the next
+        ``connect()``). A Redis node leaves the cluster: its connections stop
+        counting at once instead of after the lease."""
+        await self.backend.stop()
         await self._health.stop()
 
     async def __aenter__(self) -> ConnectionManager:

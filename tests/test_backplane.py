@@ -1,0 +1,257 @@
+"""The Redis backplane with two managers ("nodes") on one event loop and a real redis-server.
+
+Each test gets its own namespace on one shared redis-server; the restart test
+gets a server of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from tests.asgi_fakes import FakePeer
+from tests.redis_server import RedisServer, redis_server
+from wsmanager import ConnectionManager, InMemoryBackend, backend_from_env, manager
+from wsmanager.backends.redis import RedisBackend
+
+pytestmark = pytest.mark.slow
+
+# the submodule (the package's attribute `manager` is the module-level instance)
+manager_module = importlib.import_module("wsmanager.manager")
+
+_namespaces = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Wait for a state a user would observe (bounded; no timing asserted)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def cluster(
+    url: str, n: int = 2, lease: float = 1.0, **limits: Any
+) -> AsyncIterator[list[ConnectionManager]]:
+    ns = f"t{next(_namespaces)}"
+    nodes = [
+        ConnectionManager(backend=RedisBackend(url, namespace=ns, lease=lease, connect_timeout=5.0), **limits)
+        for _ in range(n)
+    ]
+    for node in nodes:
+        await node.start()
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
+def bp(node: ConnectionManager) -> RedisBackend:
+    assert isinstance(node.backend, RedisBackend)
+    return node.backend
+
+
+async def join(node: ConnectionManager, lobby: str, user: str) -> FakePeer:
+    peer = FakePeer()
+    assert await node.connect(peer.ws, lobby, user)
+    return peer
+
+
+def test_in_memory_is_the_default_and_needs_no_server() -> None:
+    assert isinstance(manager.backend, InMemoryBackend)
+    assert isinstance(ConnectionManager().backend, InMemoryBackend)
+    assert isinstance(backend_from_env({}), InMemoryBackend)
+    assert "backplane" not in ConnectionManager().get_stats()
+
+
+def test_environment_points_the_module_manager_at_redis() -> None:
+    backend = backend_from_env(
+        {
+            "WSMANAGER_REDIS_URL": "redis://127.0.0.1:1/0",
+            "WSMANAGER_REDIS_NAMESPACE": "prod",
+            "WSMANAGER_LEASE_SECONDS": "3",
+        }
+    )
+    assert isinstance(backend, RedisBackend)
+    assert (backend.url, backend.namespace, backend.lease) == ("redis://127.0.0.1:1/0", "prod", 3.0)
+    assert RedisBackend().lease <= 15
+
+
+def test_broadcast_and_direct_message_cross_nodes(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = 0
+    real_dumps = manager_module.dumps
+
+    def counting_dumps(obj: Any) -> str:
+        nonlocal calls
+        calls += 1
+        return str(real_dumps(obj))
+
+    monkeypatch.setattr(manager_module, "dumps", counting_dumps)
+
+    async def main() -> None:
+        async with cluster(redis.url) as (a, b):
+            alice = await join(a, "L", "alice")
+            bob = await join(b, "L", "bob")
+            carol = await join(b, "L", "carol")
+            await until(lambda: a.get_stats()["total_connections"] == 3, "a sees 3 connections")
+            assert await a.broadcast_to_lobby("L", {"n": 1}, exclude_user_id="carol") == 2
+            assert calls == 1  # serialized once, for every node
+            await until(lambda: bool(bob.texts()), "bob gets the broadcast")
+            assert alice.texts() == [{"n": 1}] and bob.texts() == [{"n": 1}]
+            assert await b.send_to_user("alice", {"dm": "hi"})
+            await until(lambda: len(alice.texts()) == 2, "alice gets the dm")
+            assert alice.texts()[-1] == {"dm": "hi"}
+            assert carol.texts() == []  # excluded on her node too
+            assert not await a.send_to_user("nobody", {"dm": 1})
+
+    asyncio.run(main())
+
+
+def test_one_publisher_messages_arrive_in_order(redis: RedisServer) -> None:
+    async def main() -> None:
+        async with cluster(redis.url) as (a, b):
+            await join(a, "L", "sender")
+            peers = [await join(b, "L", f"u{i}") for i in range(3)]
+            await until(lambda: a.get_stats()["total_connections"] == 4, "a sees 4")
+            for i in range(300):
+                await a.broadcast_to_lobby("L", {"seq": i})
+            await until(lambda: all(len(p.texts()) == 300 for p in peers), "300 messages each")
+            for p in peers:
+                assert [m["seq"] for m in p.texts()] == list(range(300))
+
+    asyncio.run(main())
+
+
+def test_presence_and_stats_answer_for_the_cluster(redis: RedisServer) -> None:
+    async def main() -> None:
+        async with cluster(redis.url) as (a, b):
+            alice = await join(a, "L1", "alice")
+            await join(b, "L1", "bob")
+            await join(b, "L2", "bob")
+            await until(lambda: a.get_stats()["total_connections"] == 3, "a sees 3")
+            assert a.is_user_connected("bob")
+            assert not a.is_user_connected("bob", local=True)
+            assert a.get_lobby_users("L1") == {"alice", "bob"}
+            assert a.get_lobby_users("L1", local=True) == {"alice"}
+            stats = a.get_stats()
+            seen = (stats["total_connections"], stats["active_lobbies"], stats["connected_users"])
+            assert seen == (3, 2, 2)
+            assert stats["local"]["total_connections"] == 1
+            assert stats["backplane"]["up"] is True
+            assert a.get_stats(local=True)["total_connections"] == 1
+            a.disconnect(alice.ws)
+            await until(lambda: not b.is_user_connected("alice"), "b sees alice leave")
+            assert b.get_stats()["total_connections"] == 2
+
+    asyncio.run(main())
+
+
+def test_limits_hold_across_nodes_under_a_concurrent_storm(redis: RedisServer) -> None:
+    async def main() -> None:
+        async with cluster(redis.url, max_connections=12, max_per_lobby=5, max_per_user=2) as (a, b):
+            peers = [FakePeer(accept_yields=3) for _ in range(40)]
+            nodes = [a, b] * 20
+            storm = (
+                node.connect(p.ws, "busy", f"u{i}")
+                for i, (node, p) in enumerate(zip(nodes, peers, strict=True))
+            )
+            results = await asyncio.gather(*storm)
+            assert sum(results) == 5
+            refused = [p for p, ok in zip(peers, results, strict=True) if not ok]
+            assert all(p.close_message and p.close_message["reason"] == "lobby_full" for p in refused)
+            # per-user limit, across nodes
+            assert await a.connect(FakePeer().ws, "m1", "multi")
+            assert await b.connect(FakePeer().ws, "m2", "multi")
+            third = FakePeer()
+            assert not await a.connect(third.ws, "m3", "multi")
+            assert third.close_message and third.close_message["reason"] == "user_limit"
+            await until(lambda: a.get_stats()["total_connections"] == 7, "7 in the cluster")
+            # server-wide limit, across lobbies and nodes: 5 slots left
+            more = [n.connect(FakePeer(accept_yields=2).ws, f"x{i}", f"v{i}") for i, n in enumerate(nodes)]
+            assert sum(await asyncio.gather(*more)) == 5
+            await until(lambda: b.get_stats()["total_connections"] == 12, "12 in the cluster")
+            assert a.can_accept_connection("other") == (False, "server_full")
+
+
+def test_a_node_that_stops_renewing_is_reaped_after_its_lease(redis: RedisServer) -> None:
+    async def main() -> None:
+        async with cluster(redis.url, max_per_lobby=2) as (a, b):
+            await join(a, "L", "alice")
+            await join(b, "L", "bob")
+            await until(lambda: a.get_stats()["total_connections"] == 2, "a sees 2")
+            assert not await a.connect(FakePeer().ws, "L", "carol")
+            # b freezes: no renewal, no cleanup (what kill -9 leaves behind)
+            task = bp(b)._task
+            assert task is not None
+            task.cancel()
+            await until(lambda: a.get_stats()["total_connections"] == 1, "b's connection reaped")
+            assert a.get_lobby_users("L") == {"alice"}
+            assert await a.connect(FakePeer().ws, "L", "carol")
+
+    asyncio.run(main())
+
+
+def test_redis_restart_empty_is_survived() -> None:
+    async def main(server: RedisServer) -> None:
+        async with cluster(server.url) as (a, b):
+            alice = await join(a, "L", "alice")
+            bob = await join(b, "L", "bob")
+            await until(lambda: a.get_stats()["total_connections"] == 2, "a sees 2")
+            server.kill()
+            await until(lambda: not bp(a).up and not bp(b).up, "both report the backplane down")
+            stats = a.get_stats()
+            assert stats["backplane"]["up"] is False and stats["backplane"]["last_error"]
+            # local connections keep working, and answers are local
+            assert await a.broadcast_to_lobby("L", {"during": "outage"}) == 1
+            assert alice.texts() == [{"during": "outage"}]
+            assert a.get_lobby_users("L") == {"alice"}
+            late = await join(b, "L", "late")  # admitted on local limits
+            server.start()  # same port, empty
+            await until(lambda: bp(a).up and bp(b).up, "both back up")
+            await until(lambda: a.get_stats()["total_connections"] == 3, "presence restored")
+            assert a.get_lobby_users("L") == {"alice", "bob", "late"}
+            await a.broadcast_to_lobby("L", {"after": "restart"})
+            await until(lambda: {"after": "restart"} in bob.texts(), "bob gets it")
+            await until(lambda: {"after": "restart"} in late.texts(), "late gets it")
+
+    server = RedisServer()
+    server.start()
+    try:
+        asyncio.run(main(server))
+    finally:
+        server.close()
+
+
+def test_a_stopped_node_leaves_at_once_and_only_a_connect_rejoins(redis: RedisServer) -> None:
+    async def main() -> None:
+        async with cluster(redis.url, lease=60.0) as (a, b):  # no lease expiry within the test
+            alice = await join(a, "L", "alice")
+            await join(b, "L", "bob")
+            await until(lambda: b.get_stats()["total_connections"] == 2, "b sees 2")
+            await a.stop()  # e.g. shutdown: a leaves without waiting for its lease
+            await until(lambda: b.get_stats()["total_connections"] == 1, "a's connection gone at once")
+            assert await a.broadcast_to_lobby("L", {"bye": 1}) == 1  # local only, and a stays out
+            assert alice.texts() == [{"bye": 1}]
+            assert not bp(a).up and b.get_stats()["total_connections"] == 1
+            await join(a, "L", "carol")  # a connect rejoins, with every live connection
+            await until(lambda: b.get_stats()["total_connections"] == 3, "a back with alice and carol")
+
+    asyncio.run(main())

@@ -1,0 +1,208 @@
+"""Two uvicorn processes running the seed's endpoint, one real redis-server, real clients.
+
+The app is tests/cluster_app.py: the seed's endpoint unchanged, its module-level
+``manager`` pointed at Redis by ``WSMANAGER_REDIS_URL`` (a 1 s lease).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.redis_server import RedisServer, redis_server
+from tests.servers import uvicorn_server
+
+pytestmark = pytest.mark.slow
+
+_namespaces = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def nodes(url: str, n: int = 2) -> Iterator[list[tuple[int, subprocess.Popen[bytes]]]]:
+    """``n`` uvicorn nodes of one fresh cluster."""
+    env = {
+        "WSMANAGER_REDIS_URL": url,
+        "WSMANAGER_REDIS_NAMESPACE": f"uv{next(_namespaces)}",
+        "WSMANAGER_LEASE_SECONDS": "1",
+    }
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(uvicorn_server("tests.cluster_app:app", env=env)) for _ in range(n)]
+
+
+async def get(port: int, path: str) -> Any:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    raw = await reader.read()
+    writer.close()
+    return json.loads(raw.split(b"\r\n\r\n", 1)[1])
+
+
+async def wait_for(port: int, path: str, check: Any, what: str, timeout: float = 15.0) -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        got = await get(port, path)
+        if check(got):
+            return got
+        if loop.time() > deadline:
+            raise AssertionError(f"never happened: {what}; last answer {got}")
+        await asyncio.sleep(0.05)
+
+
+def total_is(n: int) -> Any:
+    return lambda s: s["total_connections"] == n and s["backplane"]["up"]
+
+
+def url(port: int, lobby: str, user: str) -> str:
+    return f"ws://127.0.0.1:{port}/ws/{lobby}?token=user:{user}"
+
+
+async def recv(ws: ClientConnection) -> Any:
+    return json.loads(await asyncio.wait_for(ws.recv(), 10))
+
+
+def test_broadcast_and_direct_message_cross_two_processes(redis: RedisServer) -> None:
+    async def main(p1: int, p2: int) -> None:
+        async with connect(url(p1, "L", "alice")) as alice, connect(url(p2, "L", "bob")) as bob:
+            await wait_for(p1, "/stats", total_is(2), "node 1 sees both")
+            await alice.send(json.dumps({"type": "chat", "text": "héllo"}))
+            assert await recv(bob) == {"type": "chat", "from": "alice", "text": "héllo"}
+            assert (await recv(alice))["from"] == "alice"
+            await bob.send(json.dumps({"type": "dm", "to": "alice", "text": "psst"}))
+            assert await recv(alice) == {"type": "dm", "from": "bob", "text": "psst"}
+            assert await get(p1, "/presence/bob") == {"cluster": True, "local": False}
+            assert await get(p1, "/lobby/L") == {"cluster": ["alice", "bob"], "local": ["alice"]}
+        await wait_for(p2, "/stats", total_is(0), "both gone, seen from node 2")
+
+    with nodes(redis.url) as [(p1, _), (p2, _)]:
+        asyncio.run(main(p1, p2))
+
+
+async def attempt(port: int, lobby: str, user: str) -> ClientConnection | int:
+    """A client: its open connection, or the close code / HTTP status it was refused with."""
+    try:
+        ws = await connect(url(port, lobby, user))
+    except InvalidStatus as exc:  # refused by the seed's can_accept_connection, before accept
+        return int(exc.response.status_code)
+    try:
+        await asyncio.wait_for(ws.recv(), timeout=0.5)
+    except ConnectionClosed as exc:  # refused by connect(): accept-then-close
+        assert exc.rcvd is not None
+        assert (exc.rcvd.code, exc.rcvd.reason) == (4002, "lobby_full")
+        return 4002
+    except asyncio.TimeoutError:
+        pass
+    return ws
+
+
+def test_lobby_limit_holds_under_a_storm_spread_over_both_nodes(redis: RedisServer) -> None:
+    async def main(p1: int, p2: int) -> None:
+        results = await asyncio.gather(*(attempt((p1, p2)[i % 2], "busy", f"u{i}") for i in range(30)))
+        admitted = [r for r in results if not isinstance(r, int)]
+        assert len(admitted) == 10  # the seed's max_per_lobby, cluster-wide
+        for port in (p1, p2):
+            s = await wait_for(port, "/stats", total_is(10), "10 connections in the cluster")
+            assert s["active_lobbies"] == 1
+        for ws in admitted:
+            await ws.close()
+
+    with nodes(redis.url) as [(p1, _), (p2, _)]:
+        asyncio.run(main(p1, p2))
+
+
+def test_kill_9_of_a_node_frees_its_capacity_within_the_lease(redis: RedisServer) -> None:
+    async def main(p1: int, p2: int, victim: subprocess.Popen[bytes]) -> None:
+        clients = [await connect(url((p1, p2)[i % 2], "full", f"u{i}")) for i in range(10)]
+        await wait_for(p1, "/stats", total_is(10), "lobby full")
+        assert await attempt(p1, "full", "late") in (403, 4002)
+        victim.kill()  # SIGKILL: no cleanup at all
+        victim.wait()
+        s = await wait_for(p1, "/stats", total_is(5), "node 2's connections reclaimed")
+        assert s["backplane"]["reaped_nodes"] == 1
+        late = await attempt(p1, "full", "late")
+        assert not isinstance(late, int)
+        await late.close()
+        for ws in clients:
+            with contextlib.suppress(Exception):
+                await ws.close()
+
+    with nodes(redis.url) as [(p1, _), (p2, victim)]:
+        asyncio.run(main(p1, p2, victim))
+
+
+def test_a_redis_restart_is_survived() -> None:
+    async def main(server: RedisServer, p1: int, p2: int) -> None:
+        async with (
+            connect(url(p1, "L", "alice")) as alice,
+            connect(url(p1, "L", "amy")) as amy,
+            connect(url(p2, "L", "bob")) as bob,
+        ):
+            await wait_for(p2, "/stats", total_is(3), "node 2 sees all three")
+            server.kill()
+            for port in (p1, p2):
+                s = await wait_for(port, "/stats", lambda s: not s["backplane"]["up"], "backplane down")
+                assert s["backplane"]["last_error"]
+            # local traffic keeps flowing during the outage
+            await alice.send(json.dumps({"type": "chat", "text": "still here"}))
+            assert (await recv(amy))["text"] == "still here"
+            assert (await recv(alice))["text"] == "still here"
+            server.start()  # the same port, empty
+            for port in (p1, p2):
+                await wait_for(port, "/stats", total_is(3), "presence restored")
+            await bob.send(json.dumps({"type": "chat", "text": "back"}))
+            assert (await recv(alice))["text"] == "back"
+            assert (await recv(amy))["text"] == "back"
+
+    server = RedisServer()
+    server.start()
+    try:
+        with nodes(server.url) as [(p1, _), (p2, _)]:
+            asyncio.run(main(server, p1, p2))
+    finally:
+        server.close()
+
+
+def test_the_multiworker_example_runs_on_four_workers(redis: RedisServer) -> None:
+    env = {"REDIS_URL": redis.url, "CHAT_NAMESPACE": f"ex{next(_namespaces)}", "WSMANAGER_LEASE_SECONDS": "2"}
+
+    async def main(port: int) -> None:
+        base = f"ws://127.0.0.1:{port}/ws/room?user="
+        clients: list[ClientConnection] = []
+        pids: set[int] = set()
+        while len(clients) < 8 or (len(pids) < 2 and len(clients) < 40):  # until two workers hold sockets
+            ws = await connect(base + f"u{len(clients)}")
+            pids.add((await recv(ws))["worker_pid"])
+            clients.append(ws)
+        assert len(pids) >= 2
+        n = len(clients)
+        stats = await wait_for(port, "/stats", lambda s: s["total_connections"] == n, "all in the cluster")
+        assert stats["backplane"]["up"]
+        await clients[0].send(json.dumps({"type": "chat", "text": "to everyone"}))
+        for ws in clients:
+            while (msg := await recv(ws))["type"] != "chat":
+                pass
+            assert msg == {"type": "chat", "from": "u0", "text": "to everyone"}
+        await clients[7].send(json.dumps({"type": "dm", "to": "u3", "text": "just you"}))
+        while (msg := await recv(clients[3]))["type"] != "dm":
+            pass
+        assert msg["text"] == "just you"
+        for ws in clients:
+            await ws.close()
+
+    with uvicorn_server("examples.multiworker.app:app", env=env, extra_args=["--workers", "4"]) as (port, _):
+        asyncio.run(main(port))

@@ -1,0 +1,173 @@
+"""Backends: where a ConnectionManager's reach ends.
+
+``InMemoryBackend`` (the default) keeps everything in this process: the
+manager then runs exactly the single-process code, with no backend call on any
+path. ``RedisBackend`` (``wsmanager.backends.redis``, extra ``wsmanager[redis]``)
+joins every process and machine that shares a Redis into one cluster:
+broadcasts, direct messages, limits and presence span all of them.
+
+    from wsmanager import ConnectionManager
+    from wsmanager.backends.redis import RedisBackend
+
+    manager = ConnectionManager(backend=RedisBackend("redis://127.0.0.1:6379/0"))
+
+or, for the module-level ``wsmanager.manager``, set ``WSMANAGER_REDIS_URL``
+before the import (see :func:`backend_from_env`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ..manager import ConnectionManager
+
+__all__ = ["Backend", "ClusterView", "InMemoryBackend", "backend_from_env"]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a ConnectionManager asks of its backend.
+
+    A backend with ``clustered = False`` is never called after :meth:`bind`:
+    the manager keeps its single-process paths. A clustered backend is called
+    at these points, all synchronous unless marked async:
+
+    * ``await reserve(ws, lobby, user)`` after the local reservation, before
+      ``accept()``: ``""`` or a refusal reason, decided cluster-wide;
+    * ``commit(ws)`` once accepted, ``release(ws)`` when the handshake failed
+      or the connection left (``disconnect``, failed send, stale sweep);
+    * ``publish_lobby`` / ``publish_user`` with the text already serialized,
+      after or before local delivery; they return the number of remote
+      connections the message was handed to (an estimate from the view);
+    * ``view``: the cluster's presence, for the sync read methods.
+
+    Messages from other nodes come back through the manager's
+    ``_deliver_lobby`` / ``_deliver_user``.
+    """
+
+    clustered: bool
+
+    def bind(self, manager: ConnectionManager) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class InMemoryBackend:
+    """The default: one process, nothing shared, no server needed."""
+
+    clustered = False
+
+    def bind(self, manager: ConnectionManager) -> None:
+        """Nothing to do: the manager's own registry is the whole truth."""
+
+    async def start(self) -> None:
+        """Nothing to start."""
+
+    async def stop(self) -> None:
+        """Nothing to stop."""
+
+    def stats(self) -> dict[str, Any]:
+        return {"backend": "memory", "up": True}
+
+    def __repr__(self) -> str:
+        return "InMemoryBackend()"
+
+
+class ClusterView:
+    """Connections of every node: node -> cid -> (lobby, user), with counts.
+
+    Kept by a clustered backend from the bus' presence events; every count is
+    maintained on change, so reads are O(1) (``lobby_users`` is O(users in the
+    lobby)).
+    """
+
+    __slots__ = ("lobbies", "lobby_users", "nodes", "total", "users")
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, dict[str, tuple[str, str]]] = {}
+        self.total = 0
+        self.lobbies: dict[str, int] = {}
+        self.users: dict[str, int] = {}
+        self.lobby_users: dict[str, dict[str, int]] = {}
+
+    def add(self, node: str, cid: str, lobby: str, user: str) -> None:
+        conns = self.nodes.get(node)
+        if conns is None:
+            conns = self.nodes[node] = {}
+        elif cid in conns:
+            return
+        conns[cid] = (lobby, user)
+        self.total += 1
+        self.lobbies[lobby] = self.lobbies.get(lobby, 0) + 1
+        self.users[user] = self.users.get(user, 0) + 1
+        members = self.lobby_users.get(lobby)
+        if members is None:
+            members = self.lobby_users[lobby] = {}
+        members[user] = members.get(user, 0) + 1
+
+    def remove(self, node: str, cid: str) -> None:
+        conns = self.nodes.get(node)
+        if conns is None:
+            return
+        entry = conns.pop(cid, None)
+        if entry is None:
+            return
+        if not conns:
+            del self.nodes[node]
+        self._unaccount(*entry)
+
+    def _unaccount(self, lobby: str, user: str) -> None:
+        self.total -= 1
+        if self.lobbies[lobby] <= 1:
+            del self.lobbies[lobby]
+        else:
+            self.lobbies[lobby] -= 1
+        if self.users[user] <= 1:
+            del self.users[user]
+        else:
+            self.users[user] -= 1
+        members = self.lobby_users[lobby]
+        if members[user] <= 1:
+            del members[user]
+            if not members:
+                del self.lobby_users[lobby]
+        else:
+            members[user] -= 1
+
+    def drop_node(self, node: str) -> None:
+        for lobby, user in self.nodes.pop(node, {}).values():
+            self._unaccount(lobby, user)
+
+    def replace_node(self, node: str, entries: list[tuple[str, str, str]]) -> None:
+        self.drop_node(node)
+        for cid, lobby, user in entries:
+            self.add(node, cid, lobby, user)
+
+    def lobby_user_count(self, lobby: str, user: str) -> int:
+        members = self.lobby_users.get(lobby)
+        return members.get(user, 0) if members else 0
+
+
+def backend_from_env(environ: dict[str, str] | None = None) -> Backend:
+    """The backend the environment asks for: ``InMemoryBackend()`` unless
+    ``WSMANAGER_REDIS_URL`` is set, then a ``RedisBackend`` on that URL with
+    ``WSMANAGER_REDIS_NAMESPACE`` (default ``"wsm"``) and
+    ``WSMANAGER_LEASE_SECONDS`` (default 10) when set.
+    Raises ImportError when redis-py is missing (``pip install wsmanager[redis]``).
+    """
+    env = os.environ if environ is None else environ
+    url = env.get("WSMANAGER_REDIS_URL", "").strip()
+    if not url:
+        return InMemoryBackend()
+    from .redis import RedisBackend
+
+    kwargs: dict[str, Any] = {}
+    if env.get("WSMANAGER_REDIS_NAMESPACE"):
+        kwargs["namespace"] = env["WSMANAGER_REDIS_NAMESPACE"]
+    if env.get("WSMANAGER_LEASE_SECONDS"):
+        kwargs["lease"] = float(env["WSMANAGER_LEASE_SECONDS"])
+    return RedisBackend(url, **kwargs)

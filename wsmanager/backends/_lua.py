@@ -1,0 +1,188 @@
+"""Lua scripts of the Redis backplane: every change to cluster capacity and
+presence is one of these, so that each is atomic in Redis.
+
+Every script takes the same five keys and four leading arguments::
+
+    KEYS[1] total      string: reserved + connected connections, cluster-wide
+    KEYS[2] lobbies    hash:   lobby -> reserved + connected connections
+    KEYS[3] users      hash:   user  -> reserved + connected connections
+    KEYS[4] nodes      zset:   node id -> lease expiry (ms, Redis clock)
+    KEYS[5] node       hash:   this node's connections: cid -> [lobby, user, state]
+    ARGV[1] channel    the bus every node subscribes to
+    ARGV[2] node id
+    ARGV[3] lease      milliseconds
+    ARGV[4] prefix     of the per-node hashes (prefix .. node id)
+
+``state`` is 0 for a reservation (handshake in progress), 1 once connected.
+Presence events go on the bus as ``"C" .. json``: ``["j", node, cid, lobby,
+user]`` (joined), ``["l", node, [cid, ...]]`` (left), ``["s", node, [cid,
+lobby, user, ...]]`` (the node's full list, after a resync) and ``["g",
+node]`` (node gone: its lease expired, or it shut down).
+
+Redis' own clock (TIME) decides leases, so nodes need no synchronised clocks.
+Standalone Redis (or Sentinel) only: reaping touches keys of other nodes.
+"""
+
+from __future__ import annotations
+
+_COMMON = """
+local K = KEYS
+local chan, node, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function hdec(key, field)
+  if redis.call('HINCRBY', key, field, -1) <= 0 then redis.call('HDEL', key, field) end
+end
+local function unaccount(t)
+  if redis.call('DECR', K[1]) <= 0 then redis.call('DEL', K[1]) end
+  hdec(K[2], t[1])
+  hdec(K[3], t[2])
+end
+local function account(lobby, user)
+  redis.call('INCR', K[1])
+  redis.call('HINCRBY', K[2], lobby, 1)
+  redis.call('HINCRBY', K[3], user, 1)
+end
+local function event(t) redis.call('PUBLISH', chan, 'C' .. cjson.encode(t)) end
+-- drop every connection of a node hash; publish "gone"
+local function drop_node(n, h)
+  local have = redis.call('HGETALL', h)
+  for j = 2, #have, 2 do unaccount(cjson.decode(have[j])) end
+  redis.call('DEL', h)
+  redis.call('ZREM', K[4], n)
+  event({'g', n})
+end
+"""
+
+# ARGV[5..10]: cid, lobby, user, max_connections, max_per_lobby, max_per_user (-1: none)
+# -> "" (reserved) | "server_full" | "lobby_full" | "user_limit" | "lost" (node unknown: resync)
+RESERVE = (
+    _COMMON
+    + """
+if not redis.call('ZSCORE', K[4], node) then return 'lost' end
+local cid, lobby, user = ARGV[5], ARGV[6], ARGV[7]
+if redis.call('HEXISTS', K[5], cid) == 1 then return '' end
+if tonumber(redis.call('GET', K[1]) or '0') >= tonumber(ARGV[8]) then return 'server_full' end
+if tonumber(redis.call('HGET', K[2], lobby) or '0') >= tonumber(ARGV[9]) then return 'lobby_full' end
+local max_user = tonumber(ARGV[10])
+if max_user >= 0 and tonumber(redis.call('HGET', K[3], user) or '0') >= max_user then
+  return 'user_limit'
+end
+account(lobby, user)
+redis.call('HSET', K[5], cid, cjson.encode({lobby, user, 0}))
+return ''
+"""
+)
+
+# ARGV[5]: cid -> 1 (connected) | 0 (no such reservation: the node must resync)
+COMMIT = (
+    _COMMON
+    + """
+local cid = ARGV[5]
+local e = redis.call('HGET', K[5], cid)
+if not e then return 0 end
+local t = cjson.decode(e)
+if t[3] ~= 1 then
+  t[3] = 1
+  redis.call('HSET', K[5], cid, cjson.encode(t))
+  event({'j', node, cid, t[1], t[2]})
+end
+return 1
+"""
+)
+
+# ARGV[5..]: cids -> how many were connected (reservations are released silently)
+RELEASE = (
+    _COMMON
+    + """
+local gone = {}
+for i = 5, #ARGV do
+  local cid = ARGV[i]
+  local e = redis.call('HGET', K[5], cid)
+  if e then
+    local t = cjson.decode(e)
+    unaccount(t)
+    redis.call('HDEL', K[5], cid)
+    if t[3] == 1 then gone[#gone + 1] = cid end
+  end
+end
+if #gone > 0 then event({'l', node, gone}) end
+return #gone
+"""
+)
+
+# ARGV[5..]: quadruples cid, lobby, user, state: the node's whole truth.
+# Registers the node (lease), makes its hash equal to the list (accounting the
+# difference, without limit checks: these connections exist), publishes "s".
+SYNC = (
+    _COMMON
+    + """
+redis.call('ZADD', K[4], now_ms() + lease, node)
+local want = {}
+for i = 5, #ARGV, 4 do want[ARGV[i]] = true end
+local have = redis.call('HGETALL', K[5])
+local had = {}
+for j = 1, #have, 2 do
+  if want[have[j]] then had[have[j]] = true
+  else
+    unaccount(cjson.decode(have[j + 1]))
+    redis.call('HDEL', K[5], have[j])
+  end
+end
+local flat = {}
+for i = 5, #ARGV, 4 do
+  local cid, lobby, user, state = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  if not had[cid] then account(lobby, user) end
+  redis.call('HSET', K[5], cid, cjson.encode({lobby, user, state}))
+  if state == 1 then
+    flat[#flat + 1] = cid; flat[#flat + 1] = lobby; flat[#flat + 1] = user
+  end
+end
+if #flat == 0 then event({'s', node, 0}) else event({'s', node, flat}) end
+return #flat / 3
+"""
+)
+
+# -> 1 (lease renewed) | 0 (the node is unknown: reaped, or Redis restarted empty)
+RENEW = (
+    _COMMON
+    + """
+if not redis.call('ZSCORE', K[4], node) then return 0 end
+redis.call('ZADD', K[4], now_ms() + lease, node)
+return 1
+"""
+)
+
+# ARGV[5]: max nodes per call -> nodes reaped (lease expired: connections freed)
+REAP = (
+    _COMMON
+    + """
+local dead = redis.call('ZRANGEBYSCORE', K[4], '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[5]))
+for _, n in ipairs(dead) do drop_node(n, ARGV[4] .. n) end
+return #dead
+"""
+)
+
+# clean shutdown of this node -> 1
+LEAVE = (
+    _COMMON
+    + """
+drop_node(node, K[5])
+return 1
+"""
+)
+
+# -> {node, {cid, entry, ...}, node, {...}, ...} for every registered node
+SNAPSHOT = (
+    _COMMON
+    + """
+local out = {}
+for _, n in ipairs(redis.call('ZRANGE', K[4], 0, -1)) do
+  out[#out + 1] = n
+  out[#out + 1] = redis.call('HGETALL', ARGV[4] .. n)
+end
+return out
+"""
+)

@@ -1,0 +1,695 @@
+"""RedisBackend: one cluster of ConnectionManagers over a shared Redis.
+
+* Delivery: every node keeps ONE pub/sub subscription, to one bus channel.
+  A broadcast or direct message is serialized once by the sender, delivered
+  to its local connections, and, when the cluster view shows recipients on
+  other nodes, queued for publication. One writer task per node publishes
+  the queue in order and in batches (pipelines), so the messages of one node
+  reach every other node in the order they were sent. Receivers hand them to
+  the manager's ``_deliver_lobby`` / ``_deliver_user``.
+* Capacity: ``connect()`` reserves in Redis with a Lua script that checks
+  ``max_connections`` / ``max_per_lobby`` / ``max_per_user`` against the
+  cluster counts and takes the slot in the same step; commit and release are
+  scripts too. Counts include handshakes in progress.
+* Presence: each node registers its connections in a hash of its own and
+  renews a lease (``lease`` seconds, default 10) every ``lease / 3``. Every
+  node reaps nodes whose lease expired (kill -9, lost machine): their
+  connections and reservations are freed. Join / leave / resync / gone events
+  travel on the bus, in order with the messages, and keep each node's
+  :class:`ClusterView`, from which the synchronous reads answer.
+* Outages: local connections keep working; the node reports the backplane
+  down (``get_stats()["backplane"]``, a WARNING log), drops cross-node
+  messages instead of queueing them without bound, admits new connections on
+  its local limits only, and reconnects with exponential backoff. Back up, it
+  resubscribes, rewrites its whole presence (a Redis that restarted empty gets
+  it back) and reloads the view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import random
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from . import ClusterView
+from ._lua import COMMIT, LEAVE, REAP, RELEASE, RENEW, RESERVE, SNAPSHOT, SYNC
+
+if TYPE_CHECKING:
+    from ..manager import ConnectionManager
+
+__all__ = ["RedisBackend"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+# Bus messages. b"C" + JSON: a presence event (from the Lua scripts).
+# b"M" + u32 length + node id, then one or more records, in the order sent:
+#   kind (b"L" lobby, b"U" user), u32 lengths of target, excluded user, text;
+#   then the target id, the excluded user id (lobby only) and the text (UTF-8).
+# The writer packs every record queued meanwhile into one PUBLISH, so under
+# load Redis and each receiver handle one message per batch, not per record.
+_REC = struct.Struct("!cIII")
+_U32 = struct.Struct("!I")
+_LOBBY = b"L"
+_USER = b"U"
+_CONTROL = ord("C")
+_BATCH = 512  # commands per pipeline
+_MAX_FRAME = 256 * 1024  # bytes of records per PUBLISH
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def _detached(coro: Awaitable[T], timeout: float) -> T:
+    """Run one redis-py call in a task of its own and wait at most ``timeout``.
+
+    The caller's cancellation is not passed on: redis-py 8.1 can swallow a
+    cancellation delivered inside ``execute_command`` and leave the client
+    hanging (see the report), so a call is left to finish on its own; its
+    connection is closed with the session's client anyway. Raises
+    ``TimeoutError`` (a RedisError) when the call takes longer.
+    """
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(_retrieve)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        raise RedisTimeoutError(f"no answer from Redis within {timeout}s")
+    return task.result()
+
+
+async def _wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Wait for ``event`` at most ``timeout`` seconds. Unlike ``wait_for`` on
+    3.10/3.11, a cancellation of the caller is never swallowed."""
+    if event.is_set():
+        return
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+
+
+class RedisBackend:
+    """The Redis backplane. See the module docstring for what it guarantees.
+
+    ``url``: a redis-py URL (``redis://``, ``rediss://``, ``unix://``).
+    ``namespace``: prefix of every key and of the channel; managers that
+    share one form a cluster. ``lease``: seconds after which a silent node's
+    connections are freed (renewed every ``lease / 3``). ``connect_timeout``:
+    how long the first ``connect()`` waits for the backplane before admitting
+    on local limits. ``max_backlog``: messages queued for Redis beyond this
+    are dropped (and counted) rather than held without bound.
+    """
+
+    clustered = True
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        namespace: str = "wsm",
+        lease: float = 10.0,
+        node_id: str | None = None,
+        connect_timeout: float = 2.0,
+        command_timeout: float = 5.0,
+        backoff_max: float = 5.0,
+        max_backlog: int = 10_000,
+    ) -> None:
+        if not lease > 0:
+            raise ValueError("lease must be > 0 seconds")
+        self.url = url
+        self.namespace = namespace
+        self.lease = float(lease)
+        self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.backoff_max = backoff_max
+        self.max_backlog = max_backlog
+        prefix = "{" + namespace + "}:"
+        self._channel = prefix + "bus"
+        self._keys = [
+            prefix + "total",
+            prefix + "lobbies",
+            prefix + "users",
+            prefix + "nodes",
+            prefix + "node:" + self.node_id,
+        ]
+        self._argv = [self._channel, self.node_id, str(int(self.lease * 1000)), prefix + "node:"]
+        self._node_b = self.node_id.encode()
+        self._manager: ConnectionManager | None = None
+        # this node's connections, as Redis should know them
+        self._cids: dict[Any, str] = {}  # websocket -> cid
+        self._entries: dict[str, list[Any]] = {}  # cid -> [lobby, user, state 0|1]
+        self._ids = itertools.count(1)
+        self.view = ClusterView()  # every node, this one included
+        self.own = ClusterView()  # this node only
+        # per event loop
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._ready: asyncio.Event | None = None
+        self._client: aioredis.Redis | None = None
+        self._ops: deque[tuple[str, Any]] = deque()
+        self._session = False  # connected to Redis (maybe still syncing)
+        self.up = False  # subscribed, synced: cross-node delivery works
+        self._dirty = False  # Redis may disagree with _entries: resync
+        self._resync: asyncio.Event | None = None
+        self._ever_up = False
+        self._stopping = False
+        # counters
+        self.published = 0
+        self.received = 0
+        self.dropped = 0
+        self.outages = 0
+        self.resyncs = 0
+        self.reaped = 0
+        self.local_admissions = 0  # admitted on local limits while down
+        self.last_error: str | None = None
+        self.down_since: float | None = None
+
+    def __repr__(self) -> str:
+        return f"RedisBackend({self.url!r}, namespace={self.namespace!r}, node_id={self.node_id!r})"
+
+    # ------------------------------------------------------------ lifecycle
+
+    def bind(self, manager: ConnectionManager) -> None:
+        if self._manager is not None and self._manager is not manager:
+            raise ValueError("a RedisBackend serves one ConnectionManager")
+        self._manager = manager
+
+    def ensure_running(self, *, after_stop: bool = False) -> None:
+        """Start the backplane on the running loop unless it runs there already.
+
+        After ``stop()`` on this loop only ``after_stop=True`` (a new
+        ``connect()``) or ``start()`` restarts it: the broadcasts of a server
+        that is shutting down do not rejoin the cluster.
+        """
+        loop = asyncio.get_running_loop()
+        if self._loop is loop and (
+            (self._task is not None and not self._task.done()) or (self._stopping and not after_stop)
+        ):
+            return
+        if self._loop is not loop:
+            self._reset_session(outage=False)
+        self._loop = loop
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._resync = asyncio.Event()
+        self._task = loop.create_task(self._supervise(), name=f"wsmanager-backplane-{self.node_id}")
+
+    async def start(self) -> None:
+        """Start, and wait up to ``connect_timeout`` for Redis. Never raises for
+        an unreachable Redis: the node serves locally and keeps retrying."""
+        self.ensure_running(after_stop=True)
+        await self.wait_up(self.connect_timeout)
+        if not self.up:
+            logger.warning(
+                "backplane not up after %.1fs (%s): serving local connections only",
+                self.connect_timeout,
+                self.last_error,
+                extra={"reason": "backplane_down"},
+            )
+
+    async def wait_up(self, timeout: float) -> bool:
+        """True once the backplane is up (within ``timeout`` seconds)."""
+        if self.up or self._ready is None:
+            return self.up
+        await _wait_event(self._ready, timeout)
+        return self.up
+
+    async def stop(self) -> None:
+        """Leave the cluster: free this node's connections in Redis, stop tasks."""
+        self._stopping = True
+        task, self._task = self._task, None
+        client = self._client
+        if client is not None and self.up:
+            try:
+                await self._flush(client)
+                await self._eval(client, LEAVE)
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                logger.info("backplane: leave failed: %r (the lease will expire)", exc)
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._reset_session(outage=False)
+
+    # ----------------------------------------------------------- capacity
+
+    async def reserve(self, websocket: Any, lobby: str, user: str) -> str:
+        """Take a slot cluster-wide: ``""`` or the refusal reason."""
+        self.ensure_running(after_stop=True)
+        if not self.up and not self._ever_up:
+            await self.wait_up(self.connect_timeout)
+        cid = f"{next(self._ids)}"
+        self._cids[websocket] = cid
+        self._entries[cid] = [lobby, user, 0]
+        client = self._client
+        if not self.up or client is None:
+            self.local_admissions += 1
+            self._mark_dirty()
+            return ""
+        m = self._manager
+        assert m is not None
+        max_user = m.max_per_user
+        try:
+            res = await self._eval(
+                client,
+                RESERVE,
+                cid,
+                lobby,
+                user,
+                m.max_connections,
+                m.max_per_lobby,
+                -1 if max_user is None else max_user,
+            )
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._note_error(exc)
+            self.local_admissions += 1
+            self._mark_dirty()
+            return ""
+        except BaseException:
+            self._mark_dirty()  # cancelled: the script may have run
+            raise
+        reason = res.decode() if isinstance(res, bytes) else str(res)
+        if reason == "lost":  # Redis forgot this node: admit; the resync registers it
+            self._mark_dirty()
+            return ""
+        if reason:
+            del self._cids[websocket]
+            del self._entries[cid]
+        return reason
+
+    def commit(self, websocket: Any) -> None:
+        cid = self._cids.get(websocket)
+        if cid is None:
+            return
+        entry = self._entries[cid]
+        if entry[2]:
+            return
+        entry[2] = 1
+        self.view.add(self.node_id, cid, entry[0], entry[1])
+        self.own.add(self.node_id, cid, entry[0], entry[1])
+        self._presence("c", cid)
+
+    def release(self, websocket: Any) -> None:
+        cid = self._cids.pop(websocket, None)
+        if cid is None:
+            return
+        entry = self._entries.pop(cid)
+        if entry[2]:
+            self.view.remove(self.node_id, cid)
+            self.own.remove(self.node_id, cid)
+        self._presence("r", cid)
+
+    def _presence(self, op: str, cid: str) -> None:
+        if self._session:
+            self._ops.append((op, cid))
+            self._kick()
+        else:
+            self._dirty = True  # the next session's sync carries it
+
+    def pending_count(self) -> int:
+        """Handshakes of this node holding a cluster reservation."""
+        return len(self._cids) - len(self.own.nodes.get(self.node_id, ()))
+
+    def reconcile(self) -> int:
+        """Release connections the manager removed without telling the backend
+        (e.g. a sweep that bypassed ``disconnect``). Returns how many."""
+        m = self._manager
+        if m is None or len(self.own.nodes.get(self.node_id, ())) == len(m):
+            return 0
+        stale = [ws for ws, cid in self._cids.items() if self._entries[cid][2] and ws not in m]
+        for ws in stale:
+            self.release(ws)
+        return len(stale)
+
+    # ----------------------------------------------------------- delivery
+
+    def remote_lobby_count(self, lobby: str, exclude_user_id: str | None = None) -> int:
+        """Connections of ``lobby`` on other nodes, per the view."""
+        n = self.view.lobbies.get(lobby, 0) - self.own.lobbies.get(lobby, 0)
+        if n and exclude_user_id is not None:
+            n -= self.view.lobby_user_count(lobby, exclude_user_id) - self.own.lobby_user_count(
+                lobby, exclude_user_id
+            )
+        return n
+
+    def remote_user_count(self, user: str) -> int:
+        return self.view.users.get(user, 0) - self.own.users.get(user, 0)
+
+    def publish_lobby(self, lobby: str, data: str, exclude_user_id: str | None) -> int:
+        """Queue ``data`` for the lobby's connections on other nodes; their count."""
+        n = self.remote_lobby_count(lobby, exclude_user_id)
+        if n <= 0 or not self.up:
+            return 0
+        target = lobby.encode()
+        excl = exclude_user_id.encode() if exclude_user_id is not None else b""
+        text = data.encode()
+        self._publish(_REC.pack(_LOBBY, len(target), len(excl), len(text)) + target + excl + text)
+        return n
+
+    def publish_user(self, user: str, data: str) -> int:
+        """Queue ``data`` for the user's connections on other nodes; their count."""
+        n = self.remote_user_count(user)
+        if n <= 0 or not self.up:
+            return 0
+        target = user.encode()
+        text = data.encode()
+        self._publish(_REC.pack(_USER, len(target), 0, len(text)) + target + text)
+        return n
+
+    def _publish(self, frame: bytes) -> None:
+        if len(self._ops) >= self.max_backlog:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                logger.warning("backplane backlog full: %d messages dropped", self.dropped)
+            return
+        self._ops.append(("p", frame))
+        self._kick()
+
+    def _mark_dirty(self) -> None:
+        self._dirty = True
+        if self._resync is not None:
+            self._resync.set()
+
+    def _kick(self) -> None:
+        wake = self._wake
+        if wake is not None and not wake.is_set():
+            wake.set()
+
+    # ------------------------------------------------------- the session
+
+    async def _supervise(self) -> None:
+        delay = 0.05
+        while not self._stopping:
+            try:
+                await self._run_session()
+            except asyncio.CancelledError:
+                self._reset_session(outage=False)
+                raise
+            except Exception as exc:
+                self._note_error(exc)
+            was_up = self.up
+            self._reset_session(outage=True)
+            if was_up:
+                delay = 0.05
+            if self._stopping:
+                break
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.backoff_max)
+
+    async def _run_session(self) -> None:
+        client = aioredis.Redis.from_url(
+            self.url,
+            socket_connect_timeout=self.connect_timeout,
+            socket_timeout=self.command_timeout,
+            retry=Retry(NoBackoff(), 0),
+            socket_keepalive=True,
+        )
+        # pub/sub on its own client: no read timeout on an idle bus
+        sub_client = aioredis.Redis.from_url(
+            self.url,
+            socket_connect_timeout=self.connect_timeout,
+            socket_timeout=None,
+            retry=Retry(NoBackoff(), 0),
+            socket_keepalive=True,
+        )
+        pubsub = sub_client.pubsub()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await pubsub.subscribe(self._channel)
+            conn = pubsub.connection
+            assert conn is not None
+            while True:  # the subscribe confirmation
+                reply = await asyncio.wait_for(conn.read_response(push_request=True), self.command_timeout)
+                if isinstance(reply, list) and reply and reply[0] == b"subscribe":
+                    break
+            self._client = client
+            self._session = True
+            self._ops.clear()  # superseded by the sync below
+            await self._sync(client)
+            raw = await self._eval(client, SNAPSHOT)
+            self._load_snapshot(raw)
+            self.up = True
+            self._ever_up = True
+            if self.down_since is not None:
+                logger.warning(
+                    "backplane up again after %.1fs",
+                    time.monotonic() - self.down_since,
+                    extra={"reason": "backplane_up"},
+                )
+            self.down_since = None
+            assert self._ready is not None
+            self._ready.set()
+            loop = asyncio.get_running_loop()
+            tasks = [
+                loop.create_task(self._read_loop(conn)),
+                loop.create_task(self._write_loop(client)),
+                loop.create_task(self._keep_loop(client)),
+            ]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                exc = t.exception()
+                if exc is not None:
+                    raise exc
+            raise ConnectionError("backplane task ended")  # pragma: no cover
+        finally:
+            for t in tasks:
+                t.cancel()
+            if tasks:  # bounded: a task stuck in redis-py must not hold the node
+                await asyncio.wait(tasks, timeout=1.0)
+            self._session = False
+            self._client = None
+            with contextlib.suppress(BaseException):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            for c in (client, sub_client):
+                with contextlib.suppress(BaseException):
+                    await c.aclose()
+
+    def _reset_session(self, *, outage: bool) -> None:
+        was_up = self.up
+        self.up = False
+        self._session = False
+        self._client = None
+        if self._ready is not None:
+            self._ready.clear()
+        dropped = sum(1 for op, _ in self._ops if op == "p")  # records
+        if any(op != "p" for op, _ in self._ops):
+            self._dirty = True
+        self._ops.clear()
+        self.dropped += dropped
+        # answers are local only while down: forget the other nodes
+        for node in [n for n in self.view.nodes if n != self.node_id]:
+            self.view.drop_node(node)
+        if outage and was_up:
+            self.outages += 1
+            self.down_since = time.monotonic()
+            logger.warning(
+                "backplane down (%s): serving local connections only, reconnecting",
+                self.last_error,
+                extra={"reason": "backplane_down"},
+            )
+
+    def _note_error(self, exc: BaseException) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+    async def _eval(self, client: aioredis.Redis, script: str, *args: Any) -> Any:
+        return await _detached(client.eval(script, 5, *self._keys, *self._argv, *args), self.command_timeout)
+
+    async def _sync(self, client: aioredis.Redis) -> None:
+        """Make Redis' record of this node equal to ``_entries``."""
+        self._dirty = False
+        flat: list[Any] = []
+        for cid, (lobby, user, state) in self._entries.items():
+            flat += (cid, lobby, user, state)
+        await self._eval(client, SYNC, *flat)
+        self.resyncs += 1
+
+    def _load_snapshot(self, raw: list[Any]) -> None:
+        for node in [n for n in self.view.nodes if n != self.node_id]:
+            self.view.drop_node(node)
+        for i in range(0, len(raw), 2):
+            node = raw[i].decode()
+            if node == self.node_id:
+                continue
+            pairs = raw[i + 1]
+            for j in range(0, len(pairs), 2):
+                lobby, user, state = json.loads(pairs[j + 1])
+                if state == 1:
+                    self.view.add(node, pairs[j].decode(), lobby, user)
+
+    async def _read_loop(self, conn: Any) -> None:
+        m = self._manager
+        assert m is not None
+        node_b = self._node_b
+        rec_size = _REC.size
+        while True:
+            reply = await conn.read_response(push_request=True)
+            if not isinstance(reply, list) or len(reply) < 3 or reply[0] != b"message":
+                continue
+            payload: bytes = reply[2]
+            if payload[0] == _CONTROL:
+                self._on_control(payload)
+                continue
+            (nlen,) = _U32.unpack_from(payload, 1)
+            off = 5 + nlen
+            if payload[5:off] == node_b:
+                continue
+            end = len(payload)
+            while off < end:
+                kind, tlen, xlen, dlen = _REC.unpack_from(payload, off)
+                off += rec_size
+                target = payload[off : off + tlen].decode()
+                off += tlen
+                excl = payload[off : off + xlen].decode() if xlen else None
+                off += xlen
+                start, off = off, off + dlen
+                self.received += 1
+                if kind == _LOBBY:
+                    if m._lobby_count(target):
+                        await m._deliver_lobby(target, payload[start:off].decode(), excl)
+                elif m.is_user_connected(target, local=True):
+                    await m._deliver_user(target, payload[start:off].decode())
+
+    def _on_control(self, payload: bytes) -> None:
+        ev = json.loads(payload[1:])
+        op, node = ev[0], ev[1]
+        if node == self.node_id:
+            if op == "g" and not self._stopping:  # reaped while alive: register again
+                self._mark_dirty()
+            return
+        view = self.view
+        if op == "j":
+            view.add(node, ev[2], ev[3], ev[4])
+        elif op == "l":
+            for cid in ev[2]:
+                view.remove(node, cid)
+        elif op == "s":
+            flat = ev[2] if isinstance(ev[2], list) else []
+            view.replace_node(node, [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)])
+        elif op == "g":
+            view.drop_node(node)
+
+    async def _write_loop(self, client: aioredis.Redis) -> None:
+        wake = self._wake
+        assert wake is not None
+        while True:
+            if not self._ops:
+                wake.clear()
+                await wake.wait()
+                continue
+            await self._flush(client)
+
+    async def _flush(self, client: aioredis.Redis) -> None:
+        """Send everything queued, in order: records packed into PUBLISHes,
+        presence changes as script calls, one pipeline per round trip."""
+        ops = self._ops
+        head = b"M" + _U32.pack(len(self._node_b)) + self._node_b
+        while ops:
+            pipe = client.pipeline(transaction=False)
+            kinds: list[str] = []
+            frame: list[bytes] = []
+            size = 0
+            releases: list[str] = []
+            commands = 0
+            while ops and commands < _BATCH:
+                op, arg = ops[0]
+                if op == "p":
+                    if frame and size + len(arg) > _MAX_FRAME:
+                        break
+                    ops.popleft()
+                    frame.append(arg)
+                    size += len(arg)
+                    continue
+                if frame:
+                    break  # the records go first, in their own PUBLISH
+                ops.popleft()
+                if op == "r":  # consecutive releases: one script call
+                    releases.append(arg)
+                    if ops and ops[0][0] == "r":
+                        continue
+                    pipe.eval(RELEASE, 5, *self._keys, *self._argv, *releases)
+                    releases = []
+                else:
+                    pipe.eval(COMMIT, 5, *self._keys, *self._argv, arg)
+                kinds.append(op)
+                commands += 1
+            if frame:
+                pipe.publish(self._channel, head + b"".join(frame))
+                kinds.append("p")
+                self.published += len(frame)
+            results = await _detached(pipe.execute(raise_on_error=False), self.command_timeout)
+            for op, res in zip(kinds, results, strict=True):
+                if op != "p" and (isinstance(res, Exception) or (op == "c" and res == 0)):
+                    self._mark_dirty()
+
+    async def _keep_loop(self, client: aioredis.Redis) -> None:
+        """Renew the lease, reap dead nodes, resync when Redis disagrees."""
+        interval = self.lease / 3
+        resync = self._resync
+        assert resync is not None
+        loop = asyncio.get_running_loop()
+        next_tick = 0.0
+        while True:
+            if loop.time() >= next_tick:
+                next_tick = loop.time() + interval
+                if not await self._eval(client, RENEW):
+                    self._dirty = True
+                self.reconcile()
+                reaped = await self._eval(client, REAP, 16)
+                if reaped:
+                    self.reaped += int(reaped)
+                    logger.info("backplane: reclaimed %d dead node(s)", reaped)
+            if self._dirty:
+                logger.info("backplane: resyncing this node's presence")
+                resync.clear()
+                await self._sync(client)
+                continue
+            if resync.is_set():  # asked for while a sync (e.g. the session's first) was running
+                resync.clear()
+                continue
+            await _wait_event(resync, max(0.0, next_tick - loop.time()))
+
+    # --------------------------------------------------------------- stats
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "backend": "redis",
+            "up": self.up,
+            "node_id": self.node_id,
+            "nodes_with_connections": len(self.view.nodes),
+            "lease_seconds": self.lease,
+            "down_for_seconds": (
+                None if self.down_since is None else round(time.monotonic() - self.down_since, 3)
+            ),
+            "last_error": self.last_error,
+            "published": self.published,
+            "received": self.received,
+            "dropped": self.dropped,
+            "backlog": len(self._ops),
+            "outages": self.outages,
+            "resyncs": self.resyncs,
+            "reaped_nodes": self.reaped,
+            "local_admissions": self.local_admissions,
+        }
