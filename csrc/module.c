@@ -560,6 +560,20 @@ Core_record_pong_ws(CoreObject *self, PyObject *ws)
     return PyFloat_FromDouble(rtt * 1000.0);
 }
 
+/* latency_ms(websocket) -> float | None: the round-trip time in ms of the
+ * last ping this connection answered; None before its first answered ping,
+ * or for a websocket that is not registered. */
+static PyObject *
+Core_latency_ms(CoreObject *self, PyObject *ws)
+{
+    CHECK_INIT(self, NULL);
+    wsm_conn *c = wsm_find_conn(&self->reg, ws); /* borrowed */
+    if (c == NULL || c->state != WSM_ACTIVE || c->last_rtt < 0) {
+        Py_RETURN_NONE;
+    }
+    return PyFloat_FromDouble(c->last_rtt * 1000.0);
+}
+
 /* _note_ping(websocket) -> bool: a ping was sent outside the sweep
  * (ping_user); its pong will yield a round-trip time. */
 static PyObject *
@@ -1277,6 +1291,10 @@ static PyMethodDef Core_methods[] = {
      "touch(websocket) -> bool: this connection received something."},
     {"record_pong_ws", (PyCFunction)Core_record_pong_ws, METH_O,
      "record_pong_ws(websocket) -> latency_ms | None: a pong on this connection."},
+    {"latency_ms", (PyCFunction)Core_latency_ms, METH_O,
+     "latency_ms(websocket) -> float | None\n\n"
+     "Round-trip time in ms of the last ping this connection answered;\n"
+     "None before its first answered ping or for an unknown websocket."},
     {"is_user_connected", (PyCFunction)Core_is_user_connected, METH_O,
      "is_user_connected(user_id) -> bool: True while any connection is open."},
     {"get_lobby_users", (PyCFunction)Core_get_lobby_users, METH_O,

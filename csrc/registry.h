@@ -77,6 +77,8 @@ struct wsm_conn {
     double pong_due_since;  /* last ping not yet answered by a pong, 0 if none:
                                kept apart from ping_sent so that any message
                                proves liveness while only a pong gives an RTT */
+    double last_rtt;        /* round trip of the last ping answered, seconds;
+                               < 0 while none was measured */
     double tokens;          /* inbound token bucket */
     double tokens_ts;
     uint32_t violations;    /* messages dropped since the bucket was last full */
@@ -134,7 +136,8 @@ void wsm_remove(wsm_registry *r, wsm_conn *c);
  * moves to the idle tail. */
 void wsm_touch(wsm_registry *r, wsm_conn *c, double now);
 /* A pong arrived: touch, and return the round-trip time in seconds of the
- * ping it answers, or -1 if no ping was outstanding. */
+ * ping it answers (also kept in c->last_rtt), or -1 if no ping was
+ * outstanding. */
 double wsm_pong(wsm_registry *r, wsm_conn *c, double now);
 /* Connection was sent a ping at `now`: idle list -> wait list tail. */
 void wsm_mark_pinged(wsm_registry *r, wsm_conn *c, double now);

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from ._core import dumps
 from .codes import CLOSE_CODES, CloseCode, close_code_for
+from .endpoint import Connection
 from .manager import ConnectionManager
 
 __all__ = [
     "CLOSE_CODES",
     "CloseCode",
+    "Connection",
     "ConnectionManager",
     "close_code_for",
     "dumps",

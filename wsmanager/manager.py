@@ -17,13 +17,16 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket, WebSocketState
 
 from ._core import Core, dumps
 from .codes import CloseCode, close_code_for
-from .health import HealthMonitor
+from .health import HealthMonitor, health_ping
+
+if TYPE_CHECKING:
+    from .endpoint import Handler, Hook
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +200,14 @@ class ConnectionManager(Core):
         self._closers: set[asyncio.Task[None]] = set()
         self._closed: dict[str, int] = {}
         self._shutdown_task: asyncio.Task[None] | None = None
+        self._latency_listeners: list[Callable[[Any, float], None]] = []
+        # websocket -> called once when its entry is removed, however (serve()'s on_disconnect)
+        self._removal_callbacks: dict[Any, Callable[[], None]] = {}
+
+    def __bool__(self) -> bool:
+        """Always True: a manager is a service, not a container, so an empty
+        one is still truthy (``manager or default`` keeps it)."""
+        return True
 
     def set_rate_limit(
         self, rate: float | None, burst: float | None = None, *, close_after: int = 100
@@ -416,6 +427,42 @@ class ConnectionManager(Core):
             box = self._outboxes.pop(websocket, None)
             if box is not None and box.task is not None and box.task is not asyncio.current_task():
                 box.task.cancel()
+        if self._removal_callbacks:
+            self._removed(websocket)
+        return info
+
+    # Removal callbacks: every path that takes an entry out of the registry
+    # (disconnect() and the closes built on it, the heartbeat's _sweep and
+    # _reap) ends in _removed(), so serve() learns of it at once, not only
+    # when the client's close handshake completes.
+
+    def _on_removal(self, websocket: Any, callback: Callable[[], None]) -> None:
+        self._removal_callbacks[websocket] = callback
+
+    def _forget_removal(self, websocket: Any) -> None:
+        self._removal_callbacks.pop(websocket, None)
+
+    def _removed(self, websocket: Any) -> None:
+        callback = self._removal_callbacks.pop(websocket, None)
+        if callback is not None:
+            try:
+                callback()
+            except Exception:
+                logger.exception("removal callback failed")
+
+    def _sweep(
+        self, ping_interval: float, ping_timeout: float, limit: int = -1, /
+    ) -> tuple[list[Any], list[tuple[Any, str, str]]]:
+        to_ping, expired = super()._sweep(ping_interval, ping_timeout, limit)
+        if expired and self._removal_callbacks:
+            for websocket, _lobby, _user in expired:
+                self._removed(websocket)
+        return to_ping, expired
+
+    def _reap(self, websocket: Any, reason: str, /) -> tuple[str, str] | None:
+        info = super()._reap(websocket, reason)
+        if self._removal_callbacks:
+            self._removed(websocket)
         return info
 
     # ------------------------------------------------------------- closing
@@ -532,13 +579,25 @@ class ConnectionManager(Core):
         websocket: WebSocket,
         lobby_code: str,
         user_id: str | None,
-        handler: Callable[[str, str, dict[str, Any]], Awaitable[Any]],
+        handler: Handler,
+        *,
+        on_connect: Hook | None = None,
+        on_disconnect: Hook | None = None,
     ) -> None:
         """Run one connection from handshake to cleanup; see
-        :func:`wsmanager.endpoint.serve`."""
+        :func:`wsmanager.endpoint.serve`.
+
+        ``handler`` is ``handler(lobby_code, user_id, data)`` (the pattern's)
+        or ``handler(connection, data)``; ``on_connect(connection)`` runs once
+        the connection is registered, ``on_disconnect(connection)`` once it
+        is removed (every registered connection gets both, whatever ends it).
+        ``connection`` is a :class:`wsmanager.endpoint.Connection`: its
+        ``websocket``, ``lobby_code``, ``user_id`` and ``send(message)``."""
         from .endpoint import serve
 
-        await serve(self, websocket, lobby_code, user_id, handler)
+        await serve(
+            self, websocket, lobby_code, user_id, handler, on_connect=on_connect, on_disconnect=on_disconnect
+        )
 
     def get_stats(self) -> dict[str, Any]:
         """The seed's statistics plus counters: ``closed`` (closes the library
@@ -569,12 +628,12 @@ class ConnectionManager(Core):
         if waiter is None or waiter.future.done() or waiter.future.get_loop() is not loop:
             waiter = _PingWaiter(loop.create_future(), time.perf_counter())
             self._ping_waiters[user_id] = waiter
-            data = dumps({"type": "health_ping", "timestamp": time.time()})
+            timestamp = time.time()
             waiter.callers += 1
             try:
                 sent = False
                 for websocket in targets:
-                    if await self._send(websocket, data):
+                    if await self._send(websocket, health_ping(timestamp, self.latency_ms(websocket))):
                         self._note_ping(websocket)
                         sent = True
             finally:
@@ -600,8 +659,10 @@ class ConnectionManager(Core):
     def record_pong(self, user_id: str) -> None:
         """Record a ``health_pong`` from ``user_id``: it is alive, and any
         ``ping_user`` waiting for it returns."""
-        super().record_pong(user_id)
+        latency = super().record_pong(user_id)
         self._wake_ping_waiter(user_id)
+        if latency is not None and self._latency_listeners:
+            self._notify_latency(None, latency)
 
     def _wake_ping_waiter(self, user_id: str) -> None:
         waiter = self._ping_waiters.get(user_id)
@@ -618,7 +679,37 @@ class ConnectionManager(Core):
             waiter = self._ping_waiters.get(info[1]) if info else None
             if waiter is not None and not waiter.future.done() and not waiter.future.get_loop().is_closed():
                 waiter.future.set_result(time.perf_counter())
+        if latency is not None and self._latency_listeners:
+            self._notify_latency(websocket, latency)
         return latency
+
+    def add_latency_listener(self, listener: Callable[[Any, float], None]) -> Callable[[], None]:
+        """Call ``listener(websocket, latency_ms)`` for every round trip the
+        manager measures: a pong answering a ping (the heartbeat's, or
+        ``ping_user``'s), whether :meth:`serve` or the app reports it.
+        ``websocket`` is None when the pong was reported per user
+        (``record_pong(user_id)``). Listeners run synchronously where the
+        pong is recorded; one that raises is logged and the others still run.
+        Returns a function that removes the listener.
+
+        ``latency_ms(websocket)`` gives a connection's last round trip at any
+        time; :class:`wsmanager.metrics.ManagerMetrics` listens here to fill
+        its latency histogram.
+        """
+        self._latency_listeners.append(listener)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._latency_listeners.remove(listener)
+
+        return remove
+
+    def _notify_latency(self, websocket: Any, latency_ms: float) -> None:
+        for listener in list(self._latency_listeners):
+            try:
+                listener(websocket, latency_ms)
+            except Exception:
+                logger.exception("latency listener failed", extra={"reason": "listener_error"})
 
     # ------------------------------------------------- heartbeat (health.py)
 
