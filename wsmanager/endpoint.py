@@ -75,8 +75,12 @@ class Connection:
     async def send(self, message: Any) -> bool:
         """Send ``message`` (serialized as JSON) to this connection only, in
         order with the broadcasts it gets; never waits for a slow client
-        (see ``ConnectionManager``). False if the connection is gone."""
-        return await self.manager._send(self.websocket, dumps(message))
+        (see ``ConnectionManager``). False, without sending, once the manager
+        no longer holds the connection (it left or was closed)."""
+        data = dumps(message)  # a message that cannot be serialized raises, as in broadcast_to_lobby
+        if self.websocket not in self.manager:
+            return False
+        return await self.manager._send(self.websocket, data)
 
     @property
     def latency_ms(self) -> float | None:
