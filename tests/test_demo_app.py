@@ -160,7 +160,7 @@ def test_heartbeat_pings_silent_members_and_closes_the_stale_one() -> None:
             # zed leaves the member list at once, before its client even took the close,
             # and the next ping tells alice her own latency (the browser client's `latency`)
             pings: list[dict[str, Any]] = []
-            members: list[dict[str, Any]] = []
+            members = []
             while not (pings and [m["user"] for m in members] == ["alice"]):
                 message = dict(alice.receive_json())
                 if message["type"] == "health_ping":
