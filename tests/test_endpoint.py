@@ -435,6 +435,38 @@ def test_on_disconnect_runs_as_soon_as_the_manager_removes_the_connection() -> N
     asyncio.run(main())
 
 
+def test_a_removal_during_on_connect_runs_on_disconnect_only_after_it() -> None:
+    async def main() -> None:
+        m = ConnectionManager()
+        events: list[str] = []
+        release = asyncio.Event()
+
+        async def slow_connect(conn: Connection) -> None:
+            events.append("connect:start")
+            await release.wait()
+            events.append("connect:end")
+
+        async def on_disconnect(conn: Connection) -> None:
+            events.append("disconnect")
+
+        peer = FakePeer()
+        task = asyncio.create_task(
+            m.serve(
+                peer.ws, "lobby", "alice", Recorder(), on_connect=slow_connect, on_disconnect=on_disconnect
+            )
+        )
+        await settle()
+        await m.close_connection(peer.ws, "slow_consumer")  # removed while on_connect still runs
+        await settle()
+        assert events == ["connect:start"] and len(m) == 0
+        release.set()
+        await asyncio.wait_for(task, 1)
+        assert events == ["connect:start", "connect:end", "disconnect"]
+        assert (peer.close_code, peer.close_reason) == (4006, "slow_consumer")
+
+    asyncio.run(main())
+
+
 def test_cancelled_serve_still_calls_on_disconnect() -> None:
     async def main() -> None:
         m = ConnectionManager()

@@ -173,12 +173,16 @@ async def serve(
       error is logged and the connection closed with 1011
       "internal_error" (a ``WebSocketDisconnect`` just means the client
       left).
-    * ``on_disconnect(connection)`` is awaited once the connection has been
+    * ``on_disconnect(connection)`` runs once the connection has been
       removed from the manager, whoever removed it (the client left, a
       close by the library such as stale, slow consumer or shutdown, an
       error, a cancellation): exactly once for every connection that was
-      registered, i.e. whenever ``on_connect`` was called. If it raises, the
-      error is logged. Refused connections call neither hook.
+      registered, i.e. whenever ``on_connect`` was called, and never before
+      ``on_connect`` returned. When the library removes the connection it
+      starts at once, in a task of its own, without waiting for the client's
+      side of the close handshake (a frozen client may never send it);
+      ``serve()`` returns only once it has finished. If it raises, the error
+      is logged. Refused connections call neither hook.
 
     * refusals are sent as accept-then-close: a falsy ``user_id`` (failed
       authentication) 4001 "unauthorized", an ``Origin`` not in
@@ -230,7 +234,10 @@ async def serve(
     if departure is not None:
         manager._on_removal(websocket, departure.removed)
     try:
-        if on_connect is None or await _run_hook(on_connect, conn, "on_connect"):
+        connected = on_connect is None or await _run_hook(on_connect, conn, "on_connect")
+        if departure is not None:
+            departure.arm()
+        if connected:
             await _read_loop(manager, websocket, lobby_code, user_id, call)
         else:
             await manager.close_connection(websocket, "internal_error")
@@ -244,16 +251,19 @@ async def serve(
 
 
 class _Departure:
-    """Runs ``on_disconnect`` exactly once: as soon as the manager removes
-    the connection (a stale close, a slow consumer, shutdown: the client's
-    close handshake may take a while yet), or when :func:`serve` ends."""
+    """Runs ``on_disconnect`` exactly once, after ``on_connect`` returned: as
+    soon as the manager removes the connection (a stale close, a slow
+    consumer, shutdown: the client's close handshake may take a while yet),
+    or when :func:`serve` ends."""
 
-    __slots__ = ("conn", "hook", "loop", "started", "task")
+    __slots__ = ("armed", "conn", "hook", "loop", "pending", "started", "task")
 
     def __init__(self, conn: Connection, hook: Hook) -> None:
         self.conn = conn
         self.hook = hook
         self.loop = asyncio.get_running_loop()
+        self.armed = False  # on_connect has returned
+        self.pending = False  # removed before that: start once armed
         self.started = False
         self.task: asyncio.Task[bool] | None = None
 
@@ -264,10 +274,22 @@ class _Departure:
         except RuntimeError:
             here = None
         if here is self.loop:
-            self._start()
+            self._removed_here()
         else:
             with contextlib.suppress(RuntimeError):  # serve()'s loop is closed: so is the socket
-                self.loop.call_soon_threadsafe(self._start)
+                self.loop.call_soon_threadsafe(self._removed_here)
+
+    def _removed_here(self) -> None:
+        if self.armed:
+            self._start()
+        else:
+            self.pending = True
+
+    def arm(self) -> None:
+        """on_connect has returned: a removal may now run on_disconnect."""
+        self.armed = True
+        if self.pending:
+            self._start()
 
     def _start(self) -> None:
         if not self.started:

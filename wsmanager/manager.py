@@ -145,7 +145,14 @@ class ConnectionManager(Core):
       malformed JSON) is reclaimed. ``touch(websocket)`` and
       ``record_pong_ws(websocket)`` report one connection, where the seed's
       ``update_last_message(user_id)`` / ``record_pong(user_id)`` vouch for
-      every connection of the user.
+      every connection of the user. Each ``health_ping`` carries
+      ``"latency_ms"``, the connection's last round trip (null before its
+      first pong), which the browser client reports as its latency;
+      ``latency_ms(websocket)`` reads it on the server and
+      ``add_latency_listener()`` is told of every new measurement.
+    * ``serve()`` runs a whole connection (see ``wsmanager.endpoint``), with
+      ``on_connect`` / ``on_disconnect`` hooks.
+    * an empty manager is still truthy (``manager or default`` keeps it).
     """
 
     def __init__(
