@@ -258,6 +258,8 @@ class HealthMonitor:
                 data = unknown if rtt is None else health_ping(timestamp, rtt)
                 self._dispatch(here, spawned, self._ping, websocket, data)
         for websocket, lobby, user in expired:
+            if manager._removal_callbacks:  # serve()'s on_disconnect runs now, not after the close
+                manager._removed(websocket)
             self._dispatch(here, spawned, self._close_stale, websocket, lobby, user)
         if wait and spawned:
             await asyncio.gather(*spawned, return_exceptions=True)

@@ -439,9 +439,9 @@ class ConnectionManager(Core):
         return info
 
     # Removal callbacks: every path that takes an entry out of the registry
-    # (disconnect() and the closes built on it, the heartbeat's _sweep and
-    # _reap) ends in _removed(), so serve() learns of it at once, not only
-    # when the client's close handshake completes.
+    # (disconnect() and the closes built on it, _reap, and HealthMonitor.sweep
+    # for what _sweep expired) ends in _removed(), so serve() learns of it at
+    # once, not only when the client's close handshake completes.
 
     def _on_removal(self, websocket: Any, callback: Callable[[], None]) -> None:
         self._removal_callbacks[websocket] = callback
@@ -456,15 +456,6 @@ class ConnectionManager(Core):
                 callback()
             except Exception:
                 logger.exception("removal callback failed")
-
-    def _sweep(
-        self, ping_interval: float, ping_timeout: float, limit: int = -1, /
-    ) -> tuple[list[Any], list[tuple[Any, str, str]]]:
-        to_ping, expired = super()._sweep(ping_interval, ping_timeout, limit)
-        if expired and self._removal_callbacks:
-            for websocket, _lobby, _user in expired:
-                self._removed(websocket)
-        return to_ping, expired
 
     def _reap(self, websocket: Any, reason: str, /) -> tuple[str, str] | None:
         info = super()._reap(websocket, reason)
