@@ -380,7 +380,8 @@ Core_contains(CoreObject *self, PyObject *ws)
 }
 
 
-static int call_pong_hook(CoreObject *self, PyObject *user_key);
+static int call_pong_hook(CoreObject *self, PyObject *user_key, PyObject *ws,
+                          double rtt);
 
 #define CHECK_INIT(self, ret)                                               \
     if (!(self)->initialized) {                                             \
@@ -531,10 +532,10 @@ Core_disconnect(CoreObject *self, PyObject *ws)
         Py_DECREF(info);
         Py_RETURN_NONE;
     }
-    int had_outbox = c->has_outbox;
+    int notify = c->notify;
     wsm_remove(&self->reg, c);
     self->n_disconnects++;
-    if ((had_outbox || self->drop_hook_all) && self->drop_hook != NULL) {
+    if ((notify || self->drop_hook_all) && self->drop_hook != NULL) {
         PyObject *hook = self->drop_hook;
         Py_INCREF(hook);
         PyObject *res = PyObject_CallOneArg(hook, ws); /* new ref */
@@ -548,17 +549,27 @@ Core_disconnect(CoreObject *self, PyObject *ws)
     return info;
 }
 
-/* _set_outbox(websocket, flag) -> bool: whether removing the connection
- * must call the drop hook (its writer holds queued messages). */
+/* _set_notify(websocket, bit, flag) -> bool: set or clear one reason
+ * (bit 1: an outbound backlog; bit 2: a removal callback) for which
+ * removing the connection must call the drop hook. False if the websocket
+ * is not registered. */
 static PyObject *
-Core_set_outbox(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+Core_set_notify(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     CHECK_INIT(self, NULL);
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "_set_outbox(websocket, flag)");
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "_set_notify(websocket, bit, flag)");
         return NULL;
     }
-    int flag = PyObject_IsTrue(args[1]);
+    long bit = PyLong_AsLong(args[1]);
+    if (bit == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (bit < 1 || bit > 128 || (bit & (bit - 1)) != 0) {
+        PyErr_SetString(PyExc_ValueError, "bit must be a power of two <= 128");
+        return NULL;
+    }
+    int flag = PyObject_IsTrue(args[2]);
     if (flag < 0) {
         return NULL;
     }
@@ -566,7 +577,12 @@ Core_set_outbox(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (c == NULL || c->state != WSM_ACTIVE) {
         Py_RETURN_FALSE;
     }
-    c->has_outbox = flag;
+    if (flag) {
+        c->notify |= (uint8_t)bit;
+    }
+    else {
+        c->notify &= (uint8_t)~bit;
+    }
     Py_RETURN_TRUE;
 }
 
@@ -653,25 +669,41 @@ Core_record_pong(CoreObject *self, PyObject *user_id)
         if (best >= 0) {
             record_rtt(self, best);
         }
-        if (self->pong_hook != NULL && call_pong_hook(self, g->key) < 0) {
+        if (self->pong_hook != NULL &&
+            call_pong_hook(self, g->key, NULL, best) < 0) {
             return NULL;
         }
     }
     Py_RETURN_NONE; /* the seed's record_pong returns None */
 }
 
-/* Run the pong hook (set while ping_user() waits) with the user id. The
- * hook may run any Python code, so it is called after every walk, with a
- * reference of our own to the key. */
+/* Run the pong hook (set while a ping_user() waits or latency listeners
+ * exist) as hook(user_id, websocket | None, latency_ms | None). It may run
+ * any Python code, so it is called after every walk, with references of our
+ * own to what it is given. */
 static int
-call_pong_hook(CoreObject *self, PyObject *user_key /* borrowed */)
+call_pong_hook(CoreObject *self, PyObject *user_key /* borrowed */,
+               PyObject *ws /* borrowed, may be NULL */, double rtt)
 {
-    PyObject *hook = self->pong_hook;
+    PyObject *hook = self->pong_hook, *latency = NULL, *res = NULL;
+    if (rtt >= 0) {
+        latency = PyFloat_FromDouble(rtt * 1000.0);
+        if (latency == NULL) {
+            return -1;
+        }
+    }
+    else {
+        latency = Py_NewRef(Py_None);
+    }
     Py_INCREF(hook);
     Py_INCREF(user_key);
-    PyObject *res = PyObject_CallOneArg(hook, user_key); /* new ref */
+    Py_XINCREF(ws);
+    res = PyObject_CallFunctionObjArgs(hook, user_key, ws ? ws : Py_None,
+                                       latency, NULL); /* new ref */
+    Py_XDECREF(ws);
     Py_DECREF(user_key);
     Py_DECREF(hook);
+    Py_DECREF(latency);
     if (res == NULL) {
         return -1;
     }
@@ -731,13 +763,28 @@ Core_record_pong_ws(CoreObject *self, PyObject *ws)
     if (rtt >= 0) {
         record_rtt(self, rtt);
     }
-    if (self->pong_hook != NULL && call_pong_hook(self, c->user->key) < 0) {
+    if (self->pong_hook != NULL &&
+        call_pong_hook(self, c->user->key, ws, rtt) < 0) {
         return NULL;
     }
     if (rtt < 0) {
         Py_RETURN_NONE;
     }
     return PyFloat_FromDouble(rtt * 1000.0);
+}
+
+/* latency_ms(websocket) -> float | None: the round-trip time in ms of the
+ * last ping this connection answered; None before its first answered ping,
+ * or for a websocket that is not registered. */
+static PyObject *
+Core_latency_ms(CoreObject *self, PyObject *ws)
+{
+    CHECK_INIT(self, NULL);
+    wsm_conn *c = wsm_find_conn(&self->reg, ws); /* borrowed */
+    if (c == NULL || c->state != WSM_ACTIVE || c->last_rtt < 0) {
+        Py_RETURN_NONE;
+    }
+    return PyFloat_FromDouble(c->last_rtt * 1000.0);
 }
 
 /* _note_ping(websocket) -> bool: a ping was sent outside the sweep
@@ -1477,6 +1524,10 @@ static PyMethodDef Core_methods[] = {
      "touch(websocket) -> bool: this connection received something."},
     {"record_pong_ws", (PyCFunction)Core_record_pong_ws, METH_O,
      "record_pong_ws(websocket) -> latency_ms | None: a pong on this connection."},
+    {"latency_ms", (PyCFunction)Core_latency_ms, METH_O,
+     "latency_ms(websocket) -> float | None\n\n"
+     "Round-trip time in ms of the last ping this connection answered;\n"
+     "None before its first answered ping or for an unknown websocket."},
     {"is_user_connected", (PyCFunction)Core_is_user_connected, METH_O,
      "is_user_connected(user_id) -> bool: True while any connection is open."},
     {"get_lobby_users", (PyCFunction)Core_get_lobby_users, METH_O,
@@ -1492,7 +1543,7 @@ static PyMethodDef Core_methods[] = {
     {"_set_pong_hook", (PyCFunction)Core_set_pong_hook, METH_O, NULL},
     {"_set_drop_hook", (PyCFunction)(void (*)(void))Core_set_drop_hook,
      METH_FASTCALL, NULL},
-    {"_set_outbox", (PyCFunction)(void (*)(void))Core_set_outbox, METH_FASTCALL,
+    {"_set_notify", (PyCFunction)(void (*)(void))Core_set_notify, METH_FASTCALL,
      NULL},
     {"_lobby_targets", (PyCFunction)(void (*)(void))Core_lobby_targets,
      METH_FASTCALL, NULL},

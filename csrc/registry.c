@@ -278,6 +278,7 @@ wsm_reserve(wsm_registry *r, PyObject *ws, PyObject *lobby, PyObject *user,
     c->user = ug;
     c->state = WSM_PENDING;
     c->last_rx = now;
+    c->last_rtt = -1.0;
     wsm_uthash_oom = 0;
     HASH_ADD_KEYPTR_BYHASHVALUE(hh, r->conns, &c->ws, sizeof(PyObject *),
                                 ptr_hash(ws), c);
@@ -395,6 +396,7 @@ wsm_pong(wsm_registry *r, wsm_conn *c, double now)
             rtt = 0;
         }
         c->pong_due_since = 0;
+        c->last_rtt = rtt;
     }
     wsm_touch(r, c, now);
     return rtt;

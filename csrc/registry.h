@@ -68,8 +68,9 @@ struct wsm_conn {
     uint8_t state;          /* enum wsm_conn_state */
     uint8_t on_list;        /* enum wsm_activity_list */
     uint8_t bucket_ready;   /* tokens/tokens_ts initialized (lazily, on first use) */
-    uint8_t has_outbox;     /* the Python side queued messages for it: tell it
-                               when the connection is removed */
+    uint8_t notify;         /* bits set by the Python side (an outbound backlog,
+                               a removal callback): tell it when the
+                               connection is removed */
     uint32_t violations;    /* messages dropped since the bucket was last full */
     wsm_link lobby_link;
     wsm_link user_link;
@@ -79,6 +80,8 @@ struct wsm_conn {
     double pong_due_since;  /* last ping not yet answered by a pong, 0 if none:
                                kept apart from ping_sent so that any message
                                proves liveness while only a pong gives an RTT */
+    double last_rtt;        /* round trip of the last ping answered, seconds;
+                               < 0 while none was measured */
     double tokens;          /* inbound token bucket */
     double tokens_ts;
     UT_hash_handle hh;
@@ -133,7 +136,8 @@ void wsm_remove(wsm_registry *r, wsm_conn *c);
  * moves to the idle tail. */
 void wsm_touch(wsm_registry *r, wsm_conn *c, double now);
 /* A pong arrived: touch, and return the round-trip time in seconds of the
- * ping it answers, or -1 if no ping was outstanding. */
+ * ping it answers (also kept in c->last_rtt), or -1 if no ping was
+ * outstanding. */
 double wsm_pong(wsm_registry *r, wsm_conn *c, double now);
 /* Connection was sent a ping at `now`: idle list -> wait list tail. */
 void wsm_mark_pinged(wsm_registry *r, wsm_conn *c, double now);

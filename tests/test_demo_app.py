@@ -77,11 +77,16 @@ def test_chat_direct_message_stats_and_metrics() -> None:
             assert (dm["from"], dm["to"], dm["text"]) == ("bob", "alice", "psst")
             bob.send_json({"type": "dm", "to": "nobody", "text": "?"})
             assert receive_until(bob, "error")["text"] == "nobody is not in this lobby"
-            bob.send_text("{not json")  # a bad message ends that connection, not the server
+            bob.send_text("{not json")  # a bad message is answered, not a crash
+            assert receive_until(bob, "error")["error"] == "bad_json"
+            for _ in range(manager.max_bad_messages - 1):  # persistent garbage ends that connection only
+                bob.send_text("{not json")
             with pytest.raises(WebSocketDisconnect) as exc:
                 receive_until(bob, "never")
             assert (exc.value.code, exc.value.reason) == (4007, "bad_message")
-            assert [m["user"] for m in receive_until(alice, "members")["members"]] == ["alice"]
+            members = receive_until(alice, "members")["members"]
+            while [m["user"] for m in members] != ["alice"]:
+                members = receive_until(alice, "members")["members"]
 
             stats = client.get("/stats").json()
             assert stats["total_connections"] == 1
@@ -118,27 +123,55 @@ def test_refusals_carry_their_close_code_and_reason() -> None:
 
 
 def test_heartbeat_pings_silent_members_and_closes_the_stale_one() -> None:
+    """The demo runs on the manager's built-in heartbeat (here on a fake clock,
+    swept in the app's loop through the TestClient's portal)."""
     now = [1000.0]
     manager = ConnectionManager(clock=lambda: now[0])
     with TestClient(create_app(manager, ping_interval=1.0, ping_timeout=1.0)) as client:
+        assert (manager.ping_interval, manager.ping_timeout) == (1.0, 1.0)
+        assert client.portal is not None
+        portal = client.portal
+
+        def sweep() -> None:
+            portal.call(manager.health.sweep)
+
         with (
             client.websocket_connect("/ws/hb?token=alice") as alice,
             client.websocket_connect("/ws/hb?token=zed") as zed,
         ):
             receive_until(alice, "welcome")
             receive_until(zed, "welcome")
-            now[0] += 1.5  # both silent for longer than ping_interval
-            ping = receive_until(alice, "health_ping")
-            receive_until(zed, "health_ping")
-            alice.send_json({"type": "health_pong", "timestamp": ping["timestamp"]})
-            # alice's pong gives her a latency, announced to the lobby
             members = receive_until(alice, "members")["members"]
-            assert isinstance(members[0]["latency_ms"], float)
-            now[0] += 1.5  # zed never answered: closed as stale, alice is pinged again
-            members = receive_until(alice, "members")["members"]
-            while [m["user"] for m in members] != ["alice"]:
+            while len(members) != 2:
                 members = receive_until(alice, "members")["members"]
+            assert [m["latency_ms"] for m in members] == [None, None]
+            now[0] += 1.5  # both silent for longer than ping_interval
+            sweep()
+            ping = receive_until(alice, "health_ping")
+            assert ping["latency_ms"] is None  # nothing measured yet
+            receive_until(zed, "health_ping")
+            now[0] += 0.05
+            alice.send_json({"type": "health_pong", "timestamp": ping["timestamp"]})
+            # alice's pong gives her a latency (50 ms on the fake clock), announced to the lobby
+            members = receive_until(alice, "members")["members"]
+            assert members == [{"user": "alice", "latency_ms": 50.0}, {"user": "zed", "latency_ms": None}]
+            now[0] += 1.5  # zed never answered: closed as stale, alice is pinged again
+            sweep()
+            # zed leaves the member list at once, before its client even took the close,
+            # and the next ping tells alice her own latency (the browser client's `latency`)
+            pings: list[dict[str, Any]] = []
+            members = []
+            while not (pings and [m["user"] for m in members] == ["alice"]):
+                message = dict(alice.receive_json())
+                if message["type"] == "health_ping":
+                    pings.append(message)
+                elif message["type"] == "members":
+                    members = message["members"]
+            assert [p["latency_ms"] for p in pings] == [50.0]
             with pytest.raises(WebSocketDisconnect) as exc:
                 receive_until(zed, "never")
             assert (exc.value.code, exc.value.reason) == (4004, "stale")
-        assert "wsmanager_stale_closes_total 1.0" in client.get("/metrics").text
+        text = client.get("/metrics").text
+        assert "wsmanager_stale_closes_total 1.0" in text
+        assert "wsmanager_latency_seconds_count 1.0" in text  # the histogram saw alice's round trip
+        assert 'wsmanager_stale_removals_total{reason="no_pong"} 1.0' in text

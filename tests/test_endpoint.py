@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 from fastapi import FastAPI, Query, WebSocket
 from starlette.testclient import TestClient
+from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
 from tests.asgi_fakes import FakePeer
-from wsmanager import ConnectionManager
+from wsmanager import Connection, ConnectionManager
 
 
 class Recorder:
@@ -233,3 +234,283 @@ def test_safe_chat_example_with_its_lifespan() -> None:
         assert info.value.code == 4001
     # the lifespan ran shutdown() on exit, then re-opened the manager for the next start
     assert len(example.manager) == 0 and example.manager.can_accept_connection("main") == (True, "")
+
+
+# ------------------------------------------------- hooks and the connection form
+
+
+class Hooks:
+    """on_connect / on_disconnect recorders that see the registry when they run."""
+
+    def __init__(self, m: ConnectionManager) -> None:
+        self.m = m
+        self.events: list[tuple[str, str, str, bool]] = []  # (hook, lobby, user, registered then)
+        self.conns: list[Connection] = []
+
+    async def on_connect(self, conn: Connection) -> None:
+        self.conns.append(conn)
+        self.events.append(("connect", conn.lobby_code, conn.user_id, conn.websocket in self.m))
+
+    async def on_disconnect(self, conn: Connection) -> None:
+        self.events.append(("disconnect", conn.lobby_code, conn.user_id, conn.websocket in self.m))
+
+
+def hooked(m: ConnectionManager, hooks: Hooks, handler: Any = None, user: str | None = "alice") -> Any:
+    peer = FakePeer()
+    rec = Recorder()
+    task = asyncio.create_task(
+        m.serve(
+            peer.ws,
+            "lobby",
+            user,
+            handler or rec,
+            on_connect=hooks.on_connect,
+            on_disconnect=hooks.on_disconnect,
+        )
+    )
+    return peer, task, rec
+
+
+def test_hooks_run_after_registration_and_after_removal() -> None:
+    async def main() -> None:
+        m = ConnectionManager()
+        hooks = Hooks(m)
+        peer, task, rec = hooked(m, hooks)
+        await settle()
+        assert hooks.events == [("connect", "lobby", "alice", True)]
+        conn = hooks.conns[0]
+        assert conn.websocket is peer.ws and conn.manager is m and conn.connected
+        peer.send_json({"type": "chat"})
+        await settle()
+        assert rec.calls == [("lobby", "alice", {"type": "chat"})]  # the pattern's 3-argument handler
+        peer.leave()
+        await asyncio.wait_for(task, 1)
+        assert hooks.events[1:] == [("disconnect", "lobby", "alice", False)]
+        assert not conn.connected and len(m) == 0
+
+    asyncio.run(main())
+
+
+def test_refused_connections_call_no_hook() -> None:
+    async def main() -> None:
+        m = ConnectionManager(max_per_lobby=1)
+        hooks = Hooks(m)
+        first, task1, _ = hooked(m, hooks)
+        await settle()
+        for user in (None, "bob"):  # unauthorized, then lobby_full
+            peer, task, _ = hooked(m, hooks, user=user)
+            await asyncio.wait_for(task, 1)
+            assert peer.close_code in (4001, 4002)
+        assert [e[0] for e in hooks.events] == ["connect"]
+        first.leave()
+        await asyncio.wait_for(task1, 1)
+        assert [e[0] for e in hooks.events] == ["connect", "disconnect"]
+
+    asyncio.run(main())
+
+
+def test_a_connection_handler_gets_its_connection_and_can_answer_the_sender_only() -> None:
+    async def main() -> None:
+        m = ConnectionManager()
+        seen: list[tuple[Connection, dict[str, Any]]] = []
+
+        async def handler(conn: Connection, data: dict[str, Any]) -> None:
+            seen.append((conn, data))
+            assert await conn.send({"type": "echo", "to": conn.user_id, "n": data["n"]})
+
+        hooks = Hooks(m)
+        alice, task_a, _ = hooked(m, hooks, handler)
+        bob, task_b, _ = hooked(m, hooks, handler, user="bob")
+        await settle()
+        alice.send_json({"n": 1})
+        await settle()
+        assert [(c.websocket, c.lobby_code, c.user_id, d) for c, d in seen] == [
+            (alice.ws, "lobby", "alice", {"n": 1})
+        ]
+        assert seen[0][0] is hooks.conns[0]  # the same object the hooks get
+        assert alice.texts() == [{"type": "echo", "to": "alice", "n": 1}] and bob.texts() == []
+        alice.leave()
+        bob.leave()
+        await asyncio.wait_for(asyncio.gather(task_a, task_b), 1)
+        assert not await seen[0][0].send({"late": True})  # gone: False, no exception
+
+    asyncio.run(main())
+
+
+def test_handler_forms_are_told_apart_by_their_positional_parameters() -> None:
+    from wsmanager.endpoint import _takes_connection
+
+    async def seed(lobby: str, user: str, data: dict[str, Any]) -> None: ...
+    async def seed_with_default(lobby: str, user: str, data: dict[str, Any] | None = None) -> None: ...
+    async def conn_form(conn: Connection, data: dict[str, Any]) -> None: ...
+    async def anything(*args: Any) -> None: ...
+
+    class Bound:
+        async def method(self, conn: Connection, data: dict[str, Any]) -> None: ...
+
+    assert not _takes_connection(seed) and not _takes_connection(seed_with_default)
+    assert not _takes_connection(anything) and not _takes_connection(Recorder())
+    assert _takes_connection(conn_form) and _takes_connection(Bound().method)
+
+
+def test_a_failing_on_connect_closes_with_1011_and_still_calls_on_disconnect(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        m = ConnectionManager()
+        hooks = Hooks(m)
+        disconnected: list[bool] = []
+
+        async def bad_connect(conn: Connection) -> None:
+            raise RuntimeError("database down")
+
+        async def bad_disconnect(conn: Connection) -> None:
+            disconnected.append(conn.websocket in m)
+            raise RuntimeError("database still down")
+
+        peer = FakePeer()
+        rec = Recorder()
+        task = asyncio.create_task(
+            m.serve(peer.ws, "lobby", "alice", rec, on_connect=bad_connect, on_disconnect=bad_disconnect)
+        )
+        await asyncio.wait_for(task, 1)  # no exception leaks out of serve()
+        assert (peer.close_code, peer.close_reason) == (1011, "internal_error")
+        assert disconnected == [False] and len(m) == 0 and rec.calls == []
+        # the next connection is served normally
+        ok, task2, _ = hooked(m, hooks)
+        await settle()
+        assert len(m) == 1
+        ok.leave()
+        await asyncio.wait_for(task2, 1)
+        assert len(m) == 0
+
+    with caplog.at_level(logging.ERROR, logger="wsmanager"):
+        asyncio.run(main())
+    assert "on_connect hook failed" in caplog.text and "on_disconnect hook failed" in caplog.text
+
+
+class DeafPeer(FakePeer):
+    """A client that does not answer the server's close (a frozen machine)."""
+
+    async def _send(self, message: Message) -> None:
+        if message["type"] == "websocket.close":
+            self.close_message = message
+            self.frames.append(message)
+            return
+        await super()._send(message)
+
+
+def test_on_disconnect_runs_as_soon_as_the_manager_removes_the_connection() -> None:
+    """A close by the library (here the heartbeat's stale close) runs on_disconnect at
+    once, before the client took the close; serve() ends later and does not run it again."""
+
+    async def main() -> None:
+        now = [1000.0]
+        m = ConnectionManager(clock=lambda: now[0], ping_interval=1, ping_timeout=1)
+        hooks = Hooks(m)
+        peer = DeafPeer()
+        task = asyncio.create_task(
+            m.serve(
+                peer.ws,
+                "lobby",
+                "zed",
+                Recorder(),
+                on_connect=hooks.on_connect,
+                on_disconnect=hooks.on_disconnect,
+            )
+        )
+        await settle()
+        now[0] += 1.5
+        await m.health.sweep(wait=True)  # pinged
+        now[0] += 1.5
+        await m.health.sweep(wait=True)  # stale: removed and closed
+        await settle()
+        assert hooks.events == [("connect", "lobby", "zed", True), ("disconnect", "lobby", "zed", False)]
+        assert (peer.close_code, peer.close_reason) == (4004, "stale")
+        assert not task.done()  # serve() still waits for the client's side of the close
+        peer.leave(4004)
+        await asyncio.wait_for(task, 1)
+        assert [e[0] for e in hooks.events] == ["connect", "disconnect"]
+
+    asyncio.run(main())
+
+
+def test_a_removal_during_on_connect_runs_on_disconnect_only_after_it() -> None:
+    async def main() -> None:
+        m = ConnectionManager()
+        events: list[str] = []
+        release = asyncio.Event()
+
+        async def slow_connect(conn: Connection) -> None:
+            events.append("connect:start")
+            await release.wait()
+            events.append("connect:end")
+
+        async def on_disconnect(conn: Connection) -> None:
+            events.append("disconnect")
+
+        peer = FakePeer()
+        task = asyncio.create_task(
+            m.serve(
+                peer.ws, "lobby", "alice", Recorder(), on_connect=slow_connect, on_disconnect=on_disconnect
+            )
+        )
+        await settle()
+        await m.close_connection(peer.ws, "slow_consumer")  # removed while on_connect still runs
+        await settle()
+        assert events == ["connect:start"] and len(m) == 0
+        release.set()
+        await asyncio.wait_for(task, 1)
+        assert events == ["connect:start", "connect:end", "disconnect"]
+        assert (peer.close_code, peer.close_reason) == (4006, "slow_consumer")
+
+    asyncio.run(main())
+
+
+def test_cancelled_serve_still_calls_on_disconnect() -> None:
+    async def main() -> None:
+        m = ConnectionManager()
+        hooks = Hooks(m)
+        _, task, _ = hooked(m, hooks)
+        await settle()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert [e[:3] for e in hooks.events] == [
+            ("connect", "lobby", "alice"),
+            ("disconnect", "lobby", "alice"),
+        ]
+        assert len(m) == 0
+
+    asyncio.run(main())
+
+
+def test_hooks_in_a_fastapi_app() -> None:
+    m = ConnectionManager()
+    app = FastAPI()
+
+    async def welcome(conn: Connection) -> None:
+        await conn.send({"type": "welcome", "you": conn.user_id})
+        await m.broadcast_to_lobby(conn.lobby_code, {"type": "joined", "user": conn.user_id})
+
+    async def goodbye(conn: Connection) -> None:
+        await m.broadcast_to_lobby(conn.lobby_code, {"type": "left", "user": conn.user_id})
+
+    async def echo(conn: Connection, data: dict[str, Any]) -> None:
+        await conn.send({"type": "echo", **data})
+
+    @app.websocket("/ws/{lobby}")
+    async def ws(websocket: WebSocket, lobby: str, token: str = Query("")) -> None:
+        await m.serve(websocket, lobby, token or None, echo, on_connect=welcome, on_disconnect=goodbye)
+
+    with TestClient(app) as client, client.websocket_connect("/ws/a?token=alice") as alice:
+        assert alice.receive_json() == {"type": "welcome", "you": "alice"}
+        assert alice.receive_json() == {"type": "joined", "user": "alice"}
+        with client.websocket_connect("/ws/a?token=bob") as bob:
+            assert bob.receive_json() == {"type": "welcome", "you": "bob"}
+            assert bob.receive_json() == {"type": "joined", "user": "bob"}
+            assert alice.receive_json() == {"type": "joined", "user": "bob"}
+            bob.send_json({"x": 1})
+            assert bob.receive_json() == {"type": "echo", "x": 1}
+        assert alice.receive_json() == {"type": "left", "user": "bob"}
+    assert len(m) == 0

@@ -623,3 +623,73 @@ def test_monitor_sleeps_until_the_next_deadline_not_a_fixed_tick() -> None:
         m.disconnect(peer.ws)
 
     run(main)
+
+
+def test_health_ping_carries_the_connections_last_round_trip() -> None:
+    """The browser client shows ``latency_ms`` of each health_ping as its latency."""
+    clock = FakeClock()
+    m = ConnectionManager(clock=clock, ping_interval=10, ping_timeout=5)
+
+    async def main() -> None:
+        a = await connect(m, "l", "a")
+        b = await connect(m, "l", "b")
+        assert m.latency_ms(a.ws) is None and m.latency_ms(object()) is None
+        clock.advance(10)
+        await m.health.sweep(wait=True)
+        assert [p["latency_ms"] for p in a.texts()] == [None]  # nothing measured yet
+        clock.advance(0.125)
+        assert m.record_pong_ws(a.ws) == pytest.approx(125.0)
+        m.touch(b.ws)  # b answers with a chat message: alive, but no round trip
+        assert m.latency_ms(a.ws) == pytest.approx(125.0) and m.latency_ms(b.ws) is None
+        clock.advance(10)
+        await m.health.sweep(wait=True)
+        assert [p["latency_ms"] for p in a.texts()] == [None, 125.0]
+        assert [p["latency_ms"] for p in b.texts()] == [None, None]
+        clock.advance(0.25)
+        m.record_pong("a")  # the seed's per-user report measures the ping it answers too
+        assert m.latency_ms(a.ws) == pytest.approx(250.0)
+        clock.advance(10)
+        await m.health.sweep(wait=True)
+        assert a.texts()[-1]["latency_ms"] == 250.0
+        m.disconnect(a.ws)
+        assert m.latency_ms(a.ws) is None  # not registered any more
+        m.disconnect(b.ws)
+
+    run(main)
+
+
+def test_latency_listeners_see_every_measured_round_trip(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    m = ConnectionManager(clock=clock, ping_interval=10, ping_timeout=5)
+    seen: list[tuple[Any, float]] = []
+
+    def broken(_ws: Any, _ms: float) -> None:
+        raise ValueError("listener bug")
+
+    async def main() -> None:
+        a = await connect(m, "l", "a")
+        remove_broken = m.add_latency_listener(broken)
+        remove = m.add_latency_listener(lambda ws, ms: seen.append((ws, ms)))
+        clock.advance(10)
+        await m.health.sweep(wait=True)
+        clock.advance(0.02)
+        assert m.record_pong_ws(a.ws) == pytest.approx(20.0)  # the broken listener does not get in the way
+        m.record_pong_ws(a.ws)  # no ping outstanding: no round trip, nothing to report
+        clock.advance(10)
+        await m.health.sweep(wait=True)
+        clock.advance(0.03)
+        m.record_pong("a")  # per user: no websocket to name
+        assert [ws for ws, _ in seen] == [a.ws, None]
+        assert [ms for _, ms in seen] == pytest.approx([20.0, 30.0])
+        remove()
+        remove()  # idempotent
+        remove_broken()
+        clock.advance(10)
+        await m.health.sweep(wait=True)
+        m.record_pong_ws(a.ws)
+        assert len(seen) == 2
+        m.disconnect(a.ws)
+
+    with caplog.at_level(logging.ERROR, logger="wsmanager"):
+        run(main)
+    assert caplog.text.count("latency listener failed") == 2

@@ -215,3 +215,17 @@ def test_close_code_table() -> None:
     assert close_code_for("unauthorized") == 4001
     assert close_code_for("shutting_down") == 1013
     assert close_code_for("something else") == 1008
+
+
+def test_an_empty_manager_is_truthy() -> None:
+    """``manager or default`` keeps the manager: it is a service, not a container."""
+    m = ConnectionManager()
+    assert len(m) == 0 and bool(m) is True
+    default = ConnectionManager()
+    assert (m or default) is m
+
+    async def main() -> None:
+        await joined(m, "lobby", "alice")
+        assert len(m) == 1 and bool(m)
+
+    run(main())

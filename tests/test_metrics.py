@@ -78,3 +78,41 @@ def test_closes_by_reason_come_from_the_managers_stats() -> None:
     assert s[("wsmanager_connections", ())] == 3
     assert s[("wsmanager_closes_total", (("reason", "stale"),))] == 2
     assert s[("wsmanager_closes_total", (("reason", "slow_consumer"),))] == 1
+
+
+def test_the_managers_round_trips_and_stale_closes_need_no_recording() -> None:
+    """With the built-in heartbeat, /metrics shows latencies and stale closes by itself."""
+    import asyncio
+
+    from tests.asgi_fakes import FakePeer
+
+    now = [1000.0]
+    manager = ConnectionManager(clock=lambda: now[0], ping_interval=1, ping_timeout=1)
+    metrics = ManagerMetrics(manager)
+
+    async def main() -> None:
+        alive, dead = FakePeer(), FakePeer()
+        assert await manager.connect(alive.ws, "l", "alive")
+        assert await manager.connect(dead.ws, "l", "dead")
+        now[0] += 1
+        await manager.health.sweep(wait=True)  # both pinged
+        now[0] += 0.004
+        manager.record_pong_ws(alive.ws)  # a 4 ms round trip
+        now[0] += 1
+        await manager.health.sweep(wait=True)  # dead is closed as stale
+        assert dead.close_code == 4004
+        manager.disconnect(alive.ws)
+
+    asyncio.run(main())
+    s = samples(metrics)
+    assert s[("wsmanager_latency_seconds_count", ())] == 1
+    assert s[("wsmanager_latency_seconds_bucket", (("le", "0.005"),))] == 1
+    assert s[("wsmanager_latency_seconds_bucket", (("le", "0.0025"),))] == 0
+    assert s[("wsmanager_stale_closes_total", ())] == 1
+    assert s[("wsmanager_stale_removals_total", (("reason", "no_pong"),))] == 1
+    assert s[("wsmanager_stale_removals_total", (("reason", "handler_exited"),))] == 0
+    metrics.record_stale(2)  # an application's own stale closes add up
+    assert samples(metrics)[("wsmanager_stale_closes_total", ())] == 3
+
+    metrics.close()  # stops observing the manager
+    assert manager._latency_listeners == []

@@ -124,6 +124,12 @@ def test_sigterm_closes_500_connections_with_1001_within_the_timeout() -> None:
 
 # -------------------------------------------------------------------- chaos
 
+# Python-level growth allowed over the chaos run. About 300 connections come and go
+# (fewer under ASan); the growth measured is 26-41 kB (interpreter caches), with and
+# without ASan. Keeping ~400 bytes per connection (a tuple, a dict and an object, tried
+# on purpose) grew it by ~170 kB: over this bound.
+TRACED_GROWTH_BOUND = 128 * 1024
+
 
 def test_chaos_leaves_the_server_healthy_and_empty() -> None:
     raise_open_files(4096)
@@ -135,6 +141,7 @@ def test_chaos_leaves_the_server_healthy_and_empty() -> None:
         "WSM_MAX_BACKLOG_BYTES": str(128 * 1024),
         "WSM_MAX_MESSAGE_BYTES": "4096",
         "WSM_CLOSE_TIMEOUT": "1",
+        "WSM_TRACEMALLOC": "1",  # Python-level memory (the core's too), comparable with and without ASan
     }
     rng = random.Random(4)
     seconds, workers = 8.0, 24
@@ -239,8 +246,17 @@ def test_chaos_leaves_the_server_healthy_and_empty() -> None:
         assert end["tasks"] <= start["tasks"], (start, end)
         assert end["stats"]["backlogged_connections"] == 0
         assert end["stats"]["pending_connections"] == 0
-        grown = end["rss_bytes"] - start["rss_bytes"]
-        assert grown < 64 * 1024 * 1024, (start["rss_bytes"], end["rss_bytes"])
+        # Memory back near its starting point. What the process holds at the Python level
+        # (every connection's objects, the manager's tables, the core's entries) is the
+        # figure a leak would move, and it means the same under AddressSanitizer.
+        traced = end["traced_bytes"] - start["traced_bytes"]
+        print(f"chaos: {end['stats']['connects']} connections, Python-level growth {traced} bytes")
+        assert traced < TRACED_GROWTH_BOUND, (start["traced_bytes"], end["traced_bytes"])
+        if not end["sanitized"]:
+            # The RSS too, without ASan: under it, freed memory sits in ASan's quarantine
+            # (256 MB by default) and the RSS grows whether anything leaks or not.
+            grown = end["rss_bytes"] - start["rss_bytes"]
+            assert grown < 64 * 1024 * 1024, (start["rss_bytes"], end["rss_bytes"])
         closed = end["stats"]["closed"]
         assert (
             closed.get("rate_limited", 0) >= 1

@@ -10,12 +10,14 @@ from __future__ import annotations
 from ._core import dumps
 from .backends import Backend, InMemoryBackend, backend_from_env
 from .codes import CLOSE_CODES, CloseCode, close_code_for
+from .endpoint import Connection
 from .manager import ConnectionManager
 
 __all__ = [
     "CLOSE_CODES",
     "Backend",
     "CloseCode",
+    "Connection",
     "ConnectionManager",
     "InMemoryBackend",
     "backend_from_env",

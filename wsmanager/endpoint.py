@@ -6,7 +6,20 @@ A new app writes::
     async def ws(websocket: WebSocket, lobby_code: str, token: str = "") -> None:
         await manager.serve(websocket, lobby_code, await authenticate(token), handle_message)
 
-instead of the pattern's hand-written loop. :func:`serve` refuses with
+instead of the pattern's hand-written loop. ``handle_message(lobby_code,
+user_id, data)`` is the pattern's handler; a handler that needs its connection
+(to answer only the sender, or to know the websocket) takes
+``(connection, data)`` instead, where ``connection`` is a :class:`Connection`.
+The keyword-only hooks ``on_connect(connection)`` and
+``on_disconnect(connection)`` run once the connection is registered and once
+it is removed (announce a member list, keep app state per connection)::
+
+    async def joined(conn: Connection) -> None:
+        await conn.send({"type": "welcome", "user": conn.user_id})
+        await manager.broadcast_to_lobby(conn.lobby_code, {"type": "joined", "user": conn.user_id})
+
+    await manager.serve(websocket, lobby_code, user_id, handle_message, on_connect=joined)
+ :func:`serve` refuses with
 accept-then-close (so browsers see the code and reason), keeps liveness and
 pongs per websocket, answers bad input with a documented error or close code
 (see :mod:`wsmanager.codes`) and never a traceback, applies the inbound rate
@@ -16,11 +29,14 @@ limit, and always removes the entry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import json
 import logging
 import signal
 import threading
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -33,11 +49,80 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Handler", "error_message", "hook_signals", "origin_allowed", "serve"]
+__all__ = [
+    "Connection",
+    "ConnectionHandler",
+    "Handler",
+    "Hook",
+    "MessageHandler",
+    "error_message",
+    "hook_signals",
+    "origin_allowed",
+    "serve",
+]
 
-Handler = Callable[[str, str, dict[str, Any]], Awaitable[Any]]
+
+@dataclass(frozen=True, eq=False)
+class Connection:
+    """One connection run by :func:`serve`, as its hooks and a
+    ``(connection, data)`` handler see it."""
+
+    manager: ConnectionManager
+    websocket: WebSocket
+    lobby_code: str
+    user_id: str
+
+    async def send(self, message: Any) -> bool:
+        """Send ``message`` (serialized as JSON) to this connection only, in
+        order with the broadcasts it gets; never waits for a slow client
+        (see ``ConnectionManager``). False, without sending, once the manager
+        no longer holds the connection (it left or was closed)."""
+        data = dumps(message)  # a message that cannot be serialized raises, as in broadcast_to_lobby
+        if self.websocket not in self.manager:
+            return False
+        return await self.manager._send(self.websocket, data)
+
+    @property
+    def latency_ms(self) -> float | None:
+        """Round trip in ms of the last ping this connection answered, or None."""
+        return self.manager.latency_ms(self.websocket)
+
+    @property
+    def connected(self) -> bool:
+        """True while the manager still holds this connection (False once it
+        was closed as stale, as a slow consumer, at shutdown, or removed)."""
+        return self.websocket in self.manager
+
+
+MessageHandler = Callable[[str, str, dict[str, Any]], Awaitable[Any]]
 """``await handler(lobby_code, user_id, message)`` for every valid message:
 the signature of the pattern's ``handle_message``."""
+
+ConnectionHandler = Callable[[Connection, dict[str, Any]], Awaitable[Any]]
+"""``await handler(connection, message)``: a handler that needs its connection."""
+
+Handler = MessageHandler | ConnectionHandler
+"""Either handler form; :func:`serve` tells them apart by their number of
+positional parameters (exactly 2: the connection form, else the pattern's)."""
+
+Hook = Callable[[Connection], Awaitable[Any]]
+"""``await hook(connection)``: ``on_connect`` / ``on_disconnect`` of :func:`serve`."""
+
+
+def _takes_connection(handler: Callable[..., Any]) -> bool:
+    """True for a ``(connection, data)`` handler: one that takes exactly two
+    positional parameters. Anything else (three, ``*args``, a signature that
+    cannot be read) is called as the pattern's ``(lobby_code, user_id, data)``."""
+    try:
+        params = list(inspect.signature(handler).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    kinds = [p.kind for p in params]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(k in positional for k in kinds) == 2
+
 
 # verdicts of Core._allow
 _ALLOW, _DROP_NOTIFY, _DROP, _CLOSE = 0, 1, 2, 3
@@ -71,9 +156,33 @@ async def serve(
     lobby_code: str,
     user_id: str | None,
     handler: Handler,
+    *,
+    on_connect: Hook | None = None,
+    on_disconnect: Hook | None = None,
 ) -> None:
     """Admit ``websocket`` into ``lobby_code`` as ``user_id``, then read its
     messages until it leaves, calling ``handler`` for each valid one.
+
+    * ``handler`` is ``await handler(lobby_code, user_id, data)`` (the
+      pattern's ``handle_message``) or, when it takes exactly two
+      positional parameters, ``await handler(connection, data)`` with the
+      :class:`Connection` (websocket, lobby, user, ``send()`` to it alone).
+    * ``on_connect(connection)`` is awaited once the connection is
+      registered (it already counts in ``get_lobby_users`` and receives
+      broadcasts), before its first message is read. If it raises, the
+      error is logged and the connection closed with 1011
+      "internal_error" (a ``WebSocketDisconnect`` just means the client
+      left).
+    * ``on_disconnect(connection)`` runs once the connection has been
+      removed from the manager, whoever removed it (the client left, a
+      close by the library such as stale, slow consumer or shutdown, an
+      error, a cancellation): exactly once for every connection that was
+      registered, i.e. whenever ``on_connect`` was called, and never before
+      ``on_connect`` returned. When the library removes the connection it
+      starts at once, in a task of its own, without waiting for the client's
+      side of the close handshake (a frozen client may never send it);
+      ``serve()`` returns only once it has finished. If it raises, the error
+      is logged. Refused connections call neither hook.
 
     * refusals are sent as accept-then-close: a falsy ``user_id`` (failed
       authentication) 4001 "unauthorized", an ``Origin`` not in
@@ -112,12 +221,110 @@ async def serve(
         return
     if not admitted:
         return
+    conn = Connection(manager, websocket, lobby_code, user_id)
+    call: Callable[[str, str, dict[str, Any]], Awaitable[Any]]
+    if _takes_connection(handler):
+        with_conn: Any = handler
+
+        def call(_lobby: str, _user: str, data: dict[str, Any]) -> Awaitable[Any]:
+            return with_conn(conn, data)  # type: ignore[no-any-return]
+    else:
+        call = handler  # type: ignore[assignment]
+    departure = _Departure(conn, on_disconnect) if on_disconnect is not None else None
+    if departure is not None:
+        manager._on_removal(websocket, departure.removed)
     try:
-        await _read_loop(manager, websocket, lobby_code, user_id, handler)
+        connected = on_connect is None or await _run_hook(on_connect, conn, "on_connect")
+        if departure is not None:
+            departure.arm()
+        if connected:
+            await _read_loop(manager, websocket, lobby_code, user_id, call)
+        else:
+            await manager.close_connection(websocket, "internal_error")
     except WebSocketDisconnect:
         pass
     finally:
+        manager._forget_removal(websocket)
         manager.disconnect(websocket)
+        if departure is not None:
+            await departure.finish()
+
+
+class _Departure:
+    """Runs ``on_disconnect`` exactly once, after ``on_connect`` returned: as
+    soon as the manager removes the connection (a stale close, a slow
+    consumer, shutdown: the client's close handshake may take a while yet),
+    or when :func:`serve` ends."""
+
+    __slots__ = ("armed", "conn", "hook", "loop", "pending", "started", "task")
+
+    def __init__(self, conn: Connection, hook: Hook) -> None:
+        self.conn = conn
+        self.hook = hook
+        self.loop = asyncio.get_running_loop()
+        self.armed = False  # on_connect has returned
+        self.pending = False  # removed before that: start once armed
+        self.started = False
+        self.task: asyncio.Task[bool] | None = None
+
+    def removed(self) -> None:
+        """The manager removed the entry (called from any loop or thread)."""
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is self.loop:
+            self._removed_here()
+        else:
+            with contextlib.suppress(RuntimeError):  # serve()'s loop is closed: so is the socket
+                self.loop.call_soon_threadsafe(self._removed_here)
+
+    def _removed_here(self) -> None:
+        if self.armed:
+            self._start()
+        else:
+            self.pending = True
+
+    def arm(self) -> None:
+        """on_connect has returned: a removal may now run on_disconnect."""
+        self.armed = True
+        if self.pending:
+            self._start()
+
+    def _start(self) -> None:
+        if not self.started:
+            self.started = True
+            self.task = self.loop.create_task(self._run())
+
+    async def _run(self) -> bool:
+        with contextlib.suppress(WebSocketDisconnect):
+            return await _run_hook(self.hook, self.conn, "on_disconnect")
+        return False
+
+    async def finish(self) -> None:
+        """serve() ends: run the hook now, or wait for the run under way."""
+        if not self.started:
+            self.started = True
+            await self._run()
+        elif self.task is not None:
+            await asyncio.shield(self.task)
+
+
+async def _run_hook(hook: Hook, conn: Connection, name: str) -> bool:
+    """Await ``hook(conn)``; False (after logging it) if it raised. A
+    ``WebSocketDisconnect`` (the client left) is passed on."""
+    try:
+        await hook(conn)
+    except (WebSocketDisconnect, asyncio.CancelledError):
+        raise
+    except Exception:
+        logger.exception(
+            "%s hook failed",
+            name,
+            extra={"lobby": conn.lobby_code, "user": conn.user_id, "reason": "internal_error"},
+        )
+        return False
+    return True
 
 
 async def _read_loop(
@@ -125,7 +332,7 @@ async def _read_loop(
     websocket: WebSocket,
     lobby_code: str,
     user_id: str,
-    handler: Handler,
+    handler: MessageHandler,
 ) -> None:
     receive = websocket.receive
     touch = manager.touch

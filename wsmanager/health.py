@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STALE_REASONS", "HealthMonitor", "SweepResult"]
+__all__ = ["STALE_REASONS", "HealthMonitor", "SweepResult", "health_ping"]
 
 #: Keys of ``get_stats()["stale_closed"]``: why connections were removed as stale.
 STALE_REASONS = ("no_pong", "send_failed", "handler_exited")
@@ -79,6 +79,22 @@ def _check_period(name: str, value: float | None) -> float | None:
     return seconds
 
 
+def health_ping(timestamp: float, latency_ms: float | None = None) -> str:
+    """The serialized ``{"type": "health_ping", "timestamp": ..., "latency_ms": ...}``.
+
+    ``latency_ms`` is the connection's last measured round trip (the one its
+    previous pong answered), rounded to a microsecond, or null while none was
+    measured: the browser client shows it as its ``latency``.
+    """
+    return dumps(
+        {
+            "type": "health_ping",
+            "timestamp": timestamp,
+            "latency_ms": None if latency_ms is None else round(latency_ms, 3),
+        }
+    )
+
+
 def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -102,7 +118,8 @@ class HealthMonitor:
 
     * a connection silent (nothing reported received: ``touch``,
       ``update_last_message``, ``record_pong``...) for ``ping_interval``
-      seconds is sent ``{"type": "health_ping", "timestamp": <unix time>}``;
+      seconds is sent ``{"type": "health_ping", "timestamp": <unix time>,
+      "latency_ms": <its last round trip in ms, or null>}``;
     * one still silent ``ping_timeout`` seconds after that ping is closed with
       code 4004, reason ``"stale"``, and removed from every table;
     * a connection whose endpoint ended (e.g. crashed on malformed JSON)
@@ -236,10 +253,16 @@ class HealthMonitor:
         here = self._state(asyncio.get_running_loop())
         spawned: list[asyncio.Task[None]] = []
         if to_ping:
-            data = dumps({"type": "health_ping", "timestamp": time.time()})
+            timestamp = time.time()
+            latency = manager.latency_ms
+            unknown = health_ping(timestamp)  # shared by the connections never measured
             for websocket in to_ping:
+                rtt = latency(websocket)
+                data = unknown if rtt is None else health_ping(timestamp, rtt)
                 self._dispatch(here, spawned, self._ping, websocket, data)
         for websocket, lobby, user in expired:
+            if manager._removal_callbacks:  # serve()'s on_disconnect runs now, not after the close
+                manager._removed(websocket)
             self._dispatch(here, spawned, self._close_stale, websocket, lobby, user)
         if wait and spawned:
             await asyncio.gather(*spawned, return_exceptions=True)
@@ -400,7 +423,7 @@ class HealthMonitor:
         # Sent directly, not through the connection's queue: the probe needs
         # the outcome of this very send, and order no longer matters for an
         # endpoint that has ended. Bounded, for a client that does not read.
-        data = dumps({"type": "health_ping", "timestamp": time.time()})
+        data = health_ping(time.time(), manager.latency_ms(websocket))
         try:
             await asyncio.wait_for(websocket.send_text(data), manager.close_timeout)
             sent = True

@@ -25,7 +25,10 @@ from starlette.websockets import WebSocket, WebSocketState
 from ._core import Core, dumps
 from .backends import Backend, InMemoryBackend
 from .codes import CloseCode, close_code_for
-from .health import HealthMonitor
+from .health import HealthMonitor, health_ping
+
+if TYPE_CHECKING:
+    from .endpoint import Handler, Hook
 
 if TYPE_CHECKING:
     from .backends.redis import RedisBackend
@@ -111,6 +114,24 @@ def _abort_transport(websocket: Any) -> bool:
     return False
 
 
+# Why the core must call the drop hook when a connection is removed (bits).
+_NOTIFY_OUTBOX = 1  # its writer holds queued messages
+_NOTIFY_CALLBACK = 2  # serve() waits to hear of its removal
+
+
+def _weak_pong_hook(manager: ConnectionManager) -> Callable[[str, Any, float | None], None]:
+    """The manager's ``_on_pong`` through a weak reference (the core holds
+    its hooks strongly)."""
+    ref = weakref.ref(manager)
+
+    def call(user_id: str, websocket: Any, latency: float | None) -> None:
+        target = ref()
+        if target is not None:
+            target._on_pong(user_id, websocket, latency)
+
+    return call
+
+
 def _weak_method(obj: Any, method: Callable[[Any, Any], None]) -> Callable[[Any], None]:
     """``method`` bound to ``obj`` through a weak reference."""
     ref = weakref.ref(obj)
@@ -159,11 +180,18 @@ class ConnectionManager(Core):
       malformed JSON) is reclaimed. ``touch(websocket)`` and
       ``record_pong_ws(websocket)`` report one connection, where the seed's
       ``update_last_message(user_id)`` / ``record_pong(user_id)`` vouch for
-      every connection of the user.
+      every connection of the user. Each ``health_ping`` carries
+      ``"latency_ms"``, the connection's last round trip (null before its
+      first pong), which the browser client reports as its latency;
+      ``latency_ms(websocket)`` reads it on the server and
+      ``add_latency_listener()`` is told of every new measurement.
     * ``backend``: where the manager's reach ends. ``InMemoryBackend()`` (the
       default) is this process; ``RedisBackend(url)`` (``wsmanager.backends.redis``)
       joins every process and machine sharing that Redis into one cluster:
       broadcasts, direct messages, limits and presence then span all of them.
+    * ``serve()`` runs a whole connection (see ``wsmanager.endpoint``), with
+      ``on_connect`` / ``on_disconnect`` hooks.
+    * an empty manager is still truthy (``manager or default`` keeps it).
     """
 
     def __init__(
@@ -229,6 +257,14 @@ class ConnectionManager(Core):
         # The core holds its hooks strongly: hand it functions that hold the
         # manager weakly, so that dropping the manager frees it at once.
         self._set_drop_hook(_weak_method(self, ConnectionManager._on_removed), self._backplane is not None)
+        self._latency_listeners: list[Callable[[Any, float], None]] = []
+        # websocket -> called once when its entry is removed, however (serve()'s on_disconnect)
+        self._removal_callbacks: dict[Any, Callable[[], None]] = {}
+
+    def __bool__(self) -> bool:
+        """Always True: a manager is a service, not a container, so an empty
+        one is still truthy (``manager or default`` keeps it)."""
+        return True
 
     def set_rate_limit(
         self, rate: float | None, burst: float | None = None, *, close_after: int = 100
@@ -430,14 +466,14 @@ class ConnectionManager(Core):
             return False
         box = _Outbox(asyncio.get_running_loop())
         self._outboxes[websocket] = box
-        self._set_outbox(websocket, True)
+        self._set_notify(websocket, _NOTIFY_OUTBOX, True)
         box.task = box.loop.create_task(self._writer(websocket, box, coro, step))
         return True
 
     def _enqueue(self, websocket: Any, box: _Outbox, data: str) -> bool:
         if box.loop is not asyncio.get_running_loop():  # left over from a closed loop
             del self._outboxes[websocket]
-            self._set_outbox(websocket, False)
+            self._set_notify(websocket, _NOTIFY_OUTBOX, False)
             return self._post(websocket, data)
         size = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
         if len(box.queue) >= self.max_backlog or box.nbytes + size > self.max_backlog_bytes:
@@ -465,12 +501,12 @@ class ConnectionManager(Core):
         except Exception as exc:
             if self._outboxes.get(websocket) is box:
                 del self._outboxes[websocket]
-                self._set_outbox(websocket, False)
+                self._set_notify(websocket, _NOTIFY_OUTBOX, False)
                 self._drop(websocket, exc)
         finally:
             if self._outboxes.get(websocket) is box:
                 del self._outboxes[websocket]
-                self._set_outbox(websocket, False)
+                self._set_notify(websocket, _NOTIFY_OUTBOX, False)
 
     def _drop(self, websocket: WebSocket, exc: BaseException | None = None) -> None:
         """Remove a connection whose send failed."""
@@ -490,6 +526,8 @@ class ConnectionManager(Core):
     def _on_removed(self, websocket: Any) -> None:
         if self._outboxes:
             self._discard_outbox(websocket)
+        if self._removal_callbacks:
+            self._removed(websocket)
         if self._backplane is not None:
             self._backplane.release(websocket)
 
@@ -497,6 +535,29 @@ class ConnectionManager(Core):
         box = self._outboxes.pop(websocket, None)
         if box is not None and box.task is not None and box.task is not asyncio.current_task():
             box.task.cancel()
+
+    # Removal callbacks: every path that takes an entry out of the registry
+    # (disconnect() and the closes built on it, _reap, which goes through the
+    # core's disconnect, and HealthMonitor.sweep for what _sweep expired) ends
+    # in _removed(), so serve() learns of it at once, not only when the
+    # client's close handshake completes. The core calls the drop hook only
+    # for connections flagged with _NOTIFY_CALLBACK.
+
+    def _on_removal(self, websocket: Any, callback: Callable[[], None]) -> None:
+        self._removal_callbacks[websocket] = callback
+        self._set_notify(websocket, _NOTIFY_CALLBACK, True)
+
+    def _forget_removal(self, websocket: Any) -> None:
+        if self._removal_callbacks.pop(websocket, None) is not None:
+            self._set_notify(websocket, _NOTIFY_CALLBACK, False)
+
+    def _removed(self, websocket: Any) -> None:
+        callback = self._removal_callbacks.pop(websocket, None)
+        if callback is not None:
+            try:
+                callback()
+            except Exception:
+                logger.exception("removal callback failed")
 
     # ------------------------------------------------------------- closing
 
@@ -614,13 +675,25 @@ class ConnectionManager(Core):
         websocket: WebSocket,
         lobby_code: str,
         user_id: str | None,
-        handler: Callable[[str, str, dict[str, Any]], Awaitable[Any]],
+        handler: Handler,
+        *,
+        on_connect: Hook | None = None,
+        on_disconnect: Hook | None = None,
     ) -> None:
         """Run one connection from handshake to cleanup; see
-        :func:`wsmanager.endpoint.serve`."""
+        :func:`wsmanager.endpoint.serve`.
+
+        ``handler`` is ``handler(lobby_code, user_id, data)`` (the pattern's)
+        or ``handler(connection, data)``; ``on_connect(connection)`` runs once
+        the connection is registered, ``on_disconnect(connection)`` once it
+        is removed (every registered connection gets both, whatever ends it).
+        ``connection`` is a :class:`wsmanager.endpoint.Connection`: its
+        ``websocket``, ``lobby_code``, ``user_id`` and ``send(message)``."""
         from .endpoint import serve
 
-        await serve(self, websocket, lobby_code, user_id, handler)
+        await serve(
+            self, websocket, lobby_code, user_id, handler, on_connect=on_connect, on_disconnect=on_disconnect
+        )
 
     def get_stats(self, *, local: bool = False) -> dict[str, Any]:
         """The seed's statistics plus counters: ``closed`` (closes the library
@@ -709,12 +782,12 @@ class ConnectionManager(Core):
         if waiter is None or waiter.future.done() or waiter.future.get_loop() is not loop:
             waiter = _PingWaiter(loop.create_future(), time.perf_counter())
             self._add_ping_waiter(user_id, waiter)
-            data = dumps({"type": "health_ping", "timestamp": time.time()})
+            timestamp = time.time()
             waiter.callers += 1
             try:
                 sent = False
                 for websocket in targets:
-                    if await self._send(websocket, data):
+                    if await self._send(websocket, health_ping(timestamp, self.latency_ms(websocket))):
                         self._note_ping(websocket)
                         sent = True
             finally:
@@ -746,15 +819,56 @@ class ConnectionManager(Core):
         if waiter is not None and not waiter.future.done() and not waiter.future.get_loop().is_closed():
             waiter.future.set_result(time.perf_counter())
 
+    def _on_pong(self, user_id: str, websocket: Any, latency: float | None) -> None:
+        """The core's pong hook, set only while someone listens."""
+        if self._ping_waiters:
+            self._wake_ping_waiter(user_id)
+        if latency is not None and self._latency_listeners:
+            self._notify_latency(websocket, latency)
+
+    def _update_pong_hook(self) -> None:
+        listening = bool(self._ping_waiters or self._latency_listeners)
+        self._set_pong_hook(_weak_pong_hook(self) if listening else None)
+
     def _add_ping_waiter(self, user_id: str, waiter: _PingWaiter) -> None:
-        if not self._ping_waiters:
-            self._set_pong_hook(_weak_method(self, ConnectionManager._wake_ping_waiter))
         self._ping_waiters[user_id] = waiter
+        if len(self._ping_waiters) == 1:
+            self._update_pong_hook()
 
     def _remove_ping_waiter(self, user_id: str) -> None:
         del self._ping_waiters[user_id]
         if not self._ping_waiters:
-            self._set_pong_hook(None)
+            self._update_pong_hook()
+
+    def add_latency_listener(self, listener: Callable[[Any, float], None]) -> Callable[[], None]:
+        """Call ``listener(websocket, latency_ms)`` for every round trip the
+        manager measures: a pong answering a ping (the heartbeat's, or
+        ``ping_user``'s), whether :meth:`serve` or the app reports it.
+        ``websocket`` is None when the pong was reported per user
+        (``record_pong(user_id)``). Listeners run synchronously where the
+        pong is recorded; one that raises is logged and the others still run.
+        Returns a function that removes the listener.
+
+        ``latency_ms(websocket)`` gives a connection's last round trip at any
+        time; :class:`wsmanager.metrics.ManagerMetrics` listens here to fill
+        its latency histogram.
+        """
+        self._latency_listeners.append(listener)
+        self._update_pong_hook()
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._latency_listeners.remove(listener)
+            self._update_pong_hook()
+
+        return remove
+
+    def _notify_latency(self, websocket: Any, latency_ms: float) -> None:
+        for listener in list(self._latency_listeners):
+            try:
+                listener(websocket, latency_ms)
+            except Exception:
+                logger.exception("latency listener failed", extra={"reason": "listener_error"})
 
     # ------------------------------------------------- heartbeat (health.py)
 

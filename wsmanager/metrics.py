@@ -7,15 +7,19 @@
     app.add_route("/metrics", metrics.endpoint)
 
 Gauges and totals the core already keeps (connections, lobbies, users,
-refusals by reason, pings, pongs, connects, disconnects) are read from
-``manager.get_stats()`` at scrape time: nothing is counted twice and the hot
-path pays nothing. What only the application or the heartbeat sees is recorded
-through :meth:`ManagerMetrics.record_stale`, :meth:`record_sent`,
-:meth:`record_refusal` and :meth:`observe_latency_ms`.
+refusals by reason, pings, pongs, connects, disconnects, the heartbeat's stale
+closes) are read from ``manager.get_stats()`` at scrape time: nothing is
+counted twice and the hot path pays nothing. Every round trip the manager
+measures (a pong answering the built-in heartbeat's ping) goes into the
+latency histogram by itself, through ``manager.add_latency_listener``. What
+only the application sees is recorded through :meth:`ManagerMetrics.record_sent`,
+:meth:`record_refusal`, and, for an application that runs pings or stale checks
+of its own, :meth:`record_stale` and :meth:`observe_latency_ms`.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -57,10 +61,13 @@ class _StatsSource(Protocol):
 class _StatsCollector(Collector):
     """Reads the manager's counters when Prometheus scrapes."""
 
-    def __init__(self, manager: _StatsSource, namespace: str, extra_refusals: dict[str, int]) -> None:
+    def __init__(
+        self, manager: _StatsSource, namespace: str, extra_refusals: dict[str, int], extra_stale: list[int]
+    ) -> None:
         self._manager = manager
         self._ns = namespace
         self._extra_refusals = extra_refusals
+        self._extra_stale = extra_stale
 
     def describe(self) -> Iterable[Metric]:
         return list(self._families({}))
@@ -103,6 +110,20 @@ class _StatsCollector(Collector):
         for reason, n in sorted((stats.get("closed") or {}).items()):
             closes.add_metric([reason], float(n))
         yield closes
+        stale: dict[str, Any] = stats.get("stale_closed") or {}
+        yield CounterMetricFamily(
+            f"{ns}_stale_closes",
+            "Connections closed for not answering pings (close code 4004).",
+            value=float(stale.get("no_pong", 0)) + self._extra_stale[0],
+        )
+        removed = CounterMetricFamily(
+            f"{ns}_stale_removals",
+            "Connections the heartbeat removed, by reason (no_pong, send_failed, handler_exited).",
+            labels=["reason"],
+        )
+        for reason, n in sorted(stale.items()):
+            removed.add_metric([reason], float(n))
+        yield removed
 
 
 class ManagerMetrics:
@@ -123,10 +144,8 @@ class ManagerMetrics:
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._extra_refusals: dict[str, int] = {}
-        self.registry.register(_StatsCollector(manager, namespace, self._extra_refusals))
-        self.stale_closes = Counter(
-            f"{namespace}_stale_closes", "Connections closed for not answering pings.", registry=self.registry
-        )
+        self._extra_stale = [0]
+        self.registry.register(_StatsCollector(manager, namespace, self._extra_refusals, self._extra_stale))
         self.messages_sent = Counter(
             f"{namespace}_messages_sent", "Messages delivered to connections.", registry=self.registry
         )
@@ -136,11 +155,21 @@ class ManagerMetrics:
             buckets=tuple(latency_buckets),
             registry=self.registry,
         )
+        add_listener = getattr(manager, "add_latency_listener", None)
+        self._remove_listener = add_listener(_latency_listener(self)) if callable(add_listener) else None
+
+    def close(self) -> None:
+        """Stop observing the manager's round trips (the scrape still works)."""
+        if self._remove_listener is not None:
+            self._remove_listener()
+            self._remove_listener = None
 
     def record_stale(self, count: int = 1) -> None:
-        """Count connections closed as stale (close code 4004)."""
-        if count:
-            self.stale_closes.inc(count)
+        """Count connections the application closed as stale itself (its own
+        heartbeat); the built-in heartbeat's are read from the manager."""
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        self._extra_stale[0] += count
 
     def record_sent(self, count: int = 1) -> None:
         """Count messages delivered (e.g. the return value of ``broadcast_to_lobby``)."""
@@ -153,7 +182,9 @@ class ManagerMetrics:
         self._extra_refusals[reason] = self._extra_refusals.get(reason, 0) + 1
 
     def observe_latency_ms(self, latency_ms: float | None) -> None:
-        """Record one ping round trip, in milliseconds (None is ignored)."""
+        """Record one ping round trip, in milliseconds (None is ignored). The
+        manager's own measurements are recorded already: this is for round
+        trips the application measures itself."""
         if latency_ms is not None:
             self.latency.observe(latency_ms / 1000.0)
 
@@ -166,3 +197,16 @@ class ManagerMetrics:
     async def endpoint(self, request: Request) -> Response:
         """A Starlette / FastAPI route: ``app.add_route("/metrics", metrics.endpoint)``."""
         return Response(self.render(), media_type=self.content_type)
+
+
+def _latency_listener(metrics: ManagerMetrics) -> Any:
+    """A listener holding ``metrics`` weakly: the manager outliving its
+    metrics object does not keep it alive (the listener then does nothing)."""
+    ref = weakref.ref(metrics)
+
+    def listener(_websocket: Any, latency_ms: float) -> None:
+        m = ref()
+        if m is not None:
+            m.latency.observe(latency_ms / 1000.0)
+
+    return listener

@@ -6,6 +6,12 @@ Pick a name and a lobby; the page shows the lobby's members (live), their
 latency, chat, direct messages and a server panel fed by ``/stats``.
 Prometheus metrics are on ``/metrics``.
 
+The endpoint is ``manager.serve()`` with an ``on_connect`` / ``on_disconnect``
+hook (welcome, member list); the manager's built-in heartbeat pings silent
+connections (its ``health_ping`` carries the connection's last round trip, which
+the page shows as "latency") and closes the ones that stop answering with 4004
+"stale"; ``manager.lifespan`` closes every connection with 1001 on shutdown.
+
 Settings (environment, all optional; the defaults are the seed's):
   LOBBY_CHAT_MAX_CONNECTIONS, LOBBY_CHAT_MAX_PER_LOBBY  limits (default: the shared ``manager``)
   LOBBY_CHAT_PING_INTERVAL   seconds of silence before a health_ping (default 15)
@@ -16,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import re
 import time
@@ -24,22 +29,22 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, WebSocket
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 import wsmanager
-from wsmanager import ConnectionManager, dumps
+from wsmanager import Connection, ConnectionManager
 from wsmanager.client import mount_client
 from wsmanager.codes import CloseCode
 from wsmanager.metrics import ManagerMetrics
-
-logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 NAME_RE = re.compile(r"^[\w][\w .-]{0,23}$")
 LOBBY_RE = re.compile(r"^[\w-]{1,32}$")
 MAX_TEXT = 500
+# Member lists carry latencies: after a pong, re-announce the lobby at most this often (s).
+ANNOUNCE_DELAY = 0.25
 
 
 def _env_float(name: str, default: float) -> float:
@@ -48,116 +53,73 @@ def _env_float(name: str, default: float) -> float:
 
 
 class LobbyChat:
-    """The chat's state next to the manager: per-member latency, and the
-    heartbeat that pings silent connections and closes stale ones."""
+    """The chat around a manager: its hooks, message handler and member lists."""
 
-    def __init__(self, manager: ConnectionManager, *, ping_interval: float, ping_timeout: float) -> None:
+    def __init__(self, manager: ConnectionManager) -> None:
         self.manager = manager
-        self.ping_interval = ping_interval
-        self.ping_timeout = ping_timeout
-        self.metrics = ManagerMetrics(manager)
-        self.latency: dict[WebSocket, float] = {}  # last round trip of each connection, ms
-        self.member_latency: dict[tuple[str, str], float] = {}  # (lobby, user) -> ms
-        self._dirty: set[str] = set()  # lobbies whose member list changed since the last announce
+        self.metrics = ManagerMetrics(manager)  # fills its latency histogram from the manager's pongs
+        self.lobbies: dict[str, dict[WebSocket, str]] = {}  # lobby -> {websocket: user}, served here
+        self.lobby_of: dict[WebSocket, str] = {}
+        self._dirty: set[str] = set()  # lobbies whose latencies changed since the last announce
+        self._flush: asyncio.Task[None] | None = None
 
     # ----------------------------------------------------------------- members
 
     def members(self, lobby: str) -> list[dict[str, Any]]:
-        return [
-            {"user": user, "latency_ms": self.member_latency.get((lobby, user))}
-            for user in sorted(self.manager.get_lobby_users(lobby))
-        ]
+        """The lobby's members, each with the best latency of its connections (ms, or None)."""
+        latency: dict[str, float] = {}
+        for websocket, user in self.lobbies.get(lobby, {}).items():
+            ms = self.manager.latency_ms(websocket)
+            if ms is not None and (user not in latency or ms < latency[user]):
+                latency[user] = round(ms, 1)
+        users = sorted(self.manager.get_lobby_users(lobby))
+        return [{"user": u, "latency_ms": latency.get(u)} for u in users]
 
     async def announce(self, lobby: str) -> None:
         message = {"type": "members", "lobby": lobby, "members": self.members(lobby)}
         self.metrics.record_sent(await self.manager.broadcast_to_lobby(lobby, message))
 
-    def forget(self, websocket: WebSocket, lobby: str, user: str) -> None:
-        self.latency.pop(websocket, None)
-        if not self.manager.get_lobby_users(lobby) & {user}:
-            self.member_latency.pop((lobby, user), None)
-
-    def pong(self, websocket: WebSocket, lobby: str, user: str) -> None:
-        rtt = self.manager.record_pong_ws(websocket)
-        if rtt is not None:
-            self.latency[websocket] = rtt
-            self.member_latency[(lobby, user)] = rtt
-            self.metrics.observe_latency_ms(rtt)
-            self._dirty.add(lobby)
-
-    # --------------------------------------------------------------- heartbeat
-    # Stand-in for the manager's built-in heartbeat (same sweep, same messages,
-    # same 4004 "stale" close); the app switches to it once it is available.
-
-    async def heartbeat(self) -> None:
-        tick = min(1.0, max(0.05, min(self.ping_interval, self.ping_timeout) / 2))
-        while True:
-            await asyncio.sleep(tick)
-            try:
-                await self.beat()
-            except Exception:  # keep beating; a failure here must not end health checks
-                logger.exception("heartbeat failed")
-
-    async def beat(self) -> None:
-        to_ping, expired = self.manager._sweep(self.ping_interval, self.ping_timeout)
-        for websocket, lobby, user in expired:
-            logger.info("stale connection closed", extra={"lobby": lobby, "user": user, "reason": "stale"})
-            self.metrics.record_stale()
-            self.forget(websocket, lobby, user)
-            self._dirty.add(lobby)
-            with contextlib.suppress(Exception):
-                await websocket.close(code=CloseCode.STALE, reason="stale")
-        for websocket in to_ping:
-            ping = {
-                "type": "health_ping",
-                "timestamp": time.time(),
-                "latency_ms": self.latency.get(websocket),
-            }
-            with contextlib.suppress(Exception):
-                await websocket.send_text(dumps(ping))
-        dirty, self._dirty = self._dirty, set()
-        for lobby in dirty:
-            await self.announce(lobby)
-
-    # ---------------------------------------------------------------- endpoint
-
-    async def serve(self, websocket: WebSocket, lobby: str, token: str) -> None:
-        user = token.strip()
-        if not NAME_RE.match(user) or not LOBBY_RE.match(lobby):
-            # accept, then close: a browser sees the code and reason only after a handshake
-            reason = "unauthorized" if not NAME_RE.match(user) else "bad_lobby"
-            self.metrics.record_refusal(reason)
-            await websocket.accept()
-            code = CloseCode.UNAUTHORIZED if reason == "unauthorized" else CloseCode.POLICY_VIOLATION
-            await websocket.close(code=code, reason=reason)
+    def latency_measured(self, websocket: Any, _latency_ms: float) -> None:
+        """A latency listener: a member's latency changed; announce its lobby soon."""
+        lobby = self.lobby_of.get(websocket)
+        if lobby is None:
             return
-        if not await self.manager.connect(websocket, lobby, user):
-            return  # refused with 4002 (lobby_full / server_full) or 1013
-        try:
-            await websocket.send_text(dumps({"type": "welcome", "user": user, "lobby": lobby}))
-            await self.announce(lobby)
-            while True:
-                data = await websocket.receive_json()
-                self.manager.touch(websocket)
-                if isinstance(data, dict):
-                    await self.handle(websocket, lobby, user, data)
-        except ValueError:  # malformed JSON: say so, instead of leaving the client hanging
-            with contextlib.suppress(Exception):
-                await websocket.close(code=CloseCode.BAD_MESSAGE, reason="bad_message")
-        except (WebSocketDisconnect, RuntimeError):  # RuntimeError: closed meanwhile (e.g. stale)
-            pass
-        finally:
-            if self.manager.disconnect(websocket) is not None:
-                self.forget(websocket, lobby, user)
-                await self.announce(lobby)
-            else:
-                self.latency.pop(websocket, None)
+        self._dirty.add(lobby)
+        if self._flush is None or self._flush.done():
+            self._flush = asyncio.get_running_loop().create_task(self._announce_dirty())
 
-    async def handle(self, websocket: WebSocket, lobby: str, user: str, data: dict[str, Any]) -> None:
+    async def _announce_dirty(self) -> None:
+        await asyncio.sleep(ANNOUNCE_DELAY)
+        dirty, self._dirty = self._dirty, set()
+        for lobby in sorted(dirty):
+            await self.announce(lobby)
+
+    # ------------------------------------------------------------------ hooks
+
+    async def joined(self, conn: Connection) -> None:
+        """on_connect: the connection is registered."""
+        self.lobbies.setdefault(conn.lobby_code, {})[conn.websocket] = conn.user_id
+        self.lobby_of[conn.websocket] = conn.lobby_code
+        await conn.send({"type": "welcome", "user": conn.user_id, "lobby": conn.lobby_code})
+        await self.announce(conn.lobby_code)
+
+    async def left(self, conn: Connection) -> None:
+        """on_disconnect: the connection was removed (it left, went stale, ...)."""
+        self.lobby_of.pop(conn.websocket, None)
+        sockets = self.lobbies.get(conn.lobby_code)
+        if sockets is not None:
+            sockets.pop(conn.websocket, None)
+            if not sockets:
+                del self.lobbies[conn.lobby_code]
+        await self.announce(conn.lobby_code)
+
+    # ----------------------------------------------------------------- messages
+
+    async def handle(self, conn: Connection, data: dict[str, Any]) -> None:
+        """Every valid message (health pings and pongs never get here)."""
         kind = data.get("type")
-        if kind == "health_pong":
-            self.pong(websocket, lobby, user)
-        elif kind == "chat":
+        lobby, user = conn.lobby_code, conn.user_id
+        if kind == "chat":
             text = str(data.get("text", ""))[:MAX_TEXT]
             message = {"type": "chat", "from": user, "text": text, "ts": time.time()}
             self.metrics.record_sent(await self.manager.broadcast_to_lobby(lobby, message))
@@ -165,13 +127,31 @@ class LobbyChat:
             to = str(data.get("to", ""))
             text = str(data.get("text", ""))[:MAX_TEXT]
             if to not in self.manager.get_lobby_users(lobby):
-                await websocket.send_text(dumps({"type": "error", "text": f"{to} is not in this lobby"}))
+                error = {"type": "error", "error": "not_in_lobby", "text": f"{to} is not in this lobby"}
+                await conn.send(error)
                 return
             message = {"type": "dm", "from": user, "to": to, "text": text, "ts": time.time()}
             if await self.manager.send_to_user(to, message):
                 self.metrics.record_sent()
             if to != user and await self.manager.send_to_user(user, message):  # every tab of the sender
                 self.metrics.record_sent()
+
+    # ---------------------------------------------------------------- endpoint
+
+    async def serve(self, websocket: WebSocket, lobby: str, token: str) -> None:
+        user: str | None = token.strip()
+        if not NAME_RE.match(user or ""):
+            self.metrics.record_refusal("unauthorized")
+            user = None  # serve() refuses it: accept, then close 4001 "unauthorized"
+        elif not LOBBY_RE.match(lobby):
+            # accept, then close: a browser sees the code and reason only after a handshake
+            self.metrics.record_refusal("bad_lobby")
+            await websocket.accept()
+            await websocket.close(code=CloseCode.POLICY_VIOLATION, reason="bad_lobby")
+            return
+        await self.manager.serve(
+            websocket, lobby, user, self.handle, on_connect=self.joined, on_disconnect=self.left
+        )
 
     def stats(self) -> dict[str, Any]:
         stats = self.manager.get_stats()
@@ -186,22 +166,24 @@ def create_app(
     ping_interval: float = 15.0,
     ping_timeout: float = 10.0,
 ) -> FastAPI:
-    """The demo app around ``manager`` (default: the shared ``wsmanager.manager``)."""
-    chat = LobbyChat(
-        wsmanager.manager if manager is None else manager,
-        ping_interval=ping_interval,
-        ping_timeout=ping_timeout,
-    )
+    """The demo app around ``manager`` (default: the shared ``wsmanager.manager``),
+    whose heartbeat is set to ``ping_interval`` / ``ping_timeout``."""
+    manager = wsmanager.manager if manager is None else manager
+    manager.ping_interval = ping_interval
+    manager.ping_timeout = ping_timeout
+    chat = LobbyChat(manager)
 
     @contextlib.asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(chat.heartbeat())
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # manager.lifespan: heartbeat started now, 1001 "server_shutdown" to every client on exit
+        remove = manager.add_latency_listener(chat.latency_measured)
         try:
-            yield
+            async with manager.lifespan(app):
+                yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            remove()
+            if chat._flush is not None:
+                chat._flush.cancel()
 
     app = FastAPI(title="wsmanager lobby chat", lifespan=lifespan)
     app.state.chat = chat

@@ -17,6 +17,9 @@ const REASONS = {
   unauthorized: "That name is not allowed (letters, digits, space . - _; up to 24)",
   shutting_down: "The server is restarting",
   stale: "The connection went silent",
+  rate_limited: "Too many messages",
+  bad_message: "The server could not read this page's messages",
+  server_shutdown: "The server is shutting down",
   bad_lobby: "That lobby name is not allowed",
 };
 
@@ -115,7 +118,8 @@ function join(name, lobby) {
   });
   client.on("chat", (m) => line("chat", m.from, m.text));
   client.on("dm", (m) => line("dm", m.from === me ? `${m.from} → ${m.to}` : `${m.from} (private)`, m.text));
-  client.on("error", (m) => line("error", "", m.text));
+  // the app's own errors carry a text; the manager's (bad_json, rate_limited...) an error and a detail
+  client.on("error", (m) => line("error", "", m.text || [m.error, m.detail].filter(Boolean).join(": ")));
   client.connect();
   renderStatus();
   window.wsmClient = client; // for the console (and the browser tests)
