@@ -1226,41 +1226,21 @@ cmp_double(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
+/* d[key] = value, stealing the new reference `value` (NULL: an error is set). */
 static int
-dict_set_ull(PyObject *d, PyObject *key /* borrowed */, unsigned long long v)
+dict_set_new(PyObject *d, PyObject *key /* borrowed */, PyObject *value)
 {
-    PyObject *o = PyLong_FromUnsignedLongLong(v);
-    if (o == NULL) {
+    if (value == NULL) {
         return -1;
     }
-    int rc = PyDict_SetItem(d, key, o);
-    Py_DECREF(o);
+    int rc = PyDict_SetItem(d, key, value);
+    Py_DECREF(value);
     return rc;
 }
 
-static int
-dict_set_ssize(PyObject *d, PyObject *key /* borrowed */, Py_ssize_t v)
-{
-    PyObject *o = PyLong_FromSsize_t(v);
-    if (o == NULL) {
-        return -1;
-    }
-    int rc = PyDict_SetItem(d, key, o);
-    Py_DECREF(o);
-    return rc;
-}
-
-static int
-dict_set_double(PyObject *d, PyObject *key /* borrowed */, double v)
-{
-    PyObject *o = PyFloat_FromDouble(v);
-    if (o == NULL) {
-        return -1;
-    }
-    int rc = PyDict_SetItem(d, key, o);
-    Py_DECREF(o);
-    return rc;
-}
+#define dict_set_ull(d, key, v) dict_set_new(d, key, PyLong_FromUnsignedLongLong(v))
+#define dict_set_ssize(d, key, v) dict_set_new(d, key, PyLong_FromSsize_t(v))
+#define dict_set_double(d, key, v) dict_set_new(d, key, PyFloat_FromDouble(v))
 
 /* round(x, 1) as Python computes it (correctly rounded decimal). */
 static double

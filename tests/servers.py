@@ -12,6 +12,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -57,3 +60,25 @@ def uvicorn_server(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+async def attempt_ws(url: str) -> ClientConnection | int:
+    """Open a client to a seed-style endpoint: its open connection, or how it
+    was refused: the HTTP status (closed before accept by the endpoint's own
+    capacity check) or 4002 (accepted, then closed by ``connect()`` with
+    reason ``lobby_full``)."""
+    import asyncio
+
+    try:
+        ws = await connect(url)
+    except InvalidStatus as exc:
+        return int(exc.response.status_code)
+    try:
+        await asyncio.wait_for(ws.recv(), timeout=0.5)
+    except ConnectionClosed as exc:
+        assert exc.rcvd is not None
+        assert (exc.rcvd.code, exc.rcvd.reason) == (4002, "lobby_full")
+        return 4002
+    except asyncio.TimeoutError:
+        pass
+    return ws

@@ -16,10 +16,9 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.redis_server import RedisServer, redis_server
-from tests.servers import uvicorn_server
+from tests.servers import attempt_ws, uvicorn_server
 
 pytestmark = pytest.mark.slow
 
@@ -95,19 +94,7 @@ def test_broadcast_and_direct_message_cross_two_processes(redis: RedisServer) ->
 
 async def attempt(port: int, lobby: str, user: str) -> ClientConnection | int:
     """A client: its open connection, or the close code / HTTP status it was refused with."""
-    try:
-        ws = await connect(url(port, lobby, user))
-    except InvalidStatus as exc:  # refused by the seed's can_accept_connection, before accept
-        return int(exc.response.status_code)
-    try:
-        await asyncio.wait_for(ws.recv(), timeout=0.5)
-    except ConnectionClosed as exc:  # refused by connect(): accept-then-close
-        assert exc.rcvd is not None
-        assert (exc.rcvd.code, exc.rcvd.reason) == (4002, "lobby_full")
-        return 4002
-    except asyncio.TimeoutError:
-        pass
-    return ws
+    return await attempt_ws(url(port, lobby, user))
 
 
 def test_lobby_limit_holds_under_a_storm_spread_over_both_nodes(redis: RedisServer) -> None:

@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.servers import uvicorn_server
+from tests.servers import attempt_ws, uvicorn_server
 
 pytestmark = pytest.mark.slow
 
@@ -56,19 +55,7 @@ def test_chat_and_direct_message_over_real_sockets(port: int) -> None:
 
 def test_concurrent_handshakes_never_overshoot_the_lobby(port: int) -> None:
     async def attempt(i: int) -> ClientConnection | int:
-        try:
-            ws = await connect(f"ws://127.0.0.1:{port}/ws/busy?token=user:u{i}")
-        except InvalidStatus as exc:  # refused before accept by the seed's own check
-            return int(exc.response.status_code)
-        try:
-            await asyncio.wait_for(ws.recv(), timeout=0.5)
-        except ConnectionClosed as exc:  # refused by connect(): accept-then-close
-            assert exc.rcvd is not None
-            assert (exc.rcvd.code, exc.rcvd.reason) == (4002, "lobby_full")
-            return 4002
-        except asyncio.TimeoutError:
-            pass
-        return ws
+        return await attempt_ws(f"ws://127.0.0.1:{port}/ws/busy?token=user:u{i}")
 
     async def main() -> None:
         results = await asyncio.gather(*(attempt(i) for i in range(30)))
