@@ -90,7 +90,7 @@ test-pythons: apt
 	done; echo "core tests passed on CPython:$$ran"; \
 	WSM_DEV=1 $(PY) setup.py -q build_ext --inplace --force
 
-test: lint test-fast test-js test-asan test-pythons
+test: lint test-pythons test-js test-asan test-fast
 
 bench: build
 	$(PY) benchmarks/bench_core.py
