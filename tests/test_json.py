@@ -150,10 +150,15 @@ def test_scalars_and_empty_containers() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [0, -1, 9, 10, 99, 100, 2**31, -(2**31), 2**63 - 1, -(2**63), 2**63, 2**64, -(2**64) - 1, 10**200],
+    [
+        *(0, -1, 9, 10, 99, 100, 2**15, 2**30 - 1, 2**30, -(2**30), 2**31, -(2**31)),
+        *(2**60 - 1, 2**60, -(2**60) + 1, -(2**60), 2**63 - 1, -(2**63), 2**63, 2**64),
+        *(-(2**64) - 1, 10**200),
+    ],
 )
 def test_ints_of_any_size(value: int) -> None:
     assert dumps(value) == str(value)
+    assert dumps([value, -value, value * 0]) == f"[{value},{-value},0]"
     assert dumps({value: value}) == f'{{"{value}":{value}}}'
 
 
@@ -176,6 +181,43 @@ def test_strings_escape_only_what_json_requires() -> None:
     control = "".join(chr(c) for c in range(0x20))
     assert json.loads(dumps(control)) == control
     assert dumps(control) == reference(control)
+
+
+def test_escapes_at_every_position_of_short_and_long_strings() -> None:
+    # Short strings are checked with overlapping word loads, long ones by
+    # blocks: an escape must be found wherever it sits.
+    for length in (*range(1, 40), 255, 256, 257, 300):
+        for pos in {0, length // 3, length // 2, length - 1}:
+            for special in ('"', "\\", "\n", "\x00", "\x1f"):
+                text = "a" * pos + special + "b" * (length - pos - 1)
+                assert dumps(text) == reference(text)
+                assert dumps({text: text}) == reference({text: text})
+            text = "é" * pos + "\x7f" + "中" * (length - pos - 1)
+            assert dumps(text) == reference(text)
+
+
+# Strings of each storage width, mixed in one message: the result is built
+# as a str of the widest kind they need (and no wider: == compares kinds).
+WIDTHS = ["ascii", "\x7f", "é", "\xff", "Ā", "中", "\uffff", "😀", "\U0010ffff", 'q"\n']
+
+
+@pytest.mark.parametrize("a", WIDTHS)
+@pytest.mark.parametrize("b", WIDTHS)
+def test_mixed_widths_give_the_same_str_as_json_dumps(a: str, b: str) -> None:
+    msg = {a: [b, a * 3, {"k": b * 20, b: 1}], "n": [1, -2, 3.5], "s": "plain " * 5}
+    out = dumps(msg)
+    assert out == reference(msg)
+    assert max(map(ord, out)) == max(map(ord, reference(msg)))
+    assert sys.getsizeof(out) == sys.getsizeof(reference(msg))
+
+
+@pytest.mark.parametrize("wide", ["", "é", "中", "😀"])
+def test_lone_surrogates_next_to_other_widths(wide: str) -> None:
+    msg = {"a": wide, "b": "x\ud800y", wide: ["\udfff", wide * 3]}
+    out = dumps(msg)
+    out.encode("utf-8")
+    assert json.loads(out) == msg
+    assert out == reference(msg).replace("\ud800", "\\ud800").replace("\udfff", "\\udfff")
 
 
 @pytest.mark.parametrize(
