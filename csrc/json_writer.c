@@ -631,6 +631,59 @@ put_u64(char *p, uint64_t u)
     return put8(p, low);
 }
 
+/* "000" "001" ... "999": three digits per lookup for ints. */
+#define WSM_D10(p) p "0" p "1" p "2" p "3" p "4" p "5" p "6" p "7" p "8" p "9"
+#define WSM_D100(p)                                                          \
+    WSM_D10(p "0") WSM_D10(p "1") WSM_D10(p "2") WSM_D10(p "3")             \
+    WSM_D10(p "4") WSM_D10(p "5") WSM_D10(p "6") WSM_D10(p "7")             \
+    WSM_D10(p "8") WSM_D10(p "9")
+static const char DIGITS3[3001] =
+    WSM_D100("0") WSM_D100("1") WSM_D100("2") WSM_D100("3") WSM_D100("4")
+    WSM_D100("5") WSM_D100("6") WSM_D100("7") WSM_D100("8") WSM_D100("9");
+#undef WSM_D100
+#undef WSM_D10
+
+/* v < 1000 without leading zeros. Stores 4 bytes (the caller has the room):
+ * one load and one store, whatever the length. */
+static WSM_INLINE char *
+put_upto3(char *p, uint32_t v)
+{
+    uint32_t n = 1 + (v >= 10) + (v >= 100);
+    memcpy(p, DIGITS3 + 3 * v + 3 - n, 4); /* ends at most at the NUL */
+    return p + n;
+}
+
+/* v < 1000 as exactly 3 digits; stores 4 bytes. */
+static WSM_INLINE char *
+put3(char *p, uint32_t v)
+{
+    memcpy(p, DIGITS3 + 3 * v, 4);
+    return p + 3;
+}
+
+/* The digits of u, for ints: numbers below 10**9 in groups of three; stores
+ * at most 21 bytes. */
+static WSM_INLINE char *
+put_int_digits(char *p, uint64_t u)
+{
+    if (u < 1000u) {
+        return put_upto3(p, (uint32_t)u);
+    }
+    if (u < 1000000u) {
+        uint32_t v = (uint32_t)u;
+        return put3(put_upto3(p, v / 1000u), v % 1000u);
+    }
+    if (u < 1000000000u) {
+        uint32_t v = (uint32_t)u;
+        uint32_t low = v % 1000u;
+        v /= 1000u;
+        p = put_upto3(p, v / 1000u);
+        p = put3(p, v % 1000u);
+        return put3(p, low);
+    }
+    return put_u64(p, u);
+}
+
 static const char *
 type_name(PyObject *obj)
 {
@@ -689,7 +742,7 @@ write_ll(Writer *w, long long v, int quoted, char term)
         *p++ = '-';
         u = 0 - u;
     }
-    p = put_u64(p, u);
+    p = put_int_digits(p, u);
     if (quoted) {
         *p++ = '"';
     }
@@ -715,16 +768,11 @@ small_int_value(PyObject *obj, long long *v)
      * exists (undefined when the int is 0). Two digits fit in 60 bits. */
     Py_ssize_t size = Py_SIZE(obj);
     const digit *d = ((PyLongObject *)obj)->ob_digit;
+    if ((size_t)(size + 1) <= 2) { /* -1, 0, 1 */
+        *v = size == 0 ? 0 : (long long)size * (long long)d[0];
+        return 1;
+    }
     switch (size) {
-    case 0:
-        *v = 0;
-        return 1;
-    case 1:
-        *v = (long long)d[0];
-        return 1;
-    case -1:
-        *v = -(long long)d[0];
-        return 1;
     case 2:
         *v = (long long)(((uint64_t)d[1] << PyLong_SHIFT) | d[0]);
         return 1;
@@ -821,8 +869,9 @@ static const double POW10_F64[5] = {1e0, 1e1, 1e2, 1e3, 1e4};
 #define WSM_TWO53 9007199254740992.0
 
 /* float.__repr__ of a = |v| when it has at most 4 decimals (prices, game
- * coordinates, millisecond timestamps), in a few multiplications and three
- * divisions; returns the length written at out, or 0 (not settled here).
+ * coordinates, millisecond timestamps), in a few multiplications and one
+ * division (three for each k when a * 10**4 >= 2**51); returns the length
+ * written at out, or 0 (not settled here).
  *
  * repr is the shortest decimal that reads back as a, the closest one if
  * there are several. For k = 0 .. 4 decimals the k-digit decimals c / 10**k
@@ -847,10 +896,41 @@ short_repr(double a, char *out)
      * full-precision floats. */
     double x4 = a * 1e4;
     if (x4 < WSM_TWO53) {
-        double d4 = x4 - (double)(int64_t)x4;
+        int64_t t4 = (int64_t)x4;
+        double d4 = x4 - (double)t4;
+        int64_t m4 = t4 + (d4 >= 0.5);
         d4 = d4 >= 0.5 ? 1.0 - d4 : d4;
         if (d4 > x4 * 0x1p-50) {
             return 0;
+        }
+        if (x4 < 0x1p51) {
+            /* Below 2**51 only the integer m4 nearest to x4 can read back:
+             * c / 10**4 reads back when |c - a * 10**4| <= 10**4 * ulp(a) / 2
+             * <= x4 * 2**-53 + ... < 1/4 + 1/8 (x4 is within ulp(x4) / 2 <=
+             * 1/8 of the exact product), closer to x4 than any integer but
+             * m4 is. So one division settles every k <= 4: the k-decimal
+             * decimals are the 4-decimal ones ending in zeros, and repr's
+             * (fewest digits) is m4 without its trailing zeros. */
+            if ((double)m4 / 1e4 != a) {
+                return 0;
+            }
+            uint64_t c = (uint64_t)m4; /* >= 1: a >= 1e-4 */
+            int k = 4;
+            if (c % 10000u == 0) {
+                c /= 10000u;
+                k = 0;
+            }
+            else {
+                if (c % 100u == 0) {
+                    c /= 100u;
+                    k = 2;
+                }
+                if (c % 10u == 0) {
+                    c /= 10u;
+                    k--;
+                }
+            }
+            return put_fixed(out, c, -k);
         }
     }
     for (int k = 0; k <= 4; k++) {

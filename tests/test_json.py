@@ -14,6 +14,7 @@ import enum
 import gc
 import json
 import math
+import random
 import sys
 import tracemalloc
 from typing import Any, NamedTuple
@@ -129,6 +130,24 @@ def test_floats_are_written_like_float_repr(value: float) -> None:
 def test_float_edge_cases_match_repr(value: float) -> None:
     assert dumps(value) == repr(value)
     assert dumps([value]) == f"[{value!r}]"
+
+
+def test_decimals_with_few_digits_match_repr() -> None:
+    # Prices, coordinates, timestamps: up to 4 decimals, every magnitude up to
+    # 2**53, including around 2**51 / 10**4 where the shortcut changes.
+    rng = random.Random(7)
+    values = [
+        sign * (whole + frac / 10**k)
+        for sign in (1, -1)
+        for k in range(6)
+        for _ in range(300)
+        for whole, frac in [(rng.randrange(10 ** rng.randrange(16)), rng.randrange(10**k))]
+    ]
+    values += [
+        i / 10**k for k in range(5) for i in range(2**51 // 10**4 * 10**k - 50, 2**51 // 10**4 * 10**k + 50)
+    ]
+    values += [2.0**51 / 10**k + d for k in range(5) for d in (-0.5, -0.25, 0.0, 0.25, 0.5)]
+    assert dumps(values) == "[" + ",".join(map(repr, values)) + "]"
 
 
 def test_compact_output_of_a_chat_message() -> None:
