@@ -8,6 +8,11 @@
  * passes through, giving text that cannot be encoded as UTF-8) are written
  * as \udXXX escapes, so the result is always valid UTF-8.
  *
+ * Layout convention: every value is written followed by a separator byte
+ * (',' after a value, ':' after a key), in the same reservation as the value;
+ * a container overwrites its last ',' with its closing bracket and the entry
+ * point drops the final one. One buffer check per item instead of two.
+ *
  * Ownership: every PyObject* parameter below is borrowed unless noted.
  */
 #include "json_writer.h"
@@ -23,15 +28,17 @@
 #  define WSM_LIKELY(x) __builtin_expect(!!(x), 1)
 #  define WSM_UNLIKELY(x) __builtin_expect(!!(x), 0)
 #  define WSM_NOINLINE __attribute__((noinline))
+#  define WSM_INLINE inline __attribute__((always_inline))
 #else
 #  define WSM_LIKELY(x) (x)
 #  define WSM_UNLIKELY(x) (x)
 #  define WSM_NOINLINE
+#  define WSM_INLINE inline
 #endif
 
 #define WSM_STACK_BUF 4096
-/* Strings with lone surrogates are written in chunks of this many code points,
- * each preceded by one reservation of its worst case (6 bytes a point). */
+/* Strings that need escapes are written in chunks of this many bytes / code
+ * points, each preceded by one reservation of its worst case (6 a unit). */
 #define WSM_STR_CHUNK 1024
 #define WSM_RECURSION_WHERE " while encoding a JSON object"
 
@@ -40,7 +47,11 @@ typedef struct {
     Py_ssize_t len;
     Py_ssize_t cap;
     PyObject *default_fn; /* borrowed, NULL when there is none */
-    int nonascii;         /* some byte >= 0x80 may have been written */
+    /* What the final str needs, tracked while writing so that the UTF-8 text
+     * is converted in one pass into a str of the right size and kind: */
+    Py_ssize_t extra;     /* UTF-8 bytes minus code points written so far */
+    Py_UCS4 maxchar;      /* 127 while only ASCII was written */
+    int unknown;          /* extra / maxchar not tracked: generic decoder */
     char small[WSM_STACK_BUF];
 } Writer;
 
@@ -80,7 +91,7 @@ writer_grow(Writer *w, Py_ssize_t need)
     return 0;
 }
 
-static inline int
+static WSM_INLINE int
 writer_reserve(Writer *w, Py_ssize_t need)
 {
     if (WSM_LIKELY(w->cap - w->len >= need)) {
@@ -91,7 +102,7 @@ writer_reserve(Writer *w, Py_ssize_t need)
 
 /* Moves n <= 16 bytes with fixed-size loads and stores (no libc call);
  * all loads come before the stores, so src and dst may overlap. */
-static inline void
+static WSM_INLINE void
 move_small(char *dst, const char *src, size_t n)
 {
     if (n >= 8) {
@@ -118,7 +129,7 @@ move_small(char *dst, const char *src, size_t n)
 
 /* memcpy, inline for the short runs that dominate messages (keys, words,
  * numbers). */
-static inline void
+static WSM_INLINE void
 copy_bytes(char *dst, const char *src, size_t n)
 {
     if (n <= 16) {
@@ -129,24 +140,15 @@ copy_bytes(char *dst, const char *src, size_t n)
     }
 }
 
-static inline int
+/* Short constant text (literals with their separator). */
+static WSM_INLINE int
 writer_raw(Writer *w, const char *s, Py_ssize_t n)
 {
     if (writer_reserve(w, n) < 0) {
         return -1;
     }
-    copy_bytes(w->buf + w->len, s, (size_t)n);
+    memcpy(w->buf + w->len, s, (size_t)n);
     w->len += n;
-    return 0;
-}
-
-static inline int
-writer_char(Writer *w, char c)
-{
-    if (writer_reserve(w, 1) < 0) {
-        return -1;
-    }
-    w->buf[w->len++] = c;
     return 0;
 }
 
@@ -197,88 +199,145 @@ put_u_escape(char *p, Py_UCS4 c)
     return p;
 }
 
-/* Index of the first byte of UTF-8 text s[0:n] that needs an escape, or n.
- * 16 bytes at a time with SSE2, then 8 at a time: a word needs a look when
- * some byte is < 0x20, '"' or '\\' (the classic "has less than" / "has zero
- * byte" bit tricks, exact for any bytes). */
-static inline Py_ssize_t
-utf8_scan(const unsigned char *s, Py_ssize_t n)
+#define WSM_ONES 0x0101010101010101ULL
+#define WSM_HIGHS 0x8080808080808080ULL
+
+/* Nonzero when some byte of x is < 0x20, '"' or '\\' (the classic "has less
+ * than" / "has zero byte" bit tricks: a borrow only starts at a byte that
+ * matches, so "any byte matches" is exact for any bytes). */
+static WSM_INLINE uint64_t
+word_needs_escape(uint64_t x)
 {
-    const uint64_t ones = 0x0101010101010101ULL;
-    const uint64_t highs = 0x8080808080808080ULL;
-    Py_ssize_t i = 0;
+    uint64_t q = x ^ (WSM_ONES * '"');
+    uint64_t b = x ^ (WSM_ONES * '\\');
+    return (((x - WSM_ONES * 0x20) & ~x) | ((q - WSM_ONES) & ~q) | ((b - WSM_ONES) & ~b))
+           & WSM_HIGHS;
+}
+
+static WSM_INLINE uint64_t
+load64(const unsigned char *s)
+{
+    uint64_t x;
+    memcpy(&x, s, 8);
+    return x;
+}
+
+static WSM_INLINE uint32_t
+load32(const unsigned char *s)
+{
+    uint32_t x;
+    memcpy(&x, s, 4);
+    return x;
+}
+
+/* Nonzero when some byte of s[0:n] needs an escape. Whole words only, no
+ * branch per byte: short strings with two overlapping loads, long ones 16
+ * bytes at a time (SSE2) ending with an overlapping block. */
+static WSM_INLINE int
+needs_escape(const unsigned char *s, Py_ssize_t n)
+{
+    if (n <= 16) {
+        if (n >= 8) {
+            return (word_needs_escape(load64(s)) | word_needs_escape(load64(s + n - 8))) != 0;
+        }
+        if (n >= 4) {
+            return word_needs_escape(load32(s) | ((uint64_t)load32(s + n - 4) << 32)) != 0;
+        }
+        if (n > 0) {
+            return (ESCAPE[s[0]] | ESCAPE[s[n / 2]] | ESCAPE[s[n - 1]]) != 0;
+        }
+        return 0;
+    }
 #if defined(__SSE2__)
     const __m128i quote = _mm_set1_epi8('"');
     const __m128i backslash = _mm_set1_epi8('\\');
     const __m128i ctrl = _mm_set1_epi8(0x1F);
-    for (; i + 16 <= n; i += 16) {
+    __m128i acc = _mm_setzero_si128();
+    Py_ssize_t i = 0;
+    for (;;) {
+        if (i > n - 16) {
+            i = n - 16; /* the last block overlaps the previous one */
+        }
         __m128i v = _mm_loadu_si128((const __m128i *)(const void *)(s + i));
-        __m128i hit = _mm_or_si128(
-            _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash)),
-            _mm_cmpeq_epi8(_mm_min_epu8(v, ctrl), v)); /* v <= 0x1F */
-        if (_mm_movemask_epi8(hit)) {
+        acc = _mm_or_si128(acc, _mm_or_si128(_mm_cmpeq_epi8(v, quote),
+                                             _mm_cmpeq_epi8(v, backslash)));
+        acc = _mm_or_si128(acc, _mm_cmpeq_epi8(_mm_min_epu8(v, ctrl), v)); /* <= 0x1F */
+        i += 16;
+        if (i >= n) {
             break;
         }
+        if ((i & 255) == 0 && _mm_movemask_epi8(acc)) {
+            return 1; /* early exit for long strings, every 256 bytes */
+        }
     }
-#endif
+    return _mm_movemask_epi8(acc) != 0;
+#else
+    uint64_t acc = 0;
+    Py_ssize_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        uint64_t x, q, b;
-        memcpy(&x, s + i, 8);
-        q = x ^ (ones * '"');
-        b = x ^ (ones * '\\');
-        uint64_t hit = ((x - ones * 0x20) & ~x)
-                       | ((q - ones) & ~q)
-                       | ((b - ones) & ~b);
-        if (hit & highs) {
-            break;
-        }
+        acc |= word_needs_escape(load64(s + i));
     }
-    for (; i < n; i++) {
-        if (ESCAPE[s[i]]) {
-            return i;
-        }
+    if (i < n) {
+        acc |= word_needs_escape(load64(s + n - 8));
     }
-    return n;
+    return acc != 0;
+#endif
+}
+
+/* s: valid UTF-8 with some byte to escape; written as "...", then term. */
+static WSM_NOINLINE int
+write_utf8_escaped(Writer *w, const unsigned char *s, Py_ssize_t n, char term)
+{
+    if (writer_reserve(w, 1) < 0) {
+        return -1;
+    }
+    w->buf[w->len++] = '"';
+    Py_ssize_t i = 0;
+    while (i < n) {
+        Py_ssize_t end = (n - i > WSM_STR_CHUNK) ? i + WSM_STR_CHUNK : n;
+        if (writer_reserve(w, 6 * (end - i) + 2) < 0) {
+            return -1;
+        }
+        char *p = w->buf + w->len;
+        for (; i < end; i++) {
+            unsigned char c = s[i];
+            if (ESCAPE[c]) {
+                p = put_escape(p, c);
+            }
+            else {
+                *p++ = (char)c;
+            }
+        }
+        w->len = p - w->buf;
+    }
+    if (writer_reserve(w, 2) < 0) {
+        return -1;
+    }
+    w->buf[w->len++] = '"';
+    w->buf[w->len++] = term;
+    return 0;
 }
 
 /* s: valid UTF-8 (bytes >= 0x80 are copied as they are). */
-static int
-write_utf8(Writer *w, const unsigned char *s, Py_ssize_t n)
+static WSM_INLINE int
+write_utf8(Writer *w, const unsigned char *s, Py_ssize_t n, char term)
 {
-    Py_ssize_t i = utf8_scan(s, n);
-    if (n > PY_SSIZE_T_MAX - 2) {
+    if (WSM_UNLIKELY(needs_escape(s, n))) {
+        return write_utf8_escaped(w, s, n, term);
+    }
+    if (WSM_UNLIKELY(n > PY_SSIZE_T_MAX - 3)) {
         PyErr_NoMemory();
         return -1;
     }
-    if (writer_reserve(w, n + 2) < 0) {
+    if (writer_reserve(w, n + 3) < 0) {
         return -1;
     }
     char *p = w->buf + w->len;
-    *p++ = '"';
-    copy_bytes(p, (const char *)s, (size_t)i);
-    p += i;
-    if (WSM_LIKELY(i == n)) {
-        *p++ = '"';
-        w->len = p - w->buf;
-        return 0;
-    }
-    /* Slow path: the rest byte by byte, each needing at most 6 bytes. */
-    w->len = p - w->buf;
-    for (; i < n; i++) {
-        if (writer_reserve(w, 6 + 1) < 0) {
-            return -1;
-        }
-        unsigned char c = s[i];
-        p = w->buf + w->len;
-        if (ESCAPE[c]) {
-            p = put_escape(p, c);
-        }
-        else {
-            *p++ = (char)c;
-        }
-        w->len = p - w->buf;
-    }
-    w->buf[w->len++] = '"';  /* room kept by the last reserve (or the first) */
+    p[0] = '"';
+    copy_bytes(p + 1, (const char *)s, (size_t)n);
+    p[n + 1] = '"';
+    p[n + 2] = term;
+    w->len += n + 3;
     return 0;
 }
 
@@ -286,16 +345,16 @@ write_utf8(Writer *w, const unsigned char *s, Py_ssize_t n)
  * kind (T is the code unit type) writes UTF-8 from the code points and
  * escapes the surrogates. Latin-1 strings never hold one. */
 #define WSM_WRITE_KIND(NAME, T, WIDE)                                        \
-    static int NAME(Writer *w, const T *s, Py_ssize_t n)                     \
+    static WSM_NOINLINE int NAME(Writer *w, const T *s, Py_ssize_t n, char term) \
     {                                                                        \
-        if (writer_reserve(w, 2) < 0) { /* room for both quotes if n == 0 */ \
+        if (writer_reserve(w, 1) < 0) {                                      \
             return -1;                                                       \
         }                                                                    \
         w->buf[w->len++] = '"';                                              \
         Py_ssize_t i = 0;                                                    \
         while (i < n) {                                                      \
             Py_ssize_t end = (n - i > WSM_STR_CHUNK) ? i + WSM_STR_CHUNK : n; \
-            if (writer_reserve(w, 6 * (end - i) + 1) < 0) {                  \
+            if (writer_reserve(w, 6 * (end - i)) < 0) {                      \
                 return -1;                                                   \
             }                                                                \
             char *p = w->buf + w->len;                                       \
@@ -317,7 +376,11 @@ write_utf8(Writer *w, const unsigned char *s, Py_ssize_t n)
             }                                                                \
             w->len = p - w->buf;                                             \
         }                                                                    \
-        w->buf[w->len++] = '"'; /* the +1 above, or the first reserve */     \
+        if (writer_reserve(w, 2) < 0) {                                      \
+            return -1;                                                       \
+        }                                                                    \
+        w->buf[w->len++] = '"';                                              \
+        w->buf[w->len++] = term;                                             \
         return 0;                                                            \
     }
 
@@ -342,9 +405,9 @@ write_utf8(Writer *w, const unsigned char *s, Py_ssize_t n)
 WSM_WRITE_KIND(write_ucs2, Py_UCS2, WSM_WIDE_UCS2)
 WSM_WRITE_KIND(write_ucs4, Py_UCS4, WSM_WIDE_UCS4)
 
-/* obj: a str or str subclass. */
-static int
-write_str(Writer *w, PyObject *obj)
+/* obj: a str that is not pure ASCII (or not ready yet, before 3.12). */
+static WSM_NOINLINE int
+write_str_other(Writer *w, PyObject *obj, char term)
 {
 #if PY_VERSION_HEX < 0x030C0000
     if (PyUnicode_READY(obj) < 0) {
@@ -354,14 +417,20 @@ write_str(Writer *w, PyObject *obj)
     Py_ssize_t n = PyUnicode_GET_LENGTH(obj);
     const void *data = PyUnicode_DATA(obj);
     if (PyUnicode_IS_ASCII(obj)) {
-        return write_utf8(w, (const unsigned char *)data, n);
+        return write_utf8(w, (const unsigned char *)data, n, term);
     }
-    w->nonascii = 1;
     /* CPython's UTF-8 form, made once and cached on the str. */
     Py_ssize_t size;
     const char *utf8 = PyUnicode_AsUTF8AndSize(obj, &size);
     if (utf8 != NULL) {
-        return write_utf8(w, (const unsigned char *)utf8, size);
+        /* The kind of a ready str is the smallest that holds its largest
+         * character, which its UTF-8 form holds too (escapes are ASCII). */
+        Py_UCS4 maxchar = PyUnicode_MAX_CHAR_VALUE(obj);
+        if (maxchar > w->maxchar) {
+            w->maxchar = maxchar;
+        }
+        w->extra += size - n;
+        return write_utf8(w, (const unsigned char *)utf8, size, term);
     }
     /* Lone surrogates (the only reason for a UnicodeEncodeError). */
     int kind = PyUnicode_KIND(obj);
@@ -369,10 +438,121 @@ write_str(Writer *w, PyObject *obj)
         return -1;
     }
     PyErr_Clear();
+    /* The escaped surrogates may have been the widest characters. */
+    w->unknown = 1;
     if (kind == PyUnicode_2BYTE_KIND) {
-        return write_ucs2(w, (const Py_UCS2 *)data, n);
+        return write_ucs2(w, (const Py_UCS2 *)data, n, term);
     }
-    return write_ucs4(w, (const Py_UCS4 *)data, n);
+    return write_ucs4(w, (const Py_UCS4 *)data, n, term);
+}
+
+/* obj: a str or str subclass. Compact ASCII strs (nearly all keys and
+ * values) are read in place; the rest in write_str_other. */
+static WSM_INLINE int
+write_str(Writer *w, PyObject *obj, char term)
+{
+    PyASCIIObject *a = (PyASCIIObject *)obj;
+#if PY_VERSION_HEX < 0x030C0000
+    if (WSM_LIKELY(a->state.ascii && a->state.compact && a->state.ready)) {
+#else
+    if (WSM_LIKELY(a->state.ascii && a->state.compact)) {
+#endif
+        return write_utf8(w, (const unsigned char *)(a + 1), a->length, term);
+    }
+    return write_str_other(w, obj, term);
+}
+
+/* ------------------------------------------------------------ to a str */
+
+/* The text buf[0:len] (valid UTF-8) as a str of n code points, the largest
+ * maxchar (exact), decoded in one pass without checks: the writer made the
+ * text and counted it. Runs of 8 ASCII bytes (most of a JSON text) are
+ * widened a word at a time. */
+#define WSM_DECODE_KIND(NAME, T)                                             \
+    static int NAME(const unsigned char *s, const unsigned char *end,        \
+                    T *d, T *dend)                                           \
+    {                                                                        \
+        while (s < end) {                                                    \
+            if (end - s >= 8 && dend - d >= 8 && !(load64(s) & WSM_HIGHS)) { \
+                for (int j = 0; j < 8; j++) {                                \
+                    d[j] = s[j];                                             \
+                }                                                            \
+                s += 8;                                                      \
+                d += 8;                                                      \
+                continue;                                                    \
+            }                                                                \
+            if (d >= dend) {                                                 \
+                return -1;                                                   \
+            }                                                                \
+            Py_UCS4 c = *s;                                                  \
+            if (c < 0x80) {                                                  \
+                s += 1;                                                      \
+            }                                                                \
+            else if (c < 0xE0 && end - s >= 2) {                             \
+                c = ((c & 0x1F) << 6) | (s[1] & 0x3F);                       \
+                s += 2;                                                      \
+            }                                                                \
+            else if (c < 0xF0 && end - s >= 3) {                             \
+                c = ((c & 0x0F) << 12) | ((Py_UCS4)(s[1] & 0x3F) << 6)       \
+                    | (s[2] & 0x3F);                                         \
+                s += 3;                                                      \
+            }                                                                \
+            else if (end - s >= 4) {                                         \
+                c = ((c & 0x07) << 18) | ((Py_UCS4)(s[1] & 0x3F) << 12)      \
+                    | ((Py_UCS4)(s[2] & 0x3F) << 6) | (s[3] & 0x3F);         \
+                s += 4;                                                      \
+            }                                                                \
+            else {                                                           \
+                return -1;                                                   \
+            }                                                                \
+            *d++ = (T)c;                                                     \
+        }                                                                    \
+        return d == dend ? 0 : -1;                                           \
+    }
+
+WSM_DECODE_KIND(decode_ucs1, Py_UCS1)
+WSM_DECODE_KIND(decode_ucs2, Py_UCS2)
+WSM_DECODE_KIND(decode_ucs4, Py_UCS4)
+
+static PyObject * /* new ref */
+writer_finish(Writer *w)
+{
+    if (WSM_UNLIKELY(w->unknown)) {
+        return PyUnicode_DecodeUTF8(w->buf, w->len, "strict");
+    }
+    if (w->maxchar < 0x80) {
+        PyObject *res = PyUnicode_New(w->len, 127);
+        if (res != NULL) {
+            memcpy(PyUnicode_1BYTE_DATA(res), w->buf, (size_t)w->len);
+        }
+        return res;
+    }
+    PyObject *res = PyUnicode_New(w->len - w->extra, w->maxchar);
+    if (res == NULL) {
+        return NULL;
+    }
+    const unsigned char *s = (const unsigned char *)w->buf;
+    const unsigned char *end = s + w->len;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(res);
+    void *data = PyUnicode_DATA(res);
+    int rc;
+    switch (PyUnicode_KIND(res)) {
+    case PyUnicode_1BYTE_KIND:
+        rc = decode_ucs1(s, end, (Py_UCS1 *)data, (Py_UCS1 *)data + n);
+        break;
+    case PyUnicode_2BYTE_KIND:
+        rc = decode_ucs2(s, end, (Py_UCS2 *)data, (Py_UCS2 *)data + n);
+        break;
+    default:
+        rc = decode_ucs4(s, end, (Py_UCS4 *)data, (Py_UCS4 *)data + n);
+        break;
+    }
+    if (rc < 0) { /* the counts disagree with the text: a bug here */
+        Py_DECREF(res);
+        PyErr_SetString(PyExc_SystemError, "wsmanager.dumps: inconsistent output length");
+        return NULL;
+    }
+    return res;
 }
 
 /* --------------------------------------------------------------- numbers */
@@ -451,6 +631,59 @@ put_u64(char *p, uint64_t u)
     return put8(p, low);
 }
 
+/* "000" "001" ... "999": three digits per lookup for ints. */
+#define WSM_D10(p) p "0" p "1" p "2" p "3" p "4" p "5" p "6" p "7" p "8" p "9"
+#define WSM_D100(p)                                                          \
+    WSM_D10(p "0") WSM_D10(p "1") WSM_D10(p "2") WSM_D10(p "3")             \
+    WSM_D10(p "4") WSM_D10(p "5") WSM_D10(p "6") WSM_D10(p "7")             \
+    WSM_D10(p "8") WSM_D10(p "9")
+static const char DIGITS3[3001] =
+    WSM_D100("0") WSM_D100("1") WSM_D100("2") WSM_D100("3") WSM_D100("4")
+    WSM_D100("5") WSM_D100("6") WSM_D100("7") WSM_D100("8") WSM_D100("9");
+#undef WSM_D100
+#undef WSM_D10
+
+/* v < 1000 without leading zeros. Stores 4 bytes (the caller has the room):
+ * one load and one store, whatever the length. */
+static WSM_INLINE char *
+put_upto3(char *p, uint32_t v)
+{
+    uint32_t n = 1 + (v >= 10) + (v >= 100);
+    memcpy(p, DIGITS3 + 3 * v + 3 - n, 4); /* ends at most at the NUL */
+    return p + n;
+}
+
+/* v < 1000 as exactly 3 digits; stores 4 bytes. */
+static WSM_INLINE char *
+put3(char *p, uint32_t v)
+{
+    memcpy(p, DIGITS3 + 3 * v, 4);
+    return p + 3;
+}
+
+/* The digits of u, for ints: numbers below 10**9 in groups of three; stores
+ * at most 21 bytes. */
+static WSM_INLINE char *
+put_int_digits(char *p, uint64_t u)
+{
+    if (u < 1000u) {
+        return put_upto3(p, (uint32_t)u);
+    }
+    if (u < 1000000u) {
+        uint32_t v = (uint32_t)u;
+        return put3(put_upto3(p, v / 1000u), v % 1000u);
+    }
+    if (u < 1000000000u) {
+        uint32_t v = (uint32_t)u;
+        uint32_t low = v % 1000u;
+        v /= 1000u;
+        p = put_upto3(p, v / 1000u);
+        p = put3(p, v % 1000u);
+        return put3(p, low);
+    }
+    return put_u64(p, u);
+}
+
 static const char *
 type_name(PyObject *obj)
 {
@@ -463,7 +696,7 @@ type_name(PyObject *obj)
 /* Huge ints, written with int.__repr__ (also for subclasses, like
  * json.dumps). May raise ValueError past sys.get_int_max_str_digits(). */
 static WSM_NOINLINE int
-write_big_int(Writer *w, PyObject *obj, int quoted)
+write_big_int(Writer *w, PyObject *obj, int quoted, char term)
 {
     PyObject *s = PyLong_Type.tp_repr(obj); /* new ref */
     if (s == NULL) {
@@ -472,7 +705,7 @@ write_big_int(Writer *w, PyObject *obj, int quoted)
     Py_ssize_t n;
     const char *u = PyUnicode_AsUTF8AndSize(s, &n);
     int rc = -1;
-    if (u != NULL && n <= PY_SSIZE_T_MAX - 2 && writer_reserve(w, n + 2) == 0) {
+    if (u != NULL && n <= PY_SSIZE_T_MAX - 3 && writer_reserve(w, n + 3) == 0) {
         char *p = w->buf + w->len;
         if (quoted) {
             *p++ = '"';
@@ -482,6 +715,7 @@ write_big_int(Writer *w, PyObject *obj, int quoted)
         if (quoted) {
             *p++ = '"';
         }
+        *p++ = term;
         w->len = p - w->buf;
         rc = 0;
     }
@@ -492,10 +726,11 @@ write_big_int(Writer *w, PyObject *obj, int quoted)
     return rc;
 }
 
-static inline int
-write_ll(Writer *w, long long v, int quoted)
+/* v, quoted or not, then term. */
+static WSM_INLINE int
+write_ll(Writer *w, long long v, int quoted, char term)
 {
-    if (writer_reserve(w, 23) < 0) { /* quotes, sign, 19 digits */
+    if (writer_reserve(w, 24) < 0) { /* quotes, sign, 19 digits, term */
         return -1;
     }
     char *p = w->buf + w->len;
@@ -507,33 +742,73 @@ write_ll(Writer *w, long long v, int quoted)
         *p++ = '-';
         u = 0 - u;
     }
-    p = put_u64(p, u);
+    p = put_int_digits(p, u);
     if (quoted) {
         *p++ = '"';
     }
+    *p++ = term;
     w->len = p - w->buf;
     return 0;
 }
 
-/* obj: an int or int subclass (not bool). */
-static int
-write_int(Writer *w, PyObject *obj, int quoted)
+/* Reads an int of at most two internal digits without a call; returns 0
+ * when obj is bigger (or its layout is not the one known here). */
+static WSM_INLINE int
+small_int_value(PyObject *obj, long long *v)
 {
 #if PY_VERSION_HEX >= 0x030C0000
-    /* Small ints (|v| < 2**30 on 64-bit builds), without a call. */
+    /* |v| < 2**30 on 64-bit builds */
     if (PyUnstable_Long_IsCompact((PyLongObject *)obj)) {
-        return write_ll(w, (long long)PyUnstable_Long_CompactValue((PyLongObject *)obj), quoted);
+        *v = (long long)PyUnstable_Long_CompactValue((PyLongObject *)obj);
+        return 1;
+    }
+    return 0;
+#else
+    /* 3.10 / 3.11: ob_size is the signed digit count, ob_digit[0] always
+     * exists (undefined when the int is 0). Two digits fit in 60 bits. */
+    Py_ssize_t size = Py_SIZE(obj);
+    const digit *d = ((PyLongObject *)obj)->ob_digit;
+    if ((size_t)(size + 1) <= 2) { /* -1, 0, 1 */
+        *v = size == 0 ? 0 : (long long)size * (long long)d[0];
+        return 1;
+    }
+    switch (size) {
+    case 2:
+        *v = (long long)(((uint64_t)d[1] << PyLong_SHIFT) | d[0]);
+        return 1;
+    case -2:
+        *v = -(long long)(((uint64_t)d[1] << PyLong_SHIFT) | d[0]);
+        return 1;
+    default:
+        return 0;
     }
 #endif
+}
+
+/* obj: an int or int subclass (not bool), not small. */
+static WSM_NOINLINE int
+write_int_other(Writer *w, PyObject *obj, int quoted, char term)
+{
     int overflow = 0;
     long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
     if (WSM_UNLIKELY(overflow)) {
-        return write_big_int(w, obj, quoted);
+        return write_big_int(w, obj, quoted, term);
     }
     if (WSM_UNLIKELY(v == -1 && PyErr_Occurred())) {
         return -1;
     }
-    return write_ll(w, v, quoted);
+    return write_ll(w, v, quoted, term);
+}
+
+/* obj: an int or int subclass (not bool). */
+static WSM_INLINE int
+write_int(Writer *w, PyObject *obj, int quoted, char term)
+{
+    long long v;
+    if (WSM_LIKELY(small_int_value(obj, &v))) {
+        return write_ll(w, v, quoted, term);
+    }
+    return write_int_other(w, obj, quoted, term);
 }
 
 static const uint64_t POW10_U64[20] = {
@@ -594,8 +869,9 @@ static const double POW10_F64[5] = {1e0, 1e1, 1e2, 1e3, 1e4};
 #define WSM_TWO53 9007199254740992.0
 
 /* float.__repr__ of a = |v| when it has at most 4 decimals (prices, game
- * coordinates, millisecond timestamps), in a few multiplications and three
- * divisions; returns the length written at out, or 0 (not settled here).
+ * coordinates, millisecond timestamps), in a few multiplications and one
+ * division (three for each k when a * 10**4 >= 2**51); returns the length
+ * written at out, or 0 (not settled here).
  *
  * repr is the shortest decimal that reads back as a, the closest one if
  * there are several. For k = 0 .. 4 decimals the k-digit decimals c / 10**k
@@ -620,10 +896,41 @@ short_repr(double a, char *out)
      * full-precision floats. */
     double x4 = a * 1e4;
     if (x4 < WSM_TWO53) {
-        double d4 = x4 - (double)(int64_t)x4;
+        int64_t t4 = (int64_t)x4;
+        double d4 = x4 - (double)t4;
+        int64_t m4 = t4 + (d4 >= 0.5);
         d4 = d4 >= 0.5 ? 1.0 - d4 : d4;
         if (d4 > x4 * 0x1p-50) {
             return 0;
+        }
+        if (x4 < 0x1p51) {
+            /* Below 2**51 only the integer m4 nearest to x4 can read back:
+             * c / 10**4 reads back when |c - a * 10**4| <= 10**4 * ulp(a) / 2
+             * <= x4 * 2**-53 + ... < 1/4 + 1/8 (x4 is within ulp(x4) / 2 <=
+             * 1/8 of the exact product), closer to x4 than any integer but
+             * m4 is. So one division settles every k <= 4: the k-decimal
+             * decimals are the 4-decimal ones ending in zeros, and repr's
+             * (fewest digits) is m4 without its trailing zeros. */
+            if ((double)m4 / 1e4 != a) {
+                return 0;
+            }
+            uint64_t c = (uint64_t)m4; /* >= 1: a >= 1e-4 */
+            int k = 4;
+            if (c % 10000u == 0) {
+                c /= 10000u;
+                k = 0;
+            }
+            else {
+                if (c % 100u == 0) {
+                    c /= 100u;
+                    k = 2;
+                }
+                if (c % 10u == 0) {
+                    c /= 10u;
+                    k--;
+                }
+            }
+            return put_fixed(out, c, -k);
         }
     }
     for (int k = 0; k <= 4; k++) {
@@ -773,6 +1080,7 @@ exact_repr(double a, char *out)
 }
 #endif
 
+
 static WSM_NOINLINE int
 float_not_finite(double v)
 {
@@ -783,7 +1091,7 @@ float_not_finite(double v)
 }
 
 static WSM_NOINLINE int
-write_double_slow(Writer *w, double v, int quoted)
+write_double_slow(Writer *w, double v, int quoted, char term)
 {
     char *s = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
     if (s == NULL) {
@@ -791,7 +1099,7 @@ write_double_slow(Writer *w, double v, int quoted)
     }
     int rc = -1;
     size_t n = strlen(s);
-    if (writer_reserve(w, (Py_ssize_t)n + 2) == 0) {
+    if (writer_reserve(w, (Py_ssize_t)n + 3) == 0) {
         char *p = w->buf + w->len;
         if (quoted) {
             *p++ = '"';
@@ -801,6 +1109,7 @@ write_double_slow(Writer *w, double v, int quoted)
         if (quoted) {
             *p++ = '"';
         }
+        *p++ = term;
         w->len = p - w->buf;
         rc = 0;
     }
@@ -809,13 +1118,13 @@ write_double_slow(Writer *w, double v, int quoted)
 }
 
 static int
-write_double(Writer *w, double v, int quoted)
+write_double(Writer *w, double v, int quoted, char term)
 {
     if (WSM_UNLIKELY(!isfinite(v))) {
         return float_not_finite(v);
     }
-    /* quote + sign + exact_repr's 48 (quote included) */
-    if (writer_reserve(w, 50) < 0) {
+    /* quote + sign + exact_repr's 48 (quote included) + term */
+    if (writer_reserve(w, 51) < 0) {
         return -1;
     }
     char *p = w->buf + w->len;
@@ -837,13 +1146,14 @@ write_double(Writer *w, double v, int quoted)
             n = exact_repr(a, p);
         }
         if (n == 0) {
-            return write_double_slow(w, v, quoted);
+            return write_double_slow(w, v, quoted, term);
         }
     }
     p += n;
     if (quoted) {
         *p++ = '"';
     }
+    *p++ = term;
     w->len = p - w->buf;
     return 0;
 }
@@ -854,33 +1164,35 @@ static int encode_other(Writer *w, PyObject *obj);
 
 /* The hot path, inlined into the container loops: exact scalar types are
  * one pointer comparison each; bool is tested before int (it is an int
- * subclass, and its own type). Returns 1 when obj is not one of them.
- * Encoding these runs no Python code, so their items need no reference. */
-static inline int
+ * subclass, and its own type). Writes the value and a ','; returns 1 when
+ * obj is not one of them. Encoding these runs no Python code, so their
+ * items need no reference. */
+static WSM_INLINE int
 encode_scalar(Writer *w, PyObject *obj)
 {
     PyTypeObject *tp = Py_TYPE(obj);
     if (tp == &PyUnicode_Type) {
-        return write_str(w, obj);
+        return write_str(w, obj, ',');
     }
     if (tp == &PyLong_Type) {
-        return write_int(w, obj, 0);
+        return write_int(w, obj, 0, ',');
     }
     if (tp == &PyFloat_Type) {
-        return write_double(w, PyFloat_AS_DOUBLE(obj), 0);
+        return write_double(w, PyFloat_AS_DOUBLE(obj), 0, ',');
     }
     if (obj == Py_True) {
-        return writer_raw(w, "true", 4);
+        return writer_raw(w, "true,", 5);
     }
     if (obj == Py_False) {
-        return writer_raw(w, "false", 5);
+        return writer_raw(w, "false,", 6);
     }
     if (obj == Py_None) {
-        return writer_raw(w, "null", 4);
+        return writer_raw(w, "null,", 5);
     }
     return 1;
 }
 
+/* obj, then ','. */
 static inline int
 encode(Writer *w, PyObject *obj)
 {
@@ -888,31 +1200,54 @@ encode(Writer *w, PyObject *obj)
     return r == 1 ? encode_other(w, obj) : r;
 }
 
-static int
-write_key(Writer *w, PyObject *key)
+/* key (converted like json.dumps), then ':'. */
+static WSM_NOINLINE int
+write_key_other(Writer *w, PyObject *key)
 {
-    if (WSM_LIKELY(PyUnicode_Check(key))) {
-        return write_str(w, key);
+    if (PyUnicode_Check(key)) {
+        return write_str_other(w, key, ':');
     }
     if (key == Py_True) {
-        return writer_raw(w, "\"true\"", 6);
+        return writer_raw(w, "\"true\":", 7);
     }
     if (key == Py_False) {
-        return writer_raw(w, "\"false\"", 7);
+        return writer_raw(w, "\"false\":", 8);
     }
     if (key == Py_None) {
-        return writer_raw(w, "\"null\"", 6);
+        return writer_raw(w, "\"null\":", 7);
     }
     if (PyLong_Check(key)) {
-        return write_int(w, key, 1);
+        return write_int(w, key, 1, ':');
     }
     if (PyFloat_Check(key)) {
-        return write_double(w, PyFloat_AS_DOUBLE(key), 1);
+        return write_double(w, PyFloat_AS_DOUBLE(key), 1, ':');
     }
     PyErr_Format(PyExc_TypeError,
                  "keys must be str, int, float, bool or None, not %.200s",
                  type_name(key));
     return -1;
+}
+
+static WSM_INLINE int
+write_key(Writer *w, PyObject *key)
+{
+    if (WSM_LIKELY(Py_TYPE(key) == &PyUnicode_Type)) {
+        return write_str(w, key, ':');
+    }
+    return write_key_other(w, key);
+}
+
+/* The ',' after the last item becomes the closing bracket, followed by the
+ * ',' of the container itself. */
+static WSM_INLINE int
+writer_close(Writer *w, char bracket)
+{
+    if (writer_reserve(w, 1) < 0) {
+        return -1;
+    }
+    w->buf[w->len - 1] = bracket;
+    w->buf[w->len++] = ',';
+    return 0;
 }
 
 /* obj: exactly a dict. Items come from PyDict_Next; a value that is not a
@@ -923,7 +1258,7 @@ static int
 write_dict(Writer *w, PyObject *obj)
 {
     if (PyDict_GET_SIZE(obj) == 0) {
-        return writer_raw(w, "{}", 2);
+        return writer_raw(w, "{},", 3);
     }
     if (Py_EnterRecursiveCall(WSM_RECURSION_WHERE)) {
         return -1;
@@ -931,12 +1266,13 @@ write_dict(Writer *w, PyObject *obj)
     int rc = -1;
     Py_ssize_t pos = 0;
     PyObject *key, *value; /* borrowed */
-    if (writer_char(w, '{') < 0) {
+    if (writer_raw(w, "{", 1) < 0) {
         goto done;
     }
+    Py_ssize_t start = w->len;
     while (PyDict_Next(obj, &pos, &key, &value)) {
         /* Writing the key runs no Python code, so it needs no reference. */
-        if (write_key(w, key) < 0 || writer_char(w, ':') < 0) {
+        if (write_key(w, key) < 0) {
             goto done;
         }
         int r = encode_scalar(w, value);
@@ -945,12 +1281,17 @@ write_dict(Writer *w, PyObject *obj)
             r = encode_other(w, value);
             Py_DECREF(value);
         }
-        if (r < 0 || writer_char(w, ',') < 0) {
+        if (r < 0) {
             goto done;
         }
     }
-    w->buf[w->len - 1] = '}'; /* replaces the last ',' */
-    rc = 0;
+    if (w->len == start) {
+        /* default_fn emptied the dict before the first key was read */
+        rc = writer_raw(w, "},", 2);
+    }
+    else {
+        rc = writer_close(w, '}');
+    }
 done:
     Py_LeaveRecursiveCall();
     return rc;
@@ -966,24 +1307,29 @@ write_dict_items(Writer *w, PyObject *obj)
     }
     int rc = -1;
     PyObject *items = PyMapping_Items(obj); /* new ref */
-    if (items == NULL || writer_char(w, '{') < 0) {
+    if (items == NULL) {
         goto done;
     }
     Py_ssize_t n = PyList_GET_SIZE(items);
+    if (n == 0) {
+        rc = writer_raw(w, "{},", 3);
+        goto done;
+    }
+    if (writer_raw(w, "{", 1) < 0) {
+        goto done;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PyList_GET_ITEM(items, i); /* borrowed; items is ours */
         if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
             PyErr_SetString(PyExc_ValueError, "items must return 2-tuples");
             goto done;
         }
-        if ((i > 0 && writer_char(w, ',') < 0)
-            || write_key(w, PyTuple_GET_ITEM(item, 0)) < 0
-            || writer_char(w, ':') < 0
+        if (write_key(w, PyTuple_GET_ITEM(item, 0)) < 0
             || encode(w, PyTuple_GET_ITEM(item, 1)) < 0) {
             goto done;
         }
     }
-    rc = writer_char(w, '}');
+    rc = writer_close(w, '}');
 done:
     Py_XDECREF(items);
     Py_LeaveRecursiveCall();
@@ -997,13 +1343,13 @@ static int
 write_list(Writer *w, PyObject *obj)
 {
     if (PyList_GET_SIZE(obj) == 0) {
-        return writer_raw(w, "[]", 2);
+        return writer_raw(w, "[],", 3);
     }
     if (Py_EnterRecursiveCall(WSM_RECURSION_WHERE)) {
         return -1;
     }
     int rc = -1;
-    if (writer_char(w, '[') < 0) {
+    if (writer_raw(w, "[", 1) < 0) {
         goto done;
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(obj); i++) {
@@ -1014,14 +1360,13 @@ write_list(Writer *w, PyObject *obj)
             r = encode_other(w, item);
             Py_DECREF(item);
         }
-        if (r < 0 || writer_char(w, ',') < 0) {
+        if (r < 0) {
             goto done;
         }
     }
     /* The first item is written before any Python code can run, so the
      * buffer ends with ',' even if default_fn emptied the list. */
-    w->buf[w->len - 1] = ']';
-    rc = 0;
+    rc = writer_close(w, ']');
 done:
     Py_LeaveRecursiveCall();
     return rc;
@@ -1033,22 +1378,21 @@ write_tuple(Writer *w, PyObject *obj)
 {
     Py_ssize_t n = PyTuple_GET_SIZE(obj);
     if (n == 0) {
-        return writer_raw(w, "[]", 2);
+        return writer_raw(w, "[],", 3);
     }
     if (Py_EnterRecursiveCall(WSM_RECURSION_WHERE)) {
         return -1;
     }
     int rc = -1;
-    if (writer_char(w, '[') < 0) {
+    if (writer_raw(w, "[", 1) < 0) {
         goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (encode(w, PyTuple_GET_ITEM(obj, i)) < 0 || writer_char(w, ',') < 0) {
+        if (encode(w, PyTuple_GET_ITEM(obj, i)) < 0) {
             goto done;
         }
     }
-    w->buf[w->len - 1] = ']';
-    rc = 0;
+    rc = writer_close(w, ']');
 done:
     Py_LeaveRecursiveCall();
     return rc;
@@ -1077,7 +1421,8 @@ write_default(Writer *w, PyObject *obj)
     return rc;
 }
 
-/* Everything but the exact scalar types that encode() handles inline. */
+/* Everything but the exact scalar types that encode() handles inline;
+ * writes obj, then ','. */
 static int
 encode_other(Writer *w, PyObject *obj)
 {
@@ -1094,13 +1439,13 @@ encode_other(Writer *w, PyObject *obj)
     /* Subclasses are encoded as their base type (IntEnum -> its value);
      * bool cannot be subclassed and was handled by encode(). */
     if (PyUnicode_Check(obj)) {
-        return write_str(w, obj);
+        return write_str_other(w, obj, ',');
     }
     if (PyLong_Check(obj)) {
-        return write_int(w, obj, 0);
+        return write_int(w, obj, 0, ',');
     }
     if (PyFloat_Check(obj)) {
-        return write_double(w, PyFloat_AS_DOUBLE(obj), 0);
+        return write_double(w, PyFloat_AS_DOUBLE(obj), 0, ',');
     }
     if (PyList_Check(obj)) {
         return write_list(w, obj);
@@ -1124,19 +1469,14 @@ wsm_json_dumps(PyObject *obj, PyObject *default_fn)
     w.len = 0;
     w.cap = WSM_STACK_BUF;
     w.default_fn = (default_fn == Py_None) ? NULL : default_fn;
-    w.nonascii = 0;
+    w.extra = 0;
+    w.maxchar = 127;
+    w.unknown = 0;
 
     PyObject *res = NULL;
     if (encode(&w, obj) == 0) {
-        if (!w.nonascii) {
-            res = PyUnicode_New(w.len, 127);
-            if (res != NULL) {
-                memcpy(PyUnicode_1BYTE_DATA(res), w.buf, (size_t)w.len);
-            }
-        }
-        else {
-            res = PyUnicode_DecodeUTF8(w.buf, w.len, "strict");
-        }
+        w.len--; /* the ',' after the value */
+        res = writer_finish(&w);
     }
     if (w.buf != w.small) {
         PyMem_Free(w.buf);

@@ -14,6 +14,7 @@ import enum
 import gc
 import json
 import math
+import random
 import sys
 import tracemalloc
 from typing import Any, NamedTuple
@@ -131,6 +132,24 @@ def test_float_edge_cases_match_repr(value: float) -> None:
     assert dumps([value]) == f"[{value!r}]"
 
 
+def test_decimals_with_few_digits_match_repr() -> None:
+    # Prices, coordinates, timestamps: up to 4 decimals, every magnitude up to
+    # 2**53, including around 2**51 / 10**4 where the shortcut changes.
+    rng = random.Random(7)
+    values = [
+        sign * (whole + frac / 10**k)
+        for sign in (1, -1)
+        for k in range(6)
+        for _ in range(300)
+        for whole, frac in [(rng.randrange(10 ** rng.randrange(16)), rng.randrange(10**k))]
+    ]
+    values += [
+        i / 10**k for k in range(5) for i in range(2**51 // 10**4 * 10**k - 50, 2**51 // 10**4 * 10**k + 50)
+    ]
+    values += [2.0**51 / 10**k + d for k in range(5) for d in (-0.5, -0.25, 0.0, 0.25, 0.5)]
+    assert dumps(values) == "[" + ",".join(map(repr, values)) + "]"
+
+
 def test_compact_output_of_a_chat_message() -> None:
     msg = {"type": "chat", "user": "alice", "text": "hello world", "ts": 1732761600.123, "seq": 42}
     assert dumps(msg) == '{"type":"chat","user":"alice","text":"hello world","ts":1732761600.123,"seq":42}'
@@ -150,10 +169,15 @@ def test_scalars_and_empty_containers() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [0, -1, 9, 10, 99, 100, 2**31, -(2**31), 2**63 - 1, -(2**63), 2**63, 2**64, -(2**64) - 1, 10**200],
+    [
+        *(0, -1, 9, 10, 99, 100, 2**15, 2**30 - 1, 2**30, -(2**30), 2**31, -(2**31)),
+        *(2**60 - 1, 2**60, -(2**60) + 1, -(2**60), 2**63 - 1, -(2**63), 2**63, 2**64),
+        *(-(2**64) - 1, 10**200),
+    ],
 )
 def test_ints_of_any_size(value: int) -> None:
     assert dumps(value) == str(value)
+    assert dumps([value, -value, value * 0]) == f"[{value},{-value},0]"
     assert dumps({value: value}) == f'{{"{value}":{value}}}'
 
 
@@ -176,6 +200,43 @@ def test_strings_escape_only_what_json_requires() -> None:
     control = "".join(chr(c) for c in range(0x20))
     assert json.loads(dumps(control)) == control
     assert dumps(control) == reference(control)
+
+
+def test_escapes_at_every_position_of_short_and_long_strings() -> None:
+    # Short strings are checked with overlapping word loads, long ones by
+    # blocks: an escape must be found wherever it sits.
+    for length in (*range(1, 40), 255, 256, 257, 300):
+        for pos in {0, length // 3, length // 2, length - 1}:
+            for special in ('"', "\\", "\n", "\x00", "\x1f"):
+                text = "a" * pos + special + "b" * (length - pos - 1)
+                assert dumps(text) == reference(text)
+                assert dumps({text: text}) == reference({text: text})
+            text = "é" * pos + "\x7f" + "中" * (length - pos - 1)
+            assert dumps(text) == reference(text)
+
+
+# Strings of each storage width, mixed in one message: the result is built
+# as a str of the widest kind they need (and no wider: == compares kinds).
+WIDTHS = ["ascii", "\x7f", "é", "\xff", "Ā", "中", "\uffff", "😀", "\U0010ffff", 'q"\n']
+
+
+@pytest.mark.parametrize("a", WIDTHS)
+@pytest.mark.parametrize("b", WIDTHS)
+def test_mixed_widths_give_the_same_str_as_json_dumps(a: str, b: str) -> None:
+    msg = {a: [b, a * 3, {"k": b * 20, b: 1}], "n": [1, -2, 3.5], "s": "plain " * 5}
+    out = dumps(msg)
+    assert out == reference(msg)
+    assert max(map(ord, out)) == max(map(ord, reference(msg)))
+    assert sys.getsizeof(out) == sys.getsizeof(reference(msg))
+
+
+@pytest.mark.parametrize("wide", ["", "é", "中", "😀"])
+def test_lone_surrogates_next_to_other_widths(wide: str) -> None:
+    msg = {"a": wide, "b": "x\ud800y", wide: ["\udfff", wide * 3]}
+    out = dumps(msg)
+    out.encode("utf-8")
+    assert json.loads(out) == msg
+    assert out == reference(msg).replace("\ud800", "\\ud800").replace("\udfff", "\\udfff")
 
 
 @pytest.mark.parametrize(
