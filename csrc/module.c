@@ -807,7 +807,7 @@ Core_note_ping(CoreObject *self, PyObject *ws)
 }
 
 static PyObject *
-Core_is_user_connected(CoreObject *self, PyObject *user_id)
+Core_is_user_connected_impl(CoreObject *self, PyObject *user_id)
 {
     CHECK_INIT(self, NULL);
     if (check_lookup_id(user_id, "user_id") < 0) {
@@ -818,7 +818,7 @@ Core_is_user_connected(CoreObject *self, PyObject *user_id)
 }
 
 static PyObject *
-Core_get_lobby_users(CoreObject *self, PyObject *lobby_code)
+Core_get_lobby_users_impl(CoreObject *self, PyObject *lobby_code)
 {
     CHECK_INIT(self, NULL);
     if (check_lookup_id(lobby_code, "lobby_code") < 0) {
@@ -839,6 +839,48 @@ Core_get_lobby_users(CoreObject *self, PyObject *lobby_code)
         }
     }
     return set;
+}
+
+/* One positional id and an optional keyword `local`, accepted (and moot:
+ * the core is always this process) so that code written for a clustered
+ * manager runs on the in-memory one. */
+static PyObject *
+one_id_local(const char *name, PyObject *const *args, Py_ssize_t nargs,
+             PyObject *kwnames)
+{
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs != 1) {
+        PyErr_Format(PyExc_TypeError, "%s() takes exactly one positional "
+                     "argument (%zd given)", name, nargs);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *kw = PyTuple_GET_ITEM(kwnames, i);
+        if (PyUnicode_CompareWithASCIIString(kw, "local") != 0) {
+            PyErr_Format(PyExc_TypeError,
+                         "%s() got an unexpected keyword argument '%U'", name, kw);
+            return NULL;
+        }
+    }
+    return args[0];
+}
+
+static PyObject *
+Core_is_user_connected(CoreObject *self, PyObject *const *args,
+                       Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *id = kwnames == NULL && nargs == 1
+        ? args[0] : one_id_local("is_user_connected", args, nargs, kwnames);
+    return id == NULL ? NULL : Core_is_user_connected_impl(self, id);
+}
+
+static PyObject *
+Core_get_lobby_users(CoreObject *self, PyObject *const *args,
+                     Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *id = kwnames == NULL && nargs == 1
+        ? args[0] : one_id_local("get_lobby_users", args, nargs, kwnames);
+    return id == NULL ? NULL : Core_get_lobby_users_impl(self, id);
 }
 
 /* Snapshot of a list into a new Python list of websockets. */
@@ -1508,9 +1550,11 @@ static PyMethodDef Core_methods[] = {
      "latency_ms(websocket) -> float | None\n\n"
      "Round-trip time in ms of the last ping this connection answered;\n"
      "None before its first answered ping or for an unknown websocket."},
-    {"is_user_connected", (PyCFunction)Core_is_user_connected, METH_O,
+    {"is_user_connected", (PyCFunction)(void (*)(void))Core_is_user_connected,
+     METH_FASTCALL | METH_KEYWORDS,
      "is_user_connected(user_id) -> bool: True while any connection is open."},
-    {"get_lobby_users", (PyCFunction)Core_get_lobby_users, METH_O,
+    {"get_lobby_users", (PyCFunction)(void (*)(void))Core_get_lobby_users,
+     METH_FASTCALL | METH_KEYWORDS,
      "get_lobby_users(lobby_code) -> set[str]"},
     {"get_stats", (PyCFunction)Core_get_stats, METH_NOARGS,
      "get_stats() -> dict of counts and limits (O(1))."},

@@ -257,6 +257,10 @@ class ConnectionManager(Core):
         # The core holds its hooks strongly: hand it functions that hold the
         # manager weakly, so that dropping the manager frees it at once.
         self._set_drop_hook(_weak_method(self, ConnectionManager._on_removed), self._backplane is not None)
+        if self._backplane is not None and type(self) is ConnectionManager:
+            # cluster-aware presence and capacity reads; the single-process
+            # manager keeps them as plain C calls
+            self.__class__ = _ClusteredConnectionManager
         self._latency_listeners: list[Callable[[Any, float], None]] = []
         # websocket -> called once when its entry is removed, however (serve()'s on_disconnect)
         self._removal_callbacks: dict[Any, Callable[[], None]] = {}
@@ -727,43 +731,6 @@ class ConnectionManager(Core):
         stats["backplane"] = bp.stats()
         return stats
 
-    # ------------------------------------------- cluster reads (backend, issue 6)
-
-    def can_accept_connection(self, lobby_code: str) -> tuple[bool, str]:
-        """``(True, "")`` or ``(False, reason)``: advisory, like the seed's.
-
-        With a clustered backend it also checks the cluster counts of the
-        view this node keeps (other nodes' handshakes in progress are not in
-        it); ``connect()`` decides atomically either way.
-        """
-        verdict = Core.can_accept_connection(self, lobby_code)
-        bp = self._backplane
-        if bp is None or not verdict[0]:
-            return verdict
-        view = bp.view
-        if view.total + bp.pending_count() >= self.max_connections:
-            return False, "server_full"
-        if view.lobbies.get(lobby_code, 0) >= self.max_per_lobby:
-            return False, "lobby_full"
-        return verdict
-
-    def is_user_connected(self, user_id: str, *, local: bool = False) -> bool:
-        """Whether ``user_id`` has an open connection, on any node of the
-        cluster (``local=True``: in this process)."""
-        if Core.is_user_connected(self, user_id):
-            return True
-        bp = self._backplane
-        return bp is not None and not local and bp.view.users.get(user_id, 0) > 0
-
-    def get_lobby_users(self, lobby_code: str, *, local: bool = False) -> set[str]:
-        """User ids connected to ``lobby_code`` on any node (``local=True``:
-        in this process)."""
-        users = Core.get_lobby_users(self, lobby_code)
-        bp = self._backplane
-        if bp is not None and not local:
-            users.update(bp.view.lobby_users.get(lobby_code, ()))
-        return users
-
     # ------------------------------------------------------------------ health
 
     async def ping_user(self, user_id: str, timeout: float = 2.0) -> tuple[bool, float | None]:
@@ -959,3 +926,45 @@ class ConnectionManager(Core):
             f"<{type(self).__name__} connections={len(self)}/{self.max_connections}"
             f" max_per_lobby={self.max_per_lobby} max_per_user={self.max_per_user}>"
         )
+
+
+class _ClusteredConnectionManager(ConnectionManager):
+    """A ConnectionManager whose backend spans processes: presence and
+    capacity reads also consult the cluster view. ``ConnectionManager(...,
+    backend=<clustered>)`` becomes one, so that the single-process manager
+    keeps these reads as plain C calls."""
+
+    def can_accept_connection(self, lobby_code: str) -> tuple[bool, str]:
+        """``(True, "")`` or ``(False, reason)``: advisory, like the seed's.
+
+        With a clustered backend it also checks the cluster counts of the
+        view this node keeps (other nodes' handshakes in progress are not in
+        it); ``connect()`` decides atomically either way.
+        """
+        verdict = Core.can_accept_connection(self, lobby_code)
+        bp = self._backplane
+        if bp is None or not verdict[0]:  # pragma: no cover - clustered by construction
+            return verdict
+        view = bp.view
+        if view.total + bp.pending_count() >= self.max_connections:
+            return False, "server_full"
+        if view.lobbies.get(lobby_code, 0) >= self.max_per_lobby:
+            return False, "lobby_full"
+        return verdict
+
+    def is_user_connected(self, user_id: str, *, local: bool = False) -> bool:
+        """Whether ``user_id`` has an open connection, on any node of the
+        cluster (``local=True``: in this process)."""
+        if Core.is_user_connected(self, user_id):
+            return True
+        bp = self._backplane
+        return bp is not None and not local and bp.view.users.get(user_id, 0) > 0
+
+    def get_lobby_users(self, lobby_code: str, *, local: bool = False) -> set[str]:
+        """User ids connected to ``lobby_code`` on any node (``local=True``:
+        in this process)."""
+        users = Core.get_lobby_users(self, lobby_code)
+        bp = self._backplane
+        if bp is not None and not local:
+            users.update(bp.view.lobby_users.get(lobby_code, ()))
+        return users
