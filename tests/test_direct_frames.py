@@ -87,12 +87,15 @@ async def test_mixed_with_ordinary_sends_keeps_order(server: int) -> None:
     b = await join(server, "mixed", "b", compress=False)
     n = 60
     await a.send(json.dumps({"op": "mixed", "n": n, "to": "b", "tag": "m"}))
+    # protocol pings whose pongs uvicorn writes in between the direct frames
+    pongs = [await b.ping() for _ in range(5)] + [await a.ping() for _ in range(5)]
     # a: broadcasts (i % 3 == 0) and its endpoint's own send_json (i % 3 == 2)
     got_a = await recv_n(a, 40)
     assert [m["i"] for m in got_a] == [i for i in range(n) if i % 3 != 1]
     # b: broadcasts and send_to_user (i % 3 == 1)
     got_b = await recv_n(b, 40)
     assert [m["i"] for m in got_b] == [i for i in range(n) if i % 3 != 2]
+    await asyncio.wait_for(asyncio.gather(*pongs), 10)
     await a.close()
     await b.close()
 
