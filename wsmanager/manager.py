@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
+import sys
 import time
 import weakref
 from collections import deque
@@ -114,6 +116,119 @@ def _abort_transport(websocket: Any) -> bool:
     return False
 
 
+# -- direct frames -------------------------------------------------------
+#
+# A server->client frame is unmasked, so one text frame's bytes are the same
+# for every recipient of a broadcast. On uvicorn's websockets-sansio protocol
+# (uvicorn's default when ``websockets`` is installed), a send frames (and,
+# with permessage-deflate, compresses) the text once per recipient; the
+# manager instead builds one uncompressed text frame (FIN, opcode 1, RSV 0:
+# allowed in a permessage-deflate session by RFC 7692 section 6) per message
+# and writes it to each ready connection's transport. Only where the ASGI
+# ``send`` is that protocol's own method, reached through known pass-through
+# wrappers; any other server, or a middleware that wraps ``send``, keeps the
+# ordinary path.
+
+_SANSIO_MODULE = "uvicorn.protocols.websockets.websockets_sansio_impl"
+_DIRECT_ATTR = "_wsmanager_direct"  # cached on the WebSocket: the protocol, or None
+_pass_through: dict[Any, int] | None = None  # code object -> index of the `send` cell
+_OPEN: Any = None  # websockets' State.OPEN
+
+
+def _pass_through_codes() -> dict[Any, int]:
+    """Code objects of closures known to pass every message to ``send``
+    unchanged (Starlette's exception-handler ``sender``)."""
+    global _pass_through
+    if _pass_through is None:
+        found: dict[Any, int] = {}
+        with contextlib.suppress(Exception):
+            from starlette import _exception_handler
+
+            stack = [_exception_handler.wrap_app_handling_exceptions.__code__]
+            while stack:
+                code = stack.pop()
+                if code.co_name == "sender" and "send" in code.co_freevars:
+                    found[code] = code.co_freevars.index("send")
+                stack.extend(c for c in code.co_consts if hasattr(c, "co_consts"))
+        _pass_through = found
+    return _pass_through
+
+
+def _resolve_direct(websocket: Any) -> Any:
+    """The uvicorn sans-I/O protocol whose ``send`` ``websocket``'s ASGI send
+    is, through known pass-through wrappers only; else None."""
+    module = sys.modules.get(_SANSIO_MODULE)
+    cls = getattr(module, "WebSocketsSansIOProtocol", None)
+    if cls is None:
+        return None
+    global _OPEN
+    if _OPEN is None:
+        from websockets.protocol import State
+
+        _OPEN = State.OPEN
+    codes = _pass_through_codes()
+    fn = getattr(websocket, "_send", None)
+    for _ in range(8):
+        owner = getattr(fn, "__self__", None)
+        if owner is not None:
+            if type(owner) is cls and getattr(fn, "__func__", None) is cls.send:
+                return owner
+            return None
+        index = codes.get(getattr(fn, "__code__", None))
+        closure = getattr(fn, "__closure__", None)
+        if index is None or not closure:
+            return None
+        try:
+            fn = closure[index].cell_contents
+        except ValueError:
+            return None
+    return None
+
+
+def _direct_transport(websocket: Any) -> Any:
+    """The transport to write a pre-built frame for ``websocket`` to, when
+    that is exactly what its send would do now; else None."""
+    if type(websocket) is not WebSocket or websocket.application_state is not _CONNECTED:
+        return None
+    attrs = websocket.__dict__
+    try:
+        proto = attrs[_DIRECT_ATTR]
+    except KeyError:
+        proto = attrs[_DIRECT_ATTR] = _resolve_direct(websocket)
+    if proto is None:
+        return None
+    conn = proto.conn
+    transport = proto.transport
+    if (
+        proto.handshake_complete
+        and not proto.close_sent
+        and proto.initial_response is None
+        and not proto.disconnected
+        and proto.writable.is_set()  # uvicorn's flow control: paused -> ordinary path
+        and conn.state is _OPEN
+        and not conn.writes  # nothing of the protocol's own still to flush first
+        and transport is not None
+        and not transport.is_closing()
+    ):
+        return transport
+    return None
+
+
+def _text_frame(data: str) -> bytes | None:
+    """One unmasked, uncompressed, final text frame carrying ``data``; None
+    if ``data`` is not valid UTF-8 (the ordinary path then reports it)."""
+    try:
+        payload = data.encode()
+    except UnicodeEncodeError:
+        return None
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
+
+
 # Why the core must call the drop hook when a connection is removed (bits).
 _NOTIFY_OUTBOX = 1  # its writer holds queued messages
 _NOTIFY_CALLBACK = 2  # serve() waits to hear of its removal
@@ -171,7 +286,12 @@ class ConnectionManager(Core):
     ``max_bad_messages`` (for :meth:`serve`), ``allowed_origins`` (None: any
     Origin; else browsers from other origins are refused with 4008),
     ``close_timeout`` (seconds a close handshake may take before the socket is
-    aborted) and ``shutdown_timeout`` (default for :meth:`shutdown`).
+    aborted), ``shutdown_timeout`` (default for :meth:`shutdown`) and
+    ``direct_frames`` (default True: on uvicorn's websockets-sansio protocol,
+    a message is framed once, uncompressed, and the same frame bytes written
+    to every ready recipient's transport; connections behind any other
+    server, a middleware that wraps ``send``, a paused (slow) transport or a
+    backlog take the ordinary ``send`` path. False: always the ordinary path).
     * a heartbeat runs by itself (``ping_interval`` / ``ping_timeout``, see
       ``wsmanager.health``): a connection silent for ``ping_interval`` seconds
       gets ``{"type": "health_ping", "timestamp": ...}`` and, still silent
@@ -215,6 +335,7 @@ class ConnectionManager(Core):
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 10.0,
         backend: Backend | None = None,
+        direct_frames: bool = True,
     ) -> None:
         super().__init__(
             max_connections,
@@ -240,6 +361,7 @@ class ConnectionManager(Core):
         )
         self.close_timeout = close_timeout
         self.shutdown_timeout = shutdown_timeout
+        self.direct_frames = bool(direct_frames)
         self.set_rate_limit(rate_limit, rate_burst, close_after=rate_limit_close_after)
         # websocket -> its outbound backlog; only connections whose last send
         # suspended are here, so the common case costs one dict miss.
@@ -430,7 +552,28 @@ class ConnectionManager(Core):
         it queued."""
         post = self._post
         sent = 0
+        if not self.direct_frames:
+            for websocket in self._lobby_targets(lobby_code, exclude_user_id):
+                if post(websocket, data):
+                    sent += 1
+            return sent
+        outboxes = self._outboxes
+        frame: bytes | None = None
+        built = False
         for websocket in self._lobby_targets(lobby_code, exclude_user_id):
+            if websocket not in outboxes:  # a backlog keeps its order: through the outbox
+                transport = _direct_transport(websocket)
+                if transport is not None:
+                    if not built:
+                        frame, built = _text_frame(data), True
+                    if frame is not None:
+                        try:
+                            transport.write(frame)
+                        except Exception as exc:
+                            self._drop(websocket, exc)
+                            continue
+                        sent += 1
+                        continue
             if post(websocket, data):
                 sent += 1
         return sent
@@ -453,6 +596,17 @@ class ConnectionManager(Core):
         box = self._outboxes.get(websocket)
         if box is not None:
             return self._enqueue(websocket, box, data)
+        if self.direct_frames:
+            transport = _direct_transport(websocket)
+            if transport is not None:
+                frame = _text_frame(data)
+                if frame is not None:
+                    try:
+                        transport.write(frame)
+                    except Exception as exc:
+                        self._drop(websocket, exc)
+                        return False
+                    return True
         if type(websocket) is WebSocket and websocket.application_state is _CONNECTED:
             # what send_text() would do, minus two coroutine frames of checks
             coro: Any = websocket._send({"type": "websocket.send", "text": data})
