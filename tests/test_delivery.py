@@ -258,3 +258,23 @@ def test_shutdown_returns_within_its_timeout_despite_a_stuck_client() -> None:
         assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
 
     asyncio.run(main())
+
+
+def test_an_unknown_protocol_layout_falls_back_to_the_ordinary_send(caplog: pytest.LogCaptureFixture) -> None:
+    """The direct-frame path reads uvicorn's private protocol state; a layout
+    it does not know must turn it off, never fail a send."""
+    from wsmanager.manager import _DIRECT_ATTR
+
+    async def main() -> None:
+        m = ConnectionManager()
+        peer = await joined(m, "a", "alice")
+        peer.ws.__dict__[_DIRECT_ATTR] = object()  # "resolved" to something without the attributes
+        assert await m.broadcast_to_lobby("a", {"n": 1}) == 1
+        assert peer.texts() == [{"n": 1}]
+        assert peer.ws.__dict__[_DIRECT_ATTR] is None  # off for good on this connection
+        assert await m.broadcast_to_lobby("a", {"n": 2}) == 1
+        assert peer.texts() == [{"n": 1}, {"n": 2}]
+
+    with caplog.at_level("WARNING", logger="wsmanager.manager"):
+        asyncio.run(main())
+    assert "direct frames disabled" in caplog.text

@@ -197,20 +197,26 @@ def _direct_transport(websocket: Any) -> Any:
         proto = attrs[_DIRECT_ATTR] = _resolve_direct(websocket)
     if proto is None:
         return None
-    conn = proto.conn
-    transport = proto.transport
-    if (
-        proto.handshake_complete
-        and not proto.close_sent
-        and proto.initial_response is None
-        and not proto.disconnected
-        and proto.writable.is_set()  # uvicorn's flow control: paused -> ordinary path
-        and conn.state is _OPEN
-        and not conn.writes  # nothing of the protocol's own still to flush first
-        and transport is not None
-        and not transport.is_closing()
-    ):
-        return transport
+    try:
+        conn = proto.conn
+        transport = proto.transport
+        if (
+            proto.handshake_complete
+            and not proto.close_sent
+            and proto.initial_response is None
+            and not proto.disconnected
+            and proto.writable.is_set()  # uvicorn's flow control: paused -> ordinary path
+            and conn.state is _OPEN
+            and not conn.writes  # nothing of the protocol's own still to flush first
+            and transport is not None
+            and not transport.is_closing()
+        ):
+            return transport
+    except AttributeError:
+        # These are uvicorn's and websockets' private attributes: a release that
+        # renames one turns the fast path off for good, never a failed send.
+        attrs[_DIRECT_ATTR] = None
+        logger.warning("direct frames disabled: unknown uvicorn protocol layout", exc_info=True)
     return None
 
 
