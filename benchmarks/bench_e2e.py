@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.rawws import ZERO_MASK, frame  # noqa: E402
+
 SERVERS = ("wsmanager", "baseline", "socketio")
 
 
@@ -43,14 +46,7 @@ SERVERS = ("wsmanager", "baseline", "socketio")
 
 def client_frame(payload: bytes, opcode: int = 1) -> bytes:
     """A client frame with an all-zero mask (legal; the payload stays as is)."""
-    n = len(payload)
-    if n < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    return head + b"\0\0\0\0" + payload
+    return frame(payload, opcode, mask=ZERO_MASK)
 
 
 class Run:

@@ -44,9 +44,10 @@ async def handshake(port: int, path: str, *, rcvbuf: int | None = None) -> socke
     return sock
 
 
-def frame(payload: bytes, opcode: int = 1) -> bytes:
-    """A masked client frame."""
-    mask = os.urandom(4)
+def frame(payload: bytes, opcode: int = 1, *, mask: bytes | None = None) -> bytes:
+    """A masked client frame (a random mask unless one is given; an all-zero
+    mask is legal and leaves the payload as is, which load generators use)."""
+    mask = os.urandom(4) if mask is None else mask
     n = len(payload)
     if n < 126:
         head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
@@ -54,8 +55,13 @@ def frame(payload: bytes, opcode: int = 1) -> bytes:
         head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
     else:
         head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+    if mask == ZERO_MASK:
+        return head + mask + payload
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     return head + mask + masked
+
+
+ZERO_MASK = b"\0\0\0\0"
 
 
 def reset(sock: socket.socket) -> None:
