@@ -1,0 +1,287 @@
+"""Lifecycle races (issue 9): shutdown while handshakes are in flight, members
+who leave a lobby during a broadcast, and connect() on a socket that is
+already closed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, WebSocket
+from starlette.testclient import TestClient
+from starlette.types import Message
+from starlette.websockets import WebSocketDisconnect
+
+from tests.asgi_fakes import FakePeer
+from wsmanager import ConnectionManager
+
+
+class GatedPeer(FakePeer):
+    """A client whose handshake hangs inside ``accept()`` until ``gate`` is
+    set: what a middleware that awaits in ``send`` looks like to the app."""
+
+    def __init__(self, gate: asyncio.Event) -> None:
+        super().__init__()
+        self.gate = gate
+
+    async def _send(self, message: Message) -> None:
+        if message["type"] == "websocket.accept":
+            await self.gate.wait()
+        await super()._send(message)
+
+
+class HookedPeer(FakePeer):
+    """A client whose ASGI ``send`` wrapper runs ``hook()`` (Python code of
+    the app's, e.g. a middleware) before its first text frame goes out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook: Any = None
+
+    async def _send(self, message: Message) -> None:
+        if message["type"] == "websocket.send" and self.hook is not None:
+            hook, self.hook = self.hook, None
+            await hook()
+        await super()._send(message)
+
+
+async def joined(m: ConnectionManager, lobby: str, user: str, peer: FakePeer | None = None) -> FakePeer:
+    peer = peer or FakePeer()
+    assert await m.connect(peer.ws, lobby, user)
+    return peer
+
+
+async def until(predicate: Any, what: str) -> None:
+    """Let the loop run (no clock involved) until ``predicate()`` holds."""
+    for _ in range(1000):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def until_pending(m: ConnectionManager, n: int) -> None:
+    await until(lambda: m.get_stats()["pending_connections"] == n, f"{n} handshakes pending")
+
+
+def counts(m: ConnectionManager) -> tuple[int, int, int]:
+    stats = m.get_stats()
+    return len(m), stats["total_connections"], stats["pending_connections"]
+
+
+# ------------------------------------------------------ shutdown vs handshakes
+
+
+def test_shutdown_while_handshakes_are_inside_accept_registers_none_of_them() -> None:
+    async def main() -> None:
+        m = ConnectionManager(max_connections=100, max_per_lobby=100, ping_interval=None)
+        settled = [await joined(m, "room", f"old{i}") for i in range(5)]
+        gate = asyncio.Event()
+        peers = [GatedPeer(gate) for _ in range(30)]
+        handshakes = [asyncio.create_task(m.connect(p.ws, "room", f"u{i}")) for i, p in enumerate(peers)]
+        await until_pending(m, 30)
+        shutdown = asyncio.create_task(m.shutdown(timeout=5.0))
+        await until(lambda: m.shutting_down, "shutdown began")
+        gate.set()  # every accept completes after shutdown began
+        await asyncio.wait_for(shutdown, 6.0)
+        # what a user sees once shutdown() returned
+        assert counts(m) == (0, 0, 0)
+        assert m.get_lobby_users("room") == set()
+        assert all(t.done() for t in handshakes)
+        assert [t.result() for t in handshakes] == [False] * 30
+        assert all((p.close_code, p.close_reason) == (1013, "shutting_down") for p in peers)
+        assert all((p.close_code, p.close_reason) == (1001, "server_shutdown") for p in settled)
+        assert not [p for p in peers if p.texts()]
+
+    asyncio.run(main())
+
+
+def test_a_handshake_stuck_in_accept_past_the_shutdown_timeout_never_registers() -> None:
+    async def main() -> None:
+        m = ConnectionManager(ping_interval=None)
+        gate = asyncio.Event()
+        stuck = GatedPeer(gate)
+        handshake = asyncio.create_task(m.connect(stuck.ws, "room", "slow"))
+        await until_pending(m, 1)
+        await asyncio.wait_for(m.shutdown(timeout=0.2), 2.0)
+        assert counts(m) == (0, 0, 0)
+        assert m.can_accept_connection("room") == (False, "shutting_down")
+        # a lifespan re-opens the manager for the next start; the late accept
+        # must still not register (nor hold capacity)
+        m._set_shutting_down(False)
+        gate.set()
+        assert await asyncio.wait_for(handshake, 2.0) is False
+        assert counts(m) == (0, 0, 0)
+        assert (stuck.close_code, stuck.close_reason) == (1013, "shutting_down")
+        assert m.can_accept_connection("room") == (True, "")
+
+    asyncio.run(main())
+
+
+# --------------------------------------------------- leaving during a broadcast
+
+
+def test_a_member_moved_to_another_lobby_mid_broadcast_does_not_get_the_old_lobbys_message() -> None:
+    async def main() -> None:
+        m = ConnectionManager(ping_interval=None)
+        first = await joined(m, "A", "first", HookedPeer())
+        mover = await joined(m, "A", "mover")
+        leaver = await joined(m, "A", "leaver")
+        last = await joined(m, "A", "last")
+
+        async def hook() -> None:  # runs inside first's send, while the broadcast is under way
+            m.disconnect(mover.ws)
+            assert await m.connect(mover.ws, "B", "mover")
+            m.disconnect(leaver.ws)
+
+        assert isinstance(first, HookedPeer)
+        first.hook = hook
+        delivered = await m.broadcast_to_lobby("A", {"n": 1})
+        assert first.texts() == [{"n": 1}] and last.texts() == [{"n": 1}]
+        assert mover.texts() == [] and leaver.texts() == []
+        assert delivered == 2
+        assert m.get_lobby_users("B") == {"mover"}
+        assert await m.broadcast_to_lobby("B", {"n": 2}) == 1
+        assert mover.texts() == [{"n": 2}]
+
+    asyncio.run(main())
+
+
+def test_a_member_who_rejoins_as_the_excluded_user_is_skipped() -> None:
+    async def main() -> None:
+        m = ConnectionManager(ping_interval=None)
+        first = await joined(m, "A", "first", HookedPeer())
+        other = await joined(m, "A", "other")
+
+        async def hook() -> None:
+            m.disconnect(other.ws)
+            assert await m.connect(other.ws, "A", "boss")
+
+        assert isinstance(first, HookedPeer)
+        first.hook = hook
+        assert await m.broadcast_to_lobby("A", {"n": 1}, exclude_user_id="boss") == 1
+        assert other.texts() == []
+
+    asyncio.run(main())
+
+
+def test_a_connection_that_stopped_being_the_users_does_not_get_send_to_user() -> None:
+    async def main() -> None:
+        m = ConnectionManager(ping_interval=None)
+        tab1 = await joined(m, "A", "alice", HookedPeer())
+        tab2 = await joined(m, "A", "alice")
+        tab3 = await joined(m, "A", "alice")
+
+        async def hook() -> None:
+            m.disconnect(tab2.ws)
+            assert await m.connect(tab2.ws, "A", "mallory")
+            m.disconnect(tab3.ws)
+
+        assert isinstance(tab1, HookedPeer)
+        tab1.hook = hook
+        assert await m.send_to_user("alice", {"secret": 1}) is True
+        assert tab1.texts() == [{"secret": 1}]
+        assert tab2.texts() == [] and tab3.texts() == []
+
+    asyncio.run(main())
+
+
+def test_a_backlogged_member_that_moves_lobby_loses_the_old_lobbys_queued_messages() -> None:
+    async def main() -> None:
+        m = ConnectionManager(ping_interval=None)
+        slow = await joined(m, "A", "slow")
+        slow.send_gate = asyncio.Event()
+        await m.broadcast_to_lobby("A", {"n": 0})  # suspends: slow now has a backlog
+        await m.broadcast_to_lobby("A", {"n": 1})  # queued behind it
+        m.disconnect(slow.ws)
+        assert await m.connect(slow.ws, "B", "slow")
+        slow.send_gate.set()
+        await m.broadcast_to_lobby("B", {"n": 2})
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert {"n": 1} not in slow.texts()
+        assert slow.texts()[-1] == {"n": 2}
+
+    asyncio.run(main())
+
+
+# ----------------------------------------------------- connect() on a closed socket
+
+
+def test_connect_on_a_socket_the_app_already_closed_returns_false_and_counts_nothing() -> None:
+    async def main() -> None:
+        m = ConnectionManager(max_connections=1, max_per_lobby=1, ping_interval=None)
+        peer = FakePeer()
+        await peer.ws.close(code=4001)  # an auth refusal without `return`
+        assert await m.connect(peer.ws, "room", "u") is False
+        assert counts(m) == (0, 0, 0)
+        assert peer.ws not in m
+        assert not m.is_user_connected("u")
+        assert m.get_lobby_users("room") == set()
+        assert m.can_accept_connection("room") == (True, "")
+        assert [f["type"] for f in peer.frames] == ["websocket.close"]
+        assert peer.close_code == 4001
+        assert m.get_stats()["refused"] == {k: 0 for k in m.get_stats()["refused"]}
+        # the slot it did not take is free for the next client
+        assert await m.connect(FakePeer().ws, "room", "v") is True
+
+    asyncio.run(main())
+
+
+class GonePeer(FakePeer):
+    """A client that disconnected during the handshake: the server's ``send``
+    raises on accept (uvicorn raises ``ClientDisconnected``, an OSError)."""
+
+    async def _send(self, message: Message) -> None:
+        if message["type"] == "websocket.accept":
+            raise OSError("client disconnected")
+        await super()._send(message)
+
+
+def test_connect_after_the_client_left_during_the_handshake_returns_false() -> None:
+    async def main() -> None:
+        m = ConnectionManager(max_per_lobby=1, ping_interval=None)
+        gone = GonePeer()
+        assert await m.connect(gone.ws, "room", "u") is False
+        assert counts(m) == (0, 0, 0)
+        assert m.can_accept_connection("room") == (True, "")
+        # the ASGI server delivered the disconnect instead of the connect event
+        early = FakePeer()
+        early.to_app.get_nowait()
+        early.leave(1001)
+        assert await m.connect(early.ws, "room", "u") is False
+        assert counts(m) == (0, 0, 0)
+        assert await m.connect(FakePeer().ws, "room", "v") is True
+
+    asyncio.run(main())
+
+
+def test_seed_endpoint_with_an_auth_refusal_without_return_counts_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    m = ConnectionManager(ping_interval=None)
+    app = FastAPI()
+
+    @app.websocket("/ws/{lobby}")
+    async def endpoint(websocket: WebSocket, lobby: str, token: str = "") -> None:
+        if token != "secret":
+            await websocket.close(code=4001)  # the bug: no `return`
+        if not await m.connect(websocket, lobby, token or "anon"):
+            return
+        try:
+            while True:
+                await websocket.receive_text()
+        except WebSocketDisconnect:
+            m.disconnect(websocket)
+
+    with caplog.at_level(logging.ERROR), TestClient(app) as client:
+        with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect("/ws/room?token=bad"):
+            pass
+        assert refused.value.code == 4001
+        assert counts(m) == (0, 0, 0)
+        assert m.get_lobby_users("room") == set()
+        with client.websocket_connect("/ws/room?token=secret"):
+            assert len(m) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
