@@ -5,7 +5,9 @@ already closed."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,7 +17,9 @@ from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
 from tests.asgi_fakes import FakePeer
+from tests.redis_server import RedisServer, redis_server
 from wsmanager import ConnectionManager
+from wsmanager.backends.redis import RedisBackend
 
 
 class GatedPeer(FakePeer):
@@ -63,7 +67,7 @@ async def until(predicate: Any, what: str) -> None:
 
 
 async def until_pending(m: ConnectionManager, n: int) -> None:
-    await until(lambda: m.get_stats()["pending_connections"] == n, f"{n} handshakes pending")
+    await until(lambda: m.get_stats()["pending_connections"] == n, f"{n} handshakes pending: {m.get_stats()}")
 
 
 def counts(m: ConnectionManager) -> tuple[int, int, int]:
@@ -285,3 +289,137 @@ def test_seed_endpoint_with_an_auth_refusal_without_return_counts_nothing(
         with client.websocket_connect("/ws/room?token=secret"):
             assert len(m) == 1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# ------------------------------------------------------- with the Redis backplane
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+class GatedRedisBackend(RedisBackend):
+    """A Redis backend whose cluster-wide reservation waits for ``gate``
+    (a slow Redis round trip), while ``gate`` is set."""
+
+    gate: asyncio.Event | None = None
+
+    async def reserve(self, websocket: Any, lobby: str, user: str) -> str:
+        if self.gate is not None:
+            await self.gate.wait()
+        return await super().reserve(websocket, lobby, user)
+
+
+_ns = itertools.count()
+
+
+def _node(url: str, backend: type[RedisBackend] = RedisBackend) -> ConnectionManager:
+    ns = f"life{next(_ns)}"
+    return ConnectionManager(
+        max_per_lobby=100,
+        backend=backend(url, namespace=ns, lease=1.0, connect_timeout=5.0),
+        ping_interval=None,
+    )
+
+
+async def until_clock(predicate: Any, what: str, timeout: float = 10.0) -> None:
+    """Wait for what another node sees through Redis (bounded; no timing asserted)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_shutdown_while_handshakes_wait_for_the_backplane_registers_none(redis: RedisServer) -> None:
+    async def main() -> None:
+        a = _node(redis.url, GatedRedisBackend)
+        assert isinstance(a.backend, GatedRedisBackend)
+        b = ConnectionManager(
+            backend=RedisBackend(redis.url, namespace=a.backend.namespace, lease=1.0, connect_timeout=5.0),
+            ping_interval=None,
+        )
+        await a.start()
+        await b.start()
+        try:
+            settled = await joined(a, "room", "old")
+            await until_clock(lambda: b.get_stats()["total_connections"] == 1, "b sees a's connection")
+            a.backend.gate = gate = asyncio.Event()
+            peers = [FakePeer() for _ in range(10)]
+            handshakes = [asyncio.create_task(a.connect(p.ws, "room", f"u{i}")) for i, p in enumerate(peers)]
+            await until_pending(a, 10)
+            shutdown = asyncio.create_task(a.shutdown(timeout=5.0))
+            await until(lambda: a.shutting_down, "shutdown began")
+            gate.set()  # every cluster-wide reservation completes after shutdown began
+            await asyncio.wait_for(shutdown, 6.0)
+            assert counts(a) == (0, 0, 0)
+            assert [t.result() for t in handshakes] == [False] * 10
+            assert all((p.close_code, p.close_reason) == (1013, "shutting_down") for p in peers)
+            assert (settled.close_code, settled.close_reason) == (1001, "server_shutdown")
+            assert a.backend.pending_count() == 0
+            await until_clock(lambda: b.get_stats()["total_connections"] == 0, "b sees a empty")
+            assert b.can_accept_connection("room") == (True, "")
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_a_handshake_the_client_left_releases_its_cluster_reservation(redis: RedisServer) -> None:
+    async def main() -> None:
+        a = _node(redis.url)
+        await a.start()
+        try:
+            assert isinstance(a.backend, RedisBackend)
+            assert await a.connect(GonePeer().ws, "room", "u") is False
+            closed = FakePeer()
+            await closed.ws.close(code=4001)
+            assert await a.connect(closed.ws, "room", "v") is False
+            assert counts(a) == (0, 0, 0)
+            assert a.backend.pending_count() == 0
+            assert a.get_stats()["total_connections"] == 0  # the cluster's figure
+            assert a.get_lobby_users("room") == set()
+        finally:
+            await a.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_a_remote_broadcast_skips_a_member_that_left_the_lobby_before_its_turn(redis: RedisServer) -> None:
+    async def main() -> None:
+        a = _node(redis.url)
+        assert isinstance(a.backend, RedisBackend)
+        b = ConnectionManager(
+            backend=RedisBackend(redis.url, namespace=a.backend.namespace, lease=1.0, connect_timeout=5.0),
+            ping_interval=None,
+        )
+        await a.start()
+        await b.start()
+        try:
+            first = await joined(a, "A", "first", HookedPeer())
+            mover = await joined(a, "A", "mover")
+            last = await joined(a, "A", "last")
+            await until_clock(lambda: b.get_stats()["total_connections"] == 3, "b sees a's members")
+
+            async def hook() -> None:  # runs inside first's send, during a's local delivery
+                a.disconnect(mover.ws)
+                assert await a.connect(mover.ws, "B", "mover")
+
+            assert isinstance(first, HookedPeer)
+            first.hook = hook
+            await b.broadcast_to_lobby("A", {"n": 1})
+            await until_clock(lambda: bool(last.texts()), "the message reaches a")
+            assert first.texts() == [{"n": 1}] and last.texts() == [{"n": 1}]
+            assert {"n": 1} not in mover.texts()
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(main())
