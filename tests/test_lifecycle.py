@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
+import signal
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,9 +19,13 @@ from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import InvalidStatus
 
 from tests.asgi_fakes import FakePeer
 from tests.redis_server import RedisServer, redis_server
+from tests.servers import uvicorn_server
 from wsmanager import ConnectionManager
 from wsmanager.backends.redis import RedisBackend
 
@@ -423,3 +431,54 @@ def test_a_remote_broadcast_skips_a_member_that_left_the_lobby_before_its_turn(r
             await b.stop()
 
     asyncio.run(main())
+
+
+# ------------------------------------------------------------ on a real uvicorn
+
+
+async def _get_json(port: int, path: str) -> dict[str, Any]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    raw = await reader.read()
+    writer.close()
+    return dict(json.loads(raw.split(b"\r\n\r\n", 1)[1]))
+
+
+async def _open(url: str, **kwargs: Any) -> ClientConnection:
+    return await ws_connect(url, ping_interval=None, open_timeout=30, **kwargs)
+
+
+@pytest.mark.slow
+def test_sigterm_while_30_handshakes_are_held_in_accept_on_uvicorn(tmp_path: Path) -> None:
+    exit_file = tmp_path / "exit.json"
+
+    async def close_of(opening: asyncio.Task[ClientConnection]) -> tuple[int, str] | None:
+        try:
+            ws = await opening
+            await asyncio.wait_for(ws.wait_closed(), 30)
+        except (OSError, InvalidStatus, asyncio.TimeoutError):
+            return None
+        rcvd = ws.protocol.close_rcvd
+        return None if rcvd is None else (rcvd.code, rcvd.reason)
+
+    async def main(port: int, proc: subprocess.Popen[bytes]) -> None:
+        base = f"ws://127.0.0.1:{port}/ws"
+        settled = [asyncio.create_task(_open(f"{base}/room?user=old{i}")) for i in range(5)]
+        await asyncio.wait_for(asyncio.gather(*settled), 30)
+        held = [asyncio.create_task(_open(f"{base}/held?user=u{i}")) for i in range(30)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while (s := await _get_json(port, "/stats")) != {"held": 30, "total": 5, "pending": 30}:
+            assert loop.time() < deadline, s
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        closes = await asyncio.gather(*(close_of(t) for t in settled + held))
+        await loop.run_in_executor(None, proc.wait, 30)
+        assert closes[:5] == [(1001, "server_shutdown")] * 5
+        assert closes[5:] == [(1013, "shutting_down")] * 30
+        assert json.loads(exit_file.read_text()) == {"len": 0, "total": 0, "pending": 0}
+
+    env = {"WSM_EXIT_FILE": str(exit_file)}
+    with uvicorn_server("tests.lifecycle_app:app", env=env) as (port, proc):
+        asyncio.run(main(port, proc))
+        assert proc.poll() is not None
