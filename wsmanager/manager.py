@@ -566,8 +566,10 @@ class ConnectionManager(Core):
 
         Returns how many connections it was delivered to. Never raises for a
         failing or vanishing recipient: a connection whose send fails is
-        removed; one that disconnects meanwhile is skipped. ``exclude_user_id``
-        skips every connection of that user.
+        removed; one that disconnects meanwhile is skipped: a connection gets
+        the message only if it is still in the lobby when its turn comes (not
+        if it left, or left and joined another lobby, while earlier recipients
+        were sent it). ``exclude_user_id`` skips every connection of that user.
         """
         bp = self._backplane
         if bp is None:
@@ -586,7 +588,9 @@ class ConnectionManager(Core):
         """Send ``message`` to every open connection of ``user_id``.
 
         True if at least one connection got it. Never raises for a failing
-        connection: it is removed.
+        connection: it is removed. A connection that stops being the user's
+        before its turn (disconnected, or registered again as someone else)
+        is skipped.
         """
         bp = self._backplane
         if bp is None:
@@ -866,7 +870,12 @@ class ConnectionManager(Core):
         "shutting_down")``), stop the heartbeat, give queued messages up to half
         of ``timeout`` (default ``shutdown_timeout``) to be written, then close
         every connection with ``code`` / ``reason`` (1001 "server_shutdown").
-        Returns within ``timeout``: a client that does not take its close is
+        Handshakes in progress when it begins (inside ``accept()`` or the
+        backend's reservation) are never registered: each gets 1013
+        ``shutting_down`` and its ``connect()`` returns False; they get up to
+        half of ``timeout`` to end, then a stuck one loses its reserved slot
+        and its connection is aborted. Returns within ``timeout``, with
+        nothing registered: a client that does not take its close is
         aborted. Calling it again waits for the first call."""
         if self._shutdown_task is not None and not self._shutdown_task.done():
             await asyncio.shield(self._shutdown_task)
