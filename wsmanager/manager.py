@@ -470,7 +470,8 @@ class ConnectionManager(Core):
         finally:
             if self._handshakes.get(websocket) is done:
                 del self._handshakes[websocket]
-            done.set_result(None)
+            with contextlib.suppress(RuntimeError):  # its loop closed under it: nobody waits
+                done.set_result(None)
 
     async def _handshake(self, websocket: WebSocket, lobby_code: str, user_id: str) -> bool:
         """The awaits between a reservation and its commit: the backend's
