@@ -1507,6 +1507,16 @@ Core_now(CoreObject *self, PyObject *Py_UNUSED(ignored))
     return PyFloat_FromDouble(now);
 }
 
+/* _removals() -> int: committed connections removed so far (any path).
+ * Unchanged since a snapshot of recipients: every one is still registered
+ * where it was. */
+static PyObject *
+Core_removals(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_INIT(self, NULL);
+    return PyLong_FromUnsignedLongLong(self->reg.removals);
+}
+
 static PyObject *
 Core_get_shutting_down(CoreObject *self, void *Py_UNUSED(closure))
 {
@@ -1584,6 +1594,7 @@ static PyMethodDef Core_methods[] = {
     {"_allow", (PyCFunction)Core_allow, METH_O, NULL},
     {"_rate_stats", (PyCFunction)Core_rate_stats, METH_NOARGS, NULL},
     {"_now", (PyCFunction)Core_now, METH_NOARGS, NULL},
+    {"_removals", (PyCFunction)Core_removals, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
 

@@ -345,6 +345,7 @@ wsm_remove(wsm_registry *r, wsm_conn *c)
             r->active_users--;
         }
         r->active--;
+        r->removals++;
     }
     else {
         lg->reserved--;

@@ -97,6 +97,9 @@ typedef struct wsm_registry {
     Py_ssize_t active_users;    /* users with at least one committed conn */
     wsm_list idle;          /* ACTIVE conns not pinged, ordered by last_rx */
     wsm_list wait;          /* ACTIVE conns pinged, ordered by ping_sent */
+    uint64_t removals;      /* committed connections removed so far: a
+                               delivery loop that saw it unchanged knows every
+                               member of its snapshot is still a member */
 } wsm_registry;
 
 /* Refusal reasons of wsm_reserve. */

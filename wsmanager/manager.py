@@ -375,6 +375,8 @@ class ConnectionManager(Core):
         self._closers: set[asyncio.Task[None]] = set()
         self._closed: dict[str, int] = {}
         self._shutdown_task: asyncio.Task[None] | None = None
+        # websocket -> resolved when its connect() ends: reserved handshakes in flight
+        self._handshakes: dict[Any, asyncio.Future[None]] = {}
         # -- backend (issue 6): None on the single-process path, which then
         # makes no backend call at all.
         self.backend: Backend = backend if backend is not None else InMemoryBackend()
@@ -426,25 +428,31 @@ class ConnectionManager(Core):
         Returns True once registered. When a limit is reached meanwhile (another
         handshake took the last slot), the socket is accepted and closed with
         code 4002 and the reason (``server_full``, ``lobby_full``,
-        ``user_limit``; 1013 ``shutting_down`` during shutdown), and False is
-        returned; the endpoint's next ``receive_*`` then raises
-        ``WebSocketDisconnect`` like any client that left.
+        ``user_limit``), and False is returned; the endpoint's next
+        ``receive_*`` then raises ``WebSocketDisconnect`` like any client that
+        left. A handshake that :meth:`shutdown` overtakes (it began while
+        ``accept()`` or the backend's reservation was in progress) is closed
+        with 1013 ``shutting_down`` and returns False: it is never registered.
+
+        Returns False, registering and counting nothing, when the socket is
+        already closed: the app closed it (e.g. an authentication refusal
+        ``await websocket.close(4001)`` not followed by ``return``: nothing
+        more is sent to it), or the client left during the handshake
+        (``accept()`` failed: the server's ``send`` raised, or it delivered a
+        disconnect instead of the connect event).
 
         Raises TypeError / ValueError, before touching the socket, for a non-str,
         empty or oversized id, or a websocket that is already connected; the
         registry is then unchanged.
         """
+        state = websocket.application_state
+        if state is WebSocketState.DISCONNECTED or state is WebSocketState.RESPONSE:
+            logger.info(
+                "connect() on a websocket the app already closed: not registered",
+                extra={"lobby": lobby_code, "user": user_id, "reason": "closed"},
+            )
+            return False
         reason = self._reserve(websocket, lobby_code, user_id)
-        bp = self._backplane
-        if bp is not None and not reason:  # backend: the cluster-wide slot
-            try:
-                reason = await bp.reserve(websocket, lobby_code, user_id)
-            except BaseException:
-                self._release(websocket)
-                bp.release(websocket)
-                raise
-            if reason:
-                self._release(websocket)
         if reason:
             logger.info(
                 "connection refused: %s",
@@ -453,21 +461,72 @@ class ConnectionManager(Core):
             )
             await self._refuse(websocket, reason)
             return False
+        # Reserved: shutdown() waits for this handshake to end (or releases its
+        # reservation when it outlasts the shutdown's budget).
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._handshakes[websocket] = done
         try:
-            if websocket.application_state == WebSocketState.CONNECTING:
-                await websocket.accept()
+            return await self._handshake(websocket, lobby_code, user_id)
+        finally:
+            if self._handshakes.get(websocket) is done:
+                del self._handshakes[websocket]
+            with contextlib.suppress(RuntimeError):  # its loop closed under it: nobody waits
+                done.set_result(None)
+
+    async def _handshake(self, websocket: WebSocket, lobby_code: str, user_id: str) -> bool:
+        """The awaits between a reservation and its commit: the backend's
+        cluster-wide slot, then ``accept()``."""
+        bp = self._backplane
+        try:
+            reason = ""
+            if bp is not None:  # backend: the cluster-wide slot
+                reason = await bp.reserve(websocket, lobby_code, user_id)
+            connecting = websocket.application_state == WebSocketState.CONNECTING
+            if not reason and not self.shutting_down and connecting:
+                try:
+                    await websocket.accept()
+                except Exception as exc:  # the client left during the handshake
+                    self._release(websocket)
+                    if bp is not None:
+                        bp.release(websocket)
+                    logger.info(
+                        "handshake failed, not registered: %s",
+                        type(exc).__name__,
+                        extra={"lobby": lobby_code, "user": user_id, "reason": "handshake_failed"},
+                    )
+                    return False
+            if not reason and (self.shutting_down or websocket.application_state is not _CONNECTED):
+                # shutdown() began meanwhile (or the app closed the socket)
+                reason = "shutting_down" if self.shutting_down else "closed"
         except BaseException:
             self._release(websocket)
             if bp is not None:
                 bp.release(websocket)
             raise
-        try:
-            self._commit(websocket)
-        except BaseException:  # a failing injected clock: never leak the reservation
+        committed = False
+        if not reason:
+            try:
+                # False: shutdown() released the reservation while accept() hung
+                committed = self._commit(websocket)
+            except BaseException:  # a failing injected clock: never leak the reservation
+                self._release(websocket)
+                if bp is not None:
+                    bp.release(websocket)
+                raise
+            if not committed:
+                reason = "shutting_down"
+        if not committed:
             self._release(websocket)
             if bp is not None:
                 bp.release(websocket)
-            raise
+            logger.info(
+                "connection refused: %s",
+                reason,
+                extra={"lobby": lobby_code, "user": user_id, "reason": reason},
+            )
+            if reason != "closed":
+                await self._refuse(websocket, reason)
+            return False
         if bp is not None:
             bp.commit(websocket)
         self._health.watch(websocket)  # heartbeat: runs in this loop; reclaims the entry if the endpoint dies
@@ -508,8 +567,10 @@ class ConnectionManager(Core):
 
         Returns how many connections it was delivered to. Never raises for a
         failing or vanishing recipient: a connection whose send fails is
-        removed; one that disconnects meanwhile is skipped. ``exclude_user_id``
-        skips every connection of that user.
+        removed; one that disconnects meanwhile is skipped: a connection gets
+        the message only if it is still in the lobby when its turn comes (not
+        if it left, or left and joined another lobby, while earlier recipients
+        were sent it). ``exclude_user_id`` skips every connection of that user.
         """
         bp = self._backplane
         if bp is None:
@@ -528,7 +589,9 @@ class ConnectionManager(Core):
         """Send ``message`` to every open connection of ``user_id``.
 
         True if at least one connection got it. Never raises for a failing
-        connection: it is removed.
+        connection: it is removed. A connection that stops being the user's
+        before its turn (disconnected, or registered again as someone else)
+        is skipped.
         """
         bp = self._backplane
         if bp is None:
@@ -552,14 +615,31 @@ class ConnectionManager(Core):
     # message for that connection go to the connection's outbox, written in
     # order by one writer task; the broadcast moves on to the next member.
 
+    # A send runs Python code (the server's, a middleware's send wrapper) that
+    # may remove members or move them to another lobby or user before their
+    # turn. The core counts removals: while the count is what it was before
+    # the snapshot, every recipient left in it is still a member (one C call
+    # per recipient); once it moved, each remaining recipient is checked
+    # against the registry before it is sent anything.
+
+    def _left_lobby(self, websocket: Any, lobby_code: str, exclude_user_id: str | None) -> bool:
+        """Whether ``websocket`` is no longer a recipient of the lobby's message."""
+        info = self._info(websocket)
+        return info is None or info[0] != lobby_code or info[1] == exclude_user_id
+
     async def _deliver_lobby(self, lobby_code: str, data: str, exclude_user_id: str | None) -> int:
         """Send ``data`` to this process's connections in the lobby without
         waiting for any of them; the count of connections that got it or have
-        it queued."""
+        it queued. A recipient that is no longer in the lobby (or became the
+        excluded user) when its turn comes is skipped."""
         post = self._post
+        removals = self._removals
+        mark = removals()  # before the snapshot: a removal while it is taken counts as a change
         sent = 0
         if not self.direct_frames:
             for websocket in self._lobby_targets(lobby_code, exclude_user_id):
+                if removals() != mark and self._left_lobby(websocket, lobby_code, exclude_user_id):
+                    continue
                 if post(websocket, data):
                     sent += 1
             return sent
@@ -567,6 +647,8 @@ class ConnectionManager(Core):
         frame: bytes | None = None
         built = False
         for websocket in self._lobby_targets(lobby_code, exclude_user_id):
+            if removals() != mark and self._left_lobby(websocket, lobby_code, exclude_user_id):
+                continue
             if websocket not in outboxes:  # a backlog keeps its order: through the outbox
                 transport = _direct_transport(websocket)
                 if transport is not None:
@@ -585,9 +667,16 @@ class ConnectionManager(Core):
         return sent
 
     async def _deliver_user(self, user_id: str, data: str) -> bool:
-        """Send ``data`` to this process's connections of the user (no waiting)."""
+        """Send ``data`` to this process's connections of the user (no waiting);
+        a connection that stopped being the user's before its turn is skipped."""
         delivered = False
+        removals = self._removals
+        mark = removals()
         for websocket in self._user_targets(user_id):
+            if removals() != mark:
+                info = self._info(websocket)
+                if info is None or info[1] != user_id:
+                    continue
             if self._post(websocket, data):
                 delivered = True
         return delivered
@@ -782,7 +871,12 @@ class ConnectionManager(Core):
         "shutting_down")``), stop the heartbeat, give queued messages up to half
         of ``timeout`` (default ``shutdown_timeout``) to be written, then close
         every connection with ``code`` / ``reason`` (1001 "server_shutdown").
-        Returns within ``timeout``: a client that does not take its close is
+        Handshakes in progress when it begins (inside ``accept()`` or the
+        backend's reservation) are never registered: each gets 1013
+        ``shutting_down`` and its ``connect()`` returns False; they get up to
+        half of ``timeout`` to end, then a stuck one loses its reserved slot
+        and its connection is aborted. Returns within ``timeout``, with
+        nothing registered: a client that does not take its close is
         aborted. Calling it again waits for the first call."""
         if self._shutdown_task is not None and not self._shutdown_task.done():
             await asyncio.shield(self._shutdown_task)
@@ -796,6 +890,17 @@ class ConnectionManager(Core):
         deadline = loop.time() + timeout
         self._set_shutting_down(True)
         logger.info("shutting down: closing %d connections", len(self), extra={"reason": reason})
+        # Handshakes already reserved when shutdown began end refused (1013):
+        # wait for their closes, so that none commits after this returns.
+        handshakes = {ws: f for ws, f in self._handshakes.items() if f.get_loop() is loop}
+        if handshakes:
+            await asyncio.wait(handshakes.values(), timeout=max(0.0, (deadline - loop.time()) / 2))
+        for websocket, fut in handshakes.items():
+            if not fut.done():  # stuck in accept() or the backend: free its slot, drop the client
+                self._release(websocket)
+                if self._backplane is not None:
+                    self._backplane.release(websocket)
+                _abort_transport(websocket)
         stop = getattr(self, "stop", None)
         if stop is not None:
             result = stop()
