@@ -479,6 +479,9 @@ class ConnectionManager(Core):
                 self._release(websocket)
                 bp.release(websocket)
                 raise
+            if reason == "replaced":  # by a newer handshake of the user, meanwhile
+                await self._close_replaced_handshake(websocket, lobby_code, user_id)
+                return False
             if reason:
                 self._release(websocket)
                 self._count_refusal(reason)  # the core counted only its own refusals
@@ -510,12 +513,7 @@ class ConnectionManager(Core):
             # (a newer handshake of the same user took its place meanwhile).
             if bp is not None:
                 bp.release(websocket)
-            self._closed["replaced"] = self._closed.get("replaced", 0) + 1
-            logger.info(
-                "closing connection: replaced",
-                extra={"lobby": lobby_code, "user": user_id, "reason": "replaced", "code": 4003},
-            )
-            await self._close_socket(websocket, "replaced", None, self.close_timeout)
+            await self._close_replaced_handshake(websocket, lobby_code, user_id)
             return False
         if bp is not None:
             bp.commit(websocket)
@@ -535,6 +533,16 @@ class ConnectionManager(Core):
                 extra={"lobby": lobby_code, "user": user_id, "reason": "replaced", "code": 4003},
             )
             self._close_later(old, "replaced")
+
+    async def _close_replaced_handshake(self, websocket: WebSocket, lobby_code: str, user_id: str) -> None:
+        """A handshake whose reservation a newer one of the same user took:
+        accept (if not yet) and close it with 4003 "replaced"."""
+        self._closed["replaced"] = self._closed.get("replaced", 0) + 1
+        logger.info(
+            "closing connection: replaced",
+            extra={"lobby": lobby_code, "user": user_id, "reason": "replaced", "code": 4003},
+        )
+        await self._refuse(websocket, "replaced")
 
     async def _refuse(self, websocket: WebSocket, reason: str, *, count: bool = False) -> None:
         """Accept-then-close, so that browsers see the code and the reason.
