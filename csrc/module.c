@@ -44,6 +44,9 @@ static const char *const wsm_stale_names[WSM_STALE_NREASONS] = {
     X(server_full) \
     X(lobby_full) \
     X(user_limit) \
+    X(unauthorized) \
+    X(forbidden_origin) \
+    X(invalid_id) \
     X(latency_ms) \
     X(p50) \
     X(p95) \
@@ -92,6 +95,11 @@ typedef struct {
     unsigned long long n_refused_lobby;
     unsigned long long n_refused_user;
     unsigned long long n_refused_shutdown;
+    /* refusals decided in Python (serve()), counted here through
+     * _count_refusal so that get_stats()["refused"] has one home */
+    unsigned long long n_refused_unauthorized;
+    unsigned long long n_refused_origin;
+    unsigned long long n_refused_invalid;
     unsigned long long n_pings;
     unsigned long long n_pongs;
     /* inbound rate limit (token bucket per connection); rate <= 0: off */
@@ -402,34 +410,125 @@ Core_can_accept_connection(CoreObject *self, PyObject *lobby_code)
     }
     module_state *st = self->st;
     PyObject *res;
+    /* A False answer is a refusal and counts in get_stats()["refused"]:
+     * the seed's endpoint closes the socket itself on it, so this is the
+     * only place the manager learns of that refusal. connect() and serve()
+     * never call this (they reserve), so one handshake counts once. */
     if (self->shutting_down) {
         res = st->refuse_shutdown;
+        self->n_refused_shutdown++;
     }
     else if (self->reg.active + self->reg.pending >= self->max_connections) {
         res = st->refuse_server;
+        self->n_refused_server++;
     }
     else {
         wsm_group *g = wsm_find_lobby(&self->reg, lobby_code);
         Py_ssize_t n = g ? g->members.len + g->reserved : 0;
-        res = n >= self->max_per_lobby ? st->refuse_lobby : st->accept_ok;
+        if (n >= self->max_per_lobby) {
+            res = st->refuse_lobby;
+            self->n_refused_lobby++;
+        }
+        else {
+            res = st->accept_ok;
+        }
     }
     Py_INCREF(res);
     return res;
 }
 
-/* _reserve(websocket, lobby_code, user_id) -> "" | refusal reason
- * Holds one unit of capacity for a handshake in progress. */
+/* _count_refusal(reason): count a refusal decided outside the core (by
+ * serve(), or by the backplane's cluster-wide reservation). reason is one
+ * of the keys of get_stats()["refused"]; ValueError for any other. */
+static PyObject *
+Core_count_refusal(CoreObject *self, PyObject *reason)
+{
+    static const char *names[] = {"server_full", "lobby_full", "user_limit",
+                                  "shutting_down", "unauthorized",
+                                  "forbidden_origin", "invalid_id"};
+    unsigned long long *counters[] = {
+        &self->n_refused_server, &self->n_refused_lobby,
+        &self->n_refused_user, &self->n_refused_shutdown,
+        &self->n_refused_unauthorized, &self->n_refused_origin,
+        &self->n_refused_invalid};
+    CHECK_INIT(self, NULL);
+    if (!PyUnicode_CheckExact(reason)) {
+        PyErr_SetString(PyExc_TypeError, "reason must be a str");
+        return NULL;
+    }
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (PyUnicode_CompareWithASCIIString(reason, names[i]) == 0) {
+            (*counters[i])++;
+            Py_RETURN_NONE;
+        }
+    }
+    PyErr_Format(PyExc_ValueError, "unknown refusal reason %R", reason);
+    return NULL;
+}
+
+/* One entry removed by the "replace" policy. */
+typedef struct {
+    PyObject *ws;       /* new ref */
+    int active;         /* it was committed (an open connection) */
+    int notify;         /* its notify bits */
+} replaced_conn;
+
+/* Remove `need` of the user's entries, oldest first (see wsm_user_oldest),
+ * into `out` (room for `need`). Runs no Python code: each websocket is
+ * INCREF'd before wsm_remove drops the registry's reference, and the user
+ * and lobby keys are exact str. Returns how many were removed. */
+static Py_ssize_t
+replace_oldest(CoreObject *self, PyObject *user, Py_ssize_t need,
+               replaced_conn *out)
+{
+    Py_ssize_t n = 0;
+    while (n < need) {
+        wsm_conn *c = wsm_user_oldest(&self->reg, user); /* borrowed */
+        if (c == NULL) {
+            break;
+        }
+        Py_INCREF(c->ws);
+        out[n].ws = c->ws;
+        out[n].active = c->state == WSM_ACTIVE;
+        out[n].notify = c->notify;
+        if (out[n].active) {
+            self->n_disconnects++;
+        }
+        wsm_remove(&self->reg, c);
+        n++;
+    }
+    return n;
+}
+
+/* _reserve(websocket, lobby_code, user_id[, replace]) -> "" | refusal reason
+ * Holds one unit of capacity for a handshake in progress.
+ * With replace true (the on_user_limit="replace" policy) it returns
+ * (reason, replaced_open, replaced_pending): when the user is at
+ * max_per_user, its oldest entries are removed to make room, in the same
+ * step as the reservation; replaced_open is a tuple of the removed open
+ * websockets (the caller closes them), replaced_pending the number of
+ * removed handshakes in progress (their _commit() then returns False). */
 static PyObject *
 Core_reserve(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *lobby = NULL, *user = NULL, *res = NULL;
     wsm_verdict verdict = WSM_OK;
+    int replace = 0;
+    replaced_conn *victims = NULL;
+    Py_ssize_t n_victims = 0;
 
     CHECK_INIT(self, NULL);
-    if (nargs != 3) {
+    if (nargs != 3 && nargs != 4) {
         PyErr_SetString(PyExc_TypeError,
-                        "_reserve(websocket, lobby_code, user_id)");
+                        "_reserve(websocket, lobby_code, user_id[, replace])");
         return NULL;
+    }
+    if (nargs == 4) {
+        if (!PyBool_Check(args[3])) {
+            PyErr_SetString(PyExc_TypeError, "replace must be a bool");
+            return NULL;
+        }
+        replace = args[3] == Py_True;
     }
     lobby = checked_id(self, args[1], "lobby_code");
     if (lobby == NULL) {
@@ -449,6 +548,19 @@ Core_reserve(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
         res = self->st->str_shutting_down;
         Py_INCREF(res);
         goto done;
+    }
+    if (replace) {
+        Py_ssize_t need = wsm_replace_count(
+            &self->reg, lobby, user, self->max_connections,
+            self->max_per_lobby, self->max_per_user);
+        if (need > 0) {
+            victims = PyMem_Calloc((size_t)need, sizeof(*victims));
+            if (victims == NULL) {
+                PyErr_NoMemory();
+                goto error;
+            }
+            n_victims = replace_oldest(self, user, need, victims);
+        }
     }
     if (wsm_reserve(&self->reg, args[0], lobby, user, self->max_connections,
                     self->max_per_lobby, self->max_per_user, 0.0,
@@ -475,10 +587,62 @@ Core_reserve(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     res = self->st->str_empty;
     Py_INCREF(res);
 done:
+    if (replace) {
+        /* no registry pointer is held from here on: allocating may run Python */
+        PyObject *reason = res, *open = NULL;
+        Py_ssize_t n_open = 0, n_pending = 0;
+        for (Py_ssize_t i = 0; i < n_victims; i++) {
+            n_open += victims[i].active;
+        }
+        n_pending = n_victims - n_open;
+        open = PyTuple_New(n_open); /* new ref */
+        if (open != NULL) {
+            for (Py_ssize_t i = 0, j = 0; i < n_victims; i++) {
+                if (victims[i].active) {
+                    Py_INCREF(victims[i].ws);
+                    PyTuple_SET_ITEM(open, j++, victims[i].ws); /* steals */
+                }
+            }
+            res = Py_BuildValue("(OOn)", reason, open, n_pending);
+            Py_DECREF(open);
+        }
+        else {
+            res = NULL;
+        }
+        Py_DECREF(reason);
+        /* as disconnect() does: tell the Python side of each removal */
+        for (Py_ssize_t i = 0; i < n_victims; i++) {
+            if ((victims[i].notify || self->drop_hook_all) &&
+                self->drop_hook != NULL) {
+                PyObject *hook = self->drop_hook;
+                Py_INCREF(hook);
+                PyObject *r = PyObject_CallOneArg(hook, victims[i].ws);
+                Py_DECREF(hook);
+                if (r == NULL) {
+                    PyErr_WriteUnraisable(hook);
+                }
+                Py_XDECREF(r);
+            }
+        }
+        if (res == NULL) { /* out of memory: do not leak the reservation */
+            wsm_conn *c = wsm_find_conn(&self->reg, args[0]);
+            if (c != NULL && c->state == WSM_PENDING) {
+                wsm_remove(&self->reg, c); /* the caller holds args[0] */
+            }
+        }
+    }
+    for (Py_ssize_t i = 0; i < n_victims; i++) {
+        Py_DECREF(victims[i].ws);
+    }
+    PyMem_Free(victims);
     Py_DECREF(lobby);
     Py_DECREF(user);
     return res;
 error:
+    for (Py_ssize_t i = 0; i < n_victims; i++) {
+        Py_DECREF(victims[i].ws);
+    }
+    PyMem_Free(victims);
     Py_XDECREF(lobby);
     Py_XDECREF(user);
     return NULL;
@@ -1369,6 +1533,9 @@ Core_get_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
         dict_set_ull(refused, K(lobby_full), self->n_refused_lobby) < 0 ||
         dict_set_ull(refused, K(user_limit), self->n_refused_user) < 0 ||
         dict_set_ull(refused, K(shutting_down), self->n_refused_shutdown) < 0 ||
+        dict_set_ull(refused, K(unauthorized), self->n_refused_unauthorized) < 0 ||
+        dict_set_ull(refused, K(forbidden_origin), self->n_refused_origin) < 0 ||
+        dict_set_ull(refused, K(invalid_id), self->n_refused_invalid) < 0 ||
         PyDict_SetItem(d, K(refused), refused) < 0) {
         goto error;
     }
@@ -1543,7 +1710,9 @@ static PyMethodDef Core_methods[] = {
      "can_accept_connection(lobby_code) -> (bool, reason)\n\n"
      "Whether a new connection to lobby_code would be admitted now; reason is\n"
      "'server_full', 'lobby_full', 'shutting_down', or '' when admitted.\n"
-     "Handshakes in progress count. Reserves nothing: connect() decides."},
+     "Handshakes in progress count. Reserves nothing: connect() decides.\n"
+     "A False answer counts as one refusal in get_stats()['refused'] (the\n"
+     "seed's endpoint closes the socket itself on it): ask once per handshake."},
     {"disconnect", (PyCFunction)Core_disconnect, METH_O,
      "disconnect(websocket) -> (lobby_code, user_id) | None\n\n"
      "Remove the connection; None if it was not registered."},
@@ -1571,6 +1740,7 @@ static PyMethodDef Core_methods[] = {
     {"_reserve", (PyCFunction)(void (*)(void))Core_reserve, METH_FASTCALL,
      NULL},
     {"_commit", (PyCFunction)Core_commit, METH_O, NULL},
+    {"_count_refusal", (PyCFunction)Core_count_refusal, METH_O, NULL},
     {"_release", (PyCFunction)Core_release, METH_O, NULL},
     {"_info", (PyCFunction)Core_info, METH_O, NULL},
     {"_note_ping", (PyCFunction)Core_note_ping, METH_O, NULL},

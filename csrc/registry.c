@@ -292,6 +292,7 @@ wsm_reserve(wsm_registry *r, PyObject *ws, PyObject *lobby, PyObject *user,
         PyErr_NoMemory();
         goto error;
     }
+    list_push_tail(&ug->pending, c, OFF_USER);
     r->pending++;
     *verdict = WSM_OK;
     return c;
@@ -313,6 +314,7 @@ wsm_commit(wsm_registry *r, wsm_conn *c, double now)
     r->active++;
     c->lobby->reserved--;
     c->user->reserved--;
+    list_unlink(&c->user->pending, c, OFF_USER);
     if (c->lobby->members.len == 0) {
         r->active_lobbies++;
     }
@@ -350,6 +352,7 @@ wsm_remove(wsm_registry *r, wsm_conn *c)
     else {
         lg->reserved--;
         ug->reserved--;
+        list_unlink(&ug->pending, c, OFF_USER);
         r->pending--;
     }
     PyMem_Free(c);
@@ -357,6 +360,52 @@ wsm_remove(wsm_registry *r, wsm_conn *c)
     group_release_if_empty(&r->users, ug);
     /* Last: the websocket's finalizer may run arbitrary code. */
     Py_DECREF(ws);
+}
+
+Py_ssize_t
+wsm_replace_count(wsm_registry *r, PyObject *lobby, PyObject *user,
+                  Py_ssize_t max_conn, Py_ssize_t max_lobby,
+                  Py_ssize_t max_user)
+{
+    wsm_group *ug, *lg;
+    wsm_conn *c;
+    Py_ssize_t need, i, in_lobby = 0, n;
+
+    if (max_user < 1 || (ug = group_find(r->users, user)) == NULL) {
+        return 0;
+    }
+    need = ug->members.len + ug->reserved - max_user + 1;
+    if (need <= 0) {
+        return 0;
+    }
+    lg = group_find(r->lobbies, lobby);
+    /* which of the `need` oldest entries are in the target lobby */
+    for (i = 0, c = ug->members.head; c != NULL && i < need;
+         c = c->user_link.next, i++) {
+        in_lobby += c->lobby == lg;
+    }
+    for (c = ug->pending.head; c != NULL && i < need;
+         c = c->user_link.next, i++) {
+        in_lobby += c->lobby == lg;
+    }
+    if (max_conn >= 0 && r->active + r->pending - need >= max_conn) {
+        return 0;
+    }
+    n = lg ? lg->members.len + lg->reserved - in_lobby : 0;
+    if (max_lobby >= 0 && n >= max_lobby) {
+        return 0;
+    }
+    return need;
+}
+
+wsm_conn *
+wsm_user_oldest(wsm_registry *r, PyObject *user)
+{
+    wsm_group *ug = group_find(r->users, user);
+    if (ug == NULL) {
+        return NULL;
+    }
+    return ug->members.head ? ug->members.head : ug->pending.head;
 }
 
 void

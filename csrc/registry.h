@@ -47,6 +47,8 @@ struct wsm_group {
     /* hh.key / hh.keylen: the key's cached UTF-8, owned by `key` */
     wsm_list members;       /* committed connections, oldest first */
     Py_ssize_t reserved;    /* handshakes admitted but not yet committed */
+    wsm_list pending;       /* users only: those handshakes, oldest first
+                               (linked by user_link while PENDING) */
     UT_hash_handle hh;
 };
 
@@ -130,6 +132,21 @@ wsm_conn *wsm_reserve(wsm_registry *r, PyObject *ws, PyObject *lobby,
                       double now, wsm_verdict *verdict);
 /* PENDING -> ACTIVE: linked into its lobby and user, activity clock started. */
 void wsm_commit(wsm_registry *r, wsm_conn *c, double now);
+/* The "replace" policy (max_per_user reached: the user's oldest connection
+ * makes room for the new one). How many of `user`'s entries a new handshake
+ * into `lobby` must replace to be admitted: 0 when it fits without, or when
+ * replacing cannot make it fit (max_user < 1, or the server or the lobby
+ * would still be full). The entries to replace are, in this order, the
+ * user's committed connections, oldest first, then its handshakes in
+ * progress, oldest first: see wsm_user_oldest. `user` must be an exact str
+ * (its hash runs no Python code). */
+Py_ssize_t wsm_replace_count(wsm_registry *r, PyObject *lobby, PyObject *user,
+                             Py_ssize_t max_conn, Py_ssize_t max_lobby,
+                             Py_ssize_t max_user);
+/* The user's oldest committed connection, else its oldest handshake in
+ * progress; NULL if it has neither. Borrowed: valid until the registry
+ * changes or Python code runs. */
+wsm_conn *wsm_user_oldest(wsm_registry *r, PyObject *user);
 /* Remove an entry (either state) and free it. The caller must hold its own
  * reference to anything it still needs from it (ws, lobby->key, user->key):
  * the entry's references are released here. */

@@ -52,6 +52,8 @@ manager = ConnectionManager(
     max_message_bytes=int(_env("WSM_MAX_MESSAGE_BYTES", 64 * 1024)),
     close_timeout=_env("WSM_CLOSE_TIMEOUT", 2),
     shutdown_timeout=_env("WSM_SHUTDOWN_TIMEOUT", 5),
+    max_per_user=int(_env("WSM_MAX_PER_USER", 0)) or None,
+    on_user_limit=os.environ.get("WSM_ON_USER_LIMIT", "refuse"),
 )
 app = FastAPI(lifespan=manager.lifespan)
 

@@ -93,7 +93,18 @@ class CoreModel(RuleBasedStateMachine):
         self.disconnects = 0
         self.pings = 0
         self.pongs = 0
-        self.refused = {"server_full": 0, "lobby_full": 0, "user_limit": 0, "shutting_down": 0}
+        self.refused = dict.fromkeys(
+            (
+                "server_full",
+                "lobby_full",
+                "user_limit",
+                "shutting_down",
+                "unauthorized",
+                "forbidden_origin",
+                "invalid_id",
+            ),
+            0,
+        )
         self.m: ConnectionManager
 
     def clock(self) -> float:
@@ -391,6 +402,8 @@ class CoreModel(RuleBasedStateMachine):
             else:
                 expected = (True, "")
             assert self.m.can_accept_connection(fresh(lobby)) == expected
+            if not expected[0]:  # a False answer is a refusal: counted
+                self.refused[expected[1]] += 1
 
     @invariant()
     def membership_matches(self) -> None:

@@ -21,7 +21,7 @@ class CloseCode(IntEnum):
     TRY_AGAIN_LATER = 1013  # refused while shutting down
     UNAUTHORIZED = 4001  # the seed's code: authentication failed
     CAPACITY = 4002  # the seed's code: server_full / lobby_full / user_limit
-    REPLACED = 4003  # replaced by a newer connection of the same user
+    REPLACED = 4003  # replaced by a newer connection of the same user (on_user_limit="replace")
     STALE = 4004  # no answer to a health ping within ping_timeout
     RATE_LIMITED = 4005  # inbound rate limit exceeded persistently
     SLOW_CONSUMER = 4006  # outbound backlog over its bound
@@ -72,7 +72,10 @@ def close_code_for(reason: str) -> int:
 # ``max_message_bytes`` (1009 "message_too_big"), a handler that raised
 # (1011 "internal_error"), an outbound backlog over ``max_backlog`` messages or
 # ``max_backlog_bytes`` bytes (4006 "slow_consumer"), shutdown (1001
-# "server_shutdown"). Refused before registration, always as accept-then-close
-# so browsers see the code: 4001 "unauthorized", 4002 capacity, 4008
+# "server_shutdown"), a user at ``max_per_user`` opening a new connection with
+# ``on_user_limit="replace"`` (its oldest connection: 4003 "replaced", counted
+# in get_stats()["closed"]). Refused before registration, always as
+# accept-then-close so browsers see the code, and counted once in
+# get_stats()["refused"]: 4001 "unauthorized", 4002 capacity, 4008
 # "forbidden_origin", 1013 "shutting_down", 1008 "invalid_id".
 ERROR_REASONS: tuple[str, ...] = ("bad_json", "not_an_object", "rate_limited")

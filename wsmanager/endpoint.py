@@ -207,17 +207,17 @@ async def serve(
             "connection refused: forbidden_origin",
             extra={"lobby": lobby_code, "reason": "forbidden_origin"},
         )
-        await manager._refuse(websocket, "forbidden_origin")
+        await manager._refuse(websocket, "forbidden_origin", count=True)
         return
     if not user_id:
         logger.info("connection refused: unauthorized", extra={"lobby": lobby_code, "reason": "unauthorized"})
-        await manager._refuse(websocket, "unauthorized")
+        await manager._refuse(websocket, "unauthorized", count=True)
         return
     try:
         admitted = await manager.connect(websocket, lobby_code, user_id)
     except (TypeError, ValueError) as exc:
         logger.info("connection refused: invalid_id (%s)", exc, extra={"reason": "invalid_id"})
-        await manager._refuse(websocket, "invalid_id")
+        await manager._refuse(websocket, "invalid_id", count=True)
         return
     if not admitted:
         return
@@ -248,6 +248,22 @@ async def serve(
         manager.disconnect(websocket)
         if departure is not None:
             await departure.finish()
+
+
+async def _await_client_close(websocket: WebSocket, timeout: float) -> None:
+    """The manager removed the connection and closes it in the background:
+    read and drop what the client still sends until the close handshake ends
+    (the server's ``websocket.disconnect``), for at most ``timeout`` seconds.
+    Returning from the endpoint before the close frame is sent lets the
+    server drop the TCP connection without it (the client then sees 1006
+    instead of the code)."""
+
+    async def drain() -> None:
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
+
+    with contextlib.suppress(Exception):  # gone, or silent past the timeout
+        await asyncio.wait_for(drain(), timeout)
 
 
 class _Departure:
@@ -344,7 +360,11 @@ async def _read_loop(
         message = await receive()
         if message["type"] != "websocket.receive":  # websocket.disconnect
             return
-        if websocket not in manager:  # closed by the manager meanwhile (slow consumer, shutdown)
+        if websocket not in manager:  # closed by the manager meanwhile (slow consumer, shutdown, replaced)
+            # its close is on the way: returning now would let the server drop
+            # the TCP connection before the close frame is sent (the client
+            # would see 1006, not the code)
+            await _await_client_close(websocket, manager.close_timeout)
             return
         touch(websocket)
         verdict = allow(websocket)

@@ -275,7 +275,9 @@ class ConnectionManager(Core):
     * a user may hold several connections (tabs); each one counts, and the
       user stays connected while any is open. ``max_per_user`` caps them:
       an extra connection is refused with close code 4002, reason
-      ``"user_limit"``.
+      ``"user_limit"``; with ``on_user_limit="replace"`` it is admitted
+      instead and the user's oldest connection is closed with 4003
+      ``"replaced"`` (one session per user: ``max_per_user=1``).
     * capacity is reserved before ``accept()``: concurrent handshakes never
       overshoot ``max_connections`` / ``max_per_lobby``.
     * sends never raise; a connection whose send fails is removed.
@@ -342,6 +344,7 @@ class ConnectionManager(Core):
         ping_timeout: float | None = 10.0,
         backend: Backend | None = None,
         direct_frames: bool = True,
+        on_user_limit: str = "refuse",
     ) -> None:
         super().__init__(
             max_connections,
@@ -368,6 +371,7 @@ class ConnectionManager(Core):
         self.close_timeout = close_timeout
         self.shutdown_timeout = shutdown_timeout
         self.direct_frames = bool(direct_frames)
+        self.on_user_limit = on_user_limit
         self.set_rate_limit(rate_limit, rate_burst, close_after=rate_limit_close_after)
         # websocket -> its outbound backlog; only connections whose last send
         # suspended are here, so the common case costs one dict miss.
@@ -377,6 +381,8 @@ class ConnectionManager(Core):
         self._shutdown_task: asyncio.Task[None] | None = None
         # websocket -> resolved when its connect() ends: reserved handshakes in flight
         self._handshakes: dict[Any, asyncio.Future[None]] = {}
+        # handshakes whose reservation shutdown() released while they hung in accept()
+        self._overtaken: set[Any] = set()
         # -- backend (issue 6): None on the single-process path, which then
         # makes no backend call at all.
         self.backend: Backend = backend if backend is not None else InMemoryBackend()
@@ -399,6 +405,27 @@ class ConnectionManager(Core):
         """Always True: a manager is a service, not a container, so an empty
         one is still truthy (``manager or default`` keeps it)."""
         return True
+
+    @property
+    def on_user_limit(self) -> str:
+        """What a new connection of a user already holding ``max_per_user``
+        connections gets: ``"refuse"`` (the default: it is refused with 4002
+        ``"user_limit"``) or ``"replace"`` (it is admitted, and the user's
+        oldest connection is removed at once and closed with 4003
+        ``"replaced"``; a handshake still in progress counts as a connection,
+        after every open one). The replacement is decided in the same step as
+        the capacity reservation, so concurrent handshakes of one user never
+        overshoot the limit; it happens only when it makes room: a full server
+        or lobby still refuses. With a clustered backend only this process's
+        connections are replaced (see ``docs/redis-backplane.md``). Settable
+        at run time; ValueError for any other value."""
+        return "replace" if self._replace_oldest else "refuse"
+
+    @on_user_limit.setter
+    def on_user_limit(self, value: str) -> None:
+        if not isinstance(value, str) or value not in ("refuse", "replace"):
+            raise ValueError(f'on_user_limit must be "refuse" or "replace", not {value!r}')
+        self._replace_oldest = value == "replace"
 
     def set_rate_limit(
         self, rate: float | None, burst: float | None = None, *, close_after: int = 100
@@ -441,6 +468,12 @@ class ConnectionManager(Core):
         (``accept()`` failed: the server's ``send`` raised, or it delivered a
         disconnect instead of the connect event).
 
+        With ``on_user_limit="replace"`` a user at ``max_per_user`` is
+        admitted and its oldest connection closed with 4003 ``"replaced"``
+        (its endpoint's next ``receive_*`` raises ``WebSocketDisconnect``); a
+        handshake of the user still in ``accept()`` that is replaced gets the
+        same close, and its ``connect()`` returns False.
+
         Raises TypeError / ValueError, before touching the socket, for a non-str,
         empty or oversized id, or a websocket that is already connected; the
         registry is then unchanged.
@@ -452,7 +485,12 @@ class ConnectionManager(Core):
                 extra={"lobby": lobby_code, "user": user_id, "reason": "closed"},
             )
             return False
-        reason = self._reserve(websocket, lobby_code, user_id)
+        if self._replace_oldest:
+            reason, replaced, _replaced_pending = self._reserve(websocket, lobby_code, user_id, True)
+            if replaced:
+                self._close_replaced(replaced, lobby_code, user_id)
+        else:
+            reason = self._reserve(websocket, lobby_code, user_id)
         if reason:
             logger.info(
                 "connection refused: %s",
@@ -470,6 +508,7 @@ class ConnectionManager(Core):
         finally:
             if self._handshakes.get(websocket) is done:
                 del self._handshakes[websocket]
+            self._overtaken.discard(websocket)
             with contextlib.suppress(RuntimeError):  # its loop closed under it: nobody waits
                 done.set_result(None)
 
@@ -503,17 +542,26 @@ class ConnectionManager(Core):
             if bp is not None:
                 bp.release(websocket)
             raise
+        if reason == "replaced":  # by a newer handshake of the user, meanwhile
+            await self._close_replaced_handshake(websocket, lobby_code, user_id)
+            return False
         committed = False
         if not reason:
             try:
-                # False: shutdown() released the reservation while accept() hung
                 committed = self._commit(websocket)
             except BaseException:  # a failing injected clock: never leak the reservation
                 self._release(websocket)
                 if bp is not None:
                     bp.release(websocket)
                 raise
-            if not committed:
+            if not committed and not self.shutting_down and websocket not in self._overtaken:
+                # The reservation is gone and no shutdown released it: the
+                # "replace" policy gave its place to a newer handshake of the user.
+                if bp is not None:
+                    bp.release(websocket)
+                await self._close_replaced_handshake(websocket, lobby_code, user_id)
+                return False
+            if not committed:  # shutdown() released the reservation while accept() hung
                 reason = "shutting_down"
         if not committed:
             self._release(websocket)
@@ -525,6 +573,7 @@ class ConnectionManager(Core):
                 extra={"lobby": lobby_code, "user": user_id, "reason": reason},
             )
             if reason != "closed":
+                self._count_refusal(reason)  # the core counts only the refusals of its own checks
                 await self._refuse(websocket, reason)
             return False
         if bp is not None:
@@ -536,12 +585,36 @@ class ConnectionManager(Core):
             logger.warning("server at capacity: %d connections", len(self), extra={"reason": "server_full"})
         return True
 
-    async def _refuse(self, websocket: WebSocket, reason: str) -> None:
+    def _close_replaced(self, replaced: tuple[Any, ...], lobby_code: str, user_id: str) -> None:
+        """Close the open connections the "replace" policy removed (already
+        out of the registry) with 4003 "replaced", in the background."""
+        for old in replaced:
+            logger.info(
+                "closing connection: replaced",
+                extra={"lobby": lobby_code, "user": user_id, "reason": "replaced", "code": 4003},
+            )
+            self._close_later(old, "replaced")
+
+    async def _close_replaced_handshake(self, websocket: WebSocket, lobby_code: str, user_id: str) -> None:
+        """A handshake whose reservation a newer one of the same user took:
+        accept (if not yet) and close it with 4003 "replaced"."""
+        self._closed["replaced"] = self._closed.get("replaced", 0) + 1
+        logger.info(
+            "closing connection: replaced",
+            extra={"lobby": lobby_code, "user": user_id, "reason": "replaced", "code": 4003},
+        )
+        await self._refuse(websocket, "replaced")
+
+    async def _refuse(self, websocket: WebSocket, reason: str, *, count: bool = False) -> None:
         """Accept-then-close, so that browsers see the code and the reason.
 
         Closing before ``accept()`` fails the handshake with HTTP 403, which a
-        browser reports as 1006 without a reason.
+        browser reports as 1006 without a reason. ``count``: count the refusal
+        in ``get_stats()["refused"]`` (refusals the core decided are counted
+        already).
         """
+        if count:
+            self._count_refusal(reason)
         code = close_code_for(reason)
         try:
             if websocket.application_state == WebSocketState.CONNECTING:
@@ -897,6 +970,7 @@ class ConnectionManager(Core):
             await asyncio.wait(handshakes.values(), timeout=max(0.0, (deadline - loop.time()) / 2))
         for websocket, fut in handshakes.items():
             if not fut.done():  # stuck in accept() or the backend: free its slot, drop the client
+                self._overtaken.add(websocket)
                 self._release(websocket)
                 if self._backplane is not None:
                     self._backplane.release(websocket)
@@ -965,10 +1039,16 @@ class ConnectionManager(Core):
         )
 
     def get_stats(self, *, local: bool = False) -> dict[str, Any]:
-        """The seed's statistics plus counters: ``closed`` (closes the library
-        performed, by reason), ``backlogged_connections`` (connections with
-        queued outbound messages) and ``rate_limited_messages`` (inbound
-        messages dropped by the rate limit).
+        """The seed's statistics plus counters: ``refused`` (refusals by
+        reason: ``server_full``, ``lobby_full``, ``user_limit``,
+        ``shutting_down`` and, from :meth:`serve`, ``unauthorized``,
+        ``forbidden_origin``, ``invalid_id``; each refused handshake counts
+        once, whether ``connect()``, ``serve()`` or a False answer of
+        ``can_accept_connection()`` refused it), ``closed`` (closes the
+        library performed, by reason, ``replaced`` included),
+        ``backlogged_connections`` (connections with queued outbound messages)
+        and ``rate_limited_messages`` (inbound messages dropped by the rate
+        limit).
 
         With a clustered backend, ``total_connections``, ``capacity_percent``,
         ``active_lobbies`` and ``connected_users`` are the cluster's (the
@@ -1206,14 +1286,16 @@ class _ClusteredConnectionManager(ConnectionManager):
         view this node keeps (other nodes' handshakes in progress are not in
         it); ``connect()`` decides atomically either way.
         """
-        verdict = Core.can_accept_connection(self, lobby_code)
+        verdict = Core.can_accept_connection(self, lobby_code)  # counts its refusals
         bp = self._backplane
         if bp is None or not verdict[0]:  # pragma: no cover - clustered by construction
             return verdict
         view = bp.view
         if view.total + bp.pending_count() >= self.max_connections:
+            self._count_refusal("server_full")
             return False, "server_full"
         if view.lobbies.get(lobby_code, 0) >= self.max_per_lobby:
+            self._count_refusal("lobby_full")
             return False, "lobby_full"
         return verdict
 

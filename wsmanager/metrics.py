@@ -177,8 +177,11 @@ class ManagerMetrics:
             self.messages_sent.inc(count)
 
     def record_refusal(self, reason: str) -> None:
-        """Count a refusal the application made itself (e.g. ``unauthorized``);
-        capacity refusals are already counted by the manager."""
+        """Count a refusal the application made itself (e.g. a ``bad_lobby``
+        check of its own); refusals the manager decides (capacity, shutdown,
+        a False ``can_accept_connection()``, and ``serve()``'s
+        ``unauthorized`` / ``forbidden_origin`` / ``invalid_id``) are already
+        counted in its ``get_stats()["refused"]``."""
         self._extra_refusals[reason] = self._extra_refusals.get(reason, 0) + 1
 
     def observe_latency_ms(self, latency_ms: float | None) -> None:

@@ -141,8 +141,7 @@ class LobbyChat:
     async def serve(self, websocket: WebSocket, lobby: str, token: str) -> None:
         user: str | None = token.strip()
         if not NAME_RE.match(user or ""):
-            self.metrics.record_refusal("unauthorized")
-            user = None  # serve() refuses it: accept, then close 4001 "unauthorized"
+            user = None  # serve() refuses (and counts) it: accept, then close 4001 "unauthorized"
         elif not LOBBY_RE.match(lobby):
             # accept, then close: a browser sees the code and reason only after a handshake
             self.metrics.record_refusal("bad_lobby")

@@ -46,6 +46,22 @@ local function account(lobby, user)
   redis.call('HINCRBY', K[3], user, 1)
 end
 local function event(t) redis.call('PUBLISH', chan, 'C' .. cjson.encode(t)) end
+-- release this node's cids ARGV[first..]; publish "left" for the connected ones
+local function release_from(first)
+  local gone = {}
+  for i = first, #ARGV do
+    local cid = ARGV[i]
+    local e = redis.call('HGET', K[5], cid)
+    if e then
+      local t = cjson.decode(e)
+      unaccount(t)
+      redis.call('HDEL', K[5], cid)
+      if t[3] == 1 then gone[#gone + 1] = cid end
+    end
+  end
+  if #gone > 0 then event({'l', node, gone}) end
+  return #gone
+end
 -- drop every connection of a node hash; publish "gone"
 local function drop_node(n, h)
   local have = redis.call('HGETALL', h)
@@ -57,11 +73,15 @@ end
 """
 
 # ARGV[5..10]: cid, lobby, user, max_connections, max_per_lobby, max_per_user (-1: none)
+# ARGV[11..]: cids of this node released but maybe not yet in Redis (queued RELEASEs):
+#   released first, so that a connection this node just removed (the "replace"
+#   policy, a quick reconnect) no longer counts against the new one
 # -> "" (reserved) | "server_full" | "lobby_full" | "user_limit" | "lost" (node unknown: resync)
 RESERVE = (
     _COMMON
     + """
 if not redis.call('ZSCORE', K[4], node) then return 'lost' end
+release_from(11)
 local cid, lobby, user = ARGV[5], ARGV[6], ARGV[7]
 if redis.call('HEXISTS', K[5], cid) == 1 then return '' end
 if tonumber(redis.call('GET', K[1]) or '0') >= tonumber(ARGV[8]) then return 'server_full' end
@@ -97,19 +117,7 @@ return 1
 RELEASE = (
     _COMMON
     + """
-local gone = {}
-for i = 5, #ARGV do
-  local cid = ARGV[i]
-  local e = redis.call('HGET', K[5], cid)
-  if e then
-    local t = cjson.decode(e)
-    unaccount(t)
-    redis.call('HDEL', K[5], cid)
-    if t[3] == 1 then gone[#gone + 1] = cid end
-  end
-end
-if #gone > 0 then event({'l', node, gone}) end
-return #gone
+return release_from(5)
 """
 )
 

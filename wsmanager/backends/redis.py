@@ -169,6 +169,9 @@ class RedisBackend:
         self._ready: asyncio.Event | None = None
         self._client: aioredis.Redis | None = None
         self._ops: deque[tuple[str, Any]] = deque()
+        # cid -> user of releases queued or in flight: a reservation of the
+        # same user releases them first, in its own script
+        self._releasing: dict[str, str] = {}
         self._session = False  # connected to Redis (maybe still syncing)
         self.up = False  # subscribed, synced: cross-node delivery works
         self._dirty = False  # Redis may disagree with _entries: resync
@@ -272,6 +275,7 @@ class RedisBackend:
         m = self._manager
         assert m is not None
         max_user = m.max_per_user
+        releasing = [c for c, u in self._releasing.items() if u == user]
         try:
             res = await self._eval(
                 client,
@@ -282,6 +286,7 @@ class RedisBackend:
                 m.max_connections,
                 m.max_per_lobby,
                 -1 if max_user is None else max_user,
+                *releasing,
             )
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self._note_error(exc)
@@ -292,6 +297,13 @@ class RedisBackend:
             self._mark_dirty()  # cancelled: the script may have run
             raise
         reason = res.decode() if isinstance(res, bytes) else str(res)
+        if self._cids.get(websocket) != cid:
+            # released meanwhile: the manager replaced this handshake by a
+            # newer one of the same user ("replace" policy)
+            if not reason:  # the script took a slot nobody will commit
+                self._releasing[cid] = user
+                self._presence("r", cid)
+            return "replaced"
         if reason == "lost":  # Redis forgot this node: admit; the resync registers it
             self._mark_dirty()
             return ""
@@ -320,6 +332,8 @@ class RedisBackend:
         if entry[2]:
             self.view.remove(self.node_id, cid)
             self.own.remove(self.node_id, cid)
+        if self._session:
+            self._releasing[cid] = entry[1]
         self._presence("r", cid)
 
     def _presence(self, op: str, cid: str) -> None:
@@ -495,9 +509,10 @@ class RedisBackend:
         if self._ready is not None:
             self._ready.clear()
         dropped = sum(1 for op, _ in self._ops if op == "p")  # records
-        if any(op != "p" for op, _ in self._ops):
+        if any(op != "p" for op, _ in self._ops) or self._releasing:
             self._dirty = True
         self._ops.clear()
+        self._releasing.clear()
         self.dropped += dropped
         # answers are local only while down: forget the other nodes
         for node in [n for n in self.view.nodes if n != self.node_id]:
@@ -612,6 +627,7 @@ class RedisBackend:
             frame: list[bytes] = []
             size = 0
             releases: list[str] = []
+            sent_releases: list[str] = []
             commands = 0
             while ops and commands < _BATCH:
                 op, arg = ops[0]
@@ -627,6 +643,7 @@ class RedisBackend:
                 ops.popleft()
                 if op == "r":  # consecutive releases: one script call
                     releases.append(arg)
+                    sent_releases.append(arg)
                     if ops and ops[0][0] == "r":
                         continue
                     pipe.eval(RELEASE, 5, *self._keys, *self._argv, *releases)
@@ -640,6 +657,8 @@ class RedisBackend:
                 kinds.append("p")
                 self.published += len(frame)
             results = await _detached(pipe.execute(raise_on_error=False), self.command_timeout)
+            for cid in sent_releases:
+                self._releasing.pop(cid, None)
             for op, res in zip(kinds, results, strict=True):
                 if op != "p" and (isinstance(res, Exception) or (op == "c" and res == 0)):
                     self._mark_dirty()
