@@ -1658,6 +1658,18 @@ Core_set_max_per_lobby(CoreObject *self, PyObject *value, void *Py_UNUSED(c))
 }
 
 static PyObject *
+Core_get_max_id_bytes(CoreObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(self->max_id_bytes);
+}
+
+static int
+Core_set_max_id_bytes(CoreObject *self, PyObject *value, void *Py_UNUSED(c))
+{
+    return set_limit(&self->max_id_bytes, value, 1, "max_id_bytes");
+}
+
+static PyObject *
 Core_get_clock(CoreObject *self, void *Py_UNUSED(closure))
 {
     if (self->clock == NULL) {
@@ -1698,6 +1710,9 @@ static PyGetSetDef Core_getset[] = {
     {"max_per_user", (getter)Core_get_max_per_user,
      (setter)Core_set_max_per_user,
      "Connections allowed for one user id (None: no limit).", NULL},
+    {"max_id_bytes", (getter)Core_get_max_id_bytes,
+     (setter)Core_set_max_id_bytes,
+     "Longest lobby / user id accepted, in UTF-8 bytes.", NULL},
     {"clock", (getter)Core_get_clock, NULL,
      "The injected monotonic clock, or None for the system's.", NULL},
     {"shutting_down", (getter)Core_get_shutting_down, NULL,

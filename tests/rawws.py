@@ -64,6 +64,29 @@ def frame(payload: bytes, opcode: int = 1, *, mask: bytes | None = None) -> byte
 ZERO_MASK = b"\0\0\0\0"
 
 
+async def read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    """Read one unfragmented server frame: ``(opcode, payload)`` (8 is a
+    close: its payload starts with the code, 2 bytes big-endian)."""
+    loop = asyncio.get_running_loop()
+
+    async def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = await loop.sock_recv(sock, n - len(data))
+            if not chunk:
+                raise ConnectionError("closed by the server")
+            data += chunk
+        return data
+
+    b0, b1 = await exactly(2)
+    n = b1 & 0x7F
+    if n == 126:
+        (n,) = struct.unpack("!H", await exactly(2))
+    elif n == 127:
+        (n,) = struct.unpack("!Q", await exactly(8))
+    return b0 & 0x0F, await exactly(n)
+
+
 def reset(sock: socket.socket) -> None:
     """Drop the TCP connection with an RST: no close frame, no FIN."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -42,13 +43,15 @@ def uvicorn_server(
     env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
     port: int | None = None,
+    stderr: IO[bytes] | None = None,
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    """Run ``uvicorn app`` on ``port`` (default: a free one); yields (port, process). Stops it on exit."""
+    """Run ``uvicorn app`` on ``port`` (default: a free one); yields (port, process). Stops it on exit.
+    ``stderr``: a file the server's standard error (its log) goes to, else the test's."""
     port = port or free_port()
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--log-level", "warning", *(extra_args or [])]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stderr=stderr)
     try:
         wait_for_port(port, proc)
         yield port, proc

@@ -12,6 +12,7 @@ from .backends import Backend, InMemoryBackend, backend_from_env
 from .codes import CLOSE_CODES, CloseCode, close_code_for
 from .endpoint import Connection
 from .manager import ConnectionManager
+from .servers import quiet_client_faults
 
 __all__ = [
     "CLOSE_CODES",
@@ -27,6 +28,8 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+quiet_client_faults()  # a client's invalid UTF-8 is no traceback in uvicorn's log (wsmanager.servers)
 
 manager = ConnectionManager(backend=backend_from_env())
 """The shared manager, with the seed's defaults (500 connections, 10 per lobby).

@@ -9,6 +9,7 @@ class Core:
     max_connections: int
     max_per_lobby: int
     max_per_user: int | None
+    max_id_bytes: int
     @property
     def clock(self) -> Callable[[], float] | None: ...
     @property

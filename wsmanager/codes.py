@@ -59,16 +59,26 @@ def close_code_for(reason: str) -> int:
 # Error messages sent (as {"type": "error", "error": <reason>, ...}) without
 # closing, by ConnectionManager.serve(). Persistent errors end in a close:
 #
-# * "bad_json" / "not_an_object": malformed JSON or JSON that is not an object.
-#   After ``max_bad_messages`` such messages in a row the connection is closed
-#   with 4007 "bad_message".
+# * "bad_json": text that is not RFC 8259 JSON with finite numbers: malformed
+#   or empty text, NaN / Infinity / -Infinity literals, a number that
+#   overflows a double (1e999), an integer over Python's digit limit, nesting
+#   deeper than the recursion limit.
+# * "not_an_object": JSON that is not an object (array, string, number, null).
+# * "bad_message": an object that breaks the library's own protocol: a
+#   ``health_ping`` whose "timestamp" is neither a number nor null/absent.
+#   (A ``health_pong``'s fields are ignored; any other object, whatever its
+#   "type", reaches the application's handler.)
+#   After ``max_bad_messages`` of these three in a row the connection is
+#   closed with 4007 "bad_message".
 # * "rate_limited": the first message dropped by the inbound token bucket
 #   (``rate_limit`` messages/s, ``rate_burst`` at once). Further drops are
 #   silent; after ``rate_limit_close_after`` drops without the bucket filling
 #   up again (the client never slowed down) the connection is closed with
 #   4005 "rate_limited".
 #
-# Closed at once: binary frames (1003 "binary_not_supported"), messages over
+# Closed at once: binary frames (1003 "binary_not_supported"; text that is not
+# valid UTF-8 is failed by the server's WebSocket layer itself with 1007,
+# before the application sees it), messages over
 # ``max_message_bytes`` (1009 "message_too_big"), a handler that raised
 # (1011 "internal_error"), an outbound backlog over ``max_backlog`` messages or
 # ``max_backlog_bytes`` bytes (4006 "slow_consumer"), shutdown (1001
@@ -78,4 +88,4 @@ def close_code_for(reason: str) -> int:
 # accept-then-close so browsers see the code, and counted once in
 # get_stats()["refused"]: 4001 "unauthorized", 4002 capacity, 4008
 # "forbidden_origin", 1013 "shutting_down", 1008 "invalid_id".
-ERROR_REASONS: tuple[str, ...] = ("bad_json", "not_an_object", "rate_limited")
+ERROR_REASONS: tuple[str, ...] = ("bad_json", "not_an_object", "bad_message", "rate_limited")

@@ -38,7 +38,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -132,6 +132,50 @@ def _utf8_len(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
+class _NonFinite(ValueError):
+    """A number of a client's message that is not a finite double."""
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise _NonFinite(name)  # NaN, Infinity, -Infinity: not JSON (RFC 8259, section 6)
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if value - value != 0.0:  # 1e999: overflows a double to infinity
+        raise _NonFinite(literal)
+    return value
+
+
+# Client messages are parsed as RFC 8259 JSON with finite numbers only, so that
+# whatever reaches a handler can be sent on by the manager (whose encoder
+# refuses NaN and infinities as JSON does).
+_decode = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float).decode
+
+_BAD_TIMESTAMP = "health_ping timestamp must be a finite number or null"
+
+
+def _parse(text: str) -> tuple[dict[str, Any] | None, str, str]:
+    """``(message, "", "")`` for a text frame the endpoint accepts, else
+    ``(None, error, detail)`` with ``error`` one of ``codes.ERROR_REASONS``.
+    Never raises on any ``str``."""
+    try:
+        data = _decode(text)
+    except _NonFinite:
+        return None, "bad_json", "numbers must be finite: no NaN, Infinity or overflowing exponent"
+    except RecursionError:
+        return None, "bad_json", "nested too deeply"
+    except ValueError:  # JSONDecodeError; an integer over sys.get_int_max_str_digits()
+        return None, "bad_json", "malformed JSON"
+    if type(data) is not dict:
+        return None, "not_an_object", "expected a JSON object"
+    if data.get("type") == "health_ping":
+        stamp = data.get("timestamp")
+        if stamp is not None and type(stamp) is not float and type(stamp) is not int:
+            return None, "bad_message", _BAD_TIMESTAMP
+    return data, "", ""
+
+
 def error_message(reason: str, detail: str = "") -> str:
     """The serialized ``{"type": "error", "error": reason, "detail": ...}``."""
     return dumps({"type": "error", "error": reason, "detail": detail})
@@ -189,14 +233,23 @@ async def serve(
       ``allowed_origins`` 4008 "forbidden_origin", an invalid id 1008
       "invalid_id", capacity 4002, shutdown 1013.
     * ``{"type": "health_pong"}`` records a pong for this websocket (and
-      wakes ``ping_user``); ``{"type": "health_ping"}`` is answered with
-      ``{"type": "health_pong", "timestamp": <the ping's>}``; neither reaches
-      the handler. Every message counts as a sign of life.
-    * malformed JSON and non-object JSON are answered with an error message
-      (``bad_json`` / ``not_an_object``); ``max_bad_messages`` of them in a
-      row close with 4007 "bad_message". Binary frames close with 1003, text
-      over ``max_message_bytes`` with 1009, a handler that raises with 1011
-      (its traceback is logged: that is an application bug).
+      wakes ``ping_user``; its other fields are ignored);
+      ``{"type": "health_ping"}`` is answered with ``{"type": "health_pong",
+      "timestamp": <the ping's>}``, where the timestamp must be a number or
+      null/absent; neither reaches the handler. Every message counts as a
+      sign of life.
+    * messages are RFC 8259 JSON with finite numbers: malformed JSON
+      (including ``NaN`` / ``Infinity`` literals, numbers that overflow a
+      double such as ``1e999``, integers over Python's digit limit, nesting
+      deeper than the recursion limit, empty text) is answered with an error
+      message ``bad_json``, JSON that is not an object with
+      ``not_an_object``, a ``health_ping`` whose timestamp is not a number
+      with ``bad_message``; ``max_bad_messages`` of these in a row close with
+      4007 "bad_message". Duplicate keys: the last one wins. Any other
+      object, whatever its ``type``, reaches the handler. Binary frames close
+      with 1003, text over ``max_message_bytes`` with 1009, a handler that
+      raises with 1011 (its traceback is logged: that is an application
+      bug). No client input makes ``serve()`` itself raise or log an error.
     * the inbound rate limit (``rate_limit``) drops excess messages; see
       :mod:`wsmanager.codes` for the policy.
     * the connection is removed from the manager however the loop ends,
@@ -353,7 +406,7 @@ async def _read_loop(
     receive = websocket.receive
     touch = manager.touch
     allow = manager._allow
-    loads = json.loads
+    parse = _parse
     max_bytes = manager.max_message_bytes
     bad_in_a_row = 0
     while True:
@@ -383,18 +436,13 @@ async def _read_loop(
         if n > max_bytes or (n * 4 > max_bytes and not text.isascii() and _utf8_len(text) > max_bytes):
             await manager.close_connection(websocket, "message_too_big")
             return
-        try:
-            data = loads(text)
-        except ValueError:
-            data = error = "bad_json"
-        else:
-            error = "" if type(data) is dict else "not_an_object"
-        if error:
+        data, error, detail = parse(text)
+        if data is None:
             bad_in_a_row += 1
             if bad_in_a_row >= manager.max_bad_messages:
                 await manager.close_connection(websocket, "bad_message")
                 return
-            manager._post(websocket, error_message(error, "expected a JSON object"))
+            manager._post(websocket, error_message(error, detail))
             continue
         bad_in_a_row = 0
         kind = data.get("type")

@@ -31,6 +31,7 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from ._core import dumps
 from .codes import CloseCode
+from .settings import optional_seconds as _check_period
 
 if TYPE_CHECKING:
     from .manager import ConnectionManager
@@ -66,17 +67,6 @@ class _LoopState:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)  # pings, probes
     closing: set[asyncio.Task[None]] = field(default_factory=set)  # stale closes
     waker: asyncio.Future[None] | None = None
-
-
-def _check_period(name: str, value: float | None) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
-    seconds = float(value)
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise ValueError(f"{name} must be a positive, finite number of seconds or None")
-    return seconds
 
 
 def health_ping(timestamp: float, latency_ms: float | None = None) -> str:

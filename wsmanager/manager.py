@@ -28,6 +28,7 @@ from ._core import Core, dumps
 from .backends import Backend, InMemoryBackend
 from .codes import CloseCode, close_code_for
 from .health import HealthMonitor, health_ping
+from .settings import CoreSetting, Setting, count, optional_count, optional_rate, seconds
 
 if TYPE_CHECKING:
     from .endpoint import Handler, Hook
@@ -38,6 +39,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["ConnectionManager"]
+
+
+_RATE = optional_rate(0)  # set_rate_limit's checks (wsmanager.settings)
+_BURST = optional_rate(1)
+_CLOSE_AFTER = count(0)
 
 
 @dataclass
@@ -320,7 +326,25 @@ class ConnectionManager(Core):
     * ``serve()`` runs a whole connection (see ``wsmanager.endpoint``), with
       ``on_connect`` / ``on_disconnect`` hooks.
     * an empty manager is still truthy (``manager or default`` keeps it).
+
+    Every numeric setting is checked at construction and on assignment
+    (``manager.max_message_bytes = ...``), see ``wsmanager.settings``: a
+    wrong type (bool, str, None where no "off" exists, float for a count)
+    raises TypeError, NaN, an infinity or an out-of-range value ValueError,
+    each naming the setting.
     """
+
+    # Numeric settings (wsmanager.settings): checked on every assignment.
+    max_connections = CoreSetting(Core.__dict__["max_connections"], count(0))
+    max_per_lobby = CoreSetting(Core.__dict__["max_per_lobby"], count(0))
+    max_per_user = CoreSetting(Core.__dict__["max_per_user"], optional_count(1))
+    max_id_bytes = CoreSetting(Core.__dict__["max_id_bytes"], count(1))
+    max_backlog = Setting(count(1))
+    max_backlog_bytes = Setting(count(1))
+    max_message_bytes = Setting(count(1))
+    max_bad_messages = Setting(count(1))
+    close_timeout = Setting(seconds)
+    shutdown_timeout = Setting(seconds)
 
     def __init__(
         self,
@@ -346,19 +370,14 @@ class ConnectionManager(Core):
         direct_frames: bool = True,
         on_user_limit: str = "refuse",
     ) -> None:
+        cls = ConnectionManager
         super().__init__(
-            max_connections,
-            max_per_lobby,
-            max_per_user=max_per_user,
-            max_id_bytes=max_id_bytes,
+            cls.max_connections.validate(max_connections),
+            cls.max_per_lobby.validate(max_per_lobby),
+            max_per_user=cls.max_per_user.validate(max_per_user),
+            max_id_bytes=cls.max_id_bytes.validate(max_id_bytes),
             clock=clock,
         )
-        if max_backlog < 1 or max_backlog_bytes < 1:
-            raise ValueError("max_backlog and max_backlog_bytes must be >= 1")
-        if max_message_bytes < 1 or max_bad_messages < 1:
-            raise ValueError("max_message_bytes and max_bad_messages must be >= 1")
-        if close_timeout <= 0 or shutdown_timeout <= 0:
-            raise ValueError("close_timeout and shutdown_timeout must be > 0")
         self._ping_waiters: dict[str, _PingWaiter] = {}
         self._health = HealthMonitor(self, ping_interval=ping_interval, ping_timeout=ping_timeout)
         self.max_backlog = max_backlog
@@ -433,19 +452,47 @@ class ConnectionManager(Core):
         """Set the inbound limit: ``rate`` messages/s per connection (None or
         0: off), ``burst`` at once (default ``max(1, rate)``); after
         ``close_after`` drops without the client slowing down the connection
-        is closed with 4005 (0: never). Applies to open connections too."""
-        if rate is not None and rate < 0:
-            raise ValueError("rate_limit must be None or >= 0")
-        if close_after < 0:
-            raise ValueError("rate_limit_close_after must be >= 0")
-        r = float(rate or 0.0)
-        b = float(burst) if burst is not None else max(1.0, r)
-        if r > 0 and b < 1:
-            raise ValueError("rate_burst must be >= 1")
+        is closed with 4005 (0: never). Applies to open connections too.
+        Each is also an attribute (``rate_limit``, ``rate_burst``,
+        ``rate_limit_close_after``) that can be assigned alone. TypeError /
+        ValueError (naming the setting) for NaN, infinities, negatives, a
+        burst under 1, bools or wrong types."""
+        r = _RATE("rate_limit", rate) or 0.0
+        burst = _BURST("rate_burst", burst)
+        close_after = _CLOSE_AFTER("rate_limit_close_after", close_after)
+        b = burst if burst is not None else max(1.0, r)
         self._set_rate_limit(r, b, close_after)
-        self.rate_limit = rate or None
-        self.rate_burst = b if r > 0 else None
-        self.rate_limit_close_after = close_after
+        self._rate_limit = r or None
+        self._rate_burst_arg = burst  # as given: None follows the rate
+        self._rate_burst = b if r > 0 else None
+        self._rate_limit_close_after = close_after
+
+    @property
+    def rate_limit(self) -> float | None:
+        """Inbound messages per second per connection, or None (off)."""
+        return self._rate_limit
+
+    @rate_limit.setter
+    def rate_limit(self, value: float | None) -> None:
+        self.set_rate_limit(value, self._rate_burst_arg, close_after=self._rate_limit_close_after)
+
+    @property
+    def rate_burst(self) -> float | None:
+        """Messages a connection may send at once (None while the limit is off)."""
+        return self._rate_burst
+
+    @rate_burst.setter
+    def rate_burst(self, value: float | None) -> None:
+        self.set_rate_limit(self._rate_limit, value, close_after=self._rate_limit_close_after)
+
+    @property
+    def rate_limit_close_after(self) -> int:
+        """Drops without the client slowing down before a 4005 close (0: never)."""
+        return self._rate_limit_close_after
+
+    @rate_limit_close_after.setter
+    def rate_limit_close_after(self, value: int) -> None:
+        self.set_rate_limit(self._rate_limit, self._rate_burst_arg, close_after=value)
 
     # ------------------------------------------------------------------ connect
 

@@ -47,6 +47,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ..settings import Setting, count, seconds
 from . import ClusterView
 from ._lua import COMMIT, LEAVE, REAP, RELEASE, RENEW, RESERVE, SNAPSHOT, SYNC
 
@@ -118,9 +119,19 @@ class RedisBackend:
     how long the first ``connect()`` waits for the backplane before admitting
     on local limits. ``max_backlog``: messages queued for Redis beyond this
     are dropped (and counted) rather than held without bound.
+
+    The numeric settings (``lease`` at least 0.001 s, ``connect_timeout``,
+    ``command_timeout``, ``backoff_max``: finite seconds > 0;
+    ``max_backlog``: an int >= 1) are checked at construction and on
+    assignment, with a TypeError / ValueError naming the setting
+    (``wsmanager.settings``). A new ``lease`` applies from the next renewal.
     """
 
     clustered = True
+    connect_timeout = Setting(seconds)
+    command_timeout = Setting(seconds)
+    backoff_max = Setting(seconds)
+    max_backlog = Setting(count(1))
 
     def __init__(
         self,
@@ -134,11 +145,10 @@ class RedisBackend:
         backoff_max: float = 5.0,
         max_backlog: int = 10_000,
     ) -> None:
-        if not lease > 0:
-            raise ValueError("lease must be > 0 seconds")
+        self._argv: list[str] = []
+        self.lease = lease
         self.url = url
         self.namespace = namespace
-        self.lease = float(lease)
         self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
@@ -153,7 +163,7 @@ class RedisBackend:
             prefix + "nodes",
             prefix + "node:" + self.node_id,
         ]
-        self._argv = [self._channel, self.node_id, str(int(self.lease * 1000)), prefix + "node:"]
+        self._argv = [self._channel, self.node_id, self._lease_ms, prefix + "node:"]
         self._node_b = self.node_id.encode()
         self._manager: ConnectionManager | None = None
         # this node's connections, as Redis should know them
@@ -188,6 +198,21 @@ class RedisBackend:
         self.local_admissions = 0  # admitted on local limits while down
         self.last_error: str | None = None
         self.down_since: float | None = None
+
+    @property
+    def lease(self) -> float:
+        """Seconds after which a silent node's connections are freed."""
+        return self._lease
+
+    @lease.setter
+    def lease(self, value: float) -> None:
+        lease = seconds("lease", value)
+        if lease < 0.001:
+            raise ValueError(f"lease must be at least 0.001 seconds, got {lease}")
+        self._lease = lease
+        self._lease_ms = str(int(lease * 1000))
+        if self._argv:
+            self._argv[2] = self._lease_ms
 
     def __repr__(self) -> str:
         return f"RedisBackend({self.url!r}, namespace={self.namespace!r}, node_id={self.node_id!r})"
