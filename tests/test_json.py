@@ -284,7 +284,7 @@ def test_nan_and_infinity_raise_value_error(value: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", [{1, 2}, b"bytes", bytearray(b"x"), object(), 1j, datetime.date(2024, 1, 1)]
+    "value", [{1, 2}, b"bytes", bytearray(b"x"), object(), 1j, datetime.timedelta(seconds=1)]
 )
 def test_unsupported_types_raise_type_error(value: Any) -> None:
     with pytest.raises(TypeError, match=f"Object of type {type(value).__name__} is not JSON serializable"):
