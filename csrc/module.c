@@ -1860,12 +1860,17 @@ static PyMethodDef module_methods[] = {
      METH_FASTCALL | METH_KEYWORDS,
      "dumps(obj, *, default=None) -> str\n\n"
      "Compact JSON text of obj (UTF-8 kept as is). Besides JSON's own types:\n"
-     "datetime/date/time as .isoformat() text, UUID as str(), Decimal as a\n"
-     "number (its exact str()), Enum by its value, dataclass instances and\n"
-     "pydantic v2 models (model_dump(mode=\"json\")) as objects. Raises\n"
-     "ValueError for NaN and infinities (float or Decimal), TypeError for\n"
-     "unsupported types unless default() converts them, RecursionError for too\n"
-     "deep nesting; what default() or another hook raises propagates."},
+     "datetime/date/time as the text of .isoformat() (subclasses: their own\n"
+     "isoformat()), UUID as str(), Enum by its value (int/str/float mix-ins as\n"
+     "that base type), dataclass instances (fields in order) and pydantic v2\n"
+     "models (model_dump(mode=\"json\")) as objects, Decimal as a number: its\n"
+     "exact str(), since JSON numbers are decimal text of any precision\n"
+     "(RFC 8259 section 6) and a price stays a number, as with FastAPI's\n"
+     "jsonable_encoder. default(obj) is called for anything else only.\n"
+     "Raises ValueError for NaN and infinities (float or Decimal: browsers\n"
+     "cannot parse them), TypeError for unsupported types unless default()\n"
+     "converts them, RecursionError for too deep nesting; what default() or\n"
+     "another hook (model_dump, isoformat, utcoffset) raises propagates."},
     {"encode_message", (PyCFunction)(void (*)(void))mod_encode_message, METH_FASTCALL,
      "encode_message(message, default, /) -> str\n\n"
      "dumps(message, default=default) for the sends: an Exception other than\n"
