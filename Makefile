@@ -94,6 +94,7 @@ test: lint test-pythons test-js test-asan test-fast
 
 bench: build
 	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_json.py
 	$(PY) benchmarks/bench_sweep.py
 	$(PY) benchmarks/bench_e2e.py
 	$(PY) benchmarks/bench_redis.py

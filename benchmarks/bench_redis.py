@@ -67,7 +67,12 @@ class Before(ConnectionManager):
     """broadcast_to_lobby as it was before the backend seam (commit e2409b5)."""
 
     async def broadcast_to_lobby(
-        self, lobby_code: str, message: Any, exclude_user_id: str | None = None
+        self,
+        lobby_code: str,
+        message: Any,
+        exclude_user_id: str | None = None,
+        *,
+        default: Callable[[Any], Any] | None = None,
     ) -> int:
         if not self._lobby_count(lobby_code):
             return 0

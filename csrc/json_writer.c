@@ -17,6 +17,7 @@
  */
 #include "json_writer.h"
 
+#include <datetime.h> /* defines this file's own PyDateTimeAPI pointer */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -47,6 +48,8 @@ typedef struct {
     Py_ssize_t len;
     Py_ssize_t cap;
     PyObject *default_fn; /* borrowed, NULL when there is none */
+    wsm_json_types *types; /* borrowed from the module state */
+    int wrap_errors;      /* see json_writer.h */
     /* What the final str needs, tracked while writing so that the UTF-8 text
      * is converted in one pass into a str of the right size and kind: */
     Py_ssize_t extra;     /* UTF-8 bytes minus code points written so far */
@@ -1398,6 +1401,92 @@ done:
     return rc;
 }
 
+/* ------------------------------------------------- Python code, safely
+ *
+ * Everything below may call Python code (default_fn, model_dump(),
+ * isoformat(), a tzinfo's utcoffset(), a dataclass field's descriptor, a
+ * module's __getattr__). Such code may mutate the container being encoded,
+ * drop the last reference to anything it holds, or call dumps() itself. So
+ * around every such call: the object it is made for is held by a caller
+ * (write_dict / write_list hold their non-scalar items; tuples and the
+ * items list of a dict subclass are owned), the call's result is a new
+ * reference, no pointer into the writer's buffer is kept across it (the
+ * buffer is reserved and written after the call), and a dict being walked
+ * is only walked with PyDict_Next, which re-reads its table at each step. */
+
+/* The raised exception, normalized (new ref); none is set afterwards. */
+static PyObject *
+fetch_exception(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL) {
+        PyException_SetTraceback(value, tb);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+#endif
+}
+
+static void
+restore_exception(PyObject *exc) /* steals exc */
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
+#endif
+}
+
+/* A Python call made for obj (hook names it) failed. For the sends
+ * (wrap_errors), an ordinary Exception becomes a TypeError naming the hook
+ * and obj's type, chained to the original (__cause__): the caller of a send
+ * catches one kind of error for "this message cannot be serialized".
+ * TypeError (what a converter raises by convention), RecursionError,
+ * MemoryError and what is not an Exception (KeyboardInterrupt,
+ * asyncio.CancelledError) stay as they are. Returns -1. */
+static WSM_NOINLINE int
+hook_failed(Writer *w, PyObject *obj, const char *hook)
+{
+    if (!w->wrap_errors || !PyErr_ExceptionMatches(PyExc_Exception)
+        || PyErr_ExceptionMatches(PyExc_TypeError)
+        || PyErr_ExceptionMatches(PyExc_RecursionError)
+        || PyErr_ExceptionMatches(PyExc_MemoryError)) {
+        return -1;
+    }
+    PyObject *cause = fetch_exception(); /* new ref */
+    if (cause == NULL) {
+        return -1;
+    }
+    PyObject *text = PyObject_Str(cause); /* new ref; Python code, nothing held */
+    if (text == NULL) {
+        PyErr_Clear();
+    }
+    if (text != NULL && PyUnicode_GET_LENGTH(text) > 0) {
+        PyErr_Format(PyExc_TypeError, "%s raised %.200s for an object of type %.200s: %.400U",
+                     hook, type_name(cause), type_name(obj), text);
+    }
+    else {
+        PyErr_Format(PyExc_TypeError, "%s raised %.200s for an object of type %.200s",
+                     hook, type_name(cause), type_name(obj));
+    }
+    Py_XDECREF(text);
+    PyObject *exc = fetch_exception(); /* new ref: the TypeError */
+    if (exc == NULL) {
+        Py_DECREF(cause);
+        return -1;
+    }
+    PyException_SetContext(exc, Py_NewRef(cause)); /* steals */
+    PyException_SetCause(exc, cause);              /* steals */
+    restore_exception(exc);
+    return -1;
+}
+
 static WSM_NOINLINE int
 write_default(Writer *w, PyObject *obj)
 {
@@ -1417,8 +1506,561 @@ write_default(Writer *w, PyObject *obj)
         rc = encode(w, res);
         Py_DECREF(res);
     }
+    else {
+        hook_failed(w, obj, "default()");
+    }
     Py_LeaveRecursiveCall();
     return rc;
+}
+
+/* The result of calling obj.<method>() (a new ref, recursion-guarded, no
+ * argument, or mode="json" for model_dump) encoded in obj's place. */
+static int
+write_method_result(Writer *w, PyObject *obj, PyObject *name, PyObject *kwnames, const char *hook)
+{
+    if (Py_EnterRecursiveCall(WSM_RECURSION_WHERE)) {
+        return -1;
+    }
+    int rc = -1;
+    PyObject *stack[3] = {NULL, obj, w->types->s_json}; /* [0]: room for the offset */
+    PyObject *res = PyObject_VectorcallMethod(name, stack + 1, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                              kwnames); /* new ref */
+    if (res == NULL) {
+        hook_failed(w, obj, hook);
+    }
+    else {
+        rc = encode(w, res);
+        Py_DECREF(res);
+    }
+    Py_LeaveRecursiveCall();
+    return rc;
+}
+
+/* obj.isoformat() for a datetime / date / time subclass (it may override
+ * it: pandas' Timestamp adds nanoseconds), or str(obj) for a UUID subclass;
+ * the result must be a str. */
+static WSM_NOINLINE int
+write_text_of(Writer *w, PyObject *obj, PyObject *method)
+{
+    PyObject *text = method != NULL ? PyObject_CallMethodNoArgs(obj, method) /* new ref */
+                                    : PyObject_Str(obj);
+    if (text == NULL) {
+        return hook_failed(w, obj, method != NULL ? "isoformat()" : "str()");
+    }
+    int rc;
+    if (PyUnicode_Check(text)) {
+        rc = write_str(w, text, ',');
+    }
+    else {
+        PyErr_Format(PyExc_TypeError, "%s() of %.200s returned %.200s, not str",
+                     method != NULL ? "isoformat" : "str", type_name(obj), type_name(text));
+        rc = -1;
+    }
+    Py_DECREF(text);
+    return rc;
+}
+
+/* ------------------------------------------------------- dates and times */
+
+static inline char *
+put6(char *p, uint32_t v) /* v < 10**6, exactly 6 digits */
+{
+    return put4(put2(p, v / 10000), v % 10000);
+}
+
+/* 2024-01-31 (years 1 .. 9999: always 4 digits, like isoformat). */
+static inline char *
+put_date(char *p, PyObject *obj)
+{
+    p = put4(p, (uint32_t)PyDateTime_GET_YEAR(obj));
+    *p++ = '-';
+    p = put2(p, (uint32_t)PyDateTime_GET_MONTH(obj));
+    *p++ = '-';
+    return put2(p, (uint32_t)PyDateTime_GET_DAY(obj));
+}
+
+/* 12:30:05, then .ffffff when the microseconds are not 0 (isoformat's
+ * timespec="auto"). */
+static inline char *
+put_clock(char *p, int h, int m, int s, int us)
+{
+    p = put2(p, (uint32_t)h);
+    *p++ = ':';
+    p = put2(p, (uint32_t)m);
+    *p++ = ':';
+    p = put2(p, (uint32_t)s);
+    if (us != 0) {
+        *p++ = '.';
+        p = put6(p, (uint32_t)us);
+    }
+    return p;
+}
+
+/* +HH:MM, +HH:MM:SS or +HH:MM:SS.ffffff, as isoformat writes an offset of
+ * us microseconds (|us| < 24 h, checked by the caller). */
+static inline char *
+put_offset(char *p, long long us)
+{
+    char sign = '+';
+    if (us < 0) {
+        sign = '-';
+        us = -us;
+    }
+    long long secs = us / 1000000;
+    uint32_t micro = (uint32_t)(us % 1000000);
+    *p++ = sign;
+    p = put2(p, (uint32_t)(secs / 3600));
+    *p++ = ':';
+    p = put2(p, (uint32_t)(secs / 60 % 60));
+    if (secs % 60 != 0 || micro != 0) {
+        *p++ = ':';
+        p = put2(p, (uint32_t)(secs % 60));
+    }
+    if (micro != 0) {
+        *p++ = '.';
+        p = put6(p, micro);
+    }
+    return p;
+}
+
+#define WSM_DAY_US (86400LL * 1000000LL)
+
+/* The UTC offset of obj (an exact datetime or time) in microseconds, through
+ * obj.utcoffset() (which calls tzinfo.utcoffset() with the datetime, fold
+ * included, and checks the result), or *aware = 0 when it is naive. Called
+ * before anything is reserved: the tzinfo may be Python code. */
+static int
+utc_offset(Writer *w, PyObject *obj, PyObject *tzinfo /* borrowed */, long long *us, int *aware)
+{
+    *aware = 0;
+    *us = 0;
+    if (tzinfo == Py_None) {
+        return 0;
+    }
+    if (tzinfo == PyDateTime_TimeZone_UTC) {
+        *aware = 1;
+        return 0;
+    }
+    PyObject *off = PyObject_CallMethodNoArgs(obj, w->types->s_utcoffset); /* new ref */
+    if (off == NULL) {
+        return hook_failed(w, obj, "utcoffset()");
+    }
+    if (off == Py_None) {
+        Py_DECREF(off);
+        return 0;
+    }
+    int ok = PyDelta_Check(off);
+    if (ok) {
+        *us = ((long long)PyDateTime_DELTA_GET_DAYS(off) * 86400
+               + PyDateTime_DELTA_GET_SECONDS(off)) * 1000000LL
+              + PyDateTime_DELTA_GET_MICROSECONDS(off);
+        ok = *us > -WSM_DAY_US && *us < WSM_DAY_US;
+    }
+    Py_DECREF(off);
+    if (!ok) { /* datetime's own check makes this unreachable */
+        PyErr_Format(PyExc_ValueError, "utcoffset() of %.200s is not a timedelta within a day",
+                     type_name(obj));
+        return -1;
+    }
+    *aware = 1;
+    return 0;
+}
+
+/* obj: exactly a datetime. "YYYY-MM-DDTHH:MM:SS[.ffffff][+HH:MM[:SS[.ffffff]]]" */
+static int
+write_datetime(Writer *w, PyObject *obj)
+{
+    long long off;
+    int aware;
+    if (utc_offset(w, obj, PyDateTime_DATE_GET_TZINFO(obj), &off, &aware) < 0) {
+        return -1;
+    }
+    if (writer_reserve(w, 48) < 0) { /* quotes, 26 + 16 bytes, ',' */
+        return -1;
+    }
+    char *p = w->buf + w->len;
+    *p++ = '"';
+    p = put_date(p, obj);
+    *p++ = 'T';
+    p = put_clock(p, PyDateTime_DATE_GET_HOUR(obj), PyDateTime_DATE_GET_MINUTE(obj),
+                  PyDateTime_DATE_GET_SECOND(obj), PyDateTime_DATE_GET_MICROSECOND(obj));
+    if (aware) {
+        p = put_offset(p, off);
+    }
+    *p++ = '"';
+    *p++ = ',';
+    w->len = p - w->buf;
+    return 0;
+}
+
+/* obj: exactly a date. */
+static int
+write_date(Writer *w, PyObject *obj)
+{
+    if (writer_reserve(w, 13) < 0) {
+        return -1;
+    }
+    char *p = w->buf + w->len;
+    *p++ = '"';
+    p = put_date(p, obj);
+    *p++ = '"';
+    *p++ = ',';
+    w->len = p - w->buf;
+    return 0;
+}
+
+/* obj: exactly a time. */
+static int
+write_time(Writer *w, PyObject *obj)
+{
+    long long off;
+    int aware;
+    if (utc_offset(w, obj, PyDateTime_TIME_GET_TZINFO(obj), &off, &aware) < 0) {
+        return -1;
+    }
+    if (writer_reserve(w, 36) < 0) {
+        return -1;
+    }
+    char *p = w->buf + w->len;
+    *p++ = '"';
+    p = put_clock(p, PyDateTime_TIME_GET_HOUR(obj), PyDateTime_TIME_GET_MINUTE(obj),
+                  PyDateTime_TIME_GET_SECOND(obj), PyDateTime_TIME_GET_MICROSECOND(obj));
+    if (aware) {
+        p = put_offset(p, off);
+    }
+    *p++ = '"';
+    *p++ = ',';
+    w->len = p - w->buf;
+    return 0;
+}
+
+/* ------------------------------------------- UUID, Decimal, Enum, models */
+
+/* The 128-bit value of an int in b (big endian); -1 (no exception) when it
+ * is negative or wider. */
+static int
+uuid_bytes(PyObject *v, unsigned char b[16])
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    Py_ssize_t n = PyLong_AsNativeBytes(v, b, 16,
+                                        Py_ASNATIVEBYTES_BIG_ENDIAN
+                                            | Py_ASNATIVEBYTES_UNSIGNED_BUFFER
+                                            | Py_ASNATIVEBYTES_REJECT_NEGATIVE);
+    if (n < 0 || n > 16) {
+        PyErr_Clear();
+        return -1;
+    }
+    return 0;
+#else
+    if (_PyLong_AsByteArray((PyLongObject *)v, b, 16, 0, 0) < 0) {
+        PyErr_Clear();
+        return -1;
+    }
+    return 0;
+#endif
+}
+
+/* obj: exactly a uuid.UUID: "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" from its
+ * int (a slot), as str(uuid) writes it. */
+static int
+write_uuid(Writer *w, PyObject *obj)
+{
+    unsigned char b[16];
+    PyObject *v = PyObject_GetAttr(obj, w->types->s_int); /* new ref */
+    if (v == NULL) {
+        return hook_failed(w, obj, "UUID.int");
+    }
+    int ok = PyLong_CheckExact(v) && uuid_bytes(v, b) == 0;
+    Py_DECREF(v);
+    if (!ok) { /* someone replaced the slot: what str() makes of it */
+        return write_text_of(w, obj, NULL);
+    }
+    if (writer_reserve(w, 39) < 0) {
+        return -1;
+    }
+    char *p = w->buf + w->len;
+    *p++ = '"';
+    for (int i = 0; i < 16; i++) {
+        if (i == 4 || i == 6 || i == 8 || i == 10) {
+            *p++ = '-';
+        }
+        *p++ = HEX[b[i] >> 4];
+        *p++ = HEX[b[i] & 0xF];
+    }
+    *p++ = '"';
+    *p++ = ',';
+    w->len = p - w->buf;
+    return 0;
+}
+
+/* 1: s[0:n] is a JSON number (RFC 8259 section 6); 0: Decimal's NaN, sNaN
+ * or Infinity (signed or not); -1: anything else. */
+static int
+json_number_kind(const char *s, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    if (i < n && s[i] == '-') {
+        i++;
+    }
+    if (i < n && (s[i] == 'N' || s[i] == 's' || s[i] == 'I' || s[i] == 'n' || s[i] == 'i')) {
+        return 0;
+    }
+#define WSM_DIGIT(c) ((c) >= '0' && (c) <= '9')
+    if (i >= n || !WSM_DIGIT(s[i])) {
+        return -1;
+    }
+    if (s[i] == '0') {
+        i++;
+    }
+    else {
+        while (i < n && WSM_DIGIT(s[i])) {
+            i++;
+        }
+    }
+    if (i < n && s[i] == '.') {
+        i++;
+        if (i >= n || !WSM_DIGIT(s[i])) {
+            return -1;
+        }
+        while (i < n && WSM_DIGIT(s[i])) {
+            i++;
+        }
+    }
+    if (i < n && (s[i] == 'e' || s[i] == 'E')) {
+        i++;
+        if (i < n && (s[i] == '+' || s[i] == '-')) {
+            i++;
+        }
+        if (i >= n || !WSM_DIGIT(s[i])) {
+            return -1;
+        }
+        while (i < n && WSM_DIGIT(s[i])) {
+            i++;
+        }
+    }
+#undef WSM_DIGIT
+    return i == n ? 1 : -1;
+}
+
+/* obj: a decimal.Decimal: its exact str() as a JSON number ("12.50",
+ * "1E+3", "-0.001"); NaN and infinities raise ValueError, as floats do. */
+static int
+write_decimal(Writer *w, PyObject *obj)
+{
+    PyObject *text = PyObject_Str(obj); /* new ref */
+    if (text == NULL) {
+        return hook_failed(w, obj, "str()");
+    }
+    int rc = -1;
+    Py_ssize_t n;
+    const char *s = PyUnicode_Check(text) ? PyUnicode_AsUTF8AndSize(text, &n) : NULL;
+    if (s == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_Format(PyExc_TypeError, "str() of %.200s returned %.200s, not str",
+                         type_name(obj), type_name(text));
+        }
+        goto done;
+    }
+    switch (json_number_kind(s, n)) {
+    case 1:
+        if (n <= PY_SSIZE_T_MAX - 1 && writer_reserve(w, n + 1) == 0) {
+            memcpy(w->buf + w->len, s, (size_t)n); /* ASCII: the counts hold */
+            w->len += n;
+            w->buf[w->len++] = ',';
+            rc = 0;
+        }
+        else if (!PyErr_Occurred()) {
+            PyErr_NoMemory();
+        }
+        break;
+    case 0:
+        PyErr_Format(PyExc_ValueError, "Out of range Decimal values are not JSON compliant: %.50s",
+                     s);
+        break;
+    default:
+        PyErr_Format(PyExc_ValueError, "str() of %.200s is not a JSON number: %.50s",
+                     type_name(obj), s);
+        break;
+    }
+done:
+    Py_DECREF(text);
+    return rc;
+}
+
+/* obj: an enum.Enum member that is not an int / str / float: its value,
+ * encoded like any other value. */
+static int
+write_enum(Writer *w, PyObject *obj)
+{
+    PyObject *value = PyObject_GetAttr(obj, w->types->s_value); /* new ref */
+    if (value == NULL) {
+        return hook_failed(w, obj, "Enum value");
+    }
+    int rc = -1;
+    if (!Py_EnterRecursiveCall(WSM_RECURSION_WHERE)) {
+        rc = encode(w, value);
+        Py_LeaveRecursiveCall();
+    }
+    Py_DECREF(value);
+    return rc;
+}
+
+/* obj: a dataclass instance; fields: its class's __dataclass_fields__ (new
+ * ref, released here). An object of the fields, in definition order
+ * (dataclasses.fields(): ClassVar and InitVar pseudo-fields are skipped);
+ * each value read with getattr() (slots, properties and descriptors work).
+ * A getattr may mutate fields: it is walked with PyDict_Next, holding the
+ * current name and field. */
+static int
+write_dataclass(Writer *w, PyObject *obj, PyObject *fields, PyObject *marker /* borrowed */)
+{
+    if (Py_EnterRecursiveCall(WSM_RECURSION_WHERE)) {
+        Py_DECREF(fields);
+        return -1;
+    }
+    int rc = -1;
+    Py_ssize_t pos = 0;
+    PyObject *name, *field; /* borrowed, then held */
+    if (writer_raw(w, "{", 1) < 0) {
+        goto done;
+    }
+    Py_ssize_t start = w->len;
+    while (PyDict_Next(fields, &pos, &name, &field)) {
+        Py_INCREF(name);
+        Py_INCREF(field);
+        PyObject *kind = PyObject_GetAttr(field, w->types->s_field_type); /* new ref */
+        Py_DECREF(field);
+        if (kind == NULL) {
+            Py_DECREF(name);
+            hook_failed(w, obj, "a dataclass field");
+            goto done;
+        }
+        int real = kind == marker;
+        Py_DECREF(kind);
+        if (!real) {
+            Py_DECREF(name);
+            continue;
+        }
+        PyObject *value = PyObject_GetAttr(obj, name); /* new ref */
+        if (value == NULL) {
+            Py_DECREF(name);
+            hook_failed(w, obj, "a dataclass field");
+            goto done;
+        }
+        int r = write_key(w, name);
+        if (r == 0) {
+            r = encode(w, value);
+        }
+        Py_DECREF(name);
+        Py_DECREF(value);
+        if (r < 0) {
+            goto done;
+        }
+    }
+    rc = w->len == start ? writer_raw(w, "},", 2) : writer_close(w, '}');
+done:
+    Py_LeaveRecursiveCall();
+    Py_DECREF(fields);
+    return rc;
+}
+
+/* *slot, or else attr of the module named mod_name if the app imported it
+ * (this never imports anything), kept in *slot when it is a class (or, with
+ * any, whatever it is). Borrowed; NULL without an exception when absent. */
+static PyObject *
+lazy_attr(PyObject **slot, PyObject *mod_name, const char *attr, int any)
+{
+    if (*slot != NULL) {
+        return *slot;
+    }
+    PyObject *mod = PyImport_GetModule(mod_name); /* new ref */
+    if (mod == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *value = PyObject_GetAttrString(mod, attr); /* new ref; may run Python */
+    Py_DECREF(mod);
+    if (value == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if ((!any && !PyType_Check(value)) || *slot != NULL) {
+        Py_DECREF(value);
+        return *slot;
+    }
+    *slot = value; /* owned by the module state */
+    return value;
+}
+
+/* pydantic.main.BaseModel when pydantic v2 is in use (v1 models have no
+ * model_dump: they go to default), else NULL. Borrowed. */
+static PyObject *
+model_class(wsm_json_types *t)
+{
+    PyObject *cls = lazy_attr(&t->model_type, t->m_pydantic_main, "BaseModel", 0);
+    if (cls == NULL || cls == Py_None) {
+        return NULL;
+    }
+    if (_PyType_Lookup((PyTypeObject *)cls, t->s_model_dump) == NULL) {
+        Py_SETREF(t->model_type, Py_NewRef(Py_None)); /* v1: never again */
+        return NULL;
+    }
+    return cls;
+}
+
+static WSM_INLINE int
+is_subclass(PyTypeObject *tp, PyObject *cls /* borrowed, may be NULL */)
+{
+    return cls != NULL && PyType_IsSubtype(tp, (PyTypeObject *)cls);
+}
+
+/* Everything encode_other() does not know: dates and times, Enum, UUID,
+ * Decimal, pydantic models, dataclasses, then default_fn. */
+static WSM_NOINLINE int
+write_extended(Writer *w, PyObject *obj)
+{
+    PyTypeObject *tp = Py_TYPE(obj);
+    wsm_json_types *t = w->types;
+    if (PyDate_Check(obj)) { /* datetime is a date subclass */
+        if (tp == PyDateTimeAPI->DateTimeType) {
+            return write_datetime(w, obj);
+        }
+        if (tp == PyDateTimeAPI->DateType) {
+            return write_date(w, obj);
+        }
+        return write_text_of(w, obj, t->s_isoformat);
+    }
+    if (PyTime_Check(obj)) {
+        if (tp == PyDateTimeAPI->TimeType) {
+            return write_time(w, obj);
+        }
+        return write_text_of(w, obj, t->s_isoformat);
+    }
+    /* Each lookup may run Python code (a module's __getattr__): only obj,
+     * which the caller holds, is used across them. */
+    if (is_subclass(tp, lazy_attr(&t->enum_type, t->m_enum, "Enum", 0))) {
+        return write_enum(w, obj);
+    }
+    PyObject *uuid = lazy_attr(&t->uuid_type, t->m_uuid, "UUID", 0);
+    if (is_subclass(tp, uuid)) {
+        return (PyObject *)tp == uuid ? write_uuid(w, obj) : write_text_of(w, obj, NULL);
+    }
+    if (is_subclass(tp, lazy_attr(&t->decimal_type, t->m_decimal, "Decimal", 0))) {
+        return write_decimal(w, obj);
+    }
+    if (is_subclass(tp, model_class(t))) {
+        return write_method_result(w, obj, t->s_model_dump, t->kw_mode, "model_dump()");
+    }
+    PyObject *fields = _PyType_Lookup(tp, t->s_dataclass_fields); /* borrowed */
+    if (fields != NULL && PyDict_Check(fields)) {
+        Py_INCREF(fields);
+        PyObject *marker = lazy_attr(&t->field_marker, t->m_dataclasses, "_FIELD", 1);
+        if (marker != NULL) {
+            return write_dataclass(w, obj, fields, marker);
+        }
+        Py_DECREF(fields);
+    }
+    return write_default(w, obj);
 }
 
 /* Everything but the exact scalar types that encode() handles inline;
@@ -1456,19 +2098,80 @@ encode_other(Writer *w, PyObject *obj)
     if (PyDict_Check(obj)) {
         return write_dict_items(w, obj);
     }
-    return write_default(w, obj);
+    return write_extended(w, obj);
 }
 
 /* ------------------------------------------------------------------ entry */
 
+int
+wsm_json_types_init(wsm_json_types *t)
+{
+    if (PyDateTimeAPI == NULL) {
+        PyDateTime_IMPORT;
+        if (PyDateTimeAPI == NULL) {
+            return -1;
+        }
+    }
+#define WSM_INTERN(field, text)                          \
+    if ((t->field = PyUnicode_InternFromString(text)) == NULL) { \
+        return -1;                                       \
+    }
+    WSM_INTERN(s_isoformat, "isoformat")
+    WSM_INTERN(s_utcoffset, "utcoffset")
+    WSM_INTERN(s_value, "_value_")
+    WSM_INTERN(s_int, "int")
+    WSM_INTERN(s_dataclass_fields, "__dataclass_fields__")
+    WSM_INTERN(s_field_type, "_field_type")
+    WSM_INTERN(s_model_dump, "model_dump")
+    WSM_INTERN(s_json, "json")
+    WSM_INTERN(m_uuid, "uuid")
+    WSM_INTERN(m_decimal, "decimal")
+    WSM_INTERN(m_enum, "enum")
+    WSM_INTERN(m_dataclasses, "dataclasses")
+    WSM_INTERN(m_pydantic_main, "pydantic.main")
+#undef WSM_INTERN
+    PyObject *mode = PyUnicode_InternFromString("mode"); /* new ref */
+    if (mode == NULL) {
+        return -1;
+    }
+    t->kw_mode = PyTuple_Pack(1, mode);
+    Py_DECREF(mode);
+    return t->kw_mode == NULL ? -1 : 0;
+}
+
+#define WSM_JSON_TYPES_FIELDS(X)                                             \
+    X(uuid_type) X(decimal_type) X(enum_type) X(field_marker) X(model_type)  \
+    X(s_isoformat) X(s_utcoffset) X(s_value) X(s_int) X(s_dataclass_fields)  \
+    X(s_field_type) X(s_model_dump) X(s_json) X(kw_mode) X(m_uuid)           \
+    X(m_decimal) X(m_enum) X(m_dataclasses) X(m_pydantic_main)
+
+int
+wsm_json_types_traverse(wsm_json_types *t, visitproc visit, void *arg)
+{
+#define WSM_VISIT(f) Py_VISIT(t->f);
+    WSM_JSON_TYPES_FIELDS(WSM_VISIT)
+#undef WSM_VISIT
+    return 0;
+}
+
+void
+wsm_json_types_clear(wsm_json_types *t)
+{
+#define WSM_CLEAR(f) Py_CLEAR(t->f);
+    WSM_JSON_TYPES_FIELDS(WSM_CLEAR)
+#undef WSM_CLEAR
+}
+
 PyObject * /* new ref */
-wsm_json_dumps(PyObject *obj, PyObject *default_fn)
+wsm_json_dumps(PyObject *obj, PyObject *default_fn, wsm_json_types *types, int wrap_errors)
 {
     Writer w;
     w.buf = w.small;
     w.len = 0;
     w.cap = WSM_STACK_BUF;
     w.default_fn = (default_fn == Py_None) ? NULL : default_fn;
+    w.types = types;
+    w.wrap_errors = wrap_errors;
     w.extra = 0;
     w.maxchar = 127;
     w.unknown = 0;

@@ -71,6 +71,7 @@ typedef struct {
     PyObject *refuse_server;    /* (False, "server_full") */
     PyObject *refuse_lobby;     /* (False, "lobby_full") */
     PyObject *refuse_shutdown;  /* (False, "shutting_down") */
+    wsm_json_types json;        /* classes and names the JSON encoder uses */
 } module_state;
 
 typedef struct {
@@ -1808,7 +1809,7 @@ static PyType_Spec Core_spec = {
 /* ---- module ----------------------------------------------------------- */
 
 static PyObject *
-mod_dumps(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs,
+mod_dumps(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
           PyObject *kwnames)
 {
     PyObject *def = Py_None;
@@ -1832,16 +1833,51 @@ mod_dumps(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs,
         PyErr_SetString(PyExc_TypeError, "default must be callable or None");
         return NULL;
     }
-    return wsm_json_dumps(args[0], def == Py_None ? NULL : def);
+    return wsm_json_dumps(args[0], def == Py_None ? NULL : def, &get_state(module)->json, 0);
+}
+
+/* The sends' encoder: positional only (no keyword parsing on the hot path). */
+static PyObject *
+mod_encode_message(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError,
+                     "encode_message() takes exactly 2 positional arguments (%zd given)",
+                     nargs);
+        return NULL;
+    }
+    PyObject *def = args[1];
+    if (def != Py_None && !PyCallable_Check(def)) {
+        PyErr_Format(PyExc_TypeError, "default must be callable or None, not %.200s",
+                     Py_TYPE(def)->tp_name);
+        return NULL;
+    }
+    return wsm_json_dumps(args[0], def == Py_None ? NULL : def, &get_state(module)->json, 1);
 }
 
 static PyMethodDef module_methods[] = {
     {"dumps", (PyCFunction)(void (*)(void))mod_dumps,
      METH_FASTCALL | METH_KEYWORDS,
      "dumps(obj, *, default=None) -> str\n\n"
-     "Compact JSON text of obj (UTF-8 kept as is). Raises ValueError for NaN\n"
-     "and infinities, TypeError for unsupported types unless default()\n"
-     "converts them, RecursionError for too deep nesting."},
+     "Compact JSON text of obj (UTF-8 kept as is). Besides JSON's own types:\n"
+     "datetime/date/time as the text of .isoformat() (subclasses: their own\n"
+     "isoformat()), UUID as str(), Enum by its value (int/str/float mix-ins as\n"
+     "that base type), dataclass instances (fields in order) and pydantic v2\n"
+     "models (model_dump(mode=\"json\")) as objects, Decimal as a number: its\n"
+     "exact str(), since JSON numbers are decimal text of any precision\n"
+     "(RFC 8259 section 6) and a price stays a number, as with FastAPI's\n"
+     "jsonable_encoder. default(obj) is called for anything else only.\n"
+     "Raises ValueError for NaN and infinities (float or Decimal: browsers\n"
+     "cannot parse them), TypeError for unsupported types unless default()\n"
+     "converts them, RecursionError for too deep nesting; what default() or\n"
+     "another hook (model_dump, isoformat, utcoffset) raises propagates."},
+    {"encode_message", (PyCFunction)(void (*)(void))mod_encode_message, METH_FASTCALL,
+     "encode_message(message, default, /) -> str\n\n"
+     "dumps(message, default=default) for the sends: an Exception other than\n"
+     "TypeError, RecursionError or MemoryError raised by default() or another\n"
+     "conversion hook (model_dump, isoformat, utcoffset, ...) becomes a\n"
+     "TypeError naming it and the object's type, with the original as\n"
+     "__cause__."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1866,6 +1902,9 @@ module_exec(PyObject *m)
     INTERN(str_user_limit, "user_limit");
     INTERN(str_shutting_down, "shutting_down");
 #undef INTERN
+    if (wsm_json_types_init(&st->json) < 0) {
+        return -1;
+    }
 #define WSM_INIT_KEY(name)                                        \
     st->k_##name = PyUnicode_InternFromString(#name);             \
     if (st->k_##name == NULL) {                                   \
@@ -1910,7 +1949,7 @@ module_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(st->refuse_server);
     Py_VISIT(st->refuse_lobby);
     Py_VISIT(st->refuse_shutdown);
-    return 0;
+    return wsm_json_types_traverse(&st->json, visit, arg);
 }
 
 static int
@@ -1933,6 +1972,7 @@ module_clear(PyObject *m)
     Py_CLEAR(st->refuse_server);
     Py_CLEAR(st->refuse_lobby);
     Py_CLEAR(st->refuse_shutdown);
+    wsm_json_types_clear(&st->json);
     return 0;
 }
 

@@ -7,6 +7,7 @@ gets a server of its own.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import importlib
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -97,14 +98,14 @@ def test_broadcast_and_direct_message_cross_nodes(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = 0
-    real_dumps = manager_module.dumps
+    real_encode = manager_module.encode_message
 
-    def counting_dumps(obj: Any) -> str:
+    def counting_encode(obj: Any, default: Any) -> str:
         nonlocal calls
         calls += 1
-        return str(real_dumps(obj))
+        return str(real_encode(obj, default))
 
-    monkeypatch.setattr(manager_module, "dumps", counting_dumps)
+    monkeypatch.setattr(manager_module, "encode_message", counting_encode)
 
     async def main() -> None:
         async with cluster(redis.url) as (a, b):
@@ -121,6 +122,39 @@ def test_broadcast_and_direct_message_cross_nodes(
             assert alice.texts()[-1] == {"dm": "hi"}
             assert carol.texts() == []  # excluded on her node too
             assert not await a.send_to_user("nobody", {"dm": 1})
+
+    asyncio.run(main())
+
+
+def test_datetimes_and_converters_cross_nodes_as_the_same_text(redis: RedisServer) -> None:
+    when = datetime.datetime(2024, 11, 28, 12, 30, 5, 123, tzinfo=datetime.timezone.utc)
+
+    class Point:
+        def __init__(self, x: int) -> None:
+            self.x = x
+
+    def convert(obj: Any) -> Any:
+        return {"x": obj.x} if isinstance(obj, Point) else str(obj)
+
+    async def main() -> None:
+        async with cluster(redis.url, json_default=convert) as (a, b):
+            alice = await join(a, "L", "alice")
+            bob = await join(b, "L", "bob")
+            await until(lambda: a.get_stats()["total_connections"] == 2, "a sees 2 connections")
+            assert await a.broadcast_to_lobby("L", {"at": when, "p": Point(1)}) == 2
+            await until(lambda: bool(bob.texts()), "bob gets the broadcast")
+            expected = '{"at":"2024-11-28T12:30:05.000123+00:00","p":{"x":1}}'
+            assert alice.frames[-1]["text"] == bob.frames[-1]["text"] == expected
+            assert await a.send_to_user("bob", {"p": Point(2)}, default=lambda o: [o.x])
+            await until(lambda: len(bob.texts()) == 2, "bob gets the dm")
+            assert bob.texts()[-1] == {"p": [2]}
+            with pytest.raises(TypeError, match="default"):
+                await a.broadcast_to_lobby("L", {"p": Point(3)}, default=lambda o: 1 / 0)
+            assert await a.broadcast_to_lobby("L", {"n": "after"}) == 2
+            await until(lambda: len(bob.texts()) == 3, "bob gets the next broadcast")
+            # the refused one was neither published nor delivered
+            assert [t.get("n") for t in alice.texts()] == [None, "after"]
+            assert bob.texts()[1:] == [{"p": [2]}, {"n": "after"}]
 
     asyncio.run(main())
 

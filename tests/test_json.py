@@ -7,23 +7,34 @@ surrogates, which dumps escapes so that its output is always valid UTF-8.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
+import dataclasses
 import datetime
+import decimal
 import enum
 import gc
 import json
 import math
 import random
+import subprocess
 import sys
 import tracemalloc
-from typing import Any, NamedTuple
+import uuid
+import zoneinfo
+from typing import Any, ClassVar, NamedTuple
 
+import pydantic
 import pytest
+from fastapi import FastAPI, WebSocket
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from starlette.testclient import TestClient
 
-from wsmanager import dumps
+from tests.asgi_fakes import FakePeer
+from wsmanager import Connection, ConnectionManager, dumps
+from wsmanager._core import encode_message
 
 
 def reference(obj: Any) -> str:
@@ -284,7 +295,7 @@ def test_nan_and_infinity_raise_value_error(value: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", [{1, 2}, b"bytes", bytearray(b"x"), object(), 1j, datetime.date(2024, 1, 1)]
+    "value", [{1, 2}, b"bytes", bytearray(b"x"), object(), 1j, datetime.timedelta(seconds=1)]
 )
 def test_unsupported_types_raise_type_error(value: Any) -> None:
     with pytest.raises(TypeError, match=f"Object of type {type(value).__name__} is not JSON serializable"):
@@ -503,3 +514,700 @@ def test_memory_is_flat_over_many_calls() -> None:
     finally:
         tracemalloc.stop()
     assert end - start < 64 * 1024
+
+
+# ---------------------------------------------------------------------------
+# Types real apps send: datetime / date / time, UUID, Decimal, Enum,
+# dataclasses, pydantic models; converters on the sends.
+
+UTC = datetime.timezone.utc
+NEW_YORK = zoneinfo.ZoneInfo("America/New_York")
+
+
+def tz(**delta: float) -> datetime.timezone:
+    return datetime.timezone(datetime.timedelta(**delta))
+
+
+def iso(value: Any) -> str:
+    return json.dumps(value.isoformat())
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime.datetime(2024, 11, 28, 12, 30),
+        datetime.datetime(2024, 11, 28, 12, 30, 5, 1),
+        datetime.datetime(2024, 11, 28, 12, 30, 5, 999_999),
+        datetime.datetime(1, 1, 1),
+        datetime.datetime(9999, 12, 31, 23, 59, 59, 999_999),
+        datetime.datetime(2024, 1, 1, tzinfo=UTC),
+        datetime.datetime(2024, 1, 1, 0, 0, 0, 10, tzinfo=tz(hours=0)),
+        datetime.datetime(2024, 1, 1, tzinfo=tz(hours=5, minutes=30)),
+        datetime.datetime(2024, 1, 1, tzinfo=tz(hours=-9, minutes=-30)),
+        datetime.datetime(2024, 1, 1, tzinfo=tz(hours=23, minutes=59, seconds=59, microseconds=999_999)),
+        datetime.datetime(2024, 1, 1, tzinfo=tz(hours=-23, minutes=-59, seconds=-59, microseconds=-999_999)),
+        datetime.datetime(2024, 1, 1, tzinfo=tz(seconds=7)),
+        datetime.datetime(2024, 1, 1, tzinfo=tz(seconds=-1, microseconds=-1)),
+        datetime.datetime(2024, 1, 1, tzinfo=tz(microseconds=1)),
+        datetime.datetime(1, 1, 1, tzinfo=tz(hours=1)),
+        datetime.datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=tz(hours=-12)),
+        # the same wall time twice at the end of DST: fold picks the offset
+        datetime.datetime(2021, 11, 7, 1, 30, tzinfo=NEW_YORK),
+        datetime.datetime(2021, 11, 7, 1, 30, fold=1, tzinfo=NEW_YORK),
+        datetime.datetime(2024, 7, 1, 12, tzinfo=zoneinfo.ZoneInfo("Asia/Kathmandu")),
+        datetime.datetime(1900, 1, 1, tzinfo=zoneinfo.ZoneInfo("Europe/Amsterdam")),  # +00:19:32
+        datetime.date(1, 1, 1),
+        datetime.date(2024, 2, 29),
+        datetime.date(9999, 12, 31),
+        datetime.time(0, 0),
+        datetime.time(23, 59, 59, 999_999),
+        datetime.time(12, 0, 0, 1),
+        datetime.time(12, 0, tzinfo=UTC),
+        datetime.time(12, 0, tzinfo=tz(hours=-3, seconds=-5, microseconds=-6)),
+        datetime.time(12, 0, tzinfo=NEW_YORK),  # utcoffset(None) is None: naive text
+    ],
+    ids=repr,
+)
+def test_dates_and_times_are_written_as_isoformat(value: Any) -> None:
+    assert dumps(value) == iso(value)
+    assert dumps({"at": [value]}) == '{"at":[' + iso(value) + "]}"
+    assert json.loads(dumps(value)) == value.isoformat()
+
+
+fixed_offsets = st.timedeltas(
+    min_value=datetime.timedelta(hours=-24) + datetime.timedelta(microseconds=1),
+    max_value=datetime.timedelta(hours=24) - datetime.timedelta(microseconds=1),
+).map(datetime.timezone)
+zones = st.none() | st.just(UTC) | fixed_offsets | st.timezones()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.datetimes(timezones=zones, allow_imaginary=True), st.times(timezones=zones), st.dates())
+def test_any_date_time_and_zone_matches_isoformat(
+    when: datetime.datetime, clock: datetime.time, day: datetime.date
+) -> None:
+    assert dumps([when, clock, day]) == f"[{iso(when)},{iso(clock)},{iso(day)}]"
+
+
+class Stamp(datetime.datetime):
+    """A datetime subclass that keeps isoformat()."""
+
+
+class Nanos(datetime.datetime):
+    """A datetime subclass with its own text (pandas' Timestamp does this)."""
+
+    def isoformat(self, sep: str = "T", timespec: str = "auto") -> str:
+        return super().isoformat(sep, timespec) + "000"
+
+
+class Day(datetime.date):
+    def isoformat(self) -> str:
+        return "day " + super().isoformat()
+
+
+class Clock(datetime.time):
+    pass
+
+
+def test_date_and_time_subclasses_use_their_isoformat() -> None:
+    values: list[datetime.date | datetime.time] = [
+        Stamp(2024, 1, 2, 3, 4, 5, 6, tzinfo=tz(hours=1)),
+        Nanos(2024, 1, 2, 3, 4, 5, 6),
+        Day(2024, 1, 2),
+        Clock(1, 2, 3, tzinfo=UTC),
+    ]
+    assert json.loads(dumps(values)) == [v.isoformat() for v in values]
+    assert json.loads(dumps(values))[1] == "2024-01-02T03:04:05.000006000"
+
+
+class BadOffset(datetime.tzinfo):
+    def __init__(self, offset: Any) -> None:
+        self.offset = offset
+
+    def utcoffset(self, dt: datetime.datetime | None) -> Any:
+        if isinstance(self.offset, BaseException):
+            raise type(self.offset)(*self.offset.args)  # a fresh one: no traceback piles up
+        return self.offset
+
+    def dst(self, dt: datetime.datetime | None) -> datetime.timedelta | None:
+        return None
+
+    def tzname(self, dt: datetime.datetime | None) -> str | None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("offset", "error"),
+    [
+        (LookupError("no such zone"), LookupError),
+        (datetime.timedelta(hours=24), ValueError),  # datetime's own check
+        ("+01:00", TypeError),
+    ],
+)
+def test_a_tzinfo_whose_utcoffset_fails_gives_a_clear_error(offset: Any, error: type[Exception]) -> None:
+    for value in (
+        datetime.datetime(2024, 1, 1, tzinfo=BadOffset(offset)),
+        datetime.time(1, 0, tzinfo=BadOffset(offset)),
+    ):
+        with pytest.raises(error) as raised:
+            value.isoformat()
+        with pytest.raises(error):
+            dumps({"at": [value]})
+        # the sends: one exception type for "cannot be serialized"
+        with pytest.raises(TypeError) as wrapped:
+            encode_message({"at": [value]}, None)
+        if error is not TypeError:
+            assert "utcoffset()" in str(wrapped.value)
+            assert type(wrapped.value.__cause__) is type(raised.value)
+
+
+def test_a_tzinfo_answering_none_is_naive_like_isoformat() -> None:
+    value = datetime.datetime(2024, 1, 1, 8, tzinfo=BadOffset(None))
+    assert dumps(value) == iso(value) == '"2024-01-01T08:00:00"'
+
+
+def test_isoformat_that_raises_or_returns_no_str() -> None:
+    class Raising(datetime.datetime):
+        def isoformat(self, sep: str = "T", timespec: str = "auto") -> str:
+            raise RuntimeError("broken")
+
+    class NotText(datetime.date):
+        def isoformat(self) -> Any:
+            return 42
+
+    with pytest.raises(RuntimeError, match="broken"):
+        dumps([Raising(2024, 1, 1)])
+    with pytest.raises(TypeError, match=r"isoformat\(\) raised RuntimeError for an object of type Raising"):
+        encode_message([Raising(2024, 1, 1)], None)
+    with pytest.raises(TypeError, match="returned int, not str"):
+        dumps({"d": NotText(2024, 1, 1)})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        uuid.UUID(int=0),
+        uuid.UUID(int=2**128 - 1),
+        uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        uuid.uuid1(),
+        uuid.uuid4(),
+        uuid.uuid5(uuid.NAMESPACE_DNS, "example.com"),
+    ],
+)
+def test_uuids_are_written_as_str(value: uuid.UUID) -> None:
+    assert dumps(value) == f'"{value}"'
+    assert json.loads(dumps({"id": value, "ids": [value, value]})) == {
+        "id": str(value),
+        "ids": [str(value)] * 2,
+    }
+
+
+def test_uuid_subclasses_use_their_str() -> None:
+    class Short(uuid.UUID):
+        def __str__(self) -> str:
+            return self.hex[:8]
+
+    value = Short(int=2**100)
+    assert dumps([value]) == f'["{value.hex[:8]}"]'
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "0",
+        "-0",
+        "1",
+        "12.50",
+        "-0.001",
+        "1E+3",
+        "1.5E-7",
+        "0E-7",
+        "-0.0",
+        "123456789012345678901234567890.0123456789",
+    ],
+)
+def test_decimals_are_exact_json_numbers(text: str) -> None:
+    value = decimal.Decimal(text)
+    assert dumps(value) == str(value)
+    assert json.loads(dumps([value]), parse_float=decimal.Decimal, parse_int=decimal.Decimal) == [value]
+    assert json.loads(dumps({"price": value}))["price"] == float(value)
+
+
+@pytest.mark.parametrize("text", ["NaN", "-NaN", "sNaN", "Infinity", "-Infinity", "NaN123"])
+def test_non_finite_decimals_raise_value_error_like_floats(text: str) -> None:
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        dumps({"x": [decimal.Decimal(text)]})
+
+
+def test_a_decimal_subclass_whose_str_is_not_a_number_raises() -> None:
+    class Money(decimal.Decimal):
+        def __str__(self) -> str:
+            return "$" + super().__str__()
+
+    with pytest.raises(ValueError, match="not a JSON number"):
+        dumps(Money("1.50"))
+
+
+class Color(enum.Enum):
+    RED = "red"
+    PAIR = (1, "two")
+    WHEN = datetime.date(2024, 1, 1)
+
+
+class Mode(enum.Enum):
+    DARK = Color.RED  # an Enum whose value is an Enum
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+class Perm(enum.Flag):
+    R = 4
+    W = 2
+
+
+class Shade(str, enum.Enum):
+    BLUE = "blue"
+
+
+def test_enums_are_written_by_their_value() -> None:
+    value = [Color.RED, Color.PAIR, Color.WHEN, Mode.DARK, Perm.R | Perm.W, Level.HIGH, Shade.BLUE]
+    assert dumps(value) == '["red",[1,"two"],"2024-01-01","red",6,3,"blue"]'
+    assert dumps({Level.HIGH: Shade.BLUE, Shade.BLUE: 1}) == '{"3":"blue","blue":1}'
+
+
+def test_an_enum_whose_value_is_itself_raises_recursion_error() -> None:
+    class Loop(enum.Enum):
+        A = 1
+
+    Loop.A._value_ = Loop.A  # type: ignore[assignment]
+    with pytest.raises(RecursionError):
+        dumps([Loop.A])
+
+
+@dataclasses.dataclass
+class Point:
+    x: float
+    y: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    kind: str
+    at: datetime.datetime
+    where: Point
+    tags: tuple[str, ...] = ()
+    shared: ClassVar[int] = 7  # not a field
+    seq: int = dataclasses.field(default=0, init=False)  # a field
+
+
+@dataclasses.dataclass
+class WithInitVar:
+    a: int
+    secret: dataclasses.InitVar[str]
+
+    def __post_init__(self, secret: str) -> None:
+        self.b = len(secret)  # an attribute, not a field
+
+
+def test_dataclass_instances_are_objects_of_their_fields_in_order() -> None:
+    when = datetime.datetime(2024, 1, 1, tzinfo=UTC)
+    event = Event("move", when, Point(1.5, -2), ("a",))
+    assert dumps(event) == (
+        '{"kind":"move","at":"2024-01-01T00:00:00+00:00","where":{"x":1.5,"y":-2},"tags":["a"],"seq":0}'
+    )
+    assert json.loads(dumps([event])) == [
+        {**dataclasses.asdict(event), "at": when.isoformat(), "tags": ["a"]}
+    ]
+    assert dumps(WithInitVar(1, "xyz")) == '{"a":1}'
+
+
+def test_dataclass_classes_are_not_instances() -> None:
+    with pytest.raises(TypeError, match="Object of type type is not JSON serializable"):
+        dumps([Point])
+    assert dumps([Point], default=lambda cls: cls.__name__) == '["Point"]'
+
+
+def test_self_referencing_dataclass_raises_recursion_error() -> None:
+    @dataclasses.dataclass
+    class Node:
+        child: Any = None
+
+    node = Node()
+    node.child = node
+    with pytest.raises(RecursionError):
+        dumps(node)
+
+
+def test_a_dataclass_field_that_raises() -> None:
+    @dataclasses.dataclass
+    class Lazy:
+        a: int
+
+        def __getattribute__(self, name: str) -> Any:
+            if name == "a":
+                raise KeyError("not loaded")
+            return object.__getattribute__(self, name)
+
+    with pytest.raises(KeyError):
+        dumps({"x": Lazy(1)})
+    with pytest.raises(
+        TypeError, match="a dataclass field raised KeyError for an object of type Lazy"
+    ) as raised:
+        encode_message({"x": Lazy(1)}, None)
+    assert isinstance(raised.value.__cause__, KeyError)
+
+
+def test_a_dataclass_field_that_mutates_its_container_and_the_fields() -> None:
+    items: list[Any] = []
+
+    @dataclasses.dataclass
+    class Hostile:
+        a: int
+        b: int
+        c: int
+
+        def __getattribute__(self, name: str) -> Any:
+            if name == "a":
+                items.clear()  # drops the last reference to the other items
+                fields = type(self).__dataclass_fields__
+                fields.pop("c", None)  # the table being walked
+                fields.update({f"f{i}": fields["b"] for i in range(50)})  # and a resize
+                gc.collect()
+            if name.startswith("f") and name[1:].isdigit():
+                return 0  # the fields it added
+            return object.__getattribute__(self, name)
+
+    items.extend([Hostile(1, 2, 3), {"big": list(range(1000))}, [object()]])
+    out = dumps(items, default=lambda obj: "converted")
+    assert json.loads(out)[0]["a"] == 1
+
+
+class PydanticColor(enum.Enum):
+    RED = "red"
+
+
+def test_pydantic_models_are_written_through_model_dump_json_mode() -> None:
+
+    class Item(pydantic.BaseModel):
+        id: uuid.UUID
+        price: decimal.Decimal
+        at: datetime.datetime
+        color: PydanticColor
+        tags: set[str] = set()
+
+    class Order(pydantic.BaseModel):
+        items: list[Item]
+        note: str | None = None
+
+    when = datetime.datetime(2024, 1, 1, 12, tzinfo=tz(hours=2))
+    order = Order(
+        items=[Item(id=uuid.UUID(int=5), price=decimal.Decimal("9.90"), at=when, color=PydanticColor.RED)]
+    )
+    assert json.loads(dumps({"order": order})) == {"order": json.loads(order.model_dump_json())}
+    assert json.loads(dumps(order)) == order.model_dump(mode="json")
+
+
+def test_pydantic_model_dump_that_raises_mutates_or_loops() -> None:
+    box: list[Any] = []
+
+    class Broken(pydantic.BaseModel):
+        def model_dump(self, **kwargs: Any) -> Any:
+            raise RuntimeError("no dump")
+
+    class Selfish(pydantic.BaseModel):
+        def model_dump(self, **kwargs: Any) -> Any:
+            return self
+
+    class Mutating(pydantic.BaseModel):
+        n: int = 1
+
+        def model_dump(self, **kwargs: Any) -> Any:
+            assert kwargs == {"mode": "json"}
+            box.clear()
+            gc.collect()
+            return super().model_dump(**kwargs)
+
+    with pytest.raises(RuntimeError):
+        dumps([Broken()])
+    with pytest.raises(TypeError, match=r"model_dump\(\) raised RuntimeError for an object of type Broken"):
+        encode_message([Broken()], None)
+    with pytest.raises(RecursionError):
+        dumps(Selfish())
+    box.extend([Mutating(), Mutating(), {"k": [object()]}])
+    # the list emptied while its first item was encoded: what is left of it
+    assert dumps(box, default=lambda obj: None) == '[{"n":1}]'
+
+
+def test_pydantic_is_not_imported_by_the_encoder() -> None:
+    code = (
+        "import sys, datetime, uuid, decimal, dataclasses, enum\n"
+        "from wsmanager import dumps\n"
+        "assert 'pydantic' not in sys.modules\n"
+        "@dataclasses.dataclass\n"
+        "class P:\n"
+        "    x: int\n"
+        "print(dumps([datetime.date(2024, 1, 1), uuid.UUID(int=1), decimal.Decimal('1.5'), P(1),"
+        " object()], default=lambda o: type(o).__name__))\n"
+        "assert 'pydantic' not in sys.modules, 'imported pydantic'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == '["2024-01-01","00000000-0000-0000-0000-000000000001",1.5,{"x":1},"object"]'
+
+
+def test_native_types_never_reach_default() -> None:
+    seen: list[Any] = []
+
+    def spy(obj: Any) -> Any:
+        seen.append(obj)
+        return "converted"
+
+    value = [
+        datetime.datetime(2024, 1, 1),
+        datetime.date(2024, 1, 1),
+        datetime.time(1),
+        uuid.UUID(int=1),
+        decimal.Decimal("1"),
+        Color.RED,
+        Point(1, 2),
+        {1, 2},
+    ]
+    assert json.loads(dumps(value, default=spy))[-1] == "converted"
+    assert seen == [{1, 2}]
+
+
+# -- converters on the sends: encode_message(message, default)
+
+
+def test_encode_message_wraps_what_a_converter_raises_in_a_type_error() -> None:
+    def refuse(obj: Any) -> Any:
+        raise KeyError("nope")
+
+    with pytest.raises(
+        TypeError, match=r"default\(\) raised KeyError for an object of type set: 'nope'"
+    ) as raised:
+        encode_message({"x": [{1}]}, refuse)
+    assert isinstance(raised.value.__cause__, KeyError)
+    # dumps keeps json.dumps's behaviour: the converter's own exception
+    with pytest.raises(KeyError):
+        dumps({"x": [{1}]}, default=refuse)
+
+
+def test_encode_message_keeps_type_recursion_and_base_exceptions() -> None:
+    own = TypeError("mine")
+
+    class Stop(BaseException):
+        pass
+
+    def raise_(exc: BaseException) -> Any:
+        def convert(obj: Any) -> Any:
+            raise exc
+
+        return convert
+
+    with pytest.raises(TypeError) as raised:
+        encode_message({1j}, raise_(own))
+    assert raised.value is own
+    with pytest.raises(RecursionError):
+        encode_message(object(), raise_(RecursionError("deep")))
+    with pytest.raises(Stop):
+        encode_message(object(), raise_(Stop()))
+    with pytest.raises(TypeError, match="default must be callable or None, not str"):
+        encode_message({}, "str")  # type: ignore[arg-type]
+    assert encode_message({"a": datetime.date(2024, 1, 1)}, None) == '{"a":"2024-01-01"}'
+
+
+def test_hook_errors_leave_refcounts_unchanged() -> None:
+    bad = {1}
+    when = datetime.datetime(2024, 1, 1, tzinfo=BadOffset(LookupError("x")))
+    payload = {"a": [bad, when]}
+    before = (sys.getrefcount(bad), sys.getrefcount(when), sys.getrefcount(payload))
+
+    def refuse(obj: Any) -> Any:
+        raise KeyError(obj.__class__.__name__)
+
+    for _ in range(500):
+        with pytest.raises(TypeError):
+            encode_message(payload, refuse)
+        with pytest.raises(TypeError):
+            encode_message({"w": when}, None)
+    assert (sys.getrefcount(bad), sys.getrefcount(when), sys.getrefcount(payload)) == before
+
+
+def test_the_new_types_keep_memory_flat() -> None:
+    msg = {
+        "at": datetime.datetime(2024, 1, 1, tzinfo=tz(hours=1)),
+        "id": uuid.UUID(int=7),
+        "price": decimal.Decimal("1.25"),
+        "color": Color.PAIR,
+        "p": Point(1, 2),
+    }
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            dumps(msg)
+            with contextlib.suppress(TypeError):
+                encode_message({"x": [{1}]}, lambda obj: 1 / 0)
+
+    run(1000)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        start, _ = tracemalloc.get_traced_memory()
+        run(10_000)
+        gc.collect()
+        end, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert end - start < 64 * 1024
+
+
+# -- the sends: ConnectionManager(json_default=...), default= per send
+
+
+class Money:
+    def __init__(self, cents: int) -> None:
+        self.cents = cents
+
+
+def as_cents(obj: Any) -> Any:
+    if isinstance(obj, Money):
+        return {"cents": obj.cents}
+    raise TypeError(f"cannot send {type(obj).__name__}")
+
+
+async def joined(m: ConnectionManager, lobby: str, user: str) -> FakePeer:
+    peer = FakePeer()
+    assert await m.connect(peer.ws, lobby, user) is True
+    return peer
+
+
+def test_sends_encode_the_new_types_natively() -> None:
+    when = datetime.datetime(2024, 11, 28, 12, 30, tzinfo=UTC)
+
+    async def main() -> None:
+        m = ConnectionManager(ping_interval=None)
+        alice = await joined(m, "L", "alice")
+        assert await m.broadcast_to_lobby("L", {"at": when, "id": uuid.UUID(int=1)}) == 1
+        assert await m.send_to_user("alice", [Color.RED, Point(1, 2), decimal.Decimal("2.50")])
+        assert [f["text"] for f in alice.frames if f["type"] == "websocket.send"] == [
+            '{"at":"2024-11-28T12:30:00+00:00","id":"00000000-0000-0000-0000-000000000001"}',
+            '["red",{"x":1,"y":2},2.50]',
+        ]
+
+    asyncio.run(main())
+
+
+def test_a_converter_per_send_and_manager_wide() -> None:
+    async def main() -> None:
+        m = ConnectionManager(ping_interval=None, json_default=as_cents)
+        assert m.json_default is as_cents
+        alice = await joined(m, "L", "alice")
+        assert await m.broadcast_to_lobby("L", {"price": Money(250)}) == 1
+        assert await m.send_to_user("alice", {"price": Money(1)})
+        # per send overrides the manager's
+        assert await m.broadcast_to_lobby("L", Money(5), default=lambda obj: obj.cents) == 1
+        assert await m.send_to_user("alice", [Money(6)], default=lambda obj: str(obj.cents))
+        assert alice.texts() == [{"price": {"cents": 250}}, {"price": {"cents": 1}}, 5, ["6"]]
+        m.json_default = None
+        with pytest.raises(TypeError, match="Object of type Money is not JSON serializable"):
+            await m.broadcast_to_lobby("L", Money(1))
+        assert await m.send_to_user("alice", Money(7), default=as_cents)
+        assert alice.texts()[-1] == {"cents": 7}
+
+    asyncio.run(main())
+
+
+def test_a_converter_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="json_default must be callable or None, not int"):
+        ConnectionManager(json_default=1)  # type: ignore[arg-type]
+    m = ConnectionManager()
+    assert m.json_default is None
+    with pytest.raises(TypeError, match="json_default must be callable"):
+        m.json_default = "str"  # type: ignore[assignment]
+
+    async def main() -> None:
+        await joined(m, "L", "alice")
+        with pytest.raises(TypeError, match="default must be callable or None"):
+            await m.broadcast_to_lobby("L", {}, default=5)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+
+
+def test_a_converter_that_raises_fails_the_send_before_anything_is_sent() -> None:
+    def broken(obj: Any) -> Any:
+        raise ZeroDivisionError("division by zero")
+
+    async def main() -> None:
+        m = ConnectionManager(ping_interval=None, json_default=broken)
+        peers = [await joined(m, "L", f"u{i}") for i in range(3)]
+        # the bad object is last: a half-written broadcast would show here
+        message = {"type": "chat", "text": "hi", "extra": [Money(1)]}
+        with pytest.raises(
+            TypeError, match=r"default\(\) raised ZeroDivisionError for an object of type Money"
+        ):
+            await m.broadcast_to_lobby("L", message)
+        with pytest.raises(TypeError) as raised:
+            await m.send_to_user("u0", message)
+        assert isinstance(raised.value.__cause__, ZeroDivisionError)
+        assert all(p.texts() == [] for p in peers)
+        assert len(m) == 3  # the clients did nothing wrong
+        assert await m.broadcast_to_lobby("L", message, default=as_cents) == 3
+
+    asyncio.run(main())
+
+
+def test_connection_send_takes_a_converter_too() -> None:
+    done = asyncio.Event()
+
+    async def handler(conn: Connection, data: dict[str, Any]) -> None:
+        await conn.send({"echo": Money(data["cents"])}, default=as_cents)
+        await conn.send({"manager": Money(2)})
+        with pytest.raises(TypeError, match="KeyError"):
+            await conn.send({"bad": Money(3)}, default=lambda obj: {"k": 1}[type(obj).__name__])
+        await conn.send({"at": datetime.date(2024, 1, 2)})
+        done.set()
+
+    async def main() -> None:
+        m = ConnectionManager(ping_interval=None, json_default=lambda obj: obj.cents)
+        peer = FakePeer()
+        task = asyncio.create_task(m.serve(peer.ws, "L", "alice", handler))
+        peer.send_json({"cents": 1})
+        await asyncio.wait_for(done.wait(), 5)
+        peer.leave()
+        await asyncio.wait_for(task, 5)
+        assert peer.texts() == [{"echo": {"cents": 1}}, {"manager": 2}, {"at": "2024-01-02"}]
+
+    asyncio.run(main())
+
+
+def test_broadcast_of_a_datetime_over_a_real_testclient_socket() -> None:
+    m = ConnectionManager(ping_interval=None, json_default=as_cents)
+    app = FastAPI()
+    when = datetime.datetime(2024, 11, 28, 12, 30, 5, 250_000, tzinfo=tz(hours=1))
+    order = uuid.UUID("12345678-1234-5678-1234-567812345678")
+
+    @app.websocket("/ws/{lobby}")
+    async def ws(websocket: WebSocket, lobby: str, user: str) -> None:
+        async def handle(lobby_code: str, user_id: str, data: dict[str, Any]) -> None:
+            await m.broadcast_to_lobby(
+                lobby_code, {"from": user_id, "at": when, "order": order, "total": Money(1999)}
+            )
+
+        await m.serve(websocket, lobby, user, handle)
+
+    expected = (
+        '{"from":"bob","at":"2024-11-28T12:30:05.250000+01:00",'
+        '"order":"12345678-1234-5678-1234-567812345678","total":{"cents":1999}}'
+    )
+    with (
+        TestClient(app) as client,
+        client.websocket_connect("/ws/L?user=alice") as alice,
+        client.websocket_connect("/ws/L?user=bob") as bob,
+    ):
+        bob.send_json({"type": "go"})
+        assert alice.receive_text() == expected
+        assert bob.receive_text() == expected
+    assert json.loads(expected)["at"] == when.isoformat()

@@ -4,6 +4,7 @@ from collections.abc import Callable
 from typing import Any, Literal, overload
 
 def dumps(obj: Any, /, *, default: Callable[[Any], Any] | None = None) -> str: ...
+def encode_message(message: Any, default: Callable[[Any], Any] | None, /) -> str: ...
 
 class Core:
     max_connections: int

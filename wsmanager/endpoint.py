@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ._core import dumps
+from ._core import dumps, encode_message
 
 if TYPE_CHECKING:
     from .manager import ConnectionManager
@@ -72,12 +72,15 @@ class Connection:
     lobby_code: str
     user_id: str
 
-    async def send(self, message: Any) -> bool:
+    async def send(self, message: Any, *, default: Callable[[Any], Any] | None = None) -> bool:
         """Send ``message`` (serialized as JSON) to this connection only, in
         order with the broadcasts it gets; never waits for a slow client
         (see ``ConnectionManager``). False, without sending, once the manager
-        no longer holds the connection (it left or was closed)."""
-        data = dumps(message)  # a message that cannot be serialized raises, as in broadcast_to_lobby
+        no longer holds the connection (it left or was closed). Serialization,
+        its errors and ``default`` (else the manager's ``json_default``) as in
+        ``ConnectionManager.broadcast_to_lobby``."""
+        # a message that cannot be serialized raises, as in broadcast_to_lobby
+        data = encode_message(message, default if default is not None else self.manager.json_default)
         if self.websocket not in self.manager:
             return False
         return await self.manager._send(self.websocket, data)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from starlette.websockets import WebSocket, WebSocketState
 
-from ._core import Core, dumps
+from ._core import Core, encode_message
 from .backends import Backend, InMemoryBackend
 from .codes import CloseCode, close_code_for
 from .health import HealthMonitor, health_ping
@@ -326,6 +326,10 @@ class ConnectionManager(Core):
     * ``serve()`` runs a whole connection (see ``wsmanager.endpoint``), with
       ``on_connect`` / ``on_disconnect`` hooks.
     * an empty manager is still truthy (``manager or default`` keeps it).
+    * ``json_default``: a converter for the sends, ``json_default(obj) ->``
+      something encodable, called only for objects the encoder does not
+      handle natively (see :func:`wsmanager.dumps`); a send's own
+      ``default=`` overrides it.
 
     Every numeric setting is checked at construction and on assignment
     (``manager.max_message_bytes = ...``), see ``wsmanager.settings``: a
@@ -369,6 +373,7 @@ class ConnectionManager(Core):
         backend: Backend | None = None,
         direct_frames: bool = True,
         on_user_limit: str = "refuse",
+        json_default: Callable[[Any], Any] | None = None,
     ) -> None:
         cls = ConnectionManager
         super().__init__(
@@ -391,6 +396,7 @@ class ConnectionManager(Core):
         self.shutdown_timeout = shutdown_timeout
         self.direct_frames = bool(direct_frames)
         self.on_user_limit = on_user_limit
+        self.json_default = json_default
         self.set_rate_limit(rate_limit, rate_burst, close_after=rate_limit_close_after)
         # websocket -> its outbound backlog; only connections whose last send
         # suspended are here, so the common case costs one dict miss.
@@ -419,6 +425,19 @@ class ConnectionManager(Core):
         self._latency_listeners: list[Callable[[Any, float], None]] = []
         # websocket -> called once when its entry is removed, however (serve()'s on_disconnect)
         self._removal_callbacks: dict[Any, Callable[[], None]] = {}
+
+    @property
+    def json_default(self) -> Callable[[Any], Any] | None:
+        """The manager-wide JSON converter of the sends (None: none); a
+        send's ``default=`` overrides it. Assigning a non-callable raises
+        ``TypeError``."""
+        return self._json_default
+
+    @json_default.setter
+    def json_default(self, value: Callable[[Any], Any] | None) -> None:
+        if value is not None and not callable(value):
+            raise TypeError(f"json_default must be callable or None, not {type(value).__name__}")
+        self._json_default = value
 
     def __bool__(self) -> bool:
         """Always True: a manager is a service, not a container, so an empty
@@ -682,6 +701,8 @@ class ConnectionManager(Core):
         lobby_code: str,
         message: Any,
         exclude_user_id: str | None = None,
+        *,
+        default: Callable[[Any], Any] | None = None,
     ) -> int:
         """Send ``message`` (serialized once) to every connection in the lobby.
 
@@ -691,36 +712,51 @@ class ConnectionManager(Core):
         the message only if it is still in the lobby when its turn comes (not
         if it left, or left and joined another lobby, while earlier recipients
         were sent it). ``exclude_user_id`` skips every connection of that user.
+
+        ``message`` is serialized by :func:`wsmanager.dumps` (datetime, UUID,
+        Decimal, Enum, dataclasses and pydantic models included), before
+        anything is sent: a message that cannot be serialized raises
+        ``TypeError`` (an unsupported type without a converter, or a converter
+        that raised: the original is its ``__cause__``), ``ValueError``
+        (NaN / Infinity) or ``RecursionError``, and reaches no one.
+        ``default`` (else the manager's ``json_default``) converts the objects
+        the encoder does not handle natively.
         """
         bp = self._backplane
         if bp is None:
             if not self._lobby_count(lobby_code):
                 return 0
-            return await self._deliver_lobby(lobby_code, dumps(message), exclude_user_id)
+            data = encode_message(message, default if default is not None else self._json_default)
+            return await self._deliver_lobby(lobby_code, data, exclude_user_id)
         # backend: other nodes get the same text, queued before local delivery
         bp.ensure_running()
-        data = dumps(message)
+        data = encode_message(message, default if default is not None else self._json_default)
         remote = bp.publish_lobby(lobby_code, data, exclude_user_id)
         if not self._lobby_count(lobby_code):
             return remote
         return remote + await self._deliver_lobby(lobby_code, data, exclude_user_id)
 
-    async def send_to_user(self, user_id: str, message: Any) -> bool:
+    async def send_to_user(
+        self, user_id: str, message: Any, *, default: Callable[[Any], Any] | None = None
+    ) -> bool:
         """Send ``message`` to every open connection of ``user_id``.
 
         True if at least one connection got it. Never raises for a failing
         connection: it is removed. A connection that stops being the user's
         before its turn (disconnected, or registered again as someone else)
         is skipped.
+        Serialization, its errors and ``default`` as in
+        :meth:`broadcast_to_lobby`.
         """
         bp = self._backplane
         if bp is None:
             if not Core.is_user_connected(self, user_id):
                 return False
-            return await self._deliver_user(user_id, dumps(message))
+            data = encode_message(message, default if default is not None else self._json_default)
+            return await self._deliver_user(user_id, data)
         # backend: reach the user's connections on other nodes too
         bp.ensure_running()
-        data = dumps(message)
+        data = encode_message(message, default if default is not None else self._json_default)
         remote = bp.publish_user(user_id, data) > 0
         if not Core.is_user_connected(self, user_id):
             return remote
