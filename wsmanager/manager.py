@@ -28,6 +28,7 @@ from ._core import Core, dumps
 from .backends import Backend, InMemoryBackend
 from .codes import CloseCode, close_code_for
 from .health import HealthMonitor, health_ping
+from .receiving import Receiving, pinged
 
 if TYPE_CHECKING:
     from .endpoint import Handler, Hook
@@ -358,6 +359,7 @@ class ConnectionManager(Core):
             raise ValueError("close_timeout and shutdown_timeout must be > 0")
         self._ping_waiters: dict[str, _PingWaiter] = {}
         self._health = HealthMonitor(self, ping_interval=ping_interval, ping_timeout=ping_timeout)
+        self._receiving = Receiving(self, Core._pong_due)  # reads pongs while the app does not
         self.max_backlog = max_backlog
         self.max_backlog_bytes = max_backlog_bytes
         self.max_message_bytes = max_message_bytes
@@ -471,6 +473,7 @@ class ConnectionManager(Core):
         if bp is not None:
             bp.commit(websocket)
         self._health.watch(websocket)  # heartbeat: runs in this loop; reclaims the entry if the endpoint dies
+        self._receiving.attach(websocket)  # pongs are seen even while the app does not read
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("connected", extra={"lobby": lobby_code, "user": user_id})
         if len(self) >= self.max_connections:
@@ -915,7 +918,8 @@ class ConnectionManager(Core):
                 sent = False
                 for websocket in targets:
                     if await self._send(websocket, health_ping(timestamp, self.latency_ms(websocket))):
-                        self._note_ping(websocket)
+                        self._note_ping(websocket, timeout)  # a later pong is no round trip
+                        pinged(websocket)  # read for the pong if the caller is the endpoint's handler
                         sent = True
             finally:
                 waiter.callers -= 1
