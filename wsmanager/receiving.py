@@ -100,14 +100,17 @@ class Receiving:
         a websocket that is not a Starlette ``WebSocket`` is left alone)."""
         if not isinstance(websocket, WebSocket):
             return
-        inner = websocket.__dict__.get("_receive")
+        inner = getattr(websocket, "_receive", None)  # where Starlette keeps the ASGI receive
         if inner is None:
             return
         if type(inner) is Reader:
             inner.owner = self
             return
-        with contextlib.suppress(RuntimeError):  # no running loop: nothing to read for
-            websocket._receive = Reader(inner, self, asyncio.get_running_loop())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no running loop: nothing to read for
+            return
+        websocket._receive = Reader(inner, self, loop)
 
     def due(self, websocket: Any) -> bool:
         manager = self._manager()
@@ -239,6 +242,6 @@ class Reader:
 def pinged(websocket: Any) -> None:
     """Tell ``websocket``'s reader that a ping was just sent to it (no-op
     for a websocket ``connect()`` did not attach a reader to)."""
-    reader = getattr(websocket, "__dict__", {}).get("_receive")
+    reader = getattr(websocket, "_receive", None)
     if type(reader) is Reader:
         reader.pinged(websocket)
