@@ -899,10 +899,15 @@ class ConnectionManager(Core):
     async def ping_user(self, user_id: str, timeout: float = 2.0) -> tuple[bool, float | None]:
         """Ping every connection of ``user_id`` and wait for a pong.
 
-        Returns ``(True, latency_ms)`` when ``record_pong(user_id)`` is called
+        Returns ``(True, latency_ms)`` when a pong of the user is recorded
         within ``timeout`` seconds, else ``(False, None)``; ``(False, None)``
         at once for a user with no connection. Concurrent calls for one user
         share the outstanding ping instead of overwriting each other.
+
+        May be awaited from the endpoint's own message handler: while the
+        endpoint does not read, the manager reads the pong for it (see
+        :mod:`wsmanager.receiving`). A pong that arrives after ``timeout`` is
+        no round trip: it enters neither ``latency_ms`` nor the statistics.
         """
         targets = self._user_targets(user_id)
         if not targets:
