@@ -952,23 +952,57 @@ Core_latency_ms(CoreObject *self, PyObject *ws)
     return PyFloat_FromDouble(c->last_rtt * 1000.0);
 }
 
-/* _note_ping(websocket) -> bool: a ping was sent outside the sweep
- * (ping_user); its pong will yield a round-trip time. */
+/* _note_ping(websocket, timeout=inf) -> bool: a ping was sent outside the
+ * sweep (ping_user); a pong within timeout seconds yields a round-trip time.
+ * While an earlier ping is still awaited, the round trip is measured from
+ * that one, and the pong may come until the later of the two deadlines. */
 static PyObject *
-Core_note_ping(CoreObject *self, PyObject *ws)
+Core_note_ping(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    double timeout = Py_HUGE_VAL;
+    CHECK_INIT(self, NULL);
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "_note_ping(websocket, timeout=inf)");
+        return NULL;
+    }
+    if (nargs == 2) {
+        timeout = PyFloat_AsDouble(args[1]);
+        if (timeout == -1.0 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (!(timeout >= 0)) {
+            PyErr_SetString(PyExc_ValueError, "timeout must be >= 0");
+            return NULL;
+        }
+    }
+    /* the clock may run Python code: read it before any lookup */
+    NOW_OR_FAIL(now, self, return NULL);
+    wsm_conn *c = wsm_find_conn(&self->reg, args[0]); /* borrowed */
+    if (c == NULL || c->state != WSM_ACTIVE) {
+        Py_RETURN_FALSE;
+    }
+    if (!wsm_pong_due(c, now)) {
+        c->pong_due_since = now;
+        c->pong_deadline = now + timeout;
+    }
+    else if (now + timeout > c->pong_deadline) {
+        c->pong_deadline = now + timeout;
+    }
+    self->n_pings++;
+    Py_RETURN_TRUE;
+}
+
+/* _pong_due(websocket) -> bool: a ping to this connection awaits its pong
+ * (sent less than its timeout ago). False for an unknown websocket. */
+static PyObject *
+Core_pong_due(CoreObject *self, PyObject *ws)
 {
     CHECK_INIT(self, NULL);
     /* the clock may run Python code: read it before any lookup */
     NOW_OR_FAIL(now, self, return NULL);
-    wsm_conn *c = wsm_find_conn(&self->reg, ws);
-    if (c == NULL || c->state != WSM_ACTIVE) {
-        Py_RETURN_FALSE;
-    }
-    if (c->pong_due_since <= 0) {
-        c->pong_due_since = now;
-    }
-    self->n_pings++;
-    Py_RETURN_TRUE;
+    wsm_conn *c = wsm_find_conn(&self->reg, ws); /* borrowed */
+    return PyBool_FromLong(c != NULL && c->state == WSM_ACTIVE &&
+                           wsm_pong_due(c, now));
 }
 
 static PyObject *
@@ -1250,7 +1284,7 @@ Core_sweep(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (PyList_Append(to_ping, c->ws) < 0) {
             goto error;
         }
-        wsm_mark_pinged(&self->reg, c, now);
+        wsm_mark_pinged(&self->reg, c, now, timeout);
         self->n_pings++;
     }
     t = PyTuple_Pack(2, to_ping, expired);
@@ -1759,7 +1793,9 @@ static PyMethodDef Core_methods[] = {
     {"_count_refusal", (PyCFunction)Core_count_refusal, METH_O, NULL},
     {"_release", (PyCFunction)Core_release, METH_O, NULL},
     {"_info", (PyCFunction)Core_info, METH_O, NULL},
-    {"_note_ping", (PyCFunction)Core_note_ping, METH_O, NULL},
+    {"_note_ping", (PyCFunction)(void (*)(void))Core_note_ping, METH_FASTCALL,
+     NULL},
+    {"_pong_due", (PyCFunction)Core_pong_due, METH_O, NULL},
     {"_set_pong_hook", (PyCFunction)Core_set_pong_hook, METH_O, NULL},
     {"_set_drop_hook", (PyCFunction)(void (*)(void))Core_set_drop_hook,
      METH_FASTCALL, NULL},

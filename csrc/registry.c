@@ -441,19 +441,21 @@ wsm_pong(wsm_registry *r, wsm_conn *c, double now)
         return rtt;
     }
     if (c->pong_due_since > 0) {
-        rtt = now - c->pong_due_since;
-        if (rtt < 0) {
-            rtt = 0;
+        if (now <= c->pong_deadline) { /* a late pong is no round trip */
+            rtt = now - c->pong_due_since;
+            if (rtt < 0) {
+                rtt = 0;
+            }
+            c->last_rtt = rtt;
         }
         c->pong_due_since = 0;
-        c->last_rtt = rtt;
     }
     wsm_touch(r, c, now);
     return rtt;
 }
 
 void
-wsm_mark_pinged(wsm_registry *r, wsm_conn *c, double now)
+wsm_mark_pinged(wsm_registry *r, wsm_conn *c, double now, double timeout)
 {
     if (c->state != WSM_ACTIVE) {
         return;
@@ -466,6 +468,7 @@ wsm_mark_pinged(wsm_registry *r, wsm_conn *c, double now)
     }
     c->ping_sent = now;
     c->pong_due_since = now;
+    c->pong_deadline = now + timeout;
     c->on_list = WSM_ON_WAIT;
     list_push_tail(&r->wait, c, OFF_ACT);
 }

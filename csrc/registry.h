@@ -82,6 +82,8 @@ struct wsm_conn {
     double pong_due_since;  /* last ping not yet answered by a pong, 0 if none:
                                kept apart from ping_sent so that any message
                                proves liveness while only a pong gives an RTT */
+    double pong_deadline;   /* a pong after this time answers a ping that timed
+                               out: it proves liveness, but is no round trip */
     double last_rtt;        /* round trip of the last ping answered, seconds;
                                < 0 while none was measured */
     double tokens;          /* inbound token bucket */
@@ -157,10 +159,16 @@ void wsm_remove(wsm_registry *r, wsm_conn *c);
 void wsm_touch(wsm_registry *r, wsm_conn *c, double now);
 /* A pong arrived: touch, and return the round-trip time in seconds of the
  * ping it answers (also kept in c->last_rtt), or -1 if no ping was
- * outstanding. */
+ * outstanding or it timed out (past c->pong_deadline). */
 double wsm_pong(wsm_registry *r, wsm_conn *c, double now);
-/* Connection was sent a ping at `now`: idle list -> wait list tail. */
-void wsm_mark_pinged(wsm_registry *r, wsm_conn *c, double now);
+/* Connection was sent a ping at `now`, answered in time until now + timeout
+ * (timeout may be infinite): idle list -> wait list tail. */
+void wsm_mark_pinged(wsm_registry *r, wsm_conn *c, double now, double timeout);
+/* A pong is awaited: a ping was sent less than its timeout ago, unanswered. */
+static inline int wsm_pong_due(const wsm_conn *c, double now)
+{
+    return c->pong_due_since > 0 && now <= c->pong_deadline;
+}
 /* Take a connection off the activity lists (it is being closed as stale). */
 void wsm_unlist(wsm_registry *r, wsm_conn *c);
 

@@ -14,6 +14,7 @@ that every refusal reason is reached often.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -89,6 +90,7 @@ class CoreModel(RuleBasedStateMachine):
         self.last_rx: dict[FakeWebSocket, float] = {}
         self.ping_sent: dict[FakeWebSocket, float] = {}
         self.pong_due: dict[FakeWebSocket, float] = {}
+        self.pong_deadline: dict[FakeWebSocket, float] = {}  # a later pong is no round trip
         self.connects = 0
         self.disconnects = 0
         self.pings = 0
@@ -169,6 +171,7 @@ class CoreModel(RuleBasedStateMachine):
         self.last_rx.pop(ws, None)
         self.ping_sent.pop(ws, None)
         self.pong_due.pop(ws, None)
+        self.pong_deadline.pop(ws, None)
         self.disconnects += 1
         return self.active.pop(ws)
 
@@ -308,15 +311,32 @@ class CoreModel(RuleBasedStateMachine):
         for ws in self.user_members(user):
             self.model_touch(ws)
 
-    @rule(i=st.integers(0, N_SOCKETS - 1))
-    def note_ping(self, i: int) -> None:
+    def model_due(self, ws: FakeWebSocket) -> bool:
+        return ws in self.active and self.pong_due[ws] > 0 and self.now <= self.pong_deadline[ws]
+
+    def model_pong(self, ws: FakeWebSocket) -> float | None:
+        """The round trip in seconds a pong on ws measures (None: no ping
+        awaited, or it timed out), and the ping is answered."""
+        rtt = max(self.now - self.pong_due[ws], 0.0) if self.model_due(ws) else None
+        self.pong_due[ws] = 0.0
+        return rtt
+
+    @rule(i=st.integers(0, N_SOCKETS - 1), timeout=st.none() | st.integers(0, 6))
+    def note_ping(self, i: int, timeout: int | None) -> None:
         ws = self.sockets[i]
         expected = ws in self.active
-        assert self.m._note_ping(ws) is expected
+        if timeout is None:
+            assert self.m._note_ping(ws) is expected
+        else:
+            assert self.m._note_ping(ws, float(timeout)) is expected
         if expected:
             self.pings += 1
-            if self.pong_due[ws] <= 0:
+            deadline = math.inf if timeout is None else self.now + timeout
+            if not self.model_due(ws):
                 self.pong_due[ws] = self.now
+                self.pong_deadline[ws] = deadline
+            else:
+                self.pong_deadline[ws] = max(self.pong_deadline[ws], deadline)
 
     @rule(i=st.integers(0, N_SOCKETS - 1))
     def record_pong_ws(self, i: int) -> None:
@@ -324,9 +344,8 @@ class CoreModel(RuleBasedStateMachine):
         expected: float | None = None
         if ws in self.active:
             self.pongs += 1
-            if self.pong_due[ws] > 0:
-                expected = max(self.now - self.pong_due[ws], 0.0) * 1000.0
-                self.pong_due[ws] = 0.0
+            rtt = self.model_pong(ws)
+            expected = None if rtt is None else rtt * 1000.0
             self.model_touch(ws)
         assert self.m.record_pong_ws(ws) == expected
 
@@ -337,9 +356,9 @@ class CoreModel(RuleBasedStateMachine):
         if members:
             self.pongs += 1
         for ws in members:
-            if self.pong_due[ws] > 0:
-                rtts.append(max(self.now - self.pong_due[ws], 0.0))
-                self.pong_due[ws] = 0.0
+            rtt = self.model_pong(ws)
+            if rtt is not None:
+                rtts.append(rtt)
             self.model_touch(ws)
         samples = self.m.get_stats()["latency_ms"]["samples"]
         result: object = Core.record_pong(self.m, fresh(user))  # type: ignore[func-returns-value]
@@ -357,6 +376,7 @@ class CoreModel(RuleBasedStateMachine):
             self.wait.append(ws)
             self.ping_sent[ws] = self.now
             self.pong_due[ws] = self.now
+            self.pong_deadline[ws] = self.now + timeout
         self.pings += len(to_ping)
         event(
             f"sweep: {'expired' if expired else 'nothing expired'}, {'pinged' if to_ping else 'none pinged'}"
@@ -426,6 +446,11 @@ class CoreModel(RuleBasedStateMachine):
         for ws in self.sockets:
             assert (ws in m) is (ws in self.active)
             assert m._info(ws) == self.active.get(ws)
+
+    @invariant()
+    def pongs_due_match(self) -> None:
+        for ws in self.sockets:
+            assert self.m._pong_due(ws) is self.model_due(ws)
 
     @invariant()
     def views_match(self) -> None:

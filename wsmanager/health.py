@@ -31,6 +31,7 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from ._core import dumps
 from .codes import CloseCode
+from .receiving import pinged
 from .settings import optional_seconds as _check_period
 
 if TYPE_CHECKING:
@@ -368,6 +369,8 @@ class HealthMonitor:
             return
         if _is_closed(websocket) or not await manager._send(websocket, data):
             self._reclaim(websocket, "send_failed")
+        else:
+            pinged(websocket)  # an endpoint that does not read now still gets its pong seen
 
     async def _close_stale(self, websocket: WebSocket, lobby: str, user: str) -> None:
         """Close a connection the sweep found silent (already out of the registry)."""

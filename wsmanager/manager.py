@@ -28,6 +28,7 @@ from ._core import Core, encode_message
 from .backends import Backend, InMemoryBackend
 from .codes import CloseCode, close_code_for
 from .health import HealthMonitor, health_ping
+from .receiving import Receiving, pinged
 from .settings import CoreSetting, Setting, count, optional_count, optional_rate, seconds
 
 if TYPE_CHECKING:
@@ -385,6 +386,7 @@ class ConnectionManager(Core):
         )
         self._ping_waiters: dict[str, _PingWaiter] = {}
         self._health = HealthMonitor(self, ping_interval=ping_interval, ping_timeout=ping_timeout)
+        self._receiving = Receiving(self, Core._pong_due)  # reads pongs while the app does not
         self.max_backlog = max_backlog
         self.max_backlog_bytes = max_backlog_bytes
         self.max_message_bytes = max_message_bytes
@@ -645,6 +647,7 @@ class ConnectionManager(Core):
         if bp is not None:
             bp.commit(websocket)
         self._health.watch(websocket)  # heartbeat: runs in this loop; reclaims the entry if the endpoint dies
+        self._receiving.attach(websocket)  # pongs are seen even while the app does not read
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("connected", extra={"lobby": lobby_code, "user": user_id})
         if len(self) >= self.max_connections:
@@ -1164,10 +1167,15 @@ class ConnectionManager(Core):
     async def ping_user(self, user_id: str, timeout: float = 2.0) -> tuple[bool, float | None]:
         """Ping every connection of ``user_id`` and wait for a pong.
 
-        Returns ``(True, latency_ms)`` when ``record_pong(user_id)`` is called
+        Returns ``(True, latency_ms)`` when a pong of the user is recorded
         within ``timeout`` seconds, else ``(False, None)``; ``(False, None)``
         at once for a user with no connection. Concurrent calls for one user
         share the outstanding ping instead of overwriting each other.
+
+        May be awaited from the endpoint's own message handler: while the
+        endpoint does not read, the manager reads the pong for it (see
+        :mod:`wsmanager.receiving`). A pong that arrives after ``timeout`` is
+        no round trip: it enters neither ``latency_ms`` nor the statistics.
         """
         targets = self._user_targets(user_id)
         if not targets:
@@ -1183,7 +1191,8 @@ class ConnectionManager(Core):
                 sent = False
                 for websocket in targets:
                     if await self._send(websocket, health_ping(timestamp, self.latency_ms(websocket))):
-                        self._note_ping(websocket)
+                        self._note_ping(websocket, timeout)  # a later pong is no round trip
+                        pinged(websocket)  # read for the pong if the caller is the endpoint's handler
                         sent = True
             finally:
                 waiter.callers -= 1
