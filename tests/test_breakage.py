@@ -62,7 +62,7 @@ def test_a_subclass_attribute_does_not_switch_off_the_setting_checks() -> None:
         max_message_bytes = 1024
 
     m = MyManager(ping_interval=None)
-    with pytest.raises(ValueError, match=r"^max_message_bytes"):
+    with pytest.raises(TypeError, match=r"^max_message_bytes"):
         m.max_message_bytes = float("nan")  # type: ignore[assignment]
 
 
