@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from starlette.websockets import WebSocket, WebSocketState
 
@@ -365,7 +365,7 @@ class ConnectionManager(Core):
     as on the base class.
     """
 
-    _class_defaults: dict[str, Any] = {}  # a subclass's class-attribute settings
+    _class_defaults: ClassVar[dict[str, Any]] = {}  # a subclass's class-attribute settings
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -46,12 +46,12 @@ __all__ = [
     "DefaultInt",
     "Setting",
     "class_defaults",
-    "resolve",
     "count",
     "is_default",
     "optional_count",
     "optional_rate",
     "optional_seconds",
+    "resolve",
     "seconds",
 ]
 
@@ -186,7 +186,9 @@ def resolve(defaults: Mapping[str, Any], name: str, value: T, *, none_is_unset: 
     return value
 
 
-def class_defaults(cls: type, inherited: Mapping[str, Any], checks: Mapping[str, Check[Any]]) -> dict[str, Any]:
+def class_defaults(
+    cls: type, inherited: Mapping[str, Any], checks: Mapping[str, Check[Any]]
+) -> dict[str, Any]:
     """The setting defaults of ``cls``: ``inherited`` updated with the
     settings ``cls`` sets as plain class attributes (``max_per_lobby = 50``).
 

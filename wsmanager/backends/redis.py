@@ -39,7 +39,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -65,6 +65,7 @@ def _lease(name: str, value: object) -> float:
     if lease < 0.001:
         raise ValueError(f"{name} must be at least 0.001 seconds, got {lease}")
     return lease
+
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class RedisBackend:
     command_timeout = Setting(seconds)
     backoff_max = Setting(seconds)
     max_backlog = Setting(count(1))
-    _class_defaults: dict[str, Any] = {}
+    _class_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
