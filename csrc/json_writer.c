@@ -1842,8 +1842,46 @@ json_number_kind(const char *s, Py_ssize_t n)
     return i == n ? 1 : -1;
 }
 
+/* 1: the JSON number s[0:n] (json_number_kind() gave 1; NUL-terminated)
+ * is finite but beyond the double range, so JSON.parse, json.loads (for a
+ * number with a fraction or an exponent) and every reader that parses
+ * numbers into doubles read it as an infinity; 0: it is not; -1: error set.
+ * Numbers without an exponent and with at most 308 integer digits are below
+ * 1e308 < DBL_MAX: no parse. Rounding is strtod's (PyOS_string_to_double),
+ * i.e. what those readers do: a number that rounds down to DBL_MAX passes. */
+static int
+number_beyond_double(const char *s, Py_ssize_t n)
+{
+    Py_ssize_t int_digits = 0;
+    int in_int = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (s[i] == 'e' || s[i] == 'E') {
+            in_int = -1;
+            break;
+        }
+        if (s[i] == '.') {
+            in_int = 0;
+        }
+        else if (in_int && s[i] != '-') {
+            int_digits++;
+        }
+    }
+    if (in_int >= 0 && int_digits <= 308) {
+        return 0;
+    }
+    /* no Python code runs here: dtoa allocates with PyMem_Malloc only */
+    double d = PyOS_string_to_double(s, NULL, NULL);
+    if (d == -1.0 && PyErr_Occurred()) {
+        return -1;
+    }
+    return isinf(d) ? 1 : 0;
+}
+
 /* obj: a decimal.Decimal: its exact str() as a JSON number ("12.50",
- * "1E+3", "-0.001"); NaN and infinities raise ValueError, as floats do. */
+ * "1E+3", "-0.001"); NaN and infinities raise ValueError, as floats do, and
+ * so does a finite Decimal beyond the double range (Decimal("1E+400")):
+ * JSON.parse and json.loads would read it as an infinity, the value floats
+ * refuse to send (see number_beyond_double()). */
 static int
 write_decimal(Writer *w, PyObject *obj)
 {
@@ -1861,7 +1899,17 @@ write_decimal(Writer *w, PyObject *obj)
         }
         goto done;
     }
-    switch (json_number_kind(s, n)) {
+    int kind = json_number_kind(s, n);
+    if (kind == 1) {
+        int beyond = number_beyond_double(s, n);
+        if (beyond < 0) {
+            goto done;
+        }
+        if (beyond) {
+            kind = 0;
+        }
+    }
+    switch (kind) {
     case 1:
         if (n <= PY_SSIZE_T_MAX - 1 && writer_reserve(w, n + 1) == 0) {
             memcpy(w->buf + w->len, s, (size_t)n); /* ASCII: the counts hold */

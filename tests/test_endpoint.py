@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -514,3 +515,29 @@ def test_hooks_in_a_fastapi_app() -> None:
             assert bob.receive_json() == {"type": "echo", "x": 1}
         assert alice.receive_json() == {"type": "left", "user": "bob"}
     assert len(m) == 0
+
+
+def test_lowering_max_message_bytes_at_run_time_applies_to_open_serve_connections() -> None:
+    # README: "manager.max_message_bytes = 1 << 20 applies at once". serve()
+    # read the limit once, when the connection started: an open connection
+    # kept the old limit and a 500-byte message still reached the handler.
+    async def main() -> None:
+        m = ConnectionManager(ping_interval=None)
+        peer = FakePeer()
+        got: list[Any] = []
+
+        async def handler(conn: Connection, data: dict[str, Any]) -> None:
+            got.append(data)
+
+        task = asyncio.create_task(m.serve(peer.ws, "L", "u", handler))
+        await settle()
+        assert peer.ws in m
+        m.max_message_bytes = 100
+        peer.send_text(json.dumps({"t": "x" * 500}))
+        peer.leave()
+        await asyncio.wait_for(task, 5)
+        assert got == []
+        assert peer.close_message is not None
+        assert (peer.close_message["code"], peer.close_message["reason"]) == (1009, "message_too_big")
+
+    asyncio.run(main())

@@ -739,6 +739,36 @@ def test_non_finite_decimals_raise_value_error_like_floats(text: str) -> None:
         dumps({"x": [decimal.Decimal(text)]})
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1E+400",
+        "-1E+400",
+        "1.7976931348623159E+308",  # rounds up past DBL_MAX
+        "1" + "0" * 309,  # no exponent: 1e309 as 310 digits
+        "-" + "9" * 400 + ".5",
+        "0.1E+310",
+    ],
+)
+def test_a_decimal_beyond_the_double_range_is_not_sent_as_infinity(text: str) -> None:
+    # README: Decimal NaN and Infinity raise ValueError "as floats do"
+    # (browsers cannot parse them). Decimal("1E+400") was written as the
+    # number 1E+400, which JSON.parse and json.loads read as Infinity: the
+    # client got the value the encoder promises never to send. It raises.
+    assert math.isinf(float(text))  # what every double-based reader makes of it
+    with pytest.raises(ValueError, match="Out of range Decimal values are not JSON compliant"):
+        dumps({"price": decimal.Decimal(text)})
+
+
+@pytest.mark.parametrize(
+    "text", ["1.7976931348623157E+308", "-1" + "0" * 308, "9" * 308 + ".99", "1E-400", "1E+308"]
+)
+def test_a_decimal_at_the_edge_of_the_double_range_is_written(text: str) -> None:
+    value = decimal.Decimal(text)
+    assert dumps(value) == str(value)
+    assert math.isfinite(json.loads(dumps({"x": value}))["x"])
+
+
 def test_a_decimal_subclass_whose_str_is_not_a_number_raises() -> None:
     class Money(decimal.Decimal):
         def __str__(self) -> str:

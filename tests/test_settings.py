@@ -16,6 +16,7 @@ from starlette.websockets import WebSocketDisconnect
 from tests.asgi_fakes import FakePeer
 from wsmanager import ConnectionManager, backend_from_env
 from wsmanager.backends.redis import RedisBackend
+from wsmanager.settings import MAX_COUNT, MAX_SECONDS
 
 NAN, INF = float("nan"), float("inf")
 HUGE = 10**400  # an int no double holds
@@ -34,6 +35,8 @@ COUNT: list[tuple[Any, type[Exception]]] = [
     (None, TypeError),
     ([3], TypeError),
     (-1, ValueError),
+    (2**63, ValueError),  # beyond the core's Py_ssize_t
+    (HUGE, ValueError),
 ]
 COUNT1: Bad = [*COUNT, (0, ValueError)]
 OPTIONAL_COUNT1: Bad = [(v, e) for v, e in COUNT1 if v is not None]
@@ -45,6 +48,8 @@ SECONDS: list[tuple[Any, type[Exception]]] = [
     (0.0, ValueError),
     (-1, ValueError),
     (HUGE, ValueError),
+    (1e308, ValueError),  # finite, but its milliseconds / nanoseconds overflow a C integer
+    (MAX_SECONDS * 1.001, ValueError),
     (True, TypeError),
     ("5", TypeError),
     (None, TypeError),
@@ -128,7 +133,7 @@ def test_the_redis_backend_refuses_a_bad_setting(name: str, value: Any, exc: typ
 
 
 GOOD: dict[str, tuple[Any, Any]] = {  # value given -> value read back
-    "max_connections": (0, 0),
+    "max_connections": (MAX_COUNT, MAX_COUNT),
     "max_per_lobby": (7, 7),
     "max_per_user": (None, None),
     "max_id_bytes": (1, 1),
@@ -140,7 +145,7 @@ GOOD: dict[str, tuple[Any, Any]] = {  # value given -> value read back
     "max_message_bytes": (1, 1),
     "max_bad_messages": (1, 1),
     "close_timeout": (0.001, 0.001),
-    "shutdown_timeout": (3, 3.0),
+    "shutdown_timeout": (MAX_SECONDS, MAX_SECONDS),
     "ping_interval": (None, None),
     "ping_timeout": (0.5, 0.5),
 }
@@ -226,3 +231,165 @@ def test_a_5_mib_message_is_closed_with_1009_under_a_valid_limit(limit: int) -> 
 def test_a_limit_that_would_turn_the_size_check_off_is_refused(bad: Any) -> None:
     with pytest.raises((TypeError, ValueError), match=r"^max_message_bytes "):
         ConnectionManager(max_message_bytes=bad)
+
+
+# ------------------------------------------- values past what C can hold (issue 9)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("max_connections", 10**400),
+        ("max_per_lobby", 2**63),
+        ("max_per_user", 2**70),
+        ("max_id_bytes", 2**64),
+        ("rate_limit_close_after", 10**30),
+    ],
+    ids=["max_connections", "max_per_lobby", "max_per_user", "max_id_bytes", "rate_limit_close_after"],
+)
+def test_a_count_beyond_the_c_range_raises_value_error_naming_the_setting(name: str, value: int) -> None:
+    # README: "an out-of-range value ... raises ValueError / TypeError whose
+    # message starts with the setting's name, and the old value stays".
+    # Was: OverflowError "Python int too large to convert to C ssize_t".
+    with pytest.raises(ValueError, match=f"^{name}"):
+        kwargs: dict[str, Any] = {name: value}
+        ConnectionManager(**kwargs)
+    m = ConnectionManager()
+    old = getattr(m, name)
+    with pytest.raises(ValueError, match=f"^{name}"):
+        setattr(m, name, value)
+    assert getattr(m, name) == old
+
+
+def test_a_redis_lease_whose_milliseconds_overflow_raises_value_error_naming_lease() -> None:
+    # 1e308 s is finite; int(lease * 1000) raised OverflowError
+    # "cannot convert float infinity to integer".
+    with pytest.raises(ValueError, match=r"^lease"):
+        RedisBackend(lease=1e308)
+    backend = RedisBackend(lease=MAX_SECONDS)  # the bound itself is taken
+    assert backend.lease == MAX_SECONDS and str(int(MAX_SECONDS * 1000)) in backend._argv
+
+
+# ------------------------------------------------ settings as class attributes
+
+
+def test_a_subclass_attribute_does_not_switch_off_the_setting_checks() -> None:
+    # A subclass that sets a default as a class attribute (the usual Python
+    # way to configure a class) shadowed the Setting descriptor: assignments
+    # on its instances were stored unchecked, and NaN turned the size limit
+    # off again (the issue's max_message_bytes=nan case). NaN for a count is
+    # a TypeError, as on the base class (COUNT above).
+    class MyManager(ConnectionManager):
+        max_message_bytes = 1024
+
+    m = MyManager(ping_interval=None)
+    assert m.max_message_bytes == 1024
+    with pytest.raises(TypeError, match=r"^max_message_bytes"):
+        m.max_message_bytes = float("nan")  # type: ignore[assignment]
+    with pytest.raises(ValueError, match=r"^max_message_bytes"):
+        m.max_message_bytes = 0
+    assert m.max_message_bytes == 1024
+
+
+def test_a_subclass_lobby_size_is_the_one_the_core_enforces() -> None:
+    # Was: a subclass's max_per_lobby = 50 read 50 while the core refused the
+    # 11th member (the C default of 10).
+    class BigLobbies(ConnectionManager):
+        max_per_lobby = 50
+        close_timeout = 1
+        ping_interval = None
+
+    class Bigger(BigLobbies):
+        max_connections = 60
+
+    async def main() -> None:
+        m = Bigger()
+        assert (m.max_per_lobby, m.max_connections, m.close_timeout, m.ping_interval) == (50, 60, 1.0, None)
+        peers = [FakePeer() for _ in range(51)]
+        joined = [await m.connect(p.ws, "L", f"u{i}") for i, p in enumerate(peers)]
+        assert joined == [True] * 50 + [False]
+        assert len(m.get_lobby_users("L")) == 50
+        for p in peers[:50]:
+            m.disconnect(p.ws)
+
+    asyncio.run(main())
+    # a keyword argument still wins, positional or not, even the base default
+    assert Bigger(500, 10).max_per_lobby == 10
+    assert Bigger(max_per_lobby=7).max_per_lobby == 7
+    assert ConnectionManager().max_per_lobby == 10  # the base class is untouched
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "exc"),
+    [("max_per_lobby", 2.5, TypeError), ("close_timeout", NAN, ValueError), ("rate_limit", -1, ValueError)],
+)
+def test_a_bad_class_attribute_is_refused_when_the_class_is_created(
+    name: str, value: Any, exc: type[Exception]
+) -> None:
+    with pytest.raises(exc, match=f"^{name} .*class attribute of Bad"):
+        type("Bad", (ConnectionManager,), {name: value})
+
+
+def test_a_redis_backend_subclass_attribute_is_checked_and_applied() -> None:
+    class Short(RedisBackend):
+        lease = 2
+        max_backlog = 5
+
+    backend = Short()
+    assert (backend.lease, backend.max_backlog) == (2.0, 5) and "2000" in backend._argv
+    with pytest.raises(TypeError, match=r"^max_backlog"):
+        backend.max_backlog = NAN  # type: ignore[assignment]
+    with pytest.raises(ValueError, match=r"^lease .*class attribute of Bad"):
+        type("Bad", (RedisBackend,), {"lease": 1e308})
+
+
+# --------------------------------------- method arguments: the same checks
+
+
+TIMEOUTS: list[tuple[Any, type[Exception]]] = [
+    (NAN, ValueError),
+    (INF, ValueError),
+    (-5, ValueError),
+    (0, ValueError),
+    (1e308, ValueError),
+    (True, TypeError),
+    ("1", TypeError),
+]
+
+
+@pytest.mark.parametrize(("value", "exc"), TIMEOUTS)
+def test_shutdown_refuses_a_bad_timeout(value: Any, exc: type[Exception]) -> None:
+    # shutdown(timeout=nan) was taken silently and behaved as timeout=0
+    # (every client got only ~10 ms for its close).
+    async def main() -> None:
+        m = ConnectionManager(ping_interval=None)
+        peer = FakePeer()
+        assert await m.connect(peer.ws, "L", "u")
+        with pytest.raises(exc, match=r"^timeout "):
+            await m.shutdown(timeout=value)
+        assert peer.ws in m  # nothing was shut down
+        m.disconnect(peer.ws)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(("value", "exc"), TIMEOUTS)
+def test_ping_user_refuses_a_bad_timeout(value: Any, exc: type[Exception]) -> None:
+    # ping_user(u, timeout=nan) never returned (asyncio never fires a NaN timer).
+    async def main() -> None:
+        m = ConnectionManager(ping_interval=None)
+        peer = FakePeer()
+        assert await m.connect(peer.ws, "L", "u")
+        with pytest.raises(exc, match=r"^timeout "):
+            # the outer wait_for only keeps the test from hanging
+            await asyncio.wait_for(m.ping_user("u", timeout=value), 5)
+        assert peer.texts() == []  # refused before any ping was sent
+        m.disconnect(peer.ws)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(("value", "exc"), TIMEOUTS)
+def test_redis_wait_up_refuses_a_bad_timeout(value: Any, exc: type[Exception]) -> None:
+    with pytest.raises(exc, match=r"^timeout "):
+        asyncio.run(RedisBackend().wait_up(value))

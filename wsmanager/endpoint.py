@@ -410,7 +410,6 @@ async def _read_loop(
     touch = manager.touch
     allow = manager._allow
     parse = _parse
-    max_bytes = manager.max_message_bytes
     bad_in_a_row = 0
     while True:
         message = await receive()
@@ -436,6 +435,7 @@ async def _read_loop(
             await manager.close_connection(websocket, "binary_not_supported")
             return
         n = len(text)  # characters: a lower bound of the UTF-8 size, 4x an upper one
+        max_bytes = manager.max_message_bytes  # read per message: an assignment applies at once
         if n > max_bytes or (n * 4 > max_bytes and not text.isascii() and _utf8_len(text) > max_bytes):
             await manager.close_connection(websocket, "message_too_big")
             return

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from starlette.websockets import WebSocket, WebSocketState
 
@@ -29,7 +29,20 @@ from .backends import Backend, InMemoryBackend
 from .codes import CloseCode, close_code_for
 from .health import HealthMonitor, health_ping
 from .receiving import Receiving, pinged
-from .settings import CoreSetting, Setting, count, optional_count, optional_rate, seconds
+from .settings import (
+    Check,
+    CoreSetting,
+    DefaultFloat,
+    DefaultInt,
+    Setting,
+    class_defaults,
+    count,
+    optional_count,
+    optional_rate,
+    optional_seconds,
+    resolve,
+    seconds,
+)
 
 if TYPE_CHECKING:
     from .endpoint import Handler, Hook
@@ -336,8 +349,27 @@ class ConnectionManager(Core):
     (``manager.max_message_bytes = ...``), see ``wsmanager.settings``: a
     wrong type (bool, str, None where no "off" exists, float for a count)
     raises TypeError, NaN, an infinity or an out-of-range value ValueError,
-    each naming the setting.
+    each naming the setting; a count above ``sys.maxsize`` or a duration
+    above 100 years (``wsmanager.settings.MAX_SECONDS``) is out of range.
+    The same checks apply to the ``timeout`` of :meth:`shutdown` and
+    :meth:`ping_user`.
+
+    A subclass may set any numeric setting as a class attribute
+    (``class LobbyOf50(ConnectionManager): max_per_lobby = 50``): it is
+    checked when the class is created (TypeError / ValueError naming the
+    setting and the class) and becomes the default of its instances, enforced
+    by the core like a keyword argument; a keyword argument still wins (for
+    ``max_per_user``, ``rate_limit`` and ``rate_burst``, whose defaults are
+    None, passing None counts as leaving it out: assign None after
+    construction to turn a class default off). Later assignments are checked
+    as on the base class.
     """
+
+    _class_defaults: ClassVar[dict[str, Any]] = {}  # a subclass's class-attribute settings
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._class_defaults = class_defaults(cls, cls._class_defaults, _class_setting_checks())
 
     # Numeric settings (wsmanager.settings): checked on every assignment.
     max_connections = CoreSetting(Core.__dict__["max_connections"], count(0))
@@ -353,29 +385,46 @@ class ConnectionManager(Core):
 
     def __init__(
         self,
-        max_connections: int = 500,
-        max_per_lobby: int = 10,
+        max_connections: int = DefaultInt(500),
+        max_per_lobby: int = DefaultInt(10),
         *,
         max_per_user: int | None = None,
-        max_id_bytes: int = 1024,
+        max_id_bytes: int = DefaultInt(1024),
         clock: Callable[[], float] | None = None,
-        max_backlog: int = 1024,
-        max_backlog_bytes: int = 1 << 20,
+        max_backlog: int = DefaultInt(1024),
+        max_backlog_bytes: int = DefaultInt(1 << 20),
         rate_limit: float | None = None,
         rate_burst: float | None = None,
-        rate_limit_close_after: int = 100,
-        max_message_bytes: int = 64 * 1024,
-        max_bad_messages: int = 10,
+        rate_limit_close_after: int = DefaultInt(100),
+        max_message_bytes: int = DefaultInt(64 * 1024),
+        max_bad_messages: int = DefaultInt(10),
         allowed_origins: Collection[str] | None = None,
-        close_timeout: float = 5.0,
-        shutdown_timeout: float = 10.0,
-        ping_interval: float | None = 20.0,
-        ping_timeout: float | None = 10.0,
+        close_timeout: float = DefaultFloat(5.0),
+        shutdown_timeout: float = DefaultFloat(10.0),
+        ping_interval: float | None = DefaultFloat(20.0),
+        ping_timeout: float | None = DefaultFloat(10.0),
         backend: Backend | None = None,
         direct_frames: bool = True,
         on_user_limit: str = "refuse",
         json_default: Callable[[Any], Any] | None = None,
     ) -> None:
+        d = self._class_defaults  # a subclass's class-attribute settings: {} here
+        if d:
+            max_connections = resolve(d, "max_connections", max_connections)
+            max_per_lobby = resolve(d, "max_per_lobby", max_per_lobby)
+            max_per_user = resolve(d, "max_per_user", max_per_user, none_is_unset=True)
+            max_id_bytes = resolve(d, "max_id_bytes", max_id_bytes)
+            max_backlog = resolve(d, "max_backlog", max_backlog)
+            max_backlog_bytes = resolve(d, "max_backlog_bytes", max_backlog_bytes)
+            rate_limit = resolve(d, "rate_limit", rate_limit, none_is_unset=True)
+            rate_burst = resolve(d, "rate_burst", rate_burst, none_is_unset=True)
+            rate_limit_close_after = resolve(d, "rate_limit_close_after", rate_limit_close_after)
+            max_message_bytes = resolve(d, "max_message_bytes", max_message_bytes)
+            max_bad_messages = resolve(d, "max_bad_messages", max_bad_messages)
+            close_timeout = resolve(d, "close_timeout", close_timeout)
+            shutdown_timeout = resolve(d, "shutdown_timeout", shutdown_timeout)
+            ping_interval = resolve(d, "ping_interval", ping_interval)
+            ping_timeout = resolve(d, "ping_timeout", ping_timeout)
         cls = ConnectionManager
         super().__init__(
             cls.max_connections.validate(max_connections),
@@ -1036,7 +1085,11 @@ class ConnectionManager(Core):
         half of ``timeout`` to end, then a stuck one loses its reserved slot
         and its connection is aborted. Returns within ``timeout``, with
         nothing registered: a client that does not take its close is
-        aborted. Calling it again waits for the first call."""
+        aborted. Calling it again waits for the first call. ``timeout`` is
+        checked like the ``shutdown_timeout`` setting (seconds > 0, at most
+        100 years; TypeError / ValueError naming ``timeout``)."""
+        if timeout is not None:
+            timeout = seconds("timeout", timeout)
         if self._shutdown_task is not None and not self._shutdown_task.done():
             await asyncio.shield(self._shutdown_task)
             return
@@ -1176,7 +1229,10 @@ class ConnectionManager(Core):
         endpoint does not read, the manager reads the pong for it (see
         :mod:`wsmanager.receiving`). A pong that arrives after ``timeout`` is
         no round trip: it enters neither ``latency_ms`` nor the statistics.
+        ``timeout`` is checked like a setting (seconds > 0, at most 100 years;
+        TypeError / ValueError naming ``timeout``) before anything is sent.
         """
+        timeout = seconds("timeout", timeout)
         targets = self._user_targets(user_id)
         if not targets:
             return False, None
@@ -1363,6 +1419,21 @@ class ConnectionManager(Core):
             f"<{type(self).__name__} connections={len(self)}/{self.max_connections}"
             f" max_per_lobby={self.max_per_lobby} max_per_user={self.max_per_user}>"
         )
+
+
+def _class_setting_checks() -> dict[str, Check[Any]]:
+    """Each numeric setting a subclass may set as a class attribute -> its check."""
+    checks: dict[str, Check[Any]] = {
+        name: d.check for name, d in vars(ConnectionManager).items() if isinstance(d, Setting)
+    }
+    checks.update(
+        rate_limit=_RATE,
+        rate_burst=_BURST,
+        rate_limit_close_after=_CLOSE_AFTER,
+        ping_interval=optional_seconds,
+        ping_timeout=optional_seconds,
+    )
+    return checks
 
 
 class _ClusteredConnectionManager(ConnectionManager):

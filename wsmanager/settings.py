@@ -7,8 +7,22 @@ same rules:
 * a wrong type (a ``bool``, a ``str``, ``None`` where no "off" exists, a
   ``float`` where a count is expected) raises ``TypeError``;
 * a value out of range (NaN, an infinity, a negative or zero count or
-  duration where that means nothing) raises ``ValueError``;
+  duration where that means nothing, a count above :data:`MAX_COUNT`, a
+  duration above :data:`MAX_SECONDS`) raises ``ValueError``;
 * both messages start with the setting's name.
+
+The upper bounds exist because the values reach C: a count is held by the
+core as a ``Py_ssize_t`` (``sys.maxsize``), and a duration ends up as an
+integer of milliseconds or nanoseconds (the Redis lease's ``PX``, CPython's
+and uvloop's timers); past the bound these conversions raise
+``OverflowError`` or saturate, so the bound is checked up front instead.
+The same checks serve the public methods' arguments (``shutdown(timeout=)``,
+``ping_user(timeout=)``, ``RedisBackend.wait_up(timeout)``).
+
+A subclass may set a setting as a class attribute (``class M(
+ConnectionManager): max_per_lobby = 50``): :func:`class_defaults` checks it
+when the class is created and turns it into the default its instances start
+with (a keyword argument still wins).
 
 A check is a function ``check(name, value) -> value`` (the value normalized:
 ``int`` for counts, ``float`` for rates and seconds). :class:`Setting` is a
@@ -19,19 +33,35 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 __all__ = [
+    "MAX_COUNT",
+    "MAX_SECONDS",
     "Check",
     "CoreSetting",
+    "DefaultFloat",
+    "DefaultInt",
     "Setting",
+    "class_defaults",
     "count",
+    "is_default",
     "optional_count",
     "optional_rate",
     "optional_seconds",
+    "resolve",
     "seconds",
 ]
+
+MAX_COUNT = sys.maxsize
+"""Largest count a setting takes: the C core holds counts as ``Py_ssize_t``."""
+
+MAX_SECONDS = 100 * 365 * 24 * 3600.0
+"""Largest duration a setting takes (100 years, uvloop's ``MAX_SLEEP``): it
+keeps ``seconds * 1000`` (the Redis lease in ms) and ``seconds * 1e9``
+(CPython's ``_PyTime_t``) far inside a 64-bit integer."""
 
 T = TypeVar("T")
 
@@ -43,12 +73,19 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
+def _shown(n: int) -> str:
+    # str() of an int past 4300 digits raises ValueError (int_max_str_digits)
+    return str(n) if n.bit_length() <= 128 else f"an int of {n.bit_length()} bits"
+
+
 def _integer(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not hasattr(type(value), "__index__"):
         raise TypeError(f"{name} must be an int >= {minimum}, not {_type_name(value)}")
     n = operator.index(value)  # type: ignore[arg-type]
     if n < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {n}")
+        raise ValueError(f"{name} must be an int >= {minimum}, got {_shown(n)}")
+    if n > MAX_COUNT:
+        raise ValueError(f"{name} must be an int <= {MAX_COUNT} (sys.maxsize), got {_shown(n)}")
     return int(n)
 
 
@@ -58,7 +95,7 @@ def _real(name: str, value: object, what: str) -> float:
     try:
         number = float(value)
     except OverflowError:  # an int beyond a double
-        raise ValueError(f"{name} must be {what}, got {value!r:.40}") from None
+        raise ValueError(f"{name} must be {what}, got {_shown(int(value))}") from None
     if not math.isfinite(number):
         raise ValueError(f"{name} must be {what}, got {number}")
     return number
@@ -88,10 +125,12 @@ def optional_count(minimum: int) -> Check[int | None]:
 
 
 def seconds(name: str, value: object) -> float:
-    """A duration in seconds: a finite number > 0, as a float."""
+    """A duration in seconds: a number > 0 and <= :data:`MAX_SECONDS`, as a float."""
     number = _real(name, value, "a positive, finite number of seconds")
     if number <= 0:
         raise ValueError(f"{name} must be a positive, finite number of seconds, got {number}")
+    if number > MAX_SECONDS:
+        raise ValueError(f"{name} must be at most {MAX_SECONDS:.0f} seconds (100 years), got {number}")
     return number
 
 
@@ -116,6 +155,62 @@ def optional_rate(minimum: float) -> Check[float | None]:
         return number
 
     return check
+
+
+class DefaultInt(int):
+    """An ``int`` parameter default, told apart by its type from the same
+    number passed explicitly (see :func:`resolve`); it prints as the number."""
+
+    __slots__ = ()
+
+
+class DefaultFloat(float):
+    """A ``float`` parameter default, told apart like :class:`DefaultInt`."""
+
+    __slots__ = ()
+
+
+def is_default(value: object) -> bool:
+    """True for a :class:`DefaultInt` / :class:`DefaultFloat`: the caller
+    left the parameter out."""
+    return isinstance(value, (DefaultInt, DefaultFloat))
+
+
+def resolve(defaults: Mapping[str, Any], name: str, value: T, *, none_is_unset: bool = False) -> T:
+    """``value`` as passed, or the class default ``defaults[name]`` (from
+    :func:`class_defaults`) when the caller left the parameter out: the value
+    is the signature's :class:`DefaultInt` / :class:`DefaultFloat`, or None
+    for a parameter whose default is None (``none_is_unset``)."""
+    if name in defaults and (is_default(value) or (none_is_unset and value is None)):
+        return defaults[name]  # type: ignore[no-any-return]
+    return value
+
+
+def class_defaults(
+    cls: type, inherited: Mapping[str, Any], checks: Mapping[str, Check[Any]]
+) -> dict[str, Any]:
+    """The setting defaults of ``cls``: ``inherited`` updated with the
+    settings ``cls`` sets as plain class attributes (``max_per_lobby = 50``).
+
+    Each such attribute is checked now (TypeError / ValueError naming the
+    setting and the class, at class creation) and removed from ``cls``, so
+    the base class's validating descriptor stays in force for every later
+    assignment. An attribute that is itself a descriptor (a property of the
+    subclass's own) is left alone.
+    """
+    defaults = dict(inherited)
+    for name, check in checks.items():
+        if name not in cls.__dict__:
+            continue
+        value = cls.__dict__[name]
+        if hasattr(type(value), "__get__"):
+            continue
+        try:
+            defaults[name] = check(name, value)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{exc} (class attribute of {cls.__qualname__})") from None
+        delattr(cls, name)
+    return defaults
 
 
 class Setting(Generic[T]):

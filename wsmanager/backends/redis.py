@@ -39,7 +39,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -47,7 +47,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..settings import Setting, count, seconds
+from ..settings import DefaultFloat, DefaultInt, Setting, class_defaults, count, resolve, seconds
 from . import ClusterView
 from ._lua import COMMIT, LEAVE, REAP, RELEASE, RENEW, RESERVE, SNAPSHOT, SYNC
 
@@ -57,6 +57,15 @@ if TYPE_CHECKING:
 __all__ = ["RedisBackend"]
 
 T = TypeVar("T")
+
+
+def _lease(name: str, value: object) -> float:
+    """A lease: seconds from 0.001 to ``MAX_SECONDS`` (its milliseconds go to Redis as an int)."""
+    lease = seconds(name, value)
+    if lease < 0.001:
+        raise ValueError(f"{name} must be at least 0.001 seconds, got {lease}")
+    return lease
+
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +130,13 @@ class RedisBackend:
     are dropped (and counted) rather than held without bound.
 
     The numeric settings (``lease`` at least 0.001 s, ``connect_timeout``,
-    ``command_timeout``, ``backoff_max``: finite seconds > 0;
-    ``max_backlog``: an int >= 1) are checked at construction and on
-    assignment, with a TypeError / ValueError naming the setting
-    (``wsmanager.settings``). A new ``lease`` applies from the next renewal.
+    ``command_timeout``, ``backoff_max``: seconds > 0, at most
+    ``wsmanager.settings.MAX_SECONDS`` (100 years); ``max_backlog``: an int
+    >= 1) are checked at construction and on assignment, with a TypeError /
+    ValueError naming the setting (``wsmanager.settings``). A new ``lease``
+    applies from the next renewal. A subclass may set any of them as a class
+    attribute: it is checked when the class is created and becomes the
+    default of its instances (a keyword argument still wins).
     """
 
     clustered = True
@@ -132,19 +144,32 @@ class RedisBackend:
     command_timeout = Setting(seconds)
     backoff_max = Setting(seconds)
     max_backlog = Setting(count(1))
+    _class_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        names = ("connect_timeout", "command_timeout", "backoff_max", "max_backlog")
+        checks = {"lease": _lease, **{n: RedisBackend.__dict__[n].check for n in names}}
+        cls._class_defaults = class_defaults(cls, cls._class_defaults, checks)
 
     def __init__(
         self,
         url: str = "redis://127.0.0.1:6379/0",
         *,
         namespace: str = "wsm",
-        lease: float = 10.0,
+        lease: float = DefaultFloat(10.0),
         node_id: str | None = None,
-        connect_timeout: float = 2.0,
-        command_timeout: float = 5.0,
-        backoff_max: float = 5.0,
-        max_backlog: int = 10_000,
+        connect_timeout: float = DefaultFloat(2.0),
+        command_timeout: float = DefaultFloat(5.0),
+        backoff_max: float = DefaultFloat(5.0),
+        max_backlog: int = DefaultInt(10_000),
     ) -> None:
+        d = self._class_defaults  # a subclass's class-attribute settings
+        lease = resolve(d, "lease", lease)
+        connect_timeout = resolve(d, "connect_timeout", connect_timeout)
+        command_timeout = resolve(d, "command_timeout", command_timeout)
+        backoff_max = resolve(d, "backoff_max", backoff_max)
+        max_backlog = resolve(d, "max_backlog", max_backlog)
         self._argv: list[str] = []
         self.lease = lease
         self.url = url
@@ -206,9 +231,7 @@ class RedisBackend:
 
     @lease.setter
     def lease(self, value: float) -> None:
-        lease = seconds("lease", value)
-        if lease < 0.001:
-            raise ValueError(f"lease must be at least 0.001 seconds, got {lease}")
+        lease = _lease("lease", value)
         self._lease = lease
         self._lease_ms = str(int(lease * 1000))
         if self._argv:
@@ -259,7 +282,9 @@ class RedisBackend:
             )
 
     async def wait_up(self, timeout: float) -> bool:
-        """True once the backplane is up (within ``timeout`` seconds)."""
+        """True once the backplane is up (within ``timeout`` seconds, checked
+        as a setting: TypeError / ValueError naming ``timeout``)."""
+        timeout = seconds("timeout", timeout)
         if self.up or self._ready is None:
             return self.up
         await _wait_event(self._ready, timeout)
