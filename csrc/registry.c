@@ -143,8 +143,6 @@ group_release_if_empty(wsm_group **table, wsm_group *g)
 
 /* ---- public ----------------------------------------------------------- */
 
-static void registry_clear_once(wsm_registry *r);
-
 void
 wsm_registry_init(wsm_registry *r)
 {
@@ -170,15 +168,6 @@ wsm_registry_traverse(wsm_registry *r, visitproc visit, void *arg)
 
 void
 wsm_registry_clear(wsm_registry *r)
-{
-    /* A finalizer run below may register new entries: clear until empty. */
-    while (r->conns != NULL || r->lobbies != NULL || r->users != NULL) {
-        registry_clear_once(r);
-    }
-}
-
-static void
-registry_clear_once(wsm_registry *r)
 {
     /* Unhook everything first, then drop references: a websocket's
      * finalizer may run Python code, which must see a consistent (empty)
