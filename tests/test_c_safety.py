@@ -312,24 +312,34 @@ def test_hostile_str_ids_at_registration() -> None:
 
 
 class Room(str, enum.Enum):
-    """A str enum: its hash is the hash of its *name*, not of its value."""
+    """A str-mixin enum, a common way to spell lobby codes."""
 
-    MAIN = "main"
+    MAIN = "Main"
 
 
-def test_str_enum_ids_find_what_their_value_registered() -> None:
-    """An id that is a str subclass with its own __hash__ (any str-mixin Enum)
-    finds the lobby and user registered under the equal plain str."""
+class FoldedId(str):
+    """An id type with its own hash (case-folded), equal to its plain str."""
+
+    def __hash__(self) -> int:
+        return hash(self.casefold())
+
+
+@pytest.mark.parametrize("make", [FoldedId, lambda text: Room(text)], ids=["own_hash", "str_enum"])
+def test_str_subclass_ids_find_what_the_equal_str_registered(make: Callable[[str], str]) -> None:
+    """An id that is a str subclass finds the lobby and user registered under
+    the equal plain str, whatever its own __hash__ says."""
     m = new_manager()
-    ws = join(m, "main", "main")
-    assert m.get_lobby_users(Room.MAIN) == {"main"}
-    assert m._lobby_targets(Room.MAIN) == [ws]
-    assert m._lobby_count(Room.MAIN) == 1
-    assert m.is_user_connected(Room.MAIN)
-    assert m._user_targets(Room.MAIN) == [ws]
-    assert m.can_accept_connection(Room.MAIN) == (True, "")
+    ws = join(m, "Main", "Main")
+    lobby = user = make("Main")
+    assert m.get_lobby_users(lobby) == {"Main"}
+    assert m._lobby_targets(lobby) == [ws]
+    assert m._lobby_targets(lobby, user) == []
+    assert m._lobby_count(lobby) == 1
+    assert m.is_user_connected(user)
+    assert m._user_targets(user) == [ws]
+    assert m.can_accept_connection(lobby) == (True, "")
     m.max_per_lobby = 1
-    assert m.can_accept_connection(Room.MAIN) == (False, "lobby_full")
+    assert m.can_accept_connection(lobby) == (False, "lobby_full")
 
 
 def test_non_str_lookup_ids_are_a_type_error() -> None:
