@@ -3,6 +3,28 @@
  * Multi-phase init (PEP 489), module state (PEP 630), one heap type `Core`
  * with GC support. The Python class wsmanager.ConnectionManager subclasses
  * Core: the synchronous methods of the seed's API are the C methods here.
+ *
+ * Memory-safety rule (DESIGN.md, issue 9), enforced in every method below:
+ * no pointer into a uthash table or an intrusive list (wsm_conn *,
+ * wsm_group *, wsm_list *) is held across a call that can run Python code:
+ *   - hashing or comparing a key object: ids are taken as exact str with
+ *     lookup_id() / checked_id() first (a str subclass is copied, so its
+ *     __hash__ / __eq__ never run); websockets are keyed by identity
+ *     (registry.c's ptr_hash), so theirs never run either;
+ *   - allocating a GC-tracked object (list, tuple, set, dict): it may start
+ *     a GC pass whose finalizers disconnect anyone. Results are allocated
+ *     *before* the walk, the entry or group is looked up again after the
+ *     allocation, and the walk only does what runs no Python: Py_INCREF,
+ *     PyMem_*, PyList_Append / PyList_SetSlice on NULL items (a PyMem
+ *     realloc), PySet_Add of exact str keys, untracked ints and floats;
+ *   - hooks and callbacks (pong hook, drop hook, the injected clock): the
+ *     clock is read before any lookup, hooks are called after the last use
+ *     of every pointer, with references of our own to their arguments;
+ *   - a Py_DECREF that may free the last reference (a websocket's finalizer
+ *     runs): wsm_remove() drops the websocket last, once the registry is
+ *     consistent, and its callers hold a reference of their own.
+ * A snapshot never contains NULL slots. tests/test_c_safety.py covers each
+ * method (run it under the ASan build).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -246,17 +268,23 @@ checked_id(CoreObject *self, PyObject *obj, const char *what)
     return PyUnicode_FromObject(obj);
 }
 
-/* Type check for ids used only to *look up*: a wrong type is a clear error,
- * an unknown or odd-looking id simply matches nothing. */
-static int
-check_lookup_id(PyObject *obj, const char *what)
+/* An id used only to *look up*: a wrong type is a clear error, an unknown or
+ * odd-looking id simply matches nothing. Returns a new reference to an exact
+ * str (a subclass is copied: its __hash__ / __eq__ could run Python code in
+ * the middle of a table lookup), or NULL with TypeError set. Runs no Python
+ * code itself. */
+static PyObject *
+lookup_id(PyObject *obj, const char *what)
 {
+    if (PyUnicode_CheckExact(obj)) {
+        return Py_NewRef(obj);
+    }
     if (!PyUnicode_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "%s must be a str, not %.100s", what,
                      Py_TYPE(obj)->tp_name);
-        return -1;
+        return NULL;
     }
-    return 0;
+    return PyUnicode_FromObject(obj); /* new ref, an exact copy */
 }
 
 static void
@@ -270,10 +298,24 @@ record_rtt(CoreObject *self, double rtt)
     }
 }
 
+/* (lobby_code, user_id) of the committed connection of `ws`, or None.
+ * The tuple is allocated first (a GC pass may run finalizers that
+ * disconnect anyone), the entry is looked up after. New reference. */
 static PyObject *
-info_tuple(wsm_conn *c)
+info_of(CoreObject *self, PyObject *ws /* borrowed */)
 {
-    return PyTuple_Pack(2, c->lobby->key, c->user->key);
+    PyObject *t = PyTuple_New(2); /* new ref; may run Python */
+    if (t == NULL) {
+        return NULL;
+    }
+    wsm_conn *c = wsm_find_conn(&self->reg, ws);
+    if (c == NULL || c->state != WSM_ACTIVE) {
+        Py_DECREF(t); /* NULL items: runs no Python */
+        Py_RETURN_NONE;
+    }
+    PyTuple_SET_ITEM(t, 0, Py_NewRef(c->lobby->key));
+    PyTuple_SET_ITEM(t, 1, Py_NewRef(c->user->key));
+    return t;
 }
 
 /* ---- type slots ------------------------------------------------------- */
@@ -406,7 +448,8 @@ static PyObject *
 Core_can_accept_connection(CoreObject *self, PyObject *lobby_code)
 {
     CHECK_INIT(self, NULL);
-    if (check_lookup_id(lobby_code, "lobby_code") < 0) {
+    PyObject *code = lookup_id(lobby_code, "lobby_code"); /* new ref */
+    if (code == NULL) {
         return NULL;
     }
     module_state *st = self->st;
@@ -424,7 +467,7 @@ Core_can_accept_connection(CoreObject *self, PyObject *lobby_code)
         self->n_refused_server++;
     }
     else {
-        wsm_group *g = wsm_find_lobby(&self->reg, lobby_code);
+        wsm_group *g = wsm_find_lobby(&self->reg, code);
         Py_ssize_t n = g ? g->members.len + g->reserved : 0;
         if (n >= self->max_per_lobby) {
             res = st->refuse_lobby;
@@ -434,6 +477,7 @@ Core_can_accept_connection(CoreObject *self, PyObject *lobby_code)
             res = st->accept_ok;
         }
     }
+    Py_DECREF(code);
     Py_INCREF(res);
     return res;
 }
@@ -687,16 +731,12 @@ Core_disconnect(CoreObject *self, PyObject *ws)
     if (c == NULL || c->state != WSM_ACTIVE) {
         Py_RETURN_NONE;
     }
-    PyObject *info = info_tuple(c); /* new ref */
-    if (info == NULL) {
-        return NULL;
+    PyObject *info = info_of(self, ws); /* new ref */
+    if (info == NULL || info == Py_None) {
+        return info;
     }
-    /* allocating may have run a GC pass whose finalizers re-entered us */
+    /* info_of() found it after its allocation; nothing ran since */
     c = wsm_find_conn(&self->reg, ws);
-    if (c == NULL || c->state != WSM_ACTIVE) {
-        Py_DECREF(info);
-        Py_RETURN_NONE;
-    }
     int notify = c->notify;
     wsm_remove(&self->reg, c);
     self->n_disconnects++;
@@ -787,7 +827,7 @@ Core_info(CoreObject *self, PyObject *ws)
     if (c == NULL || c->state != WSM_ACTIVE) {
         Py_RETURN_NONE;
     }
-    return info_tuple(c);
+    return info_of(self, ws);
 }
 
 static PyObject *
@@ -796,10 +836,11 @@ Core_update_last_message(CoreObject *self, PyObject *user_id)
     CHECK_INIT(self, NULL);
     /* the clock may run Python code: read it before any lookup */
     NOW_COARSE_OR_FAIL(now, self, return NULL);
-    if (check_lookup_id(user_id, "user_id") < 0) {
+    PyObject *uid = lookup_id(user_id, "user_id"); /* new ref */
+    if (uid == NULL) {
         return NULL;
     }
-    wsm_group *g = wsm_find_user(&self->reg, user_id);
+    wsm_group *g = wsm_find_user(&self->reg, uid);
     if (g != NULL && g->members.len) {
         /* touch() moves entries on the activity lists only, never the user
          * list being walked */
@@ -807,6 +848,7 @@ Core_update_last_message(CoreObject *self, PyObject *user_id)
             wsm_touch(&self->reg, c, now);
         }
     }
+    Py_DECREF(uid);
     Py_RETURN_NONE;
 }
 
@@ -818,11 +860,12 @@ Core_record_pong(CoreObject *self, PyObject *user_id)
     CHECK_INIT(self, NULL);
     /* the clock may run Python code: read it before any lookup */
     NOW_OR_FAIL(now, self, return NULL);
-    if (check_lookup_id(user_id, "user_id") < 0) {
+    PyObject *uid = lookup_id(user_id, "user_id"); /* new ref */
+    if (uid == NULL) {
         return NULL;
     }
     double best = -1.0;
-    wsm_group *g = wsm_find_user(&self->reg, user_id);
+    wsm_group *g = wsm_find_user(&self->reg, uid);
     if (g != NULL && g->members.len) {
         self->n_pongs++;
         for (wsm_conn *c = g->members.head; c; c = c->user_link.next) {
@@ -834,11 +877,14 @@ Core_record_pong(CoreObject *self, PyObject *user_id)
         if (best >= 0) {
             record_rtt(self, best);
         }
+        /* g is not used past this point: the hook may disconnect anyone */
         if (self->pong_hook != NULL &&
             call_pong_hook(self, g->key, NULL, best) < 0) {
+            Py_DECREF(uid);
             return NULL;
         }
     }
+    Py_DECREF(uid);
     Py_RETURN_NONE; /* the seed's record_pong returns None */
 }
 
@@ -851,18 +897,23 @@ call_pong_hook(CoreObject *self, PyObject *user_key /* borrowed */,
                PyObject *ws /* borrowed, may be NULL */, double rtt)
 {
     PyObject *hook = self->pong_hook, *latency = NULL, *res = NULL;
+    /* our own references first: user_key may be a group's, freed by a
+     * disconnect that anything running Python code could do */
+    Py_INCREF(hook);
+    Py_INCREF(user_key);
+    Py_XINCREF(ws);
     if (rtt >= 0) {
         latency = PyFloat_FromDouble(rtt * 1000.0);
         if (latency == NULL) {
+            Py_XDECREF(ws);
+            Py_DECREF(user_key);
+            Py_DECREF(hook);
             return -1;
         }
     }
     else {
         latency = Py_NewRef(Py_None);
     }
-    Py_INCREF(hook);
-    Py_INCREF(user_key);
-    Py_XINCREF(ws);
     res = PyObject_CallFunctionObjArgs(hook, user_key, ws ? ws : Py_None,
                                        latency, NULL); /* new ref */
     Py_XDECREF(ws);
@@ -1009,27 +1060,34 @@ static PyObject *
 Core_is_user_connected_impl(CoreObject *self, PyObject *user_id)
 {
     CHECK_INIT(self, NULL);
-    if (check_lookup_id(user_id, "user_id") < 0) {
+    PyObject *uid = lookup_id(user_id, "user_id"); /* new ref */
+    if (uid == NULL) {
         return NULL;
     }
-    wsm_group *g = wsm_find_user(&self->reg, user_id);
-    return PyBool_FromLong(g != NULL && g->members.len > 0);
+    wsm_group *g = wsm_find_user(&self->reg, uid);
+    int found = g != NULL && g->members.len > 0;
+    Py_DECREF(uid);
+    return PyBool_FromLong(found);
 }
 
 static PyObject *
 Core_get_lobby_users_impl(CoreObject *self, PyObject *lobby_code)
 {
     CHECK_INIT(self, NULL);
-    if (check_lookup_id(lobby_code, "lobby_code") < 0) {
+    PyObject *code = lookup_id(lobby_code, "lobby_code"); /* new ref */
+    if (code == NULL) {
         return NULL;
     }
-    PyObject *set = PySet_New(NULL);
+    PyObject *set = PySet_New(NULL); /* may run Python: before the lookup */
     if (set == NULL) {
+        Py_DECREF(code);
         return NULL;
     }
-    wsm_group *g = wsm_find_lobby(&self->reg, lobby_code);
+    wsm_group *g = wsm_find_lobby(&self->reg, code);
+    Py_DECREF(code);
     if (g != NULL) {
-        /* PySet_Add on str keys runs no Python code (str hash/eq are C) */
+        /* PySet_Add of exact str keys runs no Python code (str hash/eq are
+         * C; growing the table is a PyMem allocation) */
         for (wsm_conn *c = g->members.head; c; c = c->lobby_link.next) {
             if (PySet_Add(set, c->user->key) < 0) {
                 Py_DECREF(set);
@@ -1082,25 +1140,43 @@ Core_get_lobby_users(CoreObject *self, PyObject *const *args,
     return id == NULL ? NULL : Core_get_lobby_users_impl(self, id);
 }
 
-/* Snapshot of a list into a new Python list of websockets. */
+/* The websockets of a group's members (a lobby's if by_lobby, else a
+ * user's), oldest first, as a new list; members of the user `exclude`
+ * (exact str or NULL) are left out. The list is allocated first, sized by
+ * the group as it is then (a GC pass in the allocation may disconnect
+ * anyone); the group is looked up again after, and the walk runs no Python
+ * code: it fills the slots, appends past them (a PyMem realloc) and drops
+ * the unused ones. The result has no NULL slot. */
 static PyObject *
-snapshot_list(wsm_list *l, size_t link_off, wsm_group *exclude_user)
+group_targets(CoreObject *self, PyObject *key /* exact str */, int by_lobby,
+              PyObject *exclude /* exact str or NULL */)
 {
-    PyObject *out = PyList_New(l->len);
+    wsm_registry *r = &self->reg;
+    wsm_group *g = by_lobby ? wsm_find_lobby(r, key) : wsm_find_user(r, key);
+    Py_ssize_t n = wsm_group_count(g);
+    PyObject *out = PyList_New(n); /* new ref; may run Python */
     if (out == NULL) {
         return NULL;
     }
+    g = by_lobby ? wsm_find_lobby(r, key) : wsm_find_user(r, key);
+    wsm_group *ex = exclude ? wsm_find_user(r, exclude) : NULL;
     Py_ssize_t i = 0;
-    for (wsm_conn *c = l->head; c;
-         c = ((wsm_link *)((char *)c + link_off))->next) {
-        if (exclude_user != NULL && c->user == exclude_user) {
+    for (wsm_conn *c = g ? g->members.head : NULL; c;
+         c = by_lobby ? c->lobby_link.next : c->user_link.next) {
+        if (ex != NULL && c->user == ex) {
             continue;
         }
-        Py_INCREF(c->ws);
-        PyList_SET_ITEM(out, i, c->ws);
+        if (i < n) {
+            PyList_SET_ITEM(out, i, Py_NewRef(c->ws));
+        }
+        else if (PyList_Append(out, c->ws) < 0) { /* every slot is set */
+            Py_DECREF(out);
+            return NULL;
+        }
         i++;
     }
-    if (i < l->len && PyList_SetSlice(out, i, l->len, NULL) < 0) {
+    /* removing NULL slots runs no Python code either */
+    if (i < n && PyList_SetSlice(out, i, n, NULL) < 0) {
         Py_DECREF(out);
         return NULL;
     }
@@ -1111,26 +1187,26 @@ snapshot_list(wsm_list *l, size_t link_off, wsm_group *exclude_user)
 static PyObject *
 Core_lobby_targets(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    static wsm_list empty = {NULL, NULL, 0};
+    PyObject *code = NULL, *exclude = NULL, *out = NULL;
     CHECK_INIT(self, NULL);
     if (nargs < 1 || nargs > 2) {
         PyErr_SetString(PyExc_TypeError,
                         "_lobby_targets(lobby_code, exclude_user_id=None)");
         return NULL;
     }
-    if (check_lookup_id(args[0], "lobby_code") < 0) {
+    code = lookup_id(args[0], "lobby_code"); /* new ref */
+    if (code == NULL) {
         return NULL;
     }
-    wsm_group *exclude = NULL;
-    if (nargs == 2 && args[1] != Py_None) {
-        if (check_lookup_id(args[1], "exclude_user_id") < 0) {
-            return NULL;
-        }
-        exclude = wsm_find_user(&self->reg, args[1]);
+    if (nargs == 2 && args[1] != Py_None &&
+        (exclude = lookup_id(args[1], "exclude_user_id")) == NULL) {
+        Py_DECREF(code);
+        return NULL;
     }
-    wsm_group *g = wsm_find_lobby(&self->reg, args[0]);
-    return snapshot_list(g ? &g->members : &empty,
-                         offsetof(wsm_conn, lobby_link), exclude);
+    out = group_targets(self, code, 1, exclude);
+    Py_DECREF(code);
+    Py_XDECREF(exclude);
+    return out;
 }
 
 /* _lobby_count(lobby_code) -> committed connections in the lobby, O(1) */
@@ -1138,53 +1214,73 @@ static PyObject *
 Core_lobby_count(CoreObject *self, PyObject *lobby_code)
 {
     CHECK_INIT(self, NULL);
-    if (check_lookup_id(lobby_code, "lobby_code") < 0) {
+    PyObject *code = lookup_id(lobby_code, "lobby_code"); /* new ref */
+    if (code == NULL) {
         return NULL;
     }
-    return PyLong_FromSsize_t(
-        wsm_group_count(wsm_find_lobby(&self->reg, lobby_code)));
+    Py_ssize_t n = wsm_group_count(wsm_find_lobby(&self->reg, code));
+    Py_DECREF(code);
+    return PyLong_FromSsize_t(n);
 }
 
 /* _user_targets(user_id) -> list[websocket], oldest connection first */
 static PyObject *
 Core_user_targets(CoreObject *self, PyObject *user_id)
 {
-    static wsm_list empty = {NULL, NULL, 0};
     CHECK_INIT(self, NULL);
-    if (check_lookup_id(user_id, "user_id") < 0) {
+    PyObject *uid = lookup_id(user_id, "user_id"); /* new ref */
+    if (uid == NULL) {
         return NULL;
     }
-    wsm_group *g = wsm_find_user(&self->reg, user_id);
-    return snapshot_list(g ? &g->members : &empty,
-                         offsetof(wsm_conn, user_link), NULL);
+    PyObject *out = group_targets(self, uid, 0, NULL);
+    Py_DECREF(uid);
+    return out;
 }
 
 /* _snapshot() -> list[(websocket, lobby_code, user_id)] of committed
  * connections, in connection order per lobby. O(connections): for the
- * read-only compatibility views only. */
+ * read-only compatibility views only.
+ * Every tuple is allocated (filled with None) before the walk, until there
+ * are as many as committed connections with no Python code run since the
+ * count was read: the walk itself only swaps references in. */
 static PyObject *
 Core_snapshot(CoreObject *self, PyObject *Py_UNUSED(ignored))
 {
     CHECK_INIT(self, NULL);
-    PyObject *out = PyList_New(self->reg.active);
+    PyObject *out = PyList_New(0); /* new ref */
     if (out == NULL) {
         return NULL;
     }
-    Py_ssize_t i = 0;
+    while (PyList_GET_SIZE(out) < self->reg.active) {
+        PyObject *t = PyTuple_Pack(3, Py_None, Py_None, Py_None); /* may run Python */
+        if (t == NULL || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    Py_ssize_t i = 0, n = PyList_GET_SIZE(out);
     wsm_group *g, *tmp;
     HASH_ITER(hh, self->reg.lobbies, g, tmp) {
-        for (wsm_conn *c = g->members.head; c; c = c->lobby_link.next) {
-            if (i >= self->reg.active) {
-                break;
+        for (wsm_conn *c = g->members.head; c && i < n; c = c->lobby_link.next) {
+            PyObject *t = PyList_GET_ITEM(out, i); /* borrowed */
+            PyObject *item[3] = {c->ws, g->key, c->user->key};
+            for (int k = 0; k < 3; k++) {
+                Py_DECREF(Py_None); /* never the last reference: no Python */
+                PyTuple_SET_ITEM(t, k, Py_NewRef(item[k]));
             }
-            PyObject *t = PyTuple_Pack(3, c->ws, g->key, c->user->key);
-            if (t == NULL) {
-                Py_DECREF(out);
-                return NULL;
+            /* a GC pass may have untracked the all-None tuple */
+            if (!PyObject_GC_IsTracked(t)) {
+                PyObject_GC_Track(t);
             }
-            PyList_SET_ITEM(out, i, t);
             i++;
         }
+    }
+    /* dropping the unused tuples (all None) runs no Python code */
+    if (i < n && PyList_SetSlice(out, i, n, NULL) < 0) {
+        Py_DECREF(out);
+        return NULL;
     }
     return out;
 }
@@ -1224,7 +1320,7 @@ parse_periods(PyObject *const *args, double *interval, double *timeout)
 static PyObject *
 Core_sweep(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *to_ping = NULL, *expired = NULL, *t = NULL;
+    PyObject *to_ping = NULL, *expired = NULL, *t = NULL, *res = NULL;
     double interval, timeout;
     Py_ssize_t limit = -1;
     CHECK_INIT(self, NULL);
@@ -1247,6 +1343,13 @@ Core_sweep(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     to_ping = PyList_New(0);
     expired = PyList_New(0);
     if (to_ping == NULL || expired == NULL) {
+        goto error;
+    }
+    /* The result is allocated before the walks: after the idle walk
+     * nothing may run Python code, or a finalizer could disconnect a
+     * connection this sweep returns as to be pinged. */
+    res = PyTuple_Pack(2, to_ping, expired); /* new ref */
+    if (res == NULL) {
         goto error;
     }
     while (self->reg.wait.head &&
@@ -1281,18 +1384,19 @@ Core_sweep(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
            self->reg.idle.head->last_rx + interval <= now &&
            (limit < 0 || PyList_GET_SIZE(to_ping) < limit)) {
         wsm_conn *c = self->reg.idle.head;
+        /* a PyMem realloc at most: runs no Python, c stays valid */
         if (PyList_Append(to_ping, c->ws) < 0) {
             goto error;
         }
         wsm_mark_pinged(&self->reg, c, now, timeout);
         self->n_pings++;
     }
-    t = PyTuple_Pack(2, to_ping, expired);
     Py_DECREF(to_ping);
     Py_DECREF(expired);
-    return t;
+    return res;
 error:
     Py_XDECREF(t);
+    Py_XDECREF(res);
     Py_XDECREF(to_ping);
     Py_XDECREF(expired);
     return NULL;
@@ -1529,14 +1633,19 @@ Core_get_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
 #define K(name) (st->k_##name)
     PyObject *stale_keys[WSM_STALE_NREASONS] = {K(no_pong), K(send_failed),
                                                  K(handler_exited)};
+    /* Every dict (GC-tracked: its allocation may run finalizers that
+     * disconnect) is allocated before any count is read, so the counts
+     * agree with each other and with len() afterwards. Filling them with
+     * ints and floats runs no Python code. */
+    PyObject *d = PyDict_New(), *refused = PyDict_New(), *lat = PyDict_New(),
+             *stale = PyDict_New();
+    if (d == NULL || refused == NULL || lat == NULL || stale == NULL) {
+        goto error;
+    }
     Py_ssize_t total = self->reg.active;
     double pct = self->max_connections > 0
         ? round1((double)total / (double)self->max_connections * 100.0)
         : 100.0;
-    PyObject *d = PyDict_New(), *refused = NULL, *lat = NULL, *stale = NULL;
-    if (d == NULL) {
-        return NULL;
-    }
     if (dict_set_ssize(d, K(total_connections), total) < 0 ||
         dict_set_ssize(d, K(max_connections), self->max_connections) < 0 ||
         dict_set_double(d, K(capacity_percent), pct) < 0 ||
@@ -1562,9 +1671,7 @@ Core_get_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
                              self->shutting_down ? Py_True : Py_False) < 0) {
         goto error;
     }
-    refused = PyDict_New();
-    if (refused == NULL ||
-        dict_set_ull(refused, K(server_full), self->n_refused_server) < 0 ||
+    if (dict_set_ull(refused, K(server_full), self->n_refused_server) < 0 ||
         dict_set_ull(refused, K(lobby_full), self->n_refused_lobby) < 0 ||
         dict_set_ull(refused, K(user_limit), self->n_refused_user) < 0 ||
         dict_set_ull(refused, K(shutting_down), self->n_refused_shutdown) < 0 ||
@@ -1572,10 +1679,6 @@ Core_get_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
         dict_set_ull(refused, K(forbidden_origin), self->n_refused_origin) < 0 ||
         dict_set_ull(refused, K(invalid_id), self->n_refused_invalid) < 0 ||
         PyDict_SetItem(d, K(refused), refused) < 0) {
-        goto error;
-    }
-    lat = PyDict_New();
-    if (lat == NULL) {
         goto error;
     }
     if (self->rtt_len > 0) {
@@ -1605,8 +1708,7 @@ Core_get_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
     if (PyDict_SetItem(d, K(latency_ms), lat) < 0) {
         goto error;
     }
-    stale = PyDict_New();
-    if (stale == NULL || PyDict_SetItem(d, K(stale_closed), stale) < 0) {
+    if (PyDict_SetItem(d, K(stale_closed), stale) < 0) {
         goto error;
     }
     for (int i = 0; i < WSM_STALE_NREASONS; i++) {
@@ -1622,7 +1724,7 @@ error:
     Py_XDECREF(stale);
     Py_XDECREF(refused);
     Py_XDECREF(lat);
-    Py_DECREF(d);
+    Py_XDECREF(d);
     return NULL;
 #undef K
 }

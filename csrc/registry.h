@@ -6,6 +6,14 @@
  * while a table or list is being walked: the walkers copy what they need
  * first.
  *
+ * The rule its callers (module.c) keep: a wsm_conn *, wsm_group * or
+ * wsm_list * is only valid until the next call that can run Python code
+ * (the hash or eq of a key object, allocating a GC-tracked object, a hook,
+ * a Py_DECREF that may free a last reference). The lookups below take
+ * exact str ids only (the hash of an exact str runs no Python code) and
+ * websockets by identity (no __hash__ / __eq__ is called). Look up again
+ * after any such call.
+ *
  * Every count the public API reports is kept up to date on each change, so
  * capacity checks and statistics are O(1).
  */
