@@ -48,8 +48,8 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..settings import DefaultFloat, DefaultInt, Setting, class_defaults, count, resolve, seconds
-from . import ClusterView
 from ._lua import COMMIT, LEAVE, REAP, RELEASE, RENEW, RESERVE, SNAPSHOT, SYNC
+from .view import ClusterView
 
 if TYPE_CHECKING:
     from ..manager import ConnectionManager
