@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import struct
-import sys
 import time
 import weakref
 from collections import deque
@@ -29,6 +28,7 @@ from .backends import Backend, InMemoryBackend
 from .codes import CloseCode, close_code_for
 from .health import HealthMonitor, health_ping
 from .receiving import Receiving, pinged
+from .servers import abort_transport, direct_transport
 from .settings import (
     Check,
     CoreSetting,
@@ -112,132 +112,13 @@ async def _resume(coro: Coroutine[Any, Any, Any], step: Any) -> None:
             return
 
 
-def _abort_transport(websocket: Any) -> bool:
-    """Abort the TCP connection under ``websocket`` when the server exposes it.
-
-    ASGI offers no abort; uvicorn's ``send`` is a method of its protocol
-    object, which holds the transport (possibly wrapped by middleware closures,
-    followed a few levels). Returns whether a transport was aborted.
-    """
-    stack: list[Any] = [getattr(websocket, "_send", None)]
-    for _ in range(8):
-        if not stack:
-            break
-        fn = stack.pop()
-        transport = getattr(getattr(fn, "__self__", None), "transport", None)
-        abort = getattr(transport, "abort", None)
-        if callable(abort):
-            abort()
-            return True
-        for cell in getattr(fn, "__closure__", None) or ():
-            with contextlib.suppress(ValueError):
-                if callable(cell.cell_contents):
-                    stack.append(cell.cell_contents)
-    return False
-
-
 # -- direct frames -------------------------------------------------------
 #
 # A server->client frame is unmasked, so one text frame's bytes are the same
-# for every recipient of a broadcast. On uvicorn's websockets-sansio protocol
-# (uvicorn's default when ``websockets`` is installed), a send frames (and,
-# with permessage-deflate, compresses) the text once per recipient; the
-# manager instead builds one uncompressed text frame (FIN, opcode 1, RSV 0:
-# allowed in a permessage-deflate session by RFC 7692 section 6) per message
-# and writes it to each ready connection's transport. Only where the ASGI
-# ``send`` is that protocol's own method, reached through known pass-through
-# wrappers; any other server, or a middleware that wraps ``send``, keeps the
-# ordinary path.
-
-_SANSIO_MODULE = "uvicorn.protocols.websockets.websockets_sansio_impl"
-_DIRECT_ATTR = "_wsmanager_direct"  # cached on the WebSocket: the protocol, or None
-_pass_through: dict[Any, int] | None = None  # code object -> index of the `send` cell
-_OPEN: Any = None  # websockets' State.OPEN
-
-
-def _pass_through_codes() -> dict[Any, int]:
-    """Code objects of closures known to pass every message to ``send``
-    unchanged (Starlette's exception-handler ``sender``)."""
-    global _pass_through
-    if _pass_through is None:
-        found: dict[Any, int] = {}
-        with contextlib.suppress(Exception):
-            from starlette import _exception_handler
-
-            stack = [_exception_handler.wrap_app_handling_exceptions.__code__]
-            while stack:
-                code = stack.pop()
-                if code.co_name == "sender" and "send" in code.co_freevars:
-                    found[code] = code.co_freevars.index("send")
-                stack.extend(c for c in code.co_consts if hasattr(c, "co_consts"))
-        _pass_through = found
-    return _pass_through
-
-
-def _resolve_direct(websocket: Any) -> Any:
-    """The uvicorn sans-I/O protocol whose ``send`` ``websocket``'s ASGI send
-    is, through known pass-through wrappers only; else None."""
-    module = sys.modules.get(_SANSIO_MODULE)
-    cls = getattr(module, "WebSocketsSansIOProtocol", None)
-    if cls is None:
-        return None
-    global _OPEN
-    if _OPEN is None:
-        from websockets.protocol import State
-
-        _OPEN = State.OPEN
-    codes = _pass_through_codes()
-    fn = getattr(websocket, "_send", None)
-    for _ in range(8):
-        owner = getattr(fn, "__self__", None)
-        if owner is not None:
-            if type(owner) is cls and getattr(fn, "__func__", None) is cls.send:
-                return owner
-            return None
-        index = codes.get(getattr(fn, "__code__", None))
-        closure = getattr(fn, "__closure__", None)
-        if index is None or not closure:
-            return None
-        try:
-            fn = closure[index].cell_contents
-        except ValueError:
-            return None
-    return None
-
-
-def _direct_transport(websocket: Any) -> Any:
-    """The transport to write a pre-built frame for ``websocket`` to, when
-    that is exactly what its send would do now; else None."""
-    if type(websocket) is not WebSocket or websocket.application_state is not _CONNECTED:
-        return None
-    attrs = websocket.__dict__
-    try:
-        proto = attrs[_DIRECT_ATTR]
-    except KeyError:
-        proto = attrs[_DIRECT_ATTR] = _resolve_direct(websocket)
-    if proto is None:
-        return None
-    try:
-        conn = proto.conn
-        transport = proto.transport
-        if (
-            proto.handshake_complete
-            and not proto.close_sent
-            and proto.initial_response is None
-            and not proto.disconnected
-            and proto.writable.is_set()  # uvicorn's flow control: paused -> ordinary path
-            and conn.state is _OPEN
-            and not conn.writes  # nothing of the protocol's own still to flush first
-            and transport is not None
-            and not transport.is_closing()
-        ):
-            return transport
-    except AttributeError:
-        # These are uvicorn's and websockets' private attributes: a release that
-        # renames one turns the fast path off for good, never a failed send.
-        attrs[_DIRECT_ATTR] = None
-        logger.warning("direct frames disabled: unknown uvicorn protocol layout", exc_info=True)
-    return None
+# for every recipient of a broadcast: the manager builds one uncompressed
+# text frame per message and writes it to each ready connection's transport
+# where wsmanager.servers.direct_transport() finds one (uvicorn's
+# websockets-sansio protocol, see there).
 
 
 def _text_frame(data: str) -> bytes | None:
@@ -858,7 +739,7 @@ class ConnectionManager(Core):
             if removals() != mark and self._left_lobby(websocket, lobby_code, exclude_user_id):
                 continue
             if websocket not in outboxes:  # a backlog keeps its order: through the outbox
-                transport = _direct_transport(websocket)
+                transport = direct_transport(websocket)
                 if transport is not None:
                     if not built:
                         frame, built = _text_frame(data), True
@@ -900,7 +781,7 @@ class ConnectionManager(Core):
         if box is not None:
             return self._enqueue(websocket, box, data)
         if self.direct_frames:
-            transport = _direct_transport(websocket)
+            transport = direct_transport(websocket)
             if transport is not None:
                 frame = _text_frame(data)
                 if frame is not None:
@@ -911,7 +792,8 @@ class ConnectionManager(Core):
                         return False
                     return True
         if type(websocket) is WebSocket and websocket.application_state is _CONNECTED:
-            # what send_text() would do, minus two coroutine frames of checks
+            # what send_text() would do, minus two coroutine frames of checks;
+            # Starlette's private _send read inline (see wsmanager.servers)
             coro: Any = websocket._send({"type": "websocket.send", "text": data})
         else:
             coro = websocket.send_text(data)
@@ -1056,7 +938,7 @@ class ConnectionManager(Core):
             if websocket.application_state != WebSocketState.DISCONNECTED:
                 await asyncio.wait_for(websocket.close(code=code, reason=reason), timeout)
         except Exception:  # stuck (a client that never reads) or gone
-            _abort_transport(websocket)
+            abort_transport(websocket)
             return
         # As in _refuse: a seed-style endpoint's next receive_*() then sees the
         # client's close as WebSocketDisconnect instead of a RuntimeError.
@@ -1113,7 +995,7 @@ class ConnectionManager(Core):
                 self._release(websocket)
                 if self._backplane is not None:
                     self._backplane.release(websocket)
-                _abort_transport(websocket)
+                abort_transport(websocket)
         stop = getattr(self, "stop", None)
         if stop is not None:
             result = stop()
