@@ -138,6 +138,9 @@ class ConnectionManager(Core):
       broadcasts, direct messages, limits and presence then span all of them.
     * ``serve()`` runs a whole connection (see ``wsmanager.endpoint``), with
       ``on_connect`` / ``on_disconnect`` hooks.
+    * ``delivery``: the send path (:class:`wsmanager.delivery.Delivery`):
+      outboxes, fan-out, background closes; also the interface ``serve()``,
+      the heartbeat and the backends use. Applications need not touch it.
     * an empty manager is still truthy (``manager or default`` keeps it).
     * ``json_default``: a converter for the sends, ``json_default(obj) ->``
       something encodable, called only for objects the encoder does not
