@@ -76,7 +76,7 @@ class Before(ConnectionManager):
     ) -> int:
         if not self._lobby_count(lobby_code):
             return 0
-        return await self._deliver_lobby(lobby_code, dumps(message), exclude_user_id)
+        return await self.delivery.deliver_lobby(lobby_code, dumps(message), exclude_user_id)
 
 
 async def settle(predicate: Callable[[], bool]) -> None:

@@ -263,7 +263,7 @@ def test_shutdown_returns_within_its_timeout_despite_a_stuck_client() -> None:
 def test_an_unknown_protocol_layout_falls_back_to_the_ordinary_send(caplog: pytest.LogCaptureFixture) -> None:
     """The direct-frame path reads uvicorn's private protocol state; a layout
     it does not know must turn it off, never fail a send."""
-    from wsmanager.manager import _DIRECT_ATTR
+    from wsmanager.servers import DIRECT_ATTR as _DIRECT_ATTR
 
     async def main() -> None:
         m = ConnectionManager()

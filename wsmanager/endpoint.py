@@ -83,7 +83,7 @@ class Connection:
         data = encode_message(message, default if default is not None else self.manager.json_default)
         if self.websocket not in self.manager:
             return False
-        return await self.manager._send(self.websocket, data)
+        return await self.manager.delivery.send(self.websocket, data)
 
     @property
     def latency_ms(self) -> float | None:
@@ -263,17 +263,17 @@ async def serve(
             "connection refused: forbidden_origin",
             extra={"lobby": lobby_code, "reason": "forbidden_origin"},
         )
-        await manager._refuse(websocket, "forbidden_origin", count=True)
+        await manager.delivery.refuse(websocket, "forbidden_origin", count=True)
         return
     if not user_id:
         logger.info("connection refused: unauthorized", extra={"lobby": lobby_code, "reason": "unauthorized"})
-        await manager._refuse(websocket, "unauthorized", count=True)
+        await manager.delivery.refuse(websocket, "unauthorized", count=True)
         return
     try:
         admitted = await manager.connect(websocket, lobby_code, user_id)
     except (TypeError, ValueError) as exc:
         logger.info("connection refused: invalid_id (%s)", exc, extra={"reason": "invalid_id"})
-        await manager._refuse(websocket, "invalid_id", count=True)
+        await manager.delivery.refuse(websocket, "invalid_id", count=True)
         return
     if not admitted:
         return
@@ -288,7 +288,7 @@ async def serve(
         call = handler  # type: ignore[assignment]
     departure = _Departure(conn, on_disconnect) if on_disconnect is not None else None
     if departure is not None:
-        manager._on_removal(websocket, departure.removed)
+        manager.delivery.on_removal(websocket, departure.removed)
     try:
         connected = on_connect is None or await _run_hook(on_connect, conn, "on_connect")
         if departure is not None:
@@ -300,7 +300,7 @@ async def serve(
     except WebSocketDisconnect:
         pass
     finally:
-        manager._forget_removal(websocket)
+        manager.delivery.forget_removal(websocket)
         manager.disconnect(websocket)
         if departure is not None:
             await departure.finish()
@@ -408,7 +408,9 @@ async def _read_loop(
 ) -> None:
     receive = websocket.receive
     touch = manager.touch
-    allow = manager._allow
+    delivery = manager.delivery
+    allow = delivery.allow()
+    post = delivery.post
     parse = _parse
     bad_in_a_row = 0
     while True:
@@ -428,7 +430,7 @@ async def _read_loop(
                 await manager.close_connection(websocket, "rate_limited")
                 return
             if verdict == _DROP_NOTIFY:
-                manager._post(websocket, error_message("rate_limited", "message dropped: too many messages"))
+                post(websocket, error_message("rate_limited", "message dropped: too many messages"))
             continue
         text = message.get("text")
         if text is None:
@@ -445,16 +447,16 @@ async def _read_loop(
             if bad_in_a_row >= manager.max_bad_messages:
                 await manager.close_connection(websocket, "bad_message")
                 return
-            manager._post(websocket, error_message(error, detail))
+            post(websocket, error_message(error, detail))
             continue
         bad_in_a_row = 0
         kind = data.get("type")
         if kind == "health_pong":
             manager.record_pong_ws(websocket)
-            manager._wake_ping_waiter(user_id)
+            delivery.wake_ping_waiter(user_id)
             continue
         if kind == "health_ping":
-            manager._post(websocket, dumps({"type": "health_pong", "timestamp": data.get("timestamp")}))
+            post(websocket, dumps({"type": "health_pong", "timestamp": data.get("timestamp")}))
             continue
         try:
             await handler(lobby_code, user_id, data)

@@ -237,10 +237,11 @@ class HealthMonitor:
         if interval is None or manager is None:
             return SweepResult(0, 0, False)
         timeout = math.inf if self._timeout is None else self._timeout
-        to_ping, expired = manager._sweep(interval, timeout, _BATCH)
-        if expired and manager._backplane is not None:  # removed in C: tell the cluster
+        delivery = manager.delivery
+        to_ping, expired = delivery.sweep(interval, timeout, _BATCH)
+        if expired and delivery.backplane is not None:  # removed in C: tell the cluster
             for websocket, _lobby, _user in expired:
-                manager._backplane.release(websocket)
+                delivery.release(websocket)
         here = self._state(asyncio.get_running_loop())
         spawned: list[asyncio.Task[None]] = []
         if to_ping:
@@ -252,8 +253,8 @@ class HealthMonitor:
                 data = unknown if rtt is None else health_ping(timestamp, rtt)
                 self._dispatch(here, spawned, self._ping, websocket, data)
         for websocket, lobby, user in expired:
-            if manager._removal_callbacks:  # serve()'s on_disconnect runs now, not after the close
-                manager._removed(websocket)
+            if delivery.removal_callbacks:  # serve()'s on_disconnect runs now, not after the close
+                delivery.removed(websocket)
             self._dispatch(here, spawned, self._close_stale, websocket, lobby, user)
         if wait and spawned:
             await asyncio.gather(*spawned, return_exceptions=True)
@@ -303,8 +304,8 @@ class HealthMonitor:
         manager = self._manager_ref()
         if manager is None:
             return interval
-        now = manager._now()
-        due = manager._next_deadline(interval, timeout)
+        now = manager.delivery.now()
+        due = manager.delivery.next_deadline(interval, timeout)
         # Anything registered or touched from now on is due at now + interval or later.
         wake = now + interval if due is None else min(due, now + interval)
         return max(0.0, wake - now) + _LATE
@@ -367,7 +368,7 @@ class HealthMonitor:
         manager = self._manager_ref()
         if manager is None or websocket not in manager:  # left since the sweep
             return
-        if _is_closed(websocket) or not await manager._send(websocket, data):
+        if _is_closed(websocket) or not await manager.delivery.send(websocket, data):
             self._reclaim(websocket, "send_failed")
         else:
             pinged(websocket)  # an endpoint that does not read now still gets its pong seen
@@ -430,9 +431,9 @@ class HealthMonitor:
         manager = self._manager_ref()
         if manager is None:
             return
-        info = manager._reap(websocket, reason)
-        if info is not None and manager._backplane is not None:
-            manager._backplane.release(websocket)
+        info = manager.delivery.reap(websocket, reason)
+        if info is not None:
+            manager.delivery.release(websocket)
         logger.log(
             logging.INFO if info else logging.DEBUG,  # else _drop() logged it already
             "stale connection removed: %s",

@@ -12,12 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
-import sys
 import time
 import weakref
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, cast
@@ -26,9 +23,11 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from ._core import Core, encode_message
 from .backends import Backend, InMemoryBackend
-from .codes import CloseCode, close_code_for
+from .codes import CloseCode
+from .delivery import Delivery
 from .health import HealthMonitor, health_ping
 from .receiving import Receiving, pinged
+from .servers import abort_transport
 from .settings import (
     Check,
     CoreSetting,
@@ -72,194 +71,6 @@ class _PingWaiter:
 _CONNECTED = WebSocketState.CONNECTED
 
 
-class _Outbox:
-    """The outbound backlog of one connection whose send suspended."""
-
-    __slots__ = ("loop", "nbytes", "queue", "task")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: deque[tuple[str, int]] = deque()
-        self.nbytes = 0
-        self.task: asyncio.Task[None] | None = None
-
-
-async def _resume(coro: Coroutine[Any, Any, Any], step: Any) -> None:
-    """Finish driving ``coro``, which already yielded ``step`` to its caller.
-
-    Does what an asyncio Task does with a coroutine: wait for the future it
-    yielded (or one loop iteration for a bare yield), resume it, repeat; a
-    cancellation is passed into the coroutine.
-    """
-    while True:
-        try:
-            if step is None:
-                await asyncio.sleep(0)
-            else:
-                step._asyncio_future_blocking = False
-                await asyncio.wait((step,))
-        except BaseException as exc:
-            if step is not None:
-                step.cancel()
-            try:
-                step = coro.throw(exc)
-            except StopIteration:
-                return
-            continue
-        try:
-            step = coro.send(None)
-        except StopIteration:
-            return
-
-
-def _abort_transport(websocket: Any) -> bool:
-    """Abort the TCP connection under ``websocket`` when the server exposes it.
-
-    ASGI offers no abort; uvicorn's ``send`` is a method of its protocol
-    object, which holds the transport (possibly wrapped by middleware closures,
-    followed a few levels). Returns whether a transport was aborted.
-    """
-    stack: list[Any] = [getattr(websocket, "_send", None)]
-    for _ in range(8):
-        if not stack:
-            break
-        fn = stack.pop()
-        transport = getattr(getattr(fn, "__self__", None), "transport", None)
-        abort = getattr(transport, "abort", None)
-        if callable(abort):
-            abort()
-            return True
-        for cell in getattr(fn, "__closure__", None) or ():
-            with contextlib.suppress(ValueError):
-                if callable(cell.cell_contents):
-                    stack.append(cell.cell_contents)
-    return False
-
-
-# -- direct frames -------------------------------------------------------
-#
-# A server->client frame is unmasked, so one text frame's bytes are the same
-# for every recipient of a broadcast. On uvicorn's websockets-sansio protocol
-# (uvicorn's default when ``websockets`` is installed), a send frames (and,
-# with permessage-deflate, compresses) the text once per recipient; the
-# manager instead builds one uncompressed text frame (FIN, opcode 1, RSV 0:
-# allowed in a permessage-deflate session by RFC 7692 section 6) per message
-# and writes it to each ready connection's transport. Only where the ASGI
-# ``send`` is that protocol's own method, reached through known pass-through
-# wrappers; any other server, or a middleware that wraps ``send``, keeps the
-# ordinary path.
-
-_SANSIO_MODULE = "uvicorn.protocols.websockets.websockets_sansio_impl"
-_DIRECT_ATTR = "_wsmanager_direct"  # cached on the WebSocket: the protocol, or None
-_pass_through: dict[Any, int] | None = None  # code object -> index of the `send` cell
-_OPEN: Any = None  # websockets' State.OPEN
-
-
-def _pass_through_codes() -> dict[Any, int]:
-    """Code objects of closures known to pass every message to ``send``
-    unchanged (Starlette's exception-handler ``sender``)."""
-    global _pass_through
-    if _pass_through is None:
-        found: dict[Any, int] = {}
-        with contextlib.suppress(Exception):
-            from starlette import _exception_handler
-
-            stack = [_exception_handler.wrap_app_handling_exceptions.__code__]
-            while stack:
-                code = stack.pop()
-                if code.co_name == "sender" and "send" in code.co_freevars:
-                    found[code] = code.co_freevars.index("send")
-                stack.extend(c for c in code.co_consts if hasattr(c, "co_consts"))
-        _pass_through = found
-    return _pass_through
-
-
-def _resolve_direct(websocket: Any) -> Any:
-    """The uvicorn sans-I/O protocol whose ``send`` ``websocket``'s ASGI send
-    is, through known pass-through wrappers only; else None."""
-    module = sys.modules.get(_SANSIO_MODULE)
-    cls = getattr(module, "WebSocketsSansIOProtocol", None)
-    if cls is None:
-        return None
-    global _OPEN
-    if _OPEN is None:
-        from websockets.protocol import State
-
-        _OPEN = State.OPEN
-    codes = _pass_through_codes()
-    fn = getattr(websocket, "_send", None)
-    for _ in range(8):
-        owner = getattr(fn, "__self__", None)
-        if owner is not None:
-            if type(owner) is cls and getattr(fn, "__func__", None) is cls.send:
-                return owner
-            return None
-        index = codes.get(getattr(fn, "__code__", None))
-        closure = getattr(fn, "__closure__", None)
-        if index is None or not closure:
-            return None
-        try:
-            fn = closure[index].cell_contents
-        except ValueError:
-            return None
-    return None
-
-
-def _direct_transport(websocket: Any) -> Any:
-    """The transport to write a pre-built frame for ``websocket`` to, when
-    that is exactly what its send would do now; else None."""
-    if type(websocket) is not WebSocket or websocket.application_state is not _CONNECTED:
-        return None
-    attrs = websocket.__dict__
-    try:
-        proto = attrs[_DIRECT_ATTR]
-    except KeyError:
-        proto = attrs[_DIRECT_ATTR] = _resolve_direct(websocket)
-    if proto is None:
-        return None
-    try:
-        conn = proto.conn
-        transport = proto.transport
-        if (
-            proto.handshake_complete
-            and not proto.close_sent
-            and proto.initial_response is None
-            and not proto.disconnected
-            and proto.writable.is_set()  # uvicorn's flow control: paused -> ordinary path
-            and conn.state is _OPEN
-            and not conn.writes  # nothing of the protocol's own still to flush first
-            and transport is not None
-            and not transport.is_closing()
-        ):
-            return transport
-    except AttributeError:
-        # These are uvicorn's and websockets' private attributes: a release that
-        # renames one turns the fast path off for good, never a failed send.
-        attrs[_DIRECT_ATTR] = None
-        logger.warning("direct frames disabled: unknown uvicorn protocol layout", exc_info=True)
-    return None
-
-
-def _text_frame(data: str) -> bytes | None:
-    """One unmasked, uncompressed, final text frame carrying ``data``; None
-    if ``data`` is not valid UTF-8 (the ordinary path then reports it)."""
-    try:
-        payload = data.encode()
-    except UnicodeEncodeError:
-        return None
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 65536:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
-
-
-# Why the core must call the drop hook when a connection is removed (bits).
-_NOTIFY_OUTBOX = 1  # its writer holds queued messages
-_NOTIFY_CALLBACK = 2  # serve() waits to hear of its removal
-
-
 def _weak_pong_hook(manager: ConnectionManager) -> Callable[[str, Any, float | None], None]:
     """The manager's ``_on_pong`` through a weak reference (the core holds
     its hooks strongly)."""
@@ -269,18 +80,6 @@ def _weak_pong_hook(manager: ConnectionManager) -> Callable[[str, Any, float | N
         target = ref()
         if target is not None:
             target._on_pong(user_id, websocket, latency)
-
-    return call
-
-
-def _weak_method(obj: Any, method: Callable[[Any, Any], None]) -> Callable[[Any], None]:
-    """``method`` bound to ``obj`` through a weak reference."""
-    ref = weakref.ref(obj)
-
-    def call(arg: Any) -> None:
-        target = ref()
-        if target is not None:
-            method(target, arg)
 
     return call
 
@@ -339,6 +138,9 @@ class ConnectionManager(Core):
       broadcasts, direct messages, limits and presence then span all of them.
     * ``serve()`` runs a whole connection (see ``wsmanager.endpoint``), with
       ``on_connect`` / ``on_disconnect`` hooks.
+    * ``delivery``: the send path (:class:`wsmanager.delivery.Delivery`):
+      outboxes, fan-out, background closes; also the interface ``serve()``,
+      the heartbeat and the backends use. Applications need not touch it.
     * an empty manager is still truthy (``manager or default`` keeps it).
     * ``json_default``: a converter for the sends, ``json_default(obj) ->``
       something encodable, called only for objects the encoder does not
@@ -434,6 +236,10 @@ class ConnectionManager(Core):
             clock=clock,
         )
         self._ping_waiters: dict[str, _PingWaiter] = {}
+        #: the send path (wsmanager.delivery); the backplane is set below
+        self.delivery = Delivery(
+            self, backplane=None, direct_frames=bool(direct_frames), ping_waiters=self._ping_waiters
+        )
         self._health = HealthMonitor(self, ping_interval=ping_interval, ping_timeout=ping_timeout)
         self._receiving = Receiving(self, Core._pong_due)  # reads pongs while the app does not
         self.max_backlog = max_backlog
@@ -445,15 +251,9 @@ class ConnectionManager(Core):
         )
         self.close_timeout = close_timeout
         self.shutdown_timeout = shutdown_timeout
-        self.direct_frames = bool(direct_frames)
         self.on_user_limit = on_user_limit
         self.json_default = json_default
         self.set_rate_limit(rate_limit, rate_burst, close_after=rate_limit_close_after)
-        # websocket -> its outbound backlog; only connections whose last send
-        # suspended are here, so the common case costs one dict miss.
-        self._outboxes: dict[Any, _Outbox] = {}
-        self._closers: set[asyncio.Task[None]] = set()
-        self._closed: dict[str, int] = {}
         self._shutdown_task: asyncio.Task[None] | None = None
         # websocket -> resolved when its connect() ends: reserved handshakes in flight
         self._handshakes: dict[Any, asyncio.Future[None]] = {}
@@ -468,14 +268,23 @@ class ConnectionManager(Core):
         )
         # The core holds its hooks strongly: hand it functions that hold the
         # manager weakly, so that dropping the manager frees it at once.
-        self._set_drop_hook(_weak_method(self, ConnectionManager._on_removed), self._backplane is not None)
+        self.delivery.backplane = self._backplane
+        self._set_drop_hook(self.delivery.drop_hook(), self._backplane is not None)
         if self._backplane is not None and type(self) is ConnectionManager:
             # cluster-aware presence and capacity reads; the single-process
             # manager keeps them as plain C calls
             self.__class__ = _ClusteredConnectionManager
         self._latency_listeners: list[Callable[[Any, float], None]] = []
-        # websocket -> called once when its entry is removed, however (serve()'s on_disconnect)
-        self._removal_callbacks: dict[Any, Callable[[], None]] = {}
+
+    @property
+    def direct_frames(self) -> bool:
+        """Write one pre-built frame to each ready recipient's transport on
+        uvicorn's websockets-sansio protocol (see the class doc). Settable."""
+        return self.delivery.direct_frames
+
+    @direct_frames.setter
+    def direct_frames(self, value: bool) -> None:
+        self.delivery.direct_frames = value
 
     @property
     def json_default(self) -> Callable[[Any], Any] | None:
@@ -614,7 +423,7 @@ class ConnectionManager(Core):
                 reason,
                 extra={"lobby": lobby_code, "user": user_id, "reason": reason},
             )
-            await self._refuse(websocket, reason)
+            await self.delivery.refuse(websocket, reason)
             return False
         # Reserved: shutdown() waits for this handshake to end (or releases its
         # reservation when it outlasts the shutdown's budget).
@@ -691,7 +500,7 @@ class ConnectionManager(Core):
             )
             if reason != "closed":
                 self._count_refusal(reason)  # the core counts only the refusals of its own checks
-                await self._refuse(websocket, reason)
+                await self.delivery.refuse(websocket, reason)
             return False
         if bp is not None:
             bp.commit(websocket)
@@ -711,40 +520,17 @@ class ConnectionManager(Core):
                 "closing connection: replaced",
                 extra={"lobby": lobby_code, "user": user_id, "reason": "replaced", "code": 4003},
             )
-            self._close_later(old, "replaced")
+            self.delivery.close_later(old, "replaced")
 
     async def _close_replaced_handshake(self, websocket: WebSocket, lobby_code: str, user_id: str) -> None:
         """A handshake whose reservation a newer one of the same user took:
         accept (if not yet) and close it with 4003 "replaced"."""
-        self._closed["replaced"] = self._closed.get("replaced", 0) + 1
+        self.delivery.closed["replaced"] = self.delivery.closed.get("replaced", 0) + 1
         logger.info(
             "closing connection: replaced",
             extra={"lobby": lobby_code, "user": user_id, "reason": "replaced", "code": 4003},
         )
-        await self._refuse(websocket, "replaced")
-
-    async def _refuse(self, websocket: WebSocket, reason: str, *, count: bool = False) -> None:
-        """Accept-then-close, so that browsers see the code and the reason.
-
-        Closing before ``accept()`` fails the handshake with HTTP 403, which a
-        browser reports as 1006 without a reason. ``count``: count the refusal
-        in ``get_stats()["refused"]`` (refusals the core decided are counted
-        already).
-        """
-        if count:
-            self._count_refusal(reason)
-        code = close_code_for(reason)
-        try:
-            if websocket.application_state == WebSocketState.CONNECTING:
-                await websocket.accept()
-            await websocket.close(code=code, reason=reason)
-        except Exception:  # the client is already gone: nothing to tell it
-            return
-        # Starlette refuses receive_*() once the application closed, with a
-        # RuntimeError the seed's endpoint does not catch. Re-arm the state so
-        # that its next receive waits for the client's close and raises the
-        # ordinary WebSocketDisconnect instead.
-        websocket.application_state = WebSocketState.CONNECTED
+        await self.delivery.refuse(websocket, "replaced")
 
     # ------------------------------------------------------------------- sends
 
@@ -779,14 +565,14 @@ class ConnectionManager(Core):
             if not self._lobby_count(lobby_code):
                 return 0
             data = encode_message(message, default if default is not None else self._json_default)
-            return await self._deliver_lobby(lobby_code, data, exclude_user_id)
+            return await self.delivery.deliver_lobby(lobby_code, data, exclude_user_id)
         # backend: other nodes get the same text, queued before local delivery
         bp.ensure_running()
         data = encode_message(message, default if default is not None else self._json_default)
         remote = bp.publish_lobby(lobby_code, data, exclude_user_id)
         if not self._lobby_count(lobby_code):
             return remote
-        return remote + await self._deliver_lobby(lobby_code, data, exclude_user_id)
+        return remote + await self.delivery.deliver_lobby(lobby_code, data, exclude_user_id)
 
     async def send_to_user(
         self, user_id: str, message: Any, *, default: Callable[[Any], Any] | None = None
@@ -805,268 +591,20 @@ class ConnectionManager(Core):
             if not Core.is_user_connected(self, user_id):
                 return False
             data = encode_message(message, default if default is not None else self._json_default)
-            return await self._deliver_user(user_id, data)
+            return await self.delivery.deliver_user(user_id, data)
         # backend: reach the user's connections on other nodes too
         bp.ensure_running()
         data = encode_message(message, default if default is not None else self._json_default)
         remote = bp.publish_user(user_id, data) > 0
         if not Core.is_user_connected(self, user_id):
             return remote
-        return await self._deliver_user(user_id, data) or remote
-
-    # Local delivery of serialized text: the seam a backplane publishes into.
-    #
-    # A send is first tried inline: the send coroutine is stepped once, and
-    # when it completes (the transport took the frame) no Task or Future is
-    # made. If it suspends (the client does not read and the transport's
-    # buffer is over its high-water mark), the suspended send and every later
-    # message for that connection go to the connection's outbox, written in
-    # order by one writer task; the broadcast moves on to the next member.
-
-    # A send runs Python code (the server's, a middleware's send wrapper) that
-    # may remove members or move them to another lobby or user before their
-    # turn. The core counts removals: while the count is what it was before
-    # the snapshot, every recipient left in it is still a member (one C call
-    # per recipient); once it moved, each remaining recipient is checked
-    # against the registry before it is sent anything.
-
-    def _left_lobby(self, websocket: Any, lobby_code: str, exclude_user_id: str | None) -> bool:
-        """Whether ``websocket`` is no longer a recipient of the lobby's message."""
-        info = self._info(websocket)
-        return info is None or info[0] != lobby_code or info[1] == exclude_user_id
-
-    async def _deliver_lobby(self, lobby_code: str, data: str, exclude_user_id: str | None) -> int:
-        """Send ``data`` to this process's connections in the lobby without
-        waiting for any of them; the count of connections that got it or have
-        it queued. A recipient that is no longer in the lobby (or became the
-        excluded user) when its turn comes is skipped."""
-        post = self._post
-        removals = self._removals
-        mark = removals()  # before the snapshot: a removal while it is taken counts as a change
-        sent = 0
-        if not self.direct_frames:
-            for websocket in self._lobby_targets(lobby_code, exclude_user_id):
-                if removals() != mark and self._left_lobby(websocket, lobby_code, exclude_user_id):
-                    continue
-                if post(websocket, data):
-                    sent += 1
-            return sent
-        outboxes = self._outboxes
-        frame: bytes | None = None
-        built = False
-        for websocket in self._lobby_targets(lobby_code, exclude_user_id):
-            if removals() != mark and self._left_lobby(websocket, lobby_code, exclude_user_id):
-                continue
-            if websocket not in outboxes:  # a backlog keeps its order: through the outbox
-                transport = _direct_transport(websocket)
-                if transport is not None:
-                    if not built:
-                        frame, built = _text_frame(data), True
-                    if frame is not None:
-                        try:
-                            transport.write(frame)
-                        except Exception as exc:
-                            self._drop(websocket, exc)
-                            continue
-                        sent += 1
-                        continue
-            if post(websocket, data):
-                sent += 1
-        return sent
-
-    async def _deliver_user(self, user_id: str, data: str) -> bool:
-        """Send ``data`` to this process's connections of the user (no waiting);
-        a connection that stopped being the user's before its turn is skipped."""
-        delivered = False
-        removals = self._removals
-        mark = removals()
-        for websocket in self._user_targets(user_id):
-            if removals() != mark:
-                info = self._info(websocket)
-                if info is None or info[1] != user_id:
-                    continue
-            if self._post(websocket, data):
-                delivered = True
-        return delivered
-
-    async def _send(self, websocket: WebSocket, data: str) -> bool:
-        """Send ``data`` to one connection, in order with the others; never
-        waits for a slow client. False if the connection failed or was closed
-        as a slow consumer (it is then removed)."""
-        return self._post(websocket, data)
-
-    def _post(self, websocket: Any, data: str) -> bool:
-        box = self._outboxes.get(websocket)
-        if box is not None:
-            return self._enqueue(websocket, box, data)
-        if self.direct_frames:
-            transport = _direct_transport(websocket)
-            if transport is not None:
-                frame = _text_frame(data)
-                if frame is not None:
-                    try:
-                        transport.write(frame)
-                    except Exception as exc:
-                        self._drop(websocket, exc)
-                        return False
-                    return True
-        if type(websocket) is WebSocket and websocket.application_state is _CONNECTED:
-            # what send_text() would do, minus two coroutine frames of checks
-            coro: Any = websocket._send({"type": "websocket.send", "text": data})
-        else:
-            coro = websocket.send_text(data)
-        try:
-            step = coro.send(None)
-        except StopIteration:
-            return True
-        except Exception as exc:
-            self._drop(websocket, exc)
-            return False
-        if websocket not in self:  # not registered (e.g. already closed): no backlog
-            coro.close()
-            return False
-        box = _Outbox(asyncio.get_running_loop())
-        self._outboxes[websocket] = box
-        self._set_notify(websocket, _NOTIFY_OUTBOX, True)
-        box.task = box.loop.create_task(self._writer(websocket, box, coro, step))
-        return True
-
-    def _enqueue(self, websocket: Any, box: _Outbox, data: str) -> bool:
-        if box.loop is not asyncio.get_running_loop():  # left over from a closed loop
-            del self._outboxes[websocket]
-            self._set_notify(websocket, _NOTIFY_OUTBOX, False)
-            return self._post(websocket, data)
-        size = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
-        if len(box.queue) >= self.max_backlog or box.nbytes + size > self.max_backlog_bytes:
-            logger.info(
-                "slow consumer: %d messages, %d bytes queued",
-                len(box.queue),
-                box.nbytes,
-                extra={"reason": "slow_consumer", "code": int(CloseCode.SLOW_CONSUMER)},
-            )
-            self._close_later(websocket, "slow_consumer")
-            return False
-        box.queue.append((data, size))
-        box.nbytes += size
-        return True
-
-    async def _writer(self, websocket: Any, box: _Outbox, coro: Coroutine[Any, Any, Any], step: Any) -> None:
-        """Finish the suspended send, then write the backlog in order."""
-        try:
-            await _resume(coro, step)
-            queue = box.queue
-            while queue and websocket in self:  # disconnected: the rest is dropped
-                data, size = queue.popleft()
-                box.nbytes -= size
-                await websocket.send_text(data)
-        except Exception as exc:
-            if self._outboxes.get(websocket) is box:
-                del self._outboxes[websocket]
-                self._set_notify(websocket, _NOTIFY_OUTBOX, False)
-                self._drop(websocket, exc)
-        finally:
-            if self._outboxes.get(websocket) is box:
-                del self._outboxes[websocket]
-                self._set_notify(websocket, _NOTIFY_OUTBOX, False)
-
-    def _drop(self, websocket: WebSocket, exc: BaseException | None = None) -> None:
-        """Remove a connection whose send failed."""
-        info = self.disconnect(websocket)
-        if info is not None:
-            logger.info(
-                "send failed, connection removed: %s",
-                type(exc).__name__ if exc else "closed",
-                extra={"lobby": info[0], "user": info[1], "reason": "send_failed"},
-            )
-
-    # disconnect(websocket) is the C core's, with no Python layer on this hot
-    # path: the core calls _on_removed (the drop hook) only for a connection
-    # with an outbound backlog, or for every removal when a backplane must
-    # hear of it.
-
-    def _on_removed(self, websocket: Any) -> None:
-        if self._outboxes:
-            self._discard_outbox(websocket)
-        if self._removal_callbacks:
-            self._removed(websocket)
-        if self._backplane is not None:
-            self._backplane.release(websocket)
-
-    def _discard_outbox(self, websocket: Any) -> None:
-        box = self._outboxes.pop(websocket, None)
-        if box is not None and box.task is not None and box.task is not asyncio.current_task():
-            box.task.cancel()
-
-    # Removal callbacks: every path that takes an entry out of the registry
-    # (disconnect() and the closes built on it, _reap, which goes through the
-    # core's disconnect, and HealthMonitor.sweep for what _sweep expired) ends
-    # in _removed(), so serve() learns of it at once, not only when the
-    # client's close handshake completes. The core calls the drop hook only
-    # for connections flagged with _NOTIFY_CALLBACK.
-
-    def _on_removal(self, websocket: Any, callback: Callable[[], None]) -> None:
-        self._removal_callbacks[websocket] = callback
-        self._set_notify(websocket, _NOTIFY_CALLBACK, True)
-
-    def _forget_removal(self, websocket: Any) -> None:
-        if self._removal_callbacks.pop(websocket, None) is not None:
-            self._set_notify(websocket, _NOTIFY_CALLBACK, False)
-
-    def _removed(self, websocket: Any) -> None:
-        callback = self._removal_callbacks.pop(websocket, None)
-        if callback is not None:
-            try:
-                callback()
-            except Exception:
-                logger.exception("removal callback failed")
-
-    # ------------------------------------------------------------- closing
-
-    def _close_later(
-        self, websocket: Any, reason: str, *, code: int | None = None, timeout: float | None = None
-    ) -> asyncio.Task[None]:
-        """Remove ``websocket`` now and close it with ``reason`` in the
-        background; a close that cannot complete within ``timeout`` (default
-        ``close_timeout``) aborts the TCP connection."""
-        info = self.disconnect(websocket)
-        if self._outboxes:
-            self._discard_outbox(websocket)
-        self._closed[reason] = self._closed.get(reason, 0) + 1
-        if info is not None and reason != "server_shutdown":
-            logger.info(
-                "closing connection: %s",
-                reason,
-                extra={
-                    "lobby": info[0],
-                    "user": info[1],
-                    "reason": reason,
-                    "code": code or close_code_for(reason),
-                },
-            )
-        task = asyncio.get_running_loop().create_task(
-            self._close_socket(websocket, reason, code, self.close_timeout if timeout is None else timeout)
-        )
-        self._closers.add(task)
-        task.add_done_callback(self._closers.discard)
-        return task
-
-    async def _close_socket(self, websocket: Any, reason: str, code: int | None, timeout: float) -> None:
-        code = close_code_for(reason) if code is None else code
-        try:
-            if websocket.application_state != WebSocketState.DISCONNECTED:
-                await asyncio.wait_for(websocket.close(code=code, reason=reason), timeout)
-        except Exception:  # stuck (a client that never reads) or gone
-            _abort_transport(websocket)
-            return
-        # As in _refuse: a seed-style endpoint's next receive_*() then sees the
-        # client's close as WebSocketDisconnect instead of a RuntimeError.
-        websocket.application_state = WebSocketState.CONNECTED
+        return await self.delivery.deliver_user(user_id, data) or remote
 
     async def close_connection(self, websocket: Any, reason: str, *, code: int | None = None) -> None:
         """Remove ``websocket`` and close it with ``reason`` (code from the
         table of :mod:`wsmanager.codes` unless given), without waiting for a
         slow client longer than ``close_timeout``."""
-        await self._close_later(websocket, reason, code=code)
+        await self.delivery.close_later(websocket, reason, code=code)
 
     async def shutdown(
         self,
@@ -1113,19 +651,19 @@ class ConnectionManager(Core):
                 self._release(websocket)
                 if self._backplane is not None:
                     self._backplane.release(websocket)
-                _abort_transport(websocket)
+                abort_transport(websocket)
         stop = getattr(self, "stop", None)
         if stop is not None:
             result = stop()
             if isinstance(result, Awaitable):
                 await result
-        writers = [b.task for b in self._outboxes.values() if b.task is not None and b.loop is loop]
+        writers = [b.task for b in self.delivery.outboxes.values() if b.task is not None and b.loop is loop]
         if writers:
             await asyncio.wait(writers, timeout=max(0.0, (deadline - loop.time()) / 2))
         close_budget = max(0.01, deadline - loop.time() - 0.05)
         for websocket, _lobby, _user in self._snapshot():
-            self._close_later(websocket, reason, code=code, timeout=close_budget)
-        closers = [t for t in self._closers if t.get_loop() is loop]
+            self.delivery.close_later(websocket, reason, code=code, timeout=close_budget)
+        closers = [t for t in self.delivery.closers if t.get_loop() is loop]
         if closers:
             await asyncio.wait(closers, timeout=max(0.01, deadline - loop.time()))
 
@@ -1196,8 +734,8 @@ class ConnectionManager(Core):
         ``last_error``, ...). ``local=True``: this process's stats only.
         """
         stats = super().get_stats()
-        stats["closed"] = dict(self._closed)
-        stats["backlogged_connections"] = len(self._outboxes)
+        stats["closed"] = dict(self.delivery.closed)
+        stats["backlogged_connections"] = len(self.delivery.outboxes)
         stats["rate_limited_messages"] = self._rate_stats()[0]
         bp = self._backplane
         if bp is None or local:
@@ -1245,8 +783,9 @@ class ConnectionManager(Core):
             waiter.callers += 1
             try:
                 sent = False
+                send = self.delivery.send
                 for websocket in targets:
-                    if await self._send(websocket, health_ping(timestamp, self.latency_ms(websocket))):
+                    if await send(websocket, health_ping(timestamp, self.latency_ms(websocket))):
                         self._note_ping(websocket, timeout)  # a later pong is no round trip
                         pinged(websocket)  # read for the pong if the caller is the endpoint's handler
                         sent = True
@@ -1274,15 +813,10 @@ class ConnectionManager(Core):
     # a ping_user() waits, the core calls this hook with the user id after a
     # pong, so the common case (nobody waiting) runs no Python code.
 
-    def _wake_ping_waiter(self, user_id: str) -> None:
-        waiter = self._ping_waiters.get(user_id)
-        if waiter is not None and not waiter.future.done() and not waiter.future.get_loop().is_closed():
-            waiter.future.set_result(time.perf_counter())
-
     def _on_pong(self, user_id: str, websocket: Any, latency: float | None) -> None:
         """The core's pong hook, set only while someone listens."""
         if self._ping_waiters:
-            self._wake_ping_waiter(user_id)
+            self.delivery.wake_ping_waiter(user_id)
         if latency is not None and self._latency_listeners:
             self._notify_latency(websocket, latency)
 

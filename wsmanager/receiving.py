@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import Message, Receive
 from starlette.websockets import WebSocket
 
+from .servers import asgi_receive, replace_asgi_receive
+
 if TYPE_CHECKING:
     from .manager import ConnectionManager
 
@@ -100,7 +102,7 @@ class Receiving:
         a websocket that is not a Starlette ``WebSocket`` is left alone)."""
         if not isinstance(websocket, WebSocket):
             return
-        inner = getattr(websocket, "_receive", None)  # where Starlette keeps the ASGI receive
+        inner = asgi_receive(websocket)
         if inner is None:
             return
         if type(inner) is Reader:
@@ -110,7 +112,7 @@ class Receiving:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no running loop: nothing to read for
             return
-        websocket._receive = Reader(inner, self, loop)
+        replace_asgi_receive(websocket, Reader(inner, self, loop))
 
     def due(self, websocket: Any) -> bool:
         manager = self._manager()
@@ -242,6 +244,6 @@ class Reader:
 def pinged(websocket: Any) -> None:
     """Tell ``websocket``'s reader that a ping was just sent to it (no-op
     for a websocket ``connect()`` did not attach a reader to)."""
-    reader = getattr(websocket, "_receive", None)
+    reader = asgi_receive(websocket)
     if type(reader) is Reader:
         reader.pinged(websocket)

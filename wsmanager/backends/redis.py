@@ -6,7 +6,7 @@
   other nodes, queued for publication. One writer task per node publishes
   the queue in order and in batches (pipelines), so the messages of one node
   reach every other node in the order they were sent. Receivers hand them to
-  the manager's ``_deliver_lobby`` / ``_deliver_user``.
+  the manager's ``delivery.deliver_lobby`` / ``delivery.deliver_user``.
 * Capacity: ``connect()`` reserves in Redis with a Lua script that checks
   ``max_connections`` / ``max_per_lobby`` / ``max_per_user`` against the
   cluster counts and takes the slot in the same step; commit and release are
@@ -48,8 +48,8 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..settings import DefaultFloat, DefaultInt, Setting, class_defaults, count, resolve, seconds
-from . import ClusterView
 from ._lua import COMMIT, LEAVE, REAP, RELEASE, RENEW, RESERVE, SNAPSHOT, SYNC
+from .view import ClusterView
 
 if TYPE_CHECKING:
     from ..manager import ConnectionManager
@@ -607,6 +607,7 @@ class RedisBackend:
     async def _read_loop(self, conn: Any) -> None:
         m = self._manager
         assert m is not None
+        delivery = m.delivery
         node_b = self._node_b
         rec_size = _REC.size
         while True:
@@ -632,10 +633,10 @@ class RedisBackend:
                 start, off = off, off + dlen
                 self.received += 1
                 if kind == _LOBBY:
-                    if m._lobby_count(target):
-                        await m._deliver_lobby(target, payload[start:off].decode(), excl)
+                    if delivery.lobby_count(target):
+                        await delivery.deliver_lobby(target, payload[start:off].decode(), excl)
                 elif m.is_user_connected(target, local=True):
-                    await m._deliver_user(target, payload[start:off].decode())
+                    await delivery.deliver_user(target, payload[start:off].decode())
 
     def _on_control(self, payload: bytes) -> None:
         ev = json.loads(payload[1:])

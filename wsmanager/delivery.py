@@ -1,0 +1,545 @@
+"""The send path: how a serialized message reaches a socket.
+
+One :class:`Delivery` per manager (``ConnectionManager.delivery``) holds
+everything between a serialized text and the sockets: the inline sends, the
+outboxes and writers of slow connections, the fan-out of a lobby or a user's
+message, the drop hook the core calls on removals, the removal callbacks of
+``serve()`` and the background closes. It is also the interface wsmanager's
+own modules use to reach a manager beyond its public API
+(:mod:`wsmanager.endpoint`, :mod:`wsmanager.health`, the backends):
+
+* sends: :meth:`Delivery.post` (sync, never waits), :meth:`Delivery.send`,
+  :meth:`Delivery.deliver_lobby`, :meth:`Delivery.deliver_user`;
+* closes: :meth:`Delivery.refuse` (accept-then-close a handshake),
+  :meth:`Delivery.close_later`;
+* removals: :meth:`Delivery.on_removal` / :meth:`Delivery.forget_removal`
+  (serve()'s callbacks), :meth:`Delivery.removed`, :meth:`Delivery.release`
+  (tell a clustered backend);
+* the core's operations they need: :meth:`Delivery.allow`,
+  :meth:`Delivery.sweep`, :meth:`Delivery.next_deadline`,
+  :meth:`Delivery.now`, :meth:`Delivery.reap`, :meth:`Delivery.lobby_count`,
+  :meth:`Delivery.wake_ping_waiter`.
+
+It reaches the C core (``wsmanager._core.Core``, the manager's base class)
+through the core's documented methods (``wsmanager/_core.pyi``) and holds the
+manager weakly, like the heartbeat: dropping the manager frees it at once.
+What it reads of a server's private state goes through
+:mod:`wsmanager.servers`.
+
+A send is first tried inline: the send coroutine is stepped once, and when it
+completes (the transport took the frame) no Task or Future is made. If it
+suspends (the client does not read and the transport's buffer is over its
+high-water mark), the suspended send and every later message for that
+connection go to the connection's outbox, written in order by one writer
+task; the broadcast moves on to the next member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from starlette.websockets import WebSocket, WebSocketState
+
+from .codes import CloseCode, close_code_for
+from .servers import abort_transport, direct_transport
+
+if TYPE_CHECKING:
+    from .backends.redis import RedisBackend
+    from .manager import ConnectionManager
+
+# the records keep the logger name they had when this code was in manager.py
+logger = logging.getLogger("wsmanager.manager")
+
+__all__ = ["Delivery"]
+
+_CONNECTED = WebSocketState.CONNECTED
+
+
+class _Outbox:
+    """The outbound backlog of one connection whose send suspended."""
+
+    __slots__ = ("loop", "nbytes", "queue", "task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: deque[tuple[str, int]] = deque()
+        self.nbytes = 0
+        self.task: asyncio.Task[None] | None = None
+
+
+async def _resume(coro: Coroutine[Any, Any, Any], step: Any) -> None:
+    """Finish driving ``coro``, which already yielded ``step`` to its caller.
+
+    Does what an asyncio Task does with a coroutine: wait for the future it
+    yielded (or one loop iteration for a bare yield), resume it, repeat; a
+    cancellation is passed into the coroutine.
+    """
+    while True:
+        try:
+            if step is None:
+                await asyncio.sleep(0)
+            else:
+                step._asyncio_future_blocking = False
+                await asyncio.wait((step,))
+        except BaseException as exc:
+            if step is not None:
+                step.cancel()
+            try:
+                step = coro.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            step = coro.send(None)
+        except StopIteration:
+            return
+
+
+# -- direct frames -------------------------------------------------------
+#
+# A server->client frame is unmasked, so one text frame's bytes are the same
+# for every recipient of a broadcast: the manager builds one uncompressed
+# text frame per message and writes it to each ready connection's transport
+# where wsmanager.servers.direct_transport() finds one (uvicorn's
+# websockets-sansio protocol, see there).
+
+
+def _text_frame(data: str) -> bytes | None:
+    """One unmasked, uncompressed, final text frame carrying ``data``; None
+    if ``data`` is not valid UTF-8 (the ordinary path then reports it)."""
+    try:
+        payload = data.encode()
+    except UnicodeEncodeError:
+        return None
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
+
+
+# Why the core must call the drop hook when a connection is removed (bits).
+_NOTIFY_OUTBOX = 1  # its writer holds queued messages
+_NOTIFY_CALLBACK = 2  # serve() waits to hear of its removal
+
+
+def _weak_method(obj: Any, method: Callable[[Any, Any], None]) -> Callable[[Any], None]:
+    """``method`` bound to ``obj`` through a weak reference."""
+    ref = weakref.ref(obj)
+
+    def call(arg: Any) -> None:
+        target = ref()
+        if target is not None:
+            method(target, arg)
+
+    return call
+
+
+class Delivery:
+    """The send path of one manager; see the module's doc."""
+
+    __slots__ = (
+        "__weakref__",
+        "_manager",
+        "backplane",
+        "closed",
+        "closers",
+        "direct_frames",
+        "outboxes",
+        "ping_waiters",
+        "removal_callbacks",
+    )
+
+    def __init__(
+        self,
+        manager: ConnectionManager,
+        *,
+        backplane: RedisBackend | None,
+        direct_frames: bool,
+        ping_waiters: dict[str, Any],
+    ) -> None:
+        self._manager = weakref.ref(manager)
+        #: the clustered backend to tell of removals, or None (single process)
+        self.backplane = backplane
+        #: write one pre-built frame where servers.direct_transport() allows
+        self.direct_frames = direct_frames
+        #: websocket -> its outbound backlog; only connections whose last send
+        #: suspended are here, so the common case costs one dict miss
+        self.outboxes: dict[Any, _Outbox] = {}
+        #: background closes in progress
+        self.closers: set[asyncio.Task[None]] = set()
+        #: closes performed, by reason (get_stats()["closed"])
+        self.closed: dict[str, int] = {}
+        #: user_id -> its ping_user() waiter (the manager's dict, shared)
+        self.ping_waiters = ping_waiters
+        #: websocket -> called once when its entry is removed, however (serve()'s on_disconnect)
+        self.removal_callbacks: dict[Any, Callable[[], None]] = {}
+
+    async def refuse(self, websocket: WebSocket, reason: str, *, count: bool = False) -> None:
+        """Accept-then-close, so that browsers see the code and the reason.
+
+        Closing before ``accept()`` fails the handshake with HTTP 403, which a
+        browser reports as 1006 without a reason. ``count``: count the refusal
+        in ``get_stats()["refused"]`` (refusals the core decided are counted
+        already).
+        """
+        core = self._manager()
+        if count and core is not None:
+            core._count_refusal(reason)
+        code = close_code_for(reason)
+        try:
+            if websocket.application_state == WebSocketState.CONNECTING:
+                await websocket.accept()
+            await websocket.close(code=code, reason=reason)
+        except Exception:  # the client is already gone: nothing to tell it
+            return
+        # Starlette refuses receive_*() once the application closed, with a
+        # RuntimeError the seed's endpoint does not catch. Re-arm the state so
+        # that its next receive waits for the client's close and raises the
+        # ordinary WebSocketDisconnect instead.
+        websocket.application_state = WebSocketState.CONNECTED
+
+    # Local delivery of serialized text: the seam a backplane publishes into.
+
+    # A send runs Python code (the server's, a middleware's send wrapper) that
+    # may remove members or move them to another lobby or user before their
+    # turn. The core counts removals: while the count is what it was before
+    # the snapshot, every recipient left in it is still a member (one C call
+    # per recipient); once it moved, each remaining recipient is checked
+    # against the registry before it is sent anything.
+
+    @staticmethod
+    def _left_lobby(
+        core: ConnectionManager, websocket: Any, lobby_code: str, exclude_user_id: str | None
+    ) -> bool:
+        """Whether ``websocket`` is no longer a recipient of the lobby's message."""
+        info = core._info(websocket)
+        return info is None or info[0] != lobby_code or info[1] == exclude_user_id
+
+    async def deliver_lobby(self, lobby_code: str, data: str, exclude_user_id: str | None) -> int:
+        """Send ``data`` to this process's connections in the lobby without
+        waiting for any of them; the count of connections that got it or have
+        it queued. A recipient that is no longer in the lobby (or became the
+        excluded user) when its turn comes is skipped."""
+        core = self._manager()
+        if core is None:
+            return 0
+        post = self.post
+        removals = core._removals
+        mark = removals()  # before the snapshot: a removal while it is taken counts as a change
+        sent = 0
+        if not self.direct_frames:
+            for websocket in core._lobby_targets(lobby_code, exclude_user_id):
+                if removals() != mark and self._left_lobby(core, websocket, lobby_code, exclude_user_id):
+                    continue
+                if post(websocket, data):
+                    sent += 1
+            return sent
+        outboxes = self.outboxes
+        frame: bytes | None = None
+        built = False
+        for websocket in core._lobby_targets(lobby_code, exclude_user_id):
+            if removals() != mark and self._left_lobby(core, websocket, lobby_code, exclude_user_id):
+                continue
+            if websocket not in outboxes:  # a backlog keeps its order: through the outbox
+                transport = direct_transport(websocket)
+                if transport is not None:
+                    if not built:
+                        frame, built = _text_frame(data), True
+                    if frame is not None:
+                        try:
+                            transport.write(frame)
+                        except Exception as exc:
+                            self.drop(websocket, exc)
+                            continue
+                        sent += 1
+                        continue
+            if post(websocket, data):
+                sent += 1
+        return sent
+
+    async def deliver_user(self, user_id: str, data: str) -> bool:
+        """Send ``data`` to this process's connections of the user (no waiting);
+        a connection that stopped being the user's before its turn is skipped."""
+        core = self._manager()
+        if core is None:
+            return False
+        delivered = False
+        removals = core._removals
+        mark = removals()
+        for websocket in core._user_targets(user_id):
+            if removals() != mark:
+                info = core._info(websocket)
+                if info is None or info[1] != user_id:
+                    continue
+            if self.post(websocket, data):
+                delivered = True
+        return delivered
+
+    async def send(self, websocket: WebSocket, data: str) -> bool:
+        """Send ``data`` to one connection, in order with the others; never
+        waits for a slow client. False if the connection failed or was closed
+        as a slow consumer (it is then removed)."""
+        return self.post(websocket, data)
+
+    def post(self, websocket: Any, data: str) -> bool:
+        """Send ``data`` to one connection without waiting: written now, or
+        queued behind the connection's backlog (its writer task sends it);
+        False if the connection failed (it is removed), is not registered,
+        or was closed as a slow consumer."""
+        box = self.outboxes.get(websocket)
+        if box is not None:
+            return self._enqueue(websocket, box, data)
+        if self.direct_frames:
+            transport = direct_transport(websocket)
+            if transport is not None:
+                frame = _text_frame(data)
+                if frame is not None:
+                    try:
+                        transport.write(frame)
+                    except Exception as exc:
+                        self.drop(websocket, exc)
+                        return False
+                    return True
+        if type(websocket) is WebSocket and websocket.application_state is _CONNECTED:
+            # what send_text() would do, minus two coroutine frames of checks;
+            # Starlette's private _send read inline (see wsmanager.servers)
+            coro: Any = websocket._send({"type": "websocket.send", "text": data})
+        else:
+            coro = websocket.send_text(data)
+        try:
+            step = coro.send(None)
+        except StopIteration:
+            return True
+        except Exception as exc:
+            self.drop(websocket, exc)
+            return False
+        core = self._manager()
+        if core is None or websocket not in core:  # not registered (e.g. already closed): no backlog
+            coro.close()
+            return False
+        box = _Outbox(asyncio.get_running_loop())
+        self.outboxes[websocket] = box
+        core._set_notify(websocket, _NOTIFY_OUTBOX, True)
+        box.task = box.loop.create_task(self._writer(websocket, box, coro, step))
+        return True
+
+    def _enqueue(self, websocket: Any, box: _Outbox, data: str) -> bool:
+        core = self._manager()
+        if core is None:
+            return False
+        if box.loop is not asyncio.get_running_loop():  # left over from a closed loop
+            del self.outboxes[websocket]
+            core._set_notify(websocket, _NOTIFY_OUTBOX, False)
+            return self.post(websocket, data)
+        size = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
+        if len(box.queue) >= core.max_backlog or box.nbytes + size > core.max_backlog_bytes:
+            logger.info(
+                "slow consumer: %d messages, %d bytes queued",
+                len(box.queue),
+                box.nbytes,
+                extra={"reason": "slow_consumer", "code": int(CloseCode.SLOW_CONSUMER)},
+            )
+            self.close_later(websocket, "slow_consumer")
+            return False
+        box.queue.append((data, size))
+        box.nbytes += size
+        return True
+
+    async def _writer(self, websocket: Any, box: _Outbox, coro: Coroutine[Any, Any, Any], step: Any) -> None:
+        """Finish the suspended send, then write the backlog in order."""
+        manager = self._manager
+        try:
+            await _resume(coro, step)
+            queue = box.queue
+            while queue and _holds(manager(), websocket):  # disconnected: the rest is dropped
+                data, size = queue.popleft()
+                box.nbytes -= size
+                await websocket.send_text(data)
+        except Exception as exc:
+            if self.outboxes.get(websocket) is box:
+                del self.outboxes[websocket]
+                self._set_notify(websocket, _NOTIFY_OUTBOX, False)
+                self.drop(websocket, exc)
+        finally:
+            if self.outboxes.get(websocket) is box:
+                del self.outboxes[websocket]
+                self._set_notify(websocket, _NOTIFY_OUTBOX, False)
+
+    def drop(self, websocket: WebSocket, exc: BaseException | None = None) -> None:
+        """Remove a connection whose send failed."""
+        core = self._manager()
+        info = None if core is None else core.disconnect(websocket)
+        if info is not None:
+            logger.info(
+                "send failed, connection removed: %s",
+                type(exc).__name__ if exc else "closed",
+                extra={"lobby": info[0], "user": info[1], "reason": "send_failed"},
+            )
+
+    # disconnect(websocket) is the C core's, with no Python layer on this hot
+    # path: the core calls on_removed (the drop hook) only for a connection
+    # with an outbound backlog, or for every removal when a backplane must
+    # hear of it.
+
+    def on_removed(self, websocket: Any) -> None:
+        """The core's drop hook (see :meth:`drop_hook`)."""
+        if self.outboxes:
+            self.discard_outbox(websocket)
+        if self.removal_callbacks:
+            self.removed(websocket)
+        if self.backplane is not None:
+            self.backplane.release(websocket)
+
+    def discard_outbox(self, websocket: Any) -> None:
+        """Forget ``websocket``'s backlog and stop its writer."""
+        box = self.outboxes.pop(websocket, None)
+        if box is not None and box.task is not None and box.task is not asyncio.current_task():
+            box.task.cancel()
+
+    # Removal callbacks: every path that takes an entry out of the registry
+    # (disconnect() and the closes built on it, _reap, which goes through the
+    # core's disconnect, and HealthMonitor.sweep for what _sweep expired) ends
+    # in removed(), so serve() learns of it at once, not only when the
+    # client's close handshake completes. The core calls the drop hook only
+    # for connections flagged with _NOTIFY_CALLBACK.
+
+    def on_removal(self, websocket: Any, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once when ``websocket``'s entry is removed,
+        however (serve()'s on_disconnect)."""
+        self.removal_callbacks[websocket] = callback
+        self._set_notify(websocket, _NOTIFY_CALLBACK, True)
+
+    def forget_removal(self, websocket: Any) -> None:
+        """Drop ``websocket``'s removal callback without calling it."""
+        if self.removal_callbacks.pop(websocket, None) is not None:
+            self._set_notify(websocket, _NOTIFY_CALLBACK, False)
+
+    def removed(self, websocket: Any) -> None:
+        """``websocket``'s entry was removed: call its removal callback, if any."""
+        callback = self.removal_callbacks.pop(websocket, None)
+        if callback is not None:
+            try:
+                callback()
+            except Exception:
+                logger.exception("removal callback failed")
+
+    # ------------------------------------------------------------- closing
+
+    def close_later(
+        self, websocket: Any, reason: str, *, code: int | None = None, timeout: float | None = None
+    ) -> asyncio.Task[None]:
+        """Remove ``websocket`` now and close it with ``reason`` in the
+        background; a close that cannot complete within ``timeout`` (default
+        ``close_timeout``) aborts the TCP connection."""
+        core = self._manager()
+        info = None if core is None else core.disconnect(websocket)
+        if self.outboxes:
+            self.discard_outbox(websocket)
+        self.closed[reason] = self.closed.get(reason, 0) + 1
+        if info is not None and reason != "server_shutdown":
+            logger.info(
+                "closing connection: %s",
+                reason,
+                extra={
+                    "lobby": info[0],
+                    "user": info[1],
+                    "reason": reason,
+                    "code": code or close_code_for(reason),
+                },
+            )
+        task = asyncio.get_running_loop().create_task(
+            self._close_socket(websocket, reason, code, _close_timeout(core) if timeout is None else timeout)
+        )
+        self.closers.add(task)
+        task.add_done_callback(self.closers.discard)
+        return task
+
+    async def _close_socket(self, websocket: Any, reason: str, code: int | None, timeout: float) -> None:
+        code = close_code_for(reason) if code is None else code
+        try:
+            if websocket.application_state != WebSocketState.DISCONNECTED:
+                await asyncio.wait_for(websocket.close(code=code, reason=reason), timeout)
+        except Exception:  # stuck (a client that never reads) or gone
+            abort_transport(websocket)
+            return
+        # As in refuse(): a seed-style endpoint's next receive_*() then sees the
+        # client's close as WebSocketDisconnect instead of a RuntimeError.
+        websocket.application_state = WebSocketState.CONNECTED
+
+    # ------------------------------------------------- the core, for wsmanager's modules
+
+    def _set_notify(self, websocket: Any, bit: int, flag: bool) -> None:
+        core = self._manager()
+        if core is not None:
+            core._set_notify(websocket, bit, flag)
+
+    def drop_hook(self) -> Callable[[Any], None]:
+        """:meth:`on_removed` through a weak reference, for the core's
+        ``_set_drop_hook`` (the core holds its hooks strongly)."""
+        return _weak_method(self, Delivery.on_removed)
+
+    def release(self, websocket: Any) -> None:
+        """Tell a clustered backend that ``websocket`` left (no-op without one)."""
+        if self.backplane is not None:
+            self.backplane.release(websocket)
+
+    def allow(self) -> Callable[[Any], int]:
+        """The core's inbound rate check, ``allow(websocket) -> verdict``
+        (0: pass; see ``wsmanager.endpoint``), bound: call it per message."""
+        core = self._manager()
+        assert core is not None
+        return core._allow
+
+    def lobby_count(self, lobby_code: str) -> int:
+        """This process's connections in ``lobby_code`` (0 without a manager)."""
+        core = self._manager()
+        return 0 if core is None else core._lobby_count(lobby_code)
+
+    def sweep(
+        self, interval: float, timeout: float, batch: int
+    ) -> tuple[list[Any], list[tuple[Any, str, str]]]:
+        """The core's heartbeat sweep: ``(to_ping, expired)``; the expired are
+        out of the registry already (see ``wsmanager.health``)."""
+        core = self._manager()
+        if core is None:
+            return [], []
+        return core._sweep(interval, timeout, batch)
+
+    def next_deadline(self, interval: float, timeout: float) -> float | None:
+        """When the next sweep can find something due (the core's clock), or None."""
+        core = self._manager()
+        return None if core is None else core._next_deadline(interval, timeout)
+
+    def now(self) -> float:
+        """The core's clock, seconds."""
+        core = self._manager()
+        assert core is not None
+        return core._now()
+
+    def reap(self, websocket: Any, reason: str) -> tuple[str, str] | None:
+        """Remove an entry whose endpoint died; ``(lobby, user)`` or None."""
+        core = self._manager()
+        return None if core is None else core._reap(websocket, reason)
+
+    def wake_ping_waiter(self, user_id: str) -> None:
+        """A pong of ``user_id`` arrived: resolve its ``ping_user()`` waiter."""
+        waiter = self.ping_waiters.get(user_id)
+        if waiter is not None and not waiter.future.done() and not waiter.future.get_loop().is_closed():
+            waiter.future.set_result(time.perf_counter())
+
+
+def _holds(manager: ConnectionManager | None, websocket: Any) -> bool:
+    return manager is not None and websocket in manager
+
+
+def _close_timeout(manager: ConnectionManager | None) -> float:
+    return 5.0 if manager is None else manager.close_timeout
