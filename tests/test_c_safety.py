@@ -453,9 +453,9 @@ def test_finalizer_during_every_snapshot(name: str, action: str, after: int) -> 
     if name in ("disconnect", "_reap"):
         assert view(result)
         assert expected(m, socks)
-    elif GC_INSIDE_ALLOCATION:
+    elif GC_INSIDE_ALLOCATION and not name.startswith("manager."):
         assert view(result) == expected(m, socks)
-    else:
+    else:  # 3.12+, or a Python wrapper: the pass may run after the C call returned
         assert view(result) in (before, expected(m, socks))
     assert_consistent(m)
 
