@@ -2085,20 +2085,26 @@ write_extended(Writer *w, PyObject *obj)
         return write_text_of(w, obj, t->s_isoformat);
     }
     /* Each lookup may run Python code (a module's __getattr__): only obj,
-     * which the caller holds, is used across them. */
-    if (is_subclass(tp, lazy_attr(&t->enum_type, t->m_enum, "Enum", 0))) {
+     * which the caller holds, is used across them. Its type is read again
+     * after each one (Py_TYPE(obj), borrowed from obj): that code may set
+     * obj.__class__, and a GC pass free the old class. */
+    PyObject *cls = lazy_attr(&t->enum_type, t->m_enum, "Enum", 0); /* borrowed */
+    if (is_subclass(Py_TYPE(obj), cls)) {
         return write_enum(w, obj);
     }
-    PyObject *uuid = lazy_attr(&t->uuid_type, t->m_uuid, "UUID", 0);
-    if (is_subclass(tp, uuid)) {
-        return (PyObject *)tp == uuid ? write_uuid(w, obj) : write_text_of(w, obj, NULL);
+    cls = lazy_attr(&t->uuid_type, t->m_uuid, "UUID", 0);
+    if (is_subclass(Py_TYPE(obj), cls)) {
+        return (PyObject *)Py_TYPE(obj) == cls ? write_uuid(w, obj) : write_text_of(w, obj, NULL);
     }
-    if (is_subclass(tp, lazy_attr(&t->decimal_type, t->m_decimal, "Decimal", 0))) {
+    cls = lazy_attr(&t->decimal_type, t->m_decimal, "Decimal", 0);
+    if (is_subclass(Py_TYPE(obj), cls)) {
         return write_decimal(w, obj);
     }
-    if (is_subclass(tp, model_class(t))) {
+    cls = model_class(t);
+    if (is_subclass(Py_TYPE(obj), cls)) {
         return write_method_result(w, obj, t->s_model_dump, t->kw_mode, "model_dump()");
     }
+    tp = Py_TYPE(obj); /* no Python code runs from here to the lookup */
     PyObject *fields = _PyType_Lookup(tp, t->s_dataclass_fields); /* borrowed */
     if (fields != NULL && PyDict_Check(fields)) {
         Py_INCREF(fields);

@@ -655,19 +655,36 @@ done:
             res = NULL;
         }
         Py_DECREF(reason);
+        /* no hook may run with an exception set: keep it aside (new refs) */
+#if PY_VERSION_HEX >= 0x030C0000
+        PyObject *exc = res == NULL ? PyErr_GetRaisedException() : NULL;
+#else
+        PyObject *exc_type = NULL, *exc_value = NULL, *exc_tb = NULL;
+        if (res == NULL) {
+            PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+        }
+#endif
         /* as disconnect() does: tell the Python side of each removal */
         for (Py_ssize_t i = 0; i < n_victims; i++) {
             if ((victims[i].notify || self->drop_hook_all) &&
                 self->drop_hook != NULL) {
-                PyObject *hook = self->drop_hook;
-                Py_INCREF(hook);
+                /* our own reference: the hook may replace itself, and the
+                 * report of its failure still needs it */
+                PyObject *hook = Py_NewRef(self->drop_hook);
                 PyObject *r = PyObject_CallOneArg(hook, victims[i].ws);
-                Py_DECREF(hook);
                 if (r == NULL) {
                     PyErr_WriteUnraisable(hook);
                 }
                 Py_XDECREF(r);
+                Py_DECREF(hook); /* may be the last reference: after its use */
             }
+        }
+        if (res == NULL) { /* steals them back */
+#if PY_VERSION_HEX >= 0x030C0000
+            PyErr_SetRaisedException(exc);
+#else
+            PyErr_Restore(exc_type, exc_value, exc_tb);
+#endif
         }
         if (res == NULL) { /* out of memory: do not leak the reservation */
             wsm_conn *c = wsm_find_conn(&self->reg, args[0]);

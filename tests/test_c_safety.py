@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import functools
 import gc
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -368,6 +369,9 @@ WS_CALLS: dict[str, Callable[[Core, Any], Any]] = {
     "disconnect": lambda m, ws: m.disconnect(ws),
     "_reap": lambda m, ws: m._reap(ws, "send_failed"),
     "_reserve": lambda m, ws: ws in m or m._reserve(ws, "L", "again"),
+    "_reserve_replace": lambda m, ws: ws in m or m._reserve(ws, "L", "u0", True),
+    "_note_ping_timeout": lambda m, ws: m._note_ping(ws, 5.0),
+    "_pong_due": lambda m, ws: m._pong_due(ws),
 }
 
 
@@ -382,6 +386,9 @@ def test_hostile_websocket_on_every_entry_point(name: str, registered: bool) -> 
     ws = HostileSock(leave_all(m, socks))
     if registered:
         join(m, "L", "hostile", ws)
+    if name == "_reserve_replace":
+        m.max_per_user = 2  # u0 is at the limit: its oldest tab makes room
+        socks.remove(socks[0])
     WS_CALLS[name](m, ws)
     assert all(s in m for s in socks)
     assert_consistent(m)
@@ -539,6 +546,8 @@ CLOCKED: dict[str, Callable[[Core, list[Any]], Any]] = {
     "touch": lambda m, s: m.touch(s[0]),
     "record_pong_ws": lambda m, s: m.record_pong_ws(s[0]),
     "_note_ping": lambda m, s: m._note_ping(s[0]),
+    "_note_ping_timeout": lambda m, s: m._note_ping(s[0], 5.0),
+    "_pong_due": lambda m, s: m._pong_due(s[0]),
     "_allow": lambda m, s: m._allow(s[0]),
     "update_last_message": lambda m, s: m.update_last_message("u0"),
     "record_pong": lambda m, s: m.record_pong("u0"),
@@ -575,6 +584,168 @@ def test_clock_that_disconnects_everyone(name: str) -> None:
     assert_consistent(m)
 
 
+# ------------------------------------------------------- the "replace" policy
+
+
+def replacing(m: Core, ws: Any, lobby: str, user: str) -> tuple[str, tuple[Any, ...], int]:
+    """_reserve(..., replace=True), as connect() calls it with
+    on_user_limit="replace": (reason, replaced open websockets, replaced
+    handshakes in progress)."""
+    reason, opened, n_pending = m._reserve(ws, lobby, user, True)
+    assert isinstance(reason, str) and isinstance(opened, tuple) and isinstance(n_pending, int)
+    return reason, opened, n_pending
+
+
+def at_the_user_limit(m: Core) -> tuple[list[Any], Any]:
+    """populate() (u0 has two tabs) plus a handshake of u0 in progress, then
+    max_per_user=1: a new u0 replaces three entries, the pending one last."""
+    socks = populate(m)
+    pending = Sock()
+    assert m._reserve(pending, "L", fresh("u0")) == ""
+    m.max_per_user = 1
+    return socks, pending
+
+
+@pytest.mark.parametrize("action", ["leave", "join"])
+@pytest.mark.parametrize("hostile", ["lobby", "user", "both"])
+def test_hostile_str_ids_when_replacing(hostile: str, action: str) -> None:
+    """The user's id is looked up three times (count, oldest, reserve): a
+    str subclass is copied first, so its __hash__ / __eq__ never run."""
+    m = new_manager()
+    socks, pending = at_the_user_limit(m)
+    act = leave_all(m, socks) if action == "leave" else join_more(m)
+    ran: list[bool] = []
+
+    def spy() -> None:
+        ran.append(True)
+        act()
+
+    ws = Sock()
+    lobby = hostile_str("L", spy) if hostile != "user" else "L"
+    user = hostile_str("u0", spy) if hostile != "lobby" else "u0"
+    reason, opened, n_pending = replacing(m, ws, lobby, user)
+    assert not ran
+    assert (reason, n_pending) == ("", 1)
+    assert [id(w) for w in opened] == [id(socks[0]), id(socks[-1])]
+    assert not m._commit(pending)  # replaced while in progress
+    assert m._commit(ws)
+    assert m._info(ws) == ("L", "u0")
+    assert all(type(key) is str for key in m._info(ws) or ())
+    assert Core.get_stats(m)["pending_connections"] == 0
+    assert_consistent(m)
+
+
+@pytest.mark.parametrize("after", range(4))
+@pytest.mark.parametrize("action", ["leave", "join", "replace"])
+def test_finalizer_during_a_replacing_reservation(action: str, after: int) -> None:
+    """The result tuples are allocated after the victims were removed and
+    the seat reserved: a finalizer run there may disconnect anyone, connect
+    more, or replace the reservation just made."""
+    m = new_manager()
+    socks, pending = at_the_user_limit(m)
+    ws, other = Sock(), Sock()
+    act = {
+        "leave": leave_all(m, socks),
+        "join": join_more(m),
+        "replace": lambda: replacing(m, other, "L", fresh("u0")) and None,
+    }[action]
+    (reason, opened, n_pending), fired = call_with_finalizer(
+        lambda: replacing(m, ws, "L", fresh("u0")), act, after=after
+    )
+    assert (reason, n_pending) == ("", 1)
+    assert [id(w) for w in opened] == [id(socks[0]), id(socks[-1])]
+    assert not any(w in m for w in opened)
+    assert not m._commit(pending)
+    replaced = fired and action == "replace"
+    assert m._commit(ws) is not replaced
+    if replaced:
+        assert m._commit(other)
+    assert Core.get_stats(m)["pending_connections"] == 0
+    assert_consistent(m)
+
+
+def test_drop_hook_that_disconnects_and_replaces_while_replacing() -> None:
+    """The drop hook runs once per replaced connection, after the registry
+    is consistent: it may disconnect the rest and replace the new seat."""
+    m = new_manager()
+    socks, pending = at_the_user_limit(m)
+    ws, other = Sock(), Sock()
+    dropped: list[Any] = []
+
+    def hook(gone: Any) -> None:
+        first = not dropped
+        dropped.append(gone)
+        if first:
+            assert replacing(m, other, "L", fresh("u0"))[0] == ""  # re-enters the hook
+            leave_all(m, socks)()  # and again, through disconnect()
+
+    m._set_drop_hook(hook, True)
+    reason, opened, n_pending = replacing(m, ws, "L", fresh("u0"))
+    m._set_drop_hook(None)
+    assert (reason, n_pending) == ("", 1)
+    assert [id(w) for w in opened] == [id(socks[0]), id(socks[-1])]
+    assert {id(w) for w in dropped} == {id(w) for w in socks} | {id(pending), id(ws)}
+    assert not m._commit(ws)  # replaced by the hook's reservation
+    assert m._commit(other)
+    assert len(m) == 1
+    assert_consistent(m)
+
+
+def _hook_that_unsets_itself(m: Core, gone: Any) -> None:
+    m._set_drop_hook(None)  # the core's reference was the only one
+    raise RuntimeError("the drop hook failed")
+
+
+def test_drop_hook_that_unsets_itself_and_raises_while_replacing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The failure of a drop hook is reported with the hook: the core's own
+    reference to it must outlive the report (use after free before)."""
+    m = new_manager()
+    old = join(m, "L", "u0")
+    m.max_per_user = 1
+    reports: list[tuple[Any, str]] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: reports.append((u.exc_type, repr(u.object))))
+    m._set_drop_hook(functools.partial(_hook_that_unsets_itself, m), True)  # only the core holds it
+    ws = Sock()
+    reason, opened, n_pending = replacing(m, ws, "L", "u0")
+    assert (reason, opened, n_pending) == ("", (old,), 0)
+    assert [exc for exc, _ in reports] == [RuntimeError]
+    assert "_hook_that_unsets_itself" in reports[0][1]
+    assert m._commit(ws)
+    assert_consistent(m)
+
+
+def test_note_ping_timeout_whose_float_disconnects() -> None:
+    """_note_ping(ws, timeout) converts the timeout (which may run Python
+    code) before the lookup."""
+    m = new_manager()
+    socks = populate(m)
+
+    class Timeout:
+        def __float__(self) -> float:
+            leave_all(m, socks)()
+            return 5.0
+
+    assert m._note_ping(socks[0], Timeout()) is False  # type: ignore[arg-type]
+    assert not m._pong_due(socks[0])
+    assert_consistent(m)
+
+
+def test_pong_due_follows_note_ping_and_the_deadline() -> None:
+    now = [1.0]
+    m = new_manager(clock=lambda: now[0])
+    socks = populate(m)
+    assert not m._pong_due(socks[0])
+    assert m._note_ping(socks[0], 5.0)
+    assert m._pong_due(socks[0])
+    now[0] = 7.0  # past the deadline
+    assert not m._pong_due(socks[0])
+    assert m.record_pong_ws(socks[0]) is None  # a late pong is no round trip
+    m.disconnect(socks[1])
+    assert not m._note_ping(socks[1], 5.0)
+    assert not m._pong_due(socks[1])
+    assert_consistent(m)
+
+
 # ------------------------------------------------------- random interleavings
 
 LOBBIES = ("a", "b")
@@ -597,6 +768,9 @@ class ReentrantMachine(RuleBasedStateMachine):
         super().__init__()
         self.model: dict[int, tuple[Any, str, str]] = {}
         self.pending: list[Callable[[], None]] = []
+        # handshakes in progress, oldest first: what "replace" takes after
+        # a user's open connections
+        self.held: list[tuple[Any, str, str]] = []
 
         def clock() -> float:
             while self.pending:
@@ -613,7 +787,12 @@ class ReentrantMachine(RuleBasedStateMachine):
         ws, lobby, user = self.model.pop(key)
         assert self.m.disconnect(ws) == (lobby, user)
 
-    def _action(self, leave: list[int], joins: list[tuple[str, str]]) -> Callable[[], None]:
+    def _action(
+        self, leave: list[int], joins: list[tuple[str, str]], replacing: bool = False
+    ) -> Callable[[], None]:
+        """With replacing (inside a replacing reservation: max_per_user is
+        set, and its victims are gone but still in the model until it
+        returns) joins replace too, and leaving skips the victims."""
         done: list[bool] = []
 
         def action() -> None:
@@ -621,12 +800,27 @@ class ReentrantMachine(RuleBasedStateMachine):
                 return
             done.append(True)
             for key in leave:
-                if key in self.model:
+                if key in self.model and (not replacing or self.model[key][0] in self.m):
                     self._disconnect(key)
             for lobby, user in joins:
-                self._connect(lobby, user)
+                if replacing:
+                    self._join_replacing(lobby, user, Sock())
+                else:
+                    self._connect(lobby, user)
 
         return action
+
+    def _join_replacing(self, lobby: str, user: str, ws: Any, call: Callable[..., Any] | None = None) -> None:
+        """Reserve with replace=True (through ``call`` if given), update the
+        model with what was replaced, and commit unless replaced meanwhile."""
+        reserve = call if call is not None else (lambda: replacing(self.m, ws, fresh(lobby), fresh(user)))
+        reason, opened, n_pending = reserve()
+        for gone in opened:
+            self.model.pop(id(gone), None)
+        mine = [h for h in self.held if h[2] == user][:n_pending]  # the oldest ones
+        self.held = [h for h in self.held if not any(h is g for g in mine)]
+        if reason == "" and self.m._commit(ws):
+            self.model[id(ws)] = (ws, lobby, user)
 
     @rule(lobby=st.sampled_from(LOBBIES), user=st.sampled_from(USERS))
     def connect(self, lobby: str, user: str) -> None:
@@ -635,7 +829,7 @@ class ReentrantMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def disconnect(self, data: st.DataObject) -> None:
         if self.model:
-            self._disconnect(data.draw(st.sampled_from(sorted(self.model))))
+            self._disconnect(data.draw(st.sampled_from(list(self.model))))
 
     @rule(
         data=st.data(),
@@ -647,7 +841,7 @@ class ReentrantMachine(RuleBasedStateMachine):
     def hostile_read(
         self, data: st.DataObject, read: str, door: str, after: int, joins: list[tuple[str, str]]
     ) -> None:
-        leave = data.draw(st.lists(st.sampled_from(sorted(self.model)), unique=True)) if self.model else []
+        leave = data.draw(st.lists(st.sampled_from(list(self.model)), unique=True)) if self.model else []
         action = self._action(leave, joins)
         lobby, user = data.draw(st.sampled_from(LOBBIES)), data.draw(st.sampled_from(USERS))
         call = ID_READS[read]
@@ -666,10 +860,93 @@ class ReentrantMachine(RuleBasedStateMachine):
                 return
         assert result == call(self.m, lobby, user)
 
+    @rule(lobby=st.sampled_from(LOBBIES), user=st.sampled_from(USERS))
+    def hold(self, lobby: str, user: str) -> None:
+        """A handshake in progress (reserved, not committed)."""
+        ws = Sock()
+        assert self.m._reserve(ws, fresh(lobby), fresh(user)) == ""
+        self.held.append((ws, lobby, user))
+
+    @rule(data=st.data(), commit=st.booleans())
+    def settle(self, data: st.DataObject, commit: bool) -> None:
+        if not self.held:
+            return
+        ws, lobby, user = self.held.pop(data.draw(st.integers(0, len(self.held) - 1)))
+        if commit:
+            assert self.m._commit(ws)
+            self.model[id(ws)] = (ws, lobby, user)
+        else:
+            assert self.m._release(ws)
+
+    @rule(
+        data=st.data(),
+        lobby=st.sampled_from(LOBBIES),
+        user=st.sampled_from(USERS),
+        limit=st.integers(1, 2),
+        door=st.sampled_from(["id", "finalizer", "drop_hook"]),
+        after=st.integers(0, 3),
+        joins=st.lists(st.tuples(st.sampled_from(LOBBIES), st.sampled_from(USERS)), max_size=3),
+    )
+    def join_replacing(
+        self,
+        data: st.DataObject,
+        lobby: str,
+        user: str,
+        limit: int,
+        door: str,
+        after: int,
+        joins: list[tuple[str, str]],
+    ) -> None:
+        """on_user_limit="replace": a user at max_per_user gets in, its
+        oldest entries make room, while a hostile party acts meanwhile."""
+        leave = data.draw(st.lists(st.sampled_from(list(self.model)), unique=True)) if self.model else []
+        action = self._action(leave, joins, replacing=True)
+        ws = Sock()
+        self.m.max_per_user = limit
+        try:
+            if door == "id":
+                self._join_replacing(
+                    lobby,
+                    user,
+                    ws,
+                    lambda: replacing(self.m, ws, hostile_str(lobby, action), hostile_str(user, action)),
+                )
+            elif door == "finalizer":
+
+                def reserve() -> Any:
+                    return call_with_finalizer(
+                        lambda: replacing(self.m, ws, fresh(lobby), fresh(user)), action, after=after
+                    )[0]
+
+                self._join_replacing(lobby, user, ws, reserve)
+            else:
+                self.m._set_drop_hook(lambda gone: action(), True)
+                try:
+                    self._join_replacing(lobby, user, ws)
+                finally:
+                    self.m._set_drop_hook(None)
+        finally:
+            self.m.max_per_user = None
+
+    @rule(data=st.data(), timeout=st.sampled_from([0.0, 5.0, math.inf]), pong=st.booleans())
+    def ping(self, data: st.DataObject, timeout: float, pong: bool) -> None:
+        """_note_ping(ws, timeout) / _pong_due / the pong that answers it
+        (the clock stands still: a ping is due until answered)."""
+        if not self.model:
+            return
+        ws = self.model[data.draw(st.sampled_from(list(self.model)))][0]
+        assert self.m._note_ping(ws, timeout)
+        assert self.m._pong_due(ws)
+        if pong:
+            assert self.m.record_pong_ws(ws) == 0.0
+            assert not self.m._pong_due(ws)
+
     @invariant()
     def agrees_with_model(self) -> None:
         m = self.m
         assert len(m) == len(self.model)
+        assert Core.get_stats(m)["pending_connections"] == len(self.held)
+        assert not any(m._pong_due(ws) or ws in m for ws, _, _ in self.held)
         for lobby in LOBBIES:
             members = [ws for ws, lo, _ in self.model.values() if lo == lobby]
             assert {id(ws) for ws in m._lobby_targets(lobby)} == {id(ws) for ws in members}

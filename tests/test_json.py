@@ -17,12 +17,14 @@ import enum
 import gc
 import json
 import math
+import os
 import random
 import subprocess
 import sys
 import tracemalloc
 import uuid
 import zoneinfo
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import pydantic
@@ -1241,3 +1243,179 @@ def test_broadcast_of_a_datetime_over_a_real_testclient_socket() -> None:
         assert alice.receive_text() == expected
         assert bob.receive_text() == expected
     assert json.loads(expected)["at"] == when.isoformat()
+
+
+# ------------------------------------------- hooks of the new types that free what is encoded
+#
+# Each hook below runs Python code in the middle of an encode: it empties the
+# container being walked (dropping the last reference to its other items),
+# resizes a dict, and runs a GC pass. The encoder holds what it encodes and
+# keeps no pointer into the container or its own buffer across the call.
+
+
+def _hostile_values(box: Any) -> dict[str, Callable[[], Any]]:
+    """name -> a factory of an object whose conversion hook wrecks ``box``
+    (a list or a dict holding it, the only other reference to everything)."""
+
+    def wreck() -> None:
+        if isinstance(box, list):
+            box.clear()
+        else:
+            box.clear()
+            box.update({f"new{i}": [object()] for i in range(64)})  # a resize
+        gc.collect()
+
+    class Iso(datetime.datetime):
+        def isoformat(self, sep: str = "T", timespec: str = "auto") -> str:
+            wreck()
+            return super().isoformat(sep, timespec)
+
+    class Zone(datetime.tzinfo):
+        def utcoffset(self, dt: Any) -> datetime.timedelta:
+            wreck()
+            return datetime.timedelta(hours=1)
+
+        def dst(self, dt: Any) -> None:
+            return None
+
+        def tzname(self, dt: Any) -> None:
+            return None
+
+    class Id(uuid.UUID):
+        def __str__(self) -> str:
+            wreck()
+            return super().__str__()
+
+    class Price(decimal.Decimal):
+        def __str__(self) -> str:
+            wreck()
+            return super().__str__()
+
+    class Tone(enum.Enum):
+        LOW = 1
+
+        def __getattribute__(self, name: str) -> Any:
+            if name == "_value_":
+                wreck()
+            return super().__getattribute__(name)
+
+    class Model(pydantic.BaseModel):
+        n: int = 1
+
+        def model_dump(self, **kwargs: Any) -> Any:
+            wreck()
+            return super().model_dump(**kwargs)
+
+    class Failing(pydantic.BaseModel):
+        def model_dump(self, **kwargs: Any) -> Any:
+            class Loud(RuntimeError):
+                def __str__(self) -> str:  # run by encode_message's wrapping
+                    wreck()
+                    return "loud"
+
+            raise Loud()
+
+    return {
+        "isoformat": lambda: Iso(2024, 1, 2, 3, 4, 5),
+        "utcoffset_datetime": lambda: datetime.datetime(2024, 1, 2, 3, tzinfo=Zone()),
+        "utcoffset_time": lambda: datetime.time(3, 4, tzinfo=Zone()),
+        "uuid_str": lambda: Id(int=7),
+        "decimal_str": lambda: Price("1.50"),
+        "enum_value": lambda: Tone.LOW,
+        "model_dump": lambda: Model(),
+        "exception_str": lambda: Failing(),
+    }
+
+
+HOSTILE_NAMES = sorted(_hostile_values([]))
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["dumps", "encode_message"])
+@pytest.mark.parametrize("container", ["list", "dict"])
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_a_hook_of_a_new_type_that_empties_its_container(name: str, container: str, wrap: bool) -> None:
+    box: Any = [] if container == "list" else {}
+    make = _hostile_values(box)[name]
+    items = [{"k": [object(), "x" * 5000]}, make(), {"big": list(range(2000))}, make(), object()]
+    if isinstance(box, list):
+        box.extend(items)
+    else:
+        box.update({f"k{i}": item for i, item in enumerate(items)})
+    del items, make
+    try:
+        out = (
+            encode_message(box, lambda o: "converted") if wrap else dumps(box, default=lambda o: "converted")
+        )
+    except (TypeError, RuntimeError) as exc:  # the failing model_dump
+        assert name == "exception_str"
+        assert wrap is (type(exc) is TypeError)
+        assert "loud" in str(exc) or not wrap
+    else:
+        assert name != "exception_str"
+        json.loads(out)
+
+
+def test_a_default_that_frees_the_object_it_converts() -> None:
+    """default() drops every other reference to the object it was given
+    (and to the list it sat in): the encoder's own reference keeps it."""
+    box: list[Any] = []
+
+    class Gone:
+        pass
+
+    def convert(obj: Any) -> Any:
+        box.clear()
+        gc.collect()
+        return {"was": type(obj).__name__, "more": [object()]}
+
+    box.extend([Gone(), Gone(), {"k": [object()]}])
+    assert json.loads(dumps(box, default=lambda o: convert(o) if isinstance(o, Gone) else None)) == [
+        {"was": "Gone", "more": [None]}
+    ]
+    mapping: dict[str, Any] = {"a": Gone(), "b": Gone()}
+
+    def convert_mapping(obj: Any) -> Any:
+        mapping.clear()
+        gc.collect()
+        return "x"
+
+    assert json.loads(dumps(mapping, default=convert_mapping)) == {"a": "x"}
+
+
+def test_a_class_lookup_that_changes_the_class_of_the_object() -> None:
+    """The encoder finds uuid.UUID, decimal.Decimal, ... in sys.modules the
+    first time it needs them, which may run Python code (an object in
+    sys.modules with a __getattr__): that code may give the object being
+    encoded another class and free the old one. Its class is read again
+    after each lookup (use after free before). A fresh interpreter: the
+    classes are looked up once per process, with the debug allocator (freed
+    memory is overwritten, so reading the freed class crashes)."""
+    code = (
+        "import gc, sys, weakref, decimal\n"
+        "from wsmanager import dumps\n"
+        "class Plain:\n"
+        "    pass\n"
+        "def make():\n"
+        "    class Doomed:\n"
+        "        pass\n"
+        "    return Doomed()\n"
+        "obj = make()\n"
+        "dead = weakref.ref(type(obj))\n"
+        "class Hostile:\n"
+        "    def __getattr__(self, name):\n"
+        "        obj.__class__ = Plain\n"
+        "        gc.collect()\n"
+        "        assert dead() is None, 'the old class is still alive'\n"
+        "        raise AttributeError(name)\n"
+        "saved = sys.modules.get('uuid')\n"
+        "sys.modules['uuid'] = Hostile()\n"
+        "try:\n"
+        "    print(dumps([obj], default=lambda o: type(o).__name__))\n"
+        "finally:\n"
+        "    if saved is not None:\n"
+        "        sys.modules['uuid'] = saved\n"
+    )
+    env = {**os.environ, "PYTHONMALLOC": "malloc_debug"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == '["Plain"]'
