@@ -74,7 +74,8 @@ test-asan: deps apt-test
 	  rc=$$?; WSM_DEV=1 $(PY) setup.py -q build_ext --inplace --force; exit $$rc
 
 # Build and run the core tests on every CPython 3.10-3.13 that pyenv has.
-CORE_TESTS = tests/test_manager_api.py tests/test_defects.py tests/test_json.py tests/test_model.py tests/test_memory.py
+CORE_TESTS = tests/test_manager_api.py tests/test_defects.py tests/test_json.py tests/test_model.py tests/test_memory.py \
+             tests/test_c_safety.py tests/test_settings.py
 test-pythons: apt
 	@ran=""; root=$$(pyenv root 2>/dev/null || echo $$HOME/.pyenv); \
 	for v in 3.10 3.11 3.12 3.13; do \

@@ -653,7 +653,13 @@ def test_finalizer_during_a_replacing_reservation(action: str, after: int) -> No
         lambda: replacing(m, ws, "L", fresh("u0")), act, after=after
     )
     assert (reason, n_pending) == ("", 1)
-    assert [id(w) for w in opened] == [id(socks[0]), id(socks[-1])]
+    victims = [id(socks[0]), id(socks[-1])]
+    if fired and action == "leave":
+        # on 3.10 the call's own frame is GC-tracked: the pass may come before
+        # the C call, and then there is nobody left to replace
+        assert [id(w) for w in opened] in ([], victims)
+    else:
+        assert [id(w) for w in opened] == victims
     assert not any(w in m for w in opened)
     assert not m._commit(pending)
     replaced = fired and action == "replace"
