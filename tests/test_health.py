@@ -420,6 +420,34 @@ def test_endpoint_cancelled_without_disconnect_is_reclaimed() -> None:
     run(main)
 
 
+def test_one_task_that_connected_several_websockets_ends_each_is_reclaimed() -> None:
+    """The endpoint watch keeps one done-callback per task: a task that
+    connected three websockets (one disconnected and reconnected meanwhile,
+    one disconnected for good) and is cancelled reclaims the two left."""
+    m = ConnectionManager(ping_interval=None)
+
+    async def main() -> None:
+        peers = [FakePeer() for _ in range(3)]
+
+        async def endpoint() -> None:
+            for i, peer in enumerate(peers):
+                await m.connect(peer.ws, "l", f"u{i}")
+            m.disconnect(peers[0].ws)
+            await m.connect(peers[0].ws, "l", "u0")
+            m.disconnect(peers[1].ws)
+            await asyncio.Event().wait()  # never calls disconnect() for the others
+
+        task = asyncio.ensure_future(endpoint())
+        await wait_until(lambda: len(m) == 2 and peers[0].ws in m)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await settle()
+        assert len(m) == 0 and m.get_stats()["stale_closed"]["handler_exited"] == 2
+
+    run(main)
+
+
 def test_connect_from_a_helper_task_is_not_mistaken_for_a_dead_endpoint() -> None:
     m = ConnectionManager(ping_interval=None)
 
