@@ -195,21 +195,26 @@ class HealthMonitor:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        st = self._state(loop)
+        st = self._states.get(loop) or self._state(loop)
         task = asyncio.current_task(loop)
-        if task is not None and not _runs_connect(task):
-            st.handlers += 1
-            self._owners[websocket] = st
+        if task is not None:
             endpoints = self._endpoints
             known = endpoints.get(task)
-            if known is None:
-                endpoints[task] = websocket
-                task.add_done_callback(self._on_endpoint_done, context=_CALLBACK_CONTEXT)
-            elif isinstance(known, list):
-                known.append(websocket)
+            if known is None:  # a task not watched yet: is it an endpoint?
+                if not _runs_connect(task):
+                    st.handlers += 1
+                    self._owners[websocket] = st
+                    endpoints[task] = websocket
+                    task.add_done_callback(self._on_endpoint_done, context=_CALLBACK_CONTEXT)
             else:
-                endpoints[task] = [known, websocket]
-        if self._autostart:
+                st.handlers += 1
+                self._owners[websocket] = st
+                if isinstance(known, list):
+                    known.append(websocket)
+                else:
+                    endpoints[task] = [known, websocket]
+        monitor = st.monitor
+        if (monitor is None or monitor.done()) and self._autostart:
             self._ensure_monitor(st)
 
     async def start(self) -> None:
@@ -430,9 +435,10 @@ class HealthMonitor:
                 self._reclaim(websocket, "handler_exited")
             else:
                 self._spawn(st, self._probe(websocket))
-        if st.handlers == 0 and not st.pinned and st.monitor is not None:
-            st.monitor.cancel()
-        self._forget_if_idle(st)
+        if st.handlers == 0:  # (while handlers remain, the loop's state is not idle)
+            if not st.pinned and st.monitor is not None:
+                st.monitor.cancel()
+            self._forget_if_idle(st)
 
     async def _probe(self, websocket: WebSocket) -> None:
         """Is the socket of an endpoint that ended still open? A ping tells:
