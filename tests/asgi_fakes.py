@@ -18,7 +18,15 @@ from starlette.websockets import WebSocket
 class FakePeer:
     """The client side of one WebSocket, as the ASGI app sees it."""
 
-    def __init__(self, *, accept_yields: int = 0, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        accept_yields: int = 0,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        receive_future: bool = False,
+    ) -> None:
+        """``receive_future``: the ASGI ``receive`` is a plain function
+        returning a future (some servers' is no coroutine function)."""
         self.accept_yields = accept_yields
         self.to_app: asyncio.Queue[Message] = asyncio.Queue()
         self.to_app.put_nowait({"type": "websocket.connect"})
@@ -38,10 +46,15 @@ class FakePeer:
             "server": ("127.0.0.1", 80),
             "subprotocols": [],
         }
-        self.ws = WebSocket(scope, receive=self._receive, send=self._send)
+        self.ws = WebSocket(
+            scope, receive=self._receive_future if receive_future else self._receive, send=self._send
+        )
 
     async def _receive(self) -> Message:
         return await self.to_app.get()
+
+    def _receive_future(self) -> asyncio.Future[Message]:
+        return asyncio.ensure_future(self.to_app.get())
 
     async def _send(self, message: Message) -> None:
         kind = message["type"]

@@ -341,7 +341,8 @@ def test_sweep_agrees_with_a_plain_python_model(ops: list[tuple[str, float]]) ->
                 model[i][:3] = [clock.t, None, seq]
         elif op == "pong":
             rtt = m.record_pong_ws(socks[i])
-            if i in model and model[i][3] is not None:
+            if i in model and model[i][3] is not None and clock.t <= model[i][3] + timeout:
+                # (a pong after its ping's deadline proves liveness but is no round trip)
                 assert rtt == pytest.approx((clock.t - model[i][3]) * 1000.0)
             else:
                 assert rtt is None
@@ -416,6 +417,34 @@ def test_endpoint_cancelled_without_disconnect_is_reclaimed() -> None:
             await task
         await settle()
         assert len(m) == 0 and m.get_stats()["stale_closed"]["handler_exited"] == 1
+
+    run(main)
+
+
+def test_one_task_that_connected_several_websockets_ends_each_is_reclaimed() -> None:
+    """The endpoint watch keeps one done-callback per task: a task that
+    connected three websockets (one disconnected and reconnected meanwhile,
+    one disconnected for good) and is cancelled reclaims the two left."""
+    m = ConnectionManager(ping_interval=None)
+
+    async def main() -> None:
+        peers = [FakePeer() for _ in range(3)]
+
+        async def endpoint() -> None:
+            for i, peer in enumerate(peers):
+                await m.connect(peer.ws, "l", f"u{i}")
+            m.disconnect(peers[0].ws)
+            await m.connect(peers[0].ws, "l", "u0")
+            m.disconnect(peers[1].ws)
+            await asyncio.Event().wait()  # never calls disconnect() for the others
+
+        task = asyncio.ensure_future(endpoint())
+        await wait_until(lambda: len(m) == 2 and peers[0].ws in m)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await settle()
+        assert len(m) == 0 and m.get_stats()["stale_closed"]["handler_exited"] == 2
 
     run(main)
 

@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from starlette.websockets import WebSocketDisconnect
 
 from tests.asgi_fakes import FakePeer
@@ -135,10 +136,13 @@ def test_messages_read_for_a_push_only_endpoint_are_bounded() -> None:
     run(main)
 
 
-def test_the_seed_loop_gets_all_its_messages_in_order_while_the_manager_reads_a_pong() -> None:
+@pytest.mark.parametrize("server_receive", ["coroutine", "future"])
+def test_the_seed_loop_gets_all_its_messages_in_order_while_the_manager_reads_a_pong(
+    server_receive: str,
+) -> None:
     async def main() -> None:
         m, clock = make()
-        peer = FakePeer()
+        peer = FakePeer(receive_future=server_receive == "future")
         got: list[dict[str, Any]] = []
         release = asyncio.Event()
 
@@ -170,10 +174,11 @@ def test_the_seed_loop_gets_all_its_messages_in_order_while_the_manager_reads_a_
     run(main)
 
 
-def test_a_reading_app_still_reads_its_pongs_itself() -> None:
+@pytest.mark.parametrize("server_receive", ["coroutine", "future"])
+def test_a_reading_app_still_reads_its_pongs_itself(server_receive: str) -> None:
     async def main() -> None:
         m, clock = make()
-        peer = FakePeer()
+        peer = FakePeer(receive_future=server_receive == "future")
         got: list[dict[str, Any]] = []
 
         async def handler(data: dict[str, Any]) -> None:

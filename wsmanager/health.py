@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import contextvars
 import logging
 import math
 import time
@@ -46,6 +46,9 @@ STALE_REASONS = ("no_pong", "send_failed", "handler_exited")
 
 _BATCH = 1024  # most pings (and most closes) dispatched by one C call
 _LATE = 0.001  # wake this long after a deadline, so that the sweep finds it due
+# The context the endpoint watch's done-callback runs in: one shared empty
+# one, so that add_done_callback() does not copy the task's context per connect.
+_CALLBACK_CONTEXT = contextvars.Context()
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,10 @@ class HealthMonitor:
         self._timeout = _check_period("ping_timeout", ping_timeout)
         self._states: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         self._owners: dict[WebSocket, _LoopState] = {}  # websocket -> loop of its endpoint
+        # endpoint task -> the websocket it connected (a list when it connected several):
+        # one bound method is every task's done-callback, so a connect allocates nothing
+        self._endpoints: dict[asyncio.Task[Any], WebSocket | list[WebSocket]] = {}
+        self._on_endpoint_done = self._endpoints_done
 
     # ------------------------------------------------------------- settings
 
@@ -188,13 +195,26 @@ class HealthMonitor:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        st = self._state(loop)
+        st = self._states.get(loop) or self._state(loop)
         task = asyncio.current_task(loop)
-        if task is not None and not _runs_connect(task):
-            st.handlers += 1
-            self._owners[websocket] = st
-            task.add_done_callback(functools.partial(self._endpoint_done, websocket, st))
-        if self._autostart:
+        if task is not None:
+            endpoints = self._endpoints
+            known = endpoints.get(task)
+            if known is None:  # a task not watched yet: is it an endpoint?
+                if not _runs_connect(task):
+                    st.handlers += 1
+                    self._owners[websocket] = st
+                    endpoints[task] = websocket
+                    task.add_done_callback(self._on_endpoint_done, context=_CALLBACK_CONTEXT)
+            else:
+                st.handlers += 1
+                self._owners[websocket] = st
+                if isinstance(known, list):
+                    known.append(websocket)
+                else:
+                    endpoints[task] = [known, websocket]
+        monitor = st.monitor
+        if (monitor is None or monitor.done()) and self._autostart:
             self._ensure_monitor(st)
 
     async def start(self) -> None:
@@ -266,8 +286,12 @@ class HealthMonitor:
     def _state(self, loop: asyncio.AbstractEventLoop) -> _LoopState:
         st = self._states.get(loop)
         if st is None:
-            for old in [lp for lp in list(self._states) if lp.is_closed()]:
+            closed = [lp for lp in list(self._states) if lp.is_closed()]
+            for old in closed:
                 self._states.pop(old, None)
+            if closed:  # endpoint tasks a closed loop never finished: their callbacks never run
+                for t in [t for t in self._endpoints if t.get_loop().is_closed()]:
+                    del self._endpoints[t]
             st = self._states[loop] = _LoopState(loop)
         return st
 
@@ -392,8 +416,17 @@ class HealthMonitor:
         if websocket.client_state != WebSocketState.DISCONNECTED:
             websocket.application_state = WebSocketState.CONNECTED
 
+    def _endpoints_done(self, task: asyncio.Task[Any]) -> None:
+        """An endpoint task that called ``connect()`` has ended: each websocket it connected."""
+        known = self._endpoints.pop(task, None)
+        st = self._states.get(task.get_loop())
+        if known is None or st is None:  # its loop's state is gone only once the loop closed
+            return
+        for websocket in known if isinstance(known, list) else (known,):
+            self._endpoint_done(websocket, st, task)
+
     def _endpoint_done(self, websocket: WebSocket, st: _LoopState, task: asyncio.Task[Any]) -> None:
-        """The endpoint task that called ``connect()`` has ended."""
+        """The endpoint task that called ``connect()`` for ``websocket`` has ended."""
         st.handlers -= 1
         self._owners.pop(websocket, None)
         manager = self._manager_ref()
@@ -402,9 +435,10 @@ class HealthMonitor:
                 self._reclaim(websocket, "handler_exited")
             else:
                 self._spawn(st, self._probe(websocket))
-        if st.handlers == 0 and not st.pinned and st.monitor is not None:
-            st.monitor.cancel()
-        self._forget_if_idle(st)
+        if st.handlers == 0:  # (while handlers remain, the loop's state is not idle)
+            if not st.pinned and st.monitor is not None:
+                st.monitor.cancel()
+            self._forget_if_idle(st)
 
     async def _probe(self, websocket: WebSocket) -> None:
         """Is the socket of an endpoint that ended still open? A ping tells:

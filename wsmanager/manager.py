@@ -69,6 +69,9 @@ class _PingWaiter:
 
 
 _CONNECTED = WebSocketState.CONNECTED
+_CONNECTING = WebSocketState.CONNECTING
+# the core's own max_connections getter: connect() reads it without the Setting descriptor's Python call
+_core_max_connections = Core.__dict__["max_connections"].__get__
 
 
 def _weak_pong_hook(manager: ConnectionManager) -> Callable[[str, Any, float | None], None]:
@@ -255,8 +258,10 @@ class ConnectionManager(Core):
         self.json_default = json_default
         self.set_rate_limit(rate_limit, rate_burst, close_after=rate_limit_close_after)
         self._shutdown_task: asyncio.Task[None] | None = None
-        # websocket -> resolved when its connect() ends: reserved handshakes in flight
-        self._handshakes: dict[Any, asyncio.Future[None]] = {}
+        # websocket -> its event loop: reserved handshakes in flight (no Future
+        # per connect: shutdown() waits on one future, made only while it waits)
+        self._handshakes: dict[Any, asyncio.AbstractEventLoop] = {}
+        self._handshakes_waiter: asyncio.Future[None] | None = None
         # handshakes whose reservation shutdown() released while they hung in accept()
         self._overtaken: set[Any] = set()
         # -- backend (issue 6): None on the single-process path, which then
@@ -427,16 +432,27 @@ class ConnectionManager(Core):
             return False
         # Reserved: shutdown() waits for this handshake to end (or releases its
         # reservation when it outlasts the shutdown's budget).
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._handshakes[websocket] = done
+        loop = asyncio.get_running_loop()
+        handshakes = self._handshakes
+        handshakes[websocket] = loop
         try:
             return await self._handshake(websocket, lobby_code, user_id)
         finally:
-            if self._handshakes.get(websocket) is done:
-                del self._handshakes[websocket]
-            self._overtaken.discard(websocket)
+            handshakes.pop(websocket, None)
+            if self._overtaken:
+                self._overtaken.discard(websocket)
+            if self._handshakes_waiter is not None:  # a shutdown() waits for the handshakes
+                self._handshake_ended(loop)
+
+    def _handshake_ended(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A handshake of ``loop`` ended while shutdown() waits: wake it once
+        none of that loop is left."""
+        waiter = self._handshakes_waiter
+        if waiter is None or waiter.done() or waiter.get_loop() is not loop:
+            return
+        if not any(lp is loop for lp in self._handshakes.values()):
             with contextlib.suppress(RuntimeError):  # its loop closed under it: nobody waits
-                done.set_result(None)
+                waiter.set_result(None)
 
     async def _handshake(self, websocket: WebSocket, lobby_code: str, user_id: str) -> bool:
         """The awaits between a reservation and its commit: the backend's
@@ -446,7 +462,7 @@ class ConnectionManager(Core):
             reason = ""
             if bp is not None:  # backend: the cluster-wide slot
                 reason = await bp.reserve(websocket, lobby_code, user_id)
-            connecting = websocket.application_state == WebSocketState.CONNECTING
+            connecting = websocket.application_state is _CONNECTING
             if not reason and not self.shutting_down and connecting:
                 try:
                     await websocket.accept()
@@ -508,7 +524,7 @@ class ConnectionManager(Core):
         self._receiving.attach(websocket)  # pongs are seen even while the app does not read
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("connected", extra={"lobby": lobby_code, "user": user_id})
-        if len(self) >= self.max_connections:
+        if len(self) >= _core_max_connections(self):
             logger.warning("server at capacity: %d connections", len(self), extra={"reason": "server_full"})
         return True
 
@@ -642,11 +658,16 @@ class ConnectionManager(Core):
         logger.info("shutting down: closing %d connections", len(self), extra={"reason": reason})
         # Handshakes already reserved when shutdown began end refused (1013):
         # wait for their closes, so that none commits after this returns.
-        handshakes = {ws: f for ws, f in self._handshakes.items() if f.get_loop() is loop}
+        handshakes = [ws for ws, lp in self._handshakes.items() if lp is loop]
         if handshakes:
-            await asyncio.wait(handshakes.values(), timeout=max(0.0, (deadline - loop.time()) / 2))
-        for websocket, fut in handshakes.items():
-            if not fut.done():  # stuck in accept() or the backend: free its slot, drop the client
+            self._handshakes_waiter = waiter = loop.create_future()
+            try:
+                await asyncio.wait((waiter,), timeout=max(0.0, (deadline - loop.time()) / 2))
+            finally:
+                self._handshakes_waiter = None
+        for websocket in handshakes:
+            # still in progress: stuck in accept() or the backend: free its slot, drop the client
+            if self._handshakes.get(websocket) is loop:
                 self._overtaken.add(websocket)
                 self._release(websocket)
                 if self._backplane is not None:

@@ -37,7 +37,8 @@ import contextlib
 import json
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 from starlette.types import Message, Receive
@@ -137,25 +138,51 @@ class Receiving:
 class Reader:
     """Stands in for one websocket's ASGI ``receive``; see the module's doc."""
 
-    __slots__ = ("inner", "loop", "owner", "pending", "readers")
+    __slots__ = ("current", "inner", "loop", "owner", "pending", "readers")
 
     def __init__(self, inner: Receive, owner: Receiving, loop: asyncio.AbstractEventLoop) -> None:
         self.inner = inner
         self.owner = owner
         self.loop = loop
-        self.readers = 0  # the app's receives in progress
+        self.readers = 0  # the app's receives in progress, counted by a frame of ours
+        # the app's last receive handed straight to the server's (a coroutine):
+        # in progress until it finishes
+        self.current: Any = None
         self.pending: _Pending | None = None  # None: no ping outstanding, nothing held
 
-    async def __call__(self) -> Message:
+    def __call__(self) -> Awaitable[Message]:
         if self.pending is not None:
-            return await self._receive_pending()
-        self.readers += 1
-        try:
-            return await self.inner()
-        finally:
-            self.readers -= 1
+            return self._receive_pending()
+        receiving = self.inner()
+        if type(receiving) is CoroutineType:
+            # No frame of ours around the app's receive (no allocation, no
+            # extra await per message): whether it is in progress is read
+            # from the coroutine itself (see reading()).
+            self.current = receiving
+            return receiving
+        return self._counted(receiving)
+
+    def reading(self) -> bool:
+        """True while a receive of the app is in progress."""
+        if self.readers:
+            return True
+        current = self.current
+        if current is None:
+            return False
+        if current.cr_frame is None:  # it finished
+            self.current = None
+            return False
+        return True
 
     # ------------------------------------------------------------ internals
+
+    async def _counted(self, receiving: Awaitable[Message]) -> Message:
+        """A server receive that is not a coroutine: counted by our frame."""
+        self.readers += 1
+        try:
+            return await receiving
+        finally:
+            self.readers -= 1
 
     async def _receive_pending(self) -> Message:
         while True:
@@ -208,7 +235,7 @@ class Reader:
         if st is None or st.pump is not None or st.ended:
             return
         if self.owner.due(st.ws):
-            if not self.readers and len(st.held) < MAX_HELD and not self.loop.is_closed():
+            if not self.reading() and len(st.held) < MAX_HELD and not self.loop.is_closed():
                 st.pump = self.loop.create_task(self._pump(st), name="wsmanager-pong-reader")
         elif not st.held:
             self.pending = None
@@ -216,7 +243,7 @@ class Reader:
     async def _pump(self, st: _Pending) -> None:
         owner, ws, held = self.owner, st.ws, st.held
         try:
-            while not self.readers and len(held) < MAX_HELD and owner.due(ws):
+            while not self.reading() and len(held) < MAX_HELD and owner.due(ws):
                 try:
                     message = await self.inner()
                 except Exception as exc:  # the server's receive failed: the app gets it
