@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import pytest
@@ -278,3 +279,40 @@ def test_an_unknown_protocol_layout_falls_back_to_the_ordinary_send(caplog: pyte
     with caplog.at_level("WARNING", logger="wsmanager.manager"):
         asyncio.run(main())
     assert "direct frames disabled" in caplog.text
+
+
+class _Discard(list[Any]):
+    """A frame list that keeps nothing (the peer's sent frames are not needed)."""
+
+    def append(self, item: Any) -> None:
+        return None
+
+
+@pytest.mark.parametrize("sansio_loaded", [False, True])
+def test_a_broadcast_leaves_no_tracked_object_per_recipient(sansio_loaded: bool) -> None:
+    """A broadcast leaves nothing per recipient for the garbage collector:
+    every object it would keep (a WebSocket's instance ``__dict__``, once
+    read, is one) makes the collections that a server's allocations trigger
+    traverse more, and at 20k connections those collections were most of a
+    broadcast's cost (benchmarks/bench_core.py, GC on)."""
+    if sansio_loaded:  # the direct-frame path asks each recipient for a transport
+        import uvicorn.protocols.websockets.websockets_sansio_impl  # noqa: F401
+
+    async def main() -> None:
+        m = ConnectionManager(max_per_lobby=500)
+        peers = [await joined(m, "a", f"u{i}") for i in range(200)]
+        for p in peers:
+            p.frames = _Discard()
+        await joined(m, "warm-up", "w")
+        await m.broadcast_to_lobby("warm-up", {"n": 0})  # one-time imports and caches
+        gc.collect()
+        gc.disable()
+        try:
+            before = gc.get_count()[0]
+            assert await m.broadcast_to_lobby("a", {"n": 1}) == len(peers)
+            grown = gc.get_count()[0] - before
+        finally:
+            gc.enable()
+        assert grown < len(peers) // 4, grown
+
+    asyncio.run(main())

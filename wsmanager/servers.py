@@ -131,6 +131,7 @@ _SANSIO_MODULE = "uvicorn.protocols.websockets.websockets_sansio_impl"
 DIRECT_ATTR = "_wsmanager_direct"  # cached on the WebSocket: the protocol, or None
 _pass_through: dict[Any, int] | None = None  # code object -> index of the `send` cell
 _OPEN: Any = None  # websockets' State.OPEN
+_UNRESOLVED: Any = object()  # DIRECT_ATTR not set yet
 
 
 def _pass_through_codes() -> dict[Any, int]:
@@ -188,11 +189,13 @@ def direct_transport(websocket: Any) -> Any:
     that is exactly what its send would do now; else None."""
     if type(websocket) is not WebSocket or websocket.application_state is not _CONNECTED:
         return None
-    attrs = websocket.__dict__
-    try:
-        proto = attrs[DIRECT_ATTR]
-    except KeyError:
-        proto = attrs[DIRECT_ATTR] = _resolve_direct(websocket)
+    # getattr/setattr, never ``websocket.__dict__``: reading that materializes
+    # a GC-tracked dict per WebSocket (CPython 3.11+ keeps instance attributes
+    # inline), and thousands of new tracked objects trigger collections
+    proto = getattr(websocket, DIRECT_ATTR, _UNRESOLVED)
+    if proto is _UNRESOLVED:
+        proto = _resolve_direct(websocket)
+        setattr(websocket, DIRECT_ATTR, proto)
     if proto is None:
         return None
     try:
@@ -213,7 +216,7 @@ def direct_transport(websocket: Any) -> Any:
     except AttributeError:
         # These are uvicorn's and websockets' private attributes: a release that
         # renames one turns the fast path off for good, never a failed send.
-        attrs[DIRECT_ATTR] = None
+        setattr(websocket, DIRECT_ATTR, None)
         logger.warning("direct frames disabled: unknown uvicorn protocol layout", exc_info=True)
     return None
 
