@@ -264,6 +264,9 @@ def test_shutdown_returns_within_its_timeout_despite_a_stuck_client() -> None:
 def test_an_unknown_protocol_layout_falls_back_to_the_ordinary_send(caplog: pytest.LogCaptureFixture) -> None:
     """The direct-frame path reads uvicorn's private protocol state; a layout
     it does not know must turn it off, never fail a send."""
+    # the direct-frame path is only tried once uvicorn's sans-I/O protocol is loaded
+    import uvicorn.protocols.websockets.websockets_sansio_impl  # noqa: F401
+
     from wsmanager.servers import DIRECT_ATTR as _DIRECT_ATTR
 
     async def main() -> None:
@@ -314,5 +317,30 @@ def test_a_broadcast_leaves_no_tracked_object_per_recipient(sansio_loaded: bool)
         finally:
             gc.enable()
         assert grown < len(peers) // 4, grown
+
+    asyncio.run(main())
+
+
+def test_a_send_that_raises_oserror_marks_the_socket_disconnected_as_starlette_does() -> None:
+    """Starlette's ``WebSocket.send`` turns an ``OSError`` of the ASGI send
+    into ``application_state = DISCONNECTED`` (later sends then raise
+    instead of writing); the manager's inline send keeps that bookkeeping.
+    The failed connection is removed, the others get the message."""
+    from starlette.websockets import WebSocketState
+
+    async def main() -> None:
+        m = ConnectionManager()
+        good = await joined(m, "a", "good")
+        bad = await joined(m, "a", "bad")
+        bad.fail_sends = True
+        assert await m.broadcast_to_lobby("a", {"n": 1}) == 1
+        assert bad.ws.application_state is WebSocketState.DISCONNECTED
+        assert bad.ws not in m and good.ws in m
+        assert good.texts() == [{"n": 1}]
+        bad2 = await joined(m, "a", "bad2")
+        bad2.fail_sends = True
+        assert not await m.send_to_user("bad2", {"n": 2})
+        assert bad2.ws.application_state is WebSocketState.DISCONNECTED
+        assert bad2.ws not in m
 
     asyncio.run(main())
