@@ -344,3 +344,59 @@ def test_a_send_that_raises_oserror_marks_the_socket_disconnected_as_starlette_d
         assert bad2.ws not in m
 
     asyncio.run(main())
+
+
+class _YieldingPeer(FakePeer):
+    """A peer whose sends begin with ``yields`` bare yields, as every send of
+    Starlette's TestClient does (an anyio memory stream: ``checkpoint()``,
+    that is ``asyncio.sleep(0)``)."""
+
+    def __init__(self, yields: int) -> None:
+        super().__init__()
+        self.yields = yields
+
+    async def _send(self, message: Any) -> None:
+        if message["type"] == "websocket.send":
+            for _ in range(self.yields):
+                await asyncio.sleep(0)
+        await super()._send(message)
+
+
+def test_a_send_that_only_yields_a_turn_is_finished_inline_without_a_task() -> None:
+    """A send that suspends only on a bare yield waits for nothing: the
+    broadcast resumes it at once instead of starting a writer task per
+    recipient per message (TestClient, anyio streams); a send that keeps
+    yielding goes to its writer task, in order."""
+
+    async def main() -> None:
+        m = ConnectionManager(max_per_lobby=100)
+        peers: list[FakePeer] = []
+        for i in range(20):
+            peer = _YieldingPeer(1)
+            assert await m.connect(peer.ws, "a", f"u{i}")
+            peers.append(peer)
+        spinning = _YieldingPeer(50)
+        assert await m.connect(spinning.ws, "a", "spin")
+        created = 0
+        loop = asyncio.get_running_loop()
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> Any:
+            nonlocal created
+            created += 1
+            return asyncio.Task(coro, loop=loop, **kw)
+
+        loop.set_task_factory(factory)
+        try:
+            for n in range(10):
+                assert await m.broadcast_to_lobby("a", {"n": n}) == 21
+        finally:
+            loop.set_task_factory(None)
+        assert all(p.texts() == [{"n": n} for n in range(10)] for p in peers)
+        assert created == 1  # the spinning peer's writer only
+        for _ in range(5_000):  # 50 turns per message, then the writer is done
+            await asyncio.sleep(0)
+            if not m.get_stats()["backlogged_connections"]:
+                break
+        assert spinning.texts() == [{"n": n} for n in range(10)]
+
+    asyncio.run(main())

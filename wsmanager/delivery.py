@@ -130,6 +130,9 @@ def _text_frame(data: str) -> bytes | None:
     return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
+#: bare yields of one send resumed inline before it goes to a writer task
+_INLINE_YIELDS = 4
+
 # Why the core must call the drop hook when a connection is removed (bits).
 _NOTIFY_OUTBOX = 1  # its writer holds queued messages
 _NOTIFY_CALLBACK = 2  # serve() waits to hear of its removal
@@ -400,7 +403,25 @@ class Delivery:
     def _suspended(self, websocket: Any, coro: _Steps, step: Any) -> bool:
         """The send ``coro`` suspended, yielding ``step``: hand it and the
         connection's later messages to an outbox and its writer task. False
-        (and ``coro`` closed) if ``websocket`` is not registered."""
+        (and ``coro`` closed) if ``websocket`` is not registered.
+
+        A bare yield (``step`` None: ``asyncio.sleep(0)``, anyio's
+        ``checkpoint()``, which every send of Starlette's TestClient and of
+        anyio memory streams begins with) asks only to be resumed on a later
+        turn and waits for nothing: the send is resumed at once, up to
+        :data:`_INLINE_YIELDS` times, before a writer task takes it over.
+        False also if the resumed send raised (the connection is removed)."""
+        for _ in range(_INLINE_YIELDS):
+            if step is not None:
+                break
+            try:
+                for step in coro:  # noqa: B007 (step is used below: what the send waits on)
+                    break
+                else:
+                    return True
+            except Exception as exc:
+                self._send_failed(websocket, exc)
+                return False
         core = self._manager()
         if core is None or websocket not in core:  # not registered (e.g. already closed): no backlog
             coro.close()
