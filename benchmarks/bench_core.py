@@ -539,11 +539,14 @@ class Peers:
     without suspending), then waits until :meth:`leave` and reports a
     disconnect. ``send`` is a plain async function that takes the message:
     uvicorn's direct-frame path is not taken, every send goes through
-    Starlette's ordinary ``send_text`` path.
+    Starlette's ordinary ``send_text`` path. ``wrapped``: the ``send`` the
+    ``WebSocket`` gets is a plain async closure around it, as a middleware
+    that wraps ``send`` makes it.
     """
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, *, wrapped: bool = False) -> None:
         self.left = asyncio.Event()
+        self.wrapped = wrapped
         self.sockets = [self._socket(i) for i in range(n)]
 
     def _socket(self, i: int) -> WebSocket:
@@ -559,6 +562,12 @@ class Peers:
 
         async def send(message: Message) -> None:
             return None
+
+        if self.wrapped:  # what a middleware that wraps `send` hands the app
+            server_send = send
+
+            async def send(message: Message) -> None:
+                await server_send(message)
 
         scope = {
             "type": "websocket",
@@ -623,9 +632,9 @@ def ids(n: int, n_lobbies: int, prefix: str) -> tuple[list[str], list[str]]:
 class Served:
     """n connections, each served by the seed's endpoint in its own task."""
 
-    def __init__(self, m: Manager, n: int, n_lobbies: int) -> None:
+    def __init__(self, m: Manager, n: int, n_lobbies: int, *, wrapped: bool = False) -> None:
         self.m = m
-        self.peers = Peers(n)
+        self.peers = Peers(n, wrapped=wrapped)
         self.lobbies, self.users = ids(n, n_lobbies, "u")
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -762,6 +771,15 @@ async def bench_realistic(report: Report, sizes: Sizes, rng: random.Random) -> N
                 gc.enable()
             await served.end()
             await stop(m)
+            # the same, `send` wrapped by a middleware closure
+            m = make()
+            served = Served(m, n, bc_lobbies, wrapped=True)
+            await served.start()
+            gc.collect()
+            wrapped_ns = await time_broadcasts(m, codes, message, sizes.broadcast_lobby)
+            keep("broadcast/wrapped-send", side, wrapped_ns)
+            await served.end()
+            await stop(m)
             del m, served
     for side, make in sides:  # memory is deterministic enough: one measurement each
         keep("bytes/with-task", side, await bytes_own_task(make, n, lobbies))
@@ -801,6 +819,8 @@ async def bench_realistic(report: Report, sizes: Sizes, rng: random.Random) -> N
     bc = f"to {sizes.broadcast_lobby} of {n:,} conns, ordinary send path"
     add("broadcast/gc-on", "`broadcast_to_lobby`, GC on", bc, BROADCAST_GOAL)
     add("broadcast/gc-off", "`broadcast_to_lobby`, gc.disable()", bc, None)
+    wrapped = "`broadcast_to_lobby`, `send` wrapped by a middleware, GC on"
+    add("broadcast/wrapped-send", wrapped, bc, BROADCAST_GOAL)
 
 
 # ------------------------------------------------------------------ output

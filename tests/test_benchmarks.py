@@ -34,6 +34,7 @@ EXPECTED_ROWS = {
     "bytes/one-task",
     "broadcast/gc-on",
     "broadcast/gc-off",
+    "broadcast/wrapped-send",
     # operation rows at two scales
     *(f"{op}/{scale}" for op in SCALE_OPS for scale in ("small", "large")),
     *(
@@ -70,6 +71,7 @@ def test_bench_core_quick_json_has_every_row() -> None:
         assert row["met"] is (None if goal is None else row["ratio"] >= goal), key
     # the goals of issue 10 are attached to the rows they concern
     assert rows["broadcast/gc-on"]["goal"] == 2.0
+    assert rows["broadcast/wrapped-send"]["goal"] == 2.0
     for key in ("connect/own-task", "connect/one-task", "bytes/with-task", "bytes/one-task"):
         assert rows[key]["goal"] == 1.0, key
     assert rows["bytes/with-task"]["unit"] == "B"

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import importlib
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -263,6 +267,9 @@ def test_shutdown_returns_within_its_timeout_despite_a_stuck_client() -> None:
 def test_an_unknown_protocol_layout_falls_back_to_the_ordinary_send(caplog: pytest.LogCaptureFixture) -> None:
     """The direct-frame path reads uvicorn's private protocol state; a layout
     it does not know must turn it off, never fail a send."""
+    # the direct-frame path is only tried once uvicorn's sans-I/O protocol is loaded
+    import uvicorn.protocols.websockets.websockets_sansio_impl  # noqa: F401
+
     from wsmanager.servers import DIRECT_ATTR as _DIRECT_ATTR
 
     async def main() -> None:
@@ -278,3 +285,149 @@ def test_an_unknown_protocol_layout_falls_back_to_the_ordinary_send(caplog: pyte
     with caplog.at_level("WARNING", logger="wsmanager.manager"):
         asyncio.run(main())
     assert "direct frames disabled" in caplog.text
+
+
+class _Discard(list[Any]):
+    """A frame list that keeps nothing (the peer's sent frames are not needed)."""
+
+    def append(self, item: Any) -> None:
+        return None
+
+
+@pytest.mark.parametrize("sansio_loaded", [False, True])
+def test_a_broadcast_leaves_no_tracked_object_per_recipient(
+    sansio_loaded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broadcast leaves nothing per recipient for the garbage collector:
+    every object it would keep (a WebSocket's instance ``__dict__``, once
+    read, is one) makes the collections that a server's allocations trigger
+    traverse more, and at 20k connections those collections were most of a
+    broadcast's cost (benchmarks/bench_core.py, GC on)."""
+    from wsmanager.servers import DIRECT_ATTR
+
+    sansio = "uvicorn.protocols.websockets.websockets_sansio_impl"
+    if sansio_loaded:  # the direct-frame path asks each recipient for a transport
+        importlib.import_module(sansio)
+    else:  # the ordinary path: as on a server that is not uvicorn's sans-I/O protocol
+        monkeypatch.delitem(sys.modules, sansio, raising=False)
+
+    def tracked_growth(step: Callable[[], object]) -> int:
+        gc.collect()
+        gc.disable()
+        try:
+            before = gc.get_count()[0]
+            step()
+            return gc.get_count()[0] - before
+        finally:
+            gc.enable()
+
+    # The direct path caches its verdict on each WebSocket (one setattr);
+    # CPython stores it inline unless this process already set more distinct
+    # attribute names on WebSocket instances than a shared-keys table holds
+    # (other tests may have): then each setattr makes a dict, and that is
+    # the allowance.
+    spare = [FakePeer().ws for _ in range(200)]
+    allowance = 0
+    if sansio_loaded:
+
+        def mark_all() -> None:
+            for ws in spare:
+                setattr(ws, DIRECT_ATTR, None)
+
+        allowance = tracked_growth(mark_all)
+
+    async def main() -> None:
+        m = ConnectionManager(max_per_lobby=500)
+        peers = [await joined(m, "a", f"u{i}") for i in range(200)]
+        for p in peers:
+            p.frames = _Discard()
+        await joined(m, "warm-up", "w")
+        await m.broadcast_to_lobby("warm-up", {"n": 0})  # one-time imports and caches
+        loop = asyncio.get_running_loop()
+        sent = loop.create_future()
+        grown = tracked_growth(lambda: sent.set_result(m.delivery.deliver_lobby_now("a", '{"n":1}', None)))
+        assert sent.result() == len(peers)
+        assert grown < allowance + len(peers) // 4, (grown, allowance)
+
+    asyncio.run(main())
+
+
+def test_a_send_that_raises_oserror_marks_the_socket_disconnected_as_starlette_does() -> None:
+    """Starlette's ``WebSocket.send`` turns an ``OSError`` of the ASGI send
+    into ``application_state = DISCONNECTED`` (later sends then raise
+    instead of writing); the manager's inline send keeps that bookkeeping.
+    The failed connection is removed, the others get the message."""
+    from starlette.websockets import WebSocketState
+
+    async def main() -> None:
+        m = ConnectionManager()
+        good = await joined(m, "a", "good")
+        bad = await joined(m, "a", "bad")
+        bad.fail_sends = True
+        assert await m.broadcast_to_lobby("a", {"n": 1}) == 1
+        assert bad.ws.application_state is WebSocketState.DISCONNECTED
+        assert bad.ws not in m and good.ws in m
+        assert good.texts() == [{"n": 1}]
+        bad2 = await joined(m, "a", "bad2")
+        bad2.fail_sends = True
+        assert not await m.send_to_user("bad2", {"n": 2})
+        assert bad2.ws.application_state is WebSocketState.DISCONNECTED
+        assert bad2.ws not in m
+
+    asyncio.run(main())
+
+
+class _YieldingPeer(FakePeer):
+    """A peer whose sends begin with ``yields`` bare yields, as every send of
+    Starlette's TestClient does (an anyio memory stream: ``checkpoint()``,
+    that is ``asyncio.sleep(0)``)."""
+
+    def __init__(self, yields: int) -> None:
+        super().__init__()
+        self.yields = yields
+
+    async def _send(self, message: Any) -> None:
+        if message["type"] == "websocket.send":
+            for _ in range(self.yields):
+                await asyncio.sleep(0)
+        await super()._send(message)
+
+
+def test_a_send_that_only_yields_a_turn_is_finished_inline_without_a_task() -> None:
+    """A send that suspends only on a bare yield waits for nothing: the
+    broadcast resumes it at once instead of starting a writer task per
+    recipient per message (TestClient, anyio streams); a send that keeps
+    yielding goes to its writer task, in order."""
+
+    async def main() -> None:
+        m = ConnectionManager(max_per_lobby=100)
+        peers: list[FakePeer] = []
+        for i in range(20):
+            peer = _YieldingPeer(1)
+            assert await m.connect(peer.ws, "a", f"u{i}")
+            peers.append(peer)
+        spinning = _YieldingPeer(50)
+        assert await m.connect(spinning.ws, "a", "spin")
+        created = 0
+        loop = asyncio.get_running_loop()
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> Any:
+            nonlocal created
+            created += 1
+            return asyncio.Task(coro, loop=loop, **kw)
+
+        loop.set_task_factory(factory)
+        try:
+            for n in range(10):
+                assert await m.broadcast_to_lobby("a", {"n": n}) == 21
+        finally:
+            loop.set_task_factory(None)
+        assert all(p.texts() == [{"n": n} for n in range(10)] for p in peers)
+        assert created == 1  # the spinning peer's writer only
+        for _ in range(5_000):  # 50 turns per message, then the writer is done
+            await asyncio.sleep(0)
+            if not m.get_stats()["backlogged_connections"]:
+                break
+        assert spinning.texts() == [{"n": n} for n in range(10)]
+
+    asyncio.run(main())

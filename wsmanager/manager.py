@@ -581,7 +581,7 @@ class ConnectionManager(Core):
             if not self._lobby_count(lobby_code):
                 return 0
             data = encode_message(message, default if default is not None else self._json_default)
-            return await self.delivery.deliver_lobby(lobby_code, data, exclude_user_id)
+            return self.delivery.deliver_lobby_now(lobby_code, data, exclude_user_id)
         # backend: other nodes get the same text, queued before local delivery
         bp.ensure_running()
         data = encode_message(message, default if default is not None else self._json_default)

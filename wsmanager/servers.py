@@ -11,10 +11,11 @@ release of one of them means one file to check:
 * :func:`abort_transport`: the TCP connection under a stuck close;
 * :func:`asgi_receive` / :func:`replace_asgi_receive`: Starlette's
   ``WebSocket._receive``, where :mod:`wsmanager.receiving` puts its reader;
-* Starlette's ``WebSocket._send`` is read in one more place:
-  ``wsmanager.delivery.Delivery.post`` calls it inline, once per recipient on
-  the ordinary send path (what ``send_text()`` does minus two coroutine
-  frames; a call through this module would cost every recipient a call);
+* :data:`asgi_send`: Starlette's ``WebSocket._send``, the raw ASGI send
+  the ordinary send path calls (what ``send_text()`` ends in, minus two
+  coroutine frames);
+* :func:`direct_frames_possible`: whether uvicorn's websockets-sansio
+  protocol is loaded at all (else no connection can take a direct frame);
 * one log record of uvicorn's (below).
 
 Every read degrades to the plain ASGI path when the attribute is missing:
@@ -34,10 +35,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from starlette.types import Receive
+from starlette.types import Receive, Send
 from starlette.websockets import WebSocket, WebSocketState
 
 __all__ = [
@@ -45,6 +48,8 @@ __all__ = [
     "DIRECT_ATTR",
     "abort_transport",
     "asgi_receive",
+    "asgi_send",
+    "direct_frames_possible",
     "direct_transport",
     "quiet_client_faults",
     "replace_asgi_receive",
@@ -131,6 +136,7 @@ _SANSIO_MODULE = "uvicorn.protocols.websockets.websockets_sansio_impl"
 DIRECT_ATTR = "_wsmanager_direct"  # cached on the WebSocket: the protocol, or None
 _pass_through: dict[Any, int] | None = None  # code object -> index of the `send` cell
 _OPEN: Any = None  # websockets' State.OPEN
+_UNRESOLVED: Any = object()  # DIRECT_ATTR not set yet
 
 
 def _pass_through_codes() -> dict[Any, int]:
@@ -183,16 +189,26 @@ def _resolve_direct(websocket: Any) -> Any:
     return None
 
 
+def direct_frames_possible() -> bool:
+    """Whether any connection of this process can be on uvicorn's
+    websockets-sansio protocol (its module is loaded); when False,
+    :func:`direct_transport` is None for every connection and a broadcast
+    need not ask it per recipient."""
+    return _SANSIO_MODULE in sys.modules
+
+
 def direct_transport(websocket: Any) -> Any:
     """The transport to write a pre-built frame for ``websocket`` to, when
     that is exactly what its send would do now; else None."""
     if type(websocket) is not WebSocket or websocket.application_state is not _CONNECTED:
         return None
-    attrs = websocket.__dict__
-    try:
-        proto = attrs[DIRECT_ATTR]
-    except KeyError:
-        proto = attrs[DIRECT_ATTR] = _resolve_direct(websocket)
+    # getattr/setattr, never ``websocket.__dict__``: reading that materializes
+    # a GC-tracked dict per WebSocket (CPython 3.11+ keeps instance attributes
+    # inline), and thousands of new tracked objects trigger collections
+    proto = getattr(websocket, DIRECT_ATTR, _UNRESOLVED)
+    if proto is _UNRESOLVED:
+        proto = _resolve_direct(websocket)
+        setattr(websocket, DIRECT_ATTR, proto)
     if proto is None:
         return None
     try:
@@ -213,12 +229,21 @@ def direct_transport(websocket: Any) -> Any:
     except AttributeError:
         # These are uvicorn's and websockets' private attributes: a release that
         # renames one turns the fast path off for good, never a failed send.
-        attrs[DIRECT_ATTR] = None
+        setattr(websocket, DIRECT_ATTR, None)
         logger.warning("direct frames disabled: unknown uvicorn protocol layout", exc_info=True)
     return None
 
 
-# -- Starlette's receive ----------------------------------------------------
+# -- Starlette's send and receive ---------------------------------------------
+
+#: ``asgi_send(websocket)``: the raw ASGI ``send`` of a Starlette
+#: ``WebSocket`` (its ``_send``: the server's send, possibly wrapped by
+#: middleware), what ``WebSocket.send()`` calls once its state checks passed.
+#: A C-level getter, not a Python function: the ordinary send path calls it
+#: once per recipient. The caller does Starlette's bookkeeping: call it only
+#: while ``application_state`` is ``CONNECTED``, and on ``OSError`` set
+#: ``application_state`` to ``DISCONNECTED`` (``WebSocket.send`` does both).
+asgi_send: Callable[[WebSocket], Send] = operator.attrgetter("_send")
 
 
 def asgi_receive(websocket: Any) -> Any:
