@@ -431,3 +431,35 @@ def test_a_send_that_only_yields_a_turn_is_finished_inline_without_a_task() -> N
         assert spinning.texts() == [{"n": n} for n in range(10)]
 
     asyncio.run(main())
+
+
+class _RewritingPeer(FakePeer):
+    """A peer behind a send wrapper that rewrites the message in place (a
+    middleware that tags outgoing text), then keeps it, as a queueing
+    server does."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__()
+        self.tag = tag
+
+    async def _send(self, message: Any) -> None:
+        if message["type"] == "websocket.send":
+            message["text"] = f"{self.tag}:{message['text']}"
+        await super()._send(message)
+
+
+def test_a_send_wrapper_that_rewrites_the_message_in_place_affects_only_its_recipient() -> None:
+    """Each recipient of a broadcast gets the text as serialized, whatever
+    another recipient's send wrapper did to the message it was handed."""
+
+    async def main() -> None:
+        m = ConnectionManager(direct_frames=False)
+        peers = [_RewritingPeer(f"p{i}") for i in range(3)]
+        for i, peer in enumerate(peers):
+            assert await m.connect(peer.ws, "a", f"u{i}")
+        assert await m.broadcast_to_lobby("a", {"n": 1}) == 3
+        for peer in peers:
+            sent = [f["text"] for f in peer.frames if f["type"] == "websocket.send"]
+            assert sent == [f'{peer.tag}:{{"n":1}}']
+
+    asyncio.run(main())
