@@ -4,6 +4,13 @@
  * with GC support. The Python class wsmanager.ConnectionManager subclasses
  * Core: the synchronous methods of the seed's API are the C methods here.
  *
+ * The data and its rules live in Python-free files next to this one:
+ * registry.c (connections, lobbies, users, reservations), activity.c (the
+ * heartbeat's idle / wait lists), ratelimit.c (token buckets), latency.c
+ * (round-trip ring and percentiles), json_writer.c (the encoder). This file
+ * parses arguments, reads the clock, builds the Python results and calls
+ * hooks.
+ *
  * Memory-safety rule (DESIGN.md, issue 9), enforced in every method below:
  * no pointer into a uthash table or an intrusive list (wsm_conn *,
  * wsm_group *, wsm_list *) is held across a call that can run Python code:
@@ -32,20 +39,10 @@
 #include <time.h>
 
 #include "registry.h"
+#include "activity.h"
+#include "ratelimit.h"
+#include "latency.h"
 #include "json_writer.h"
-
-#define WSM_RTT_WINDOW 1024
-
-/* Why a connection was closed as stale (get_stats()["stale_closed"]). */
-enum wsm_stale_reason {
-    WSM_STALE_NO_PONG = 0,      /* pinged, nothing received in ping_timeout */
-    WSM_STALE_SEND_FAILED,      /* the heartbeat's ping could not be sent */
-    WSM_STALE_HANDLER_EXITED,   /* its endpoint ended without disconnect() */
-    WSM_STALE_NREASONS
-};
-static const char *const wsm_stale_names[WSM_STALE_NREASONS] = {
-    "no_pong", "send_failed", "handler_exited",
-};
 
 /* Keys of get_stats(), interned once in the module state. */
 #define WSM_STAT_KEYS(X) \
@@ -125,19 +122,9 @@ typedef struct {
     unsigned long long n_refused_invalid;
     unsigned long long n_pings;
     unsigned long long n_pongs;
-    /* inbound rate limit (token bucket per connection); rate <= 0: off */
-    double rate;                /* tokens per second */
-    double burst;               /* bucket size */
-    unsigned long max_violations;   /* drops before the verdict is "close" */
-    unsigned long long n_rate_dropped;
-    unsigned long long n_rate_closed;
+    wsm_ratelimit rl;           /* inbound rate limit; rl.rate <= 0: off */
     unsigned long long n_stale[WSM_STALE_NREASONS];
-    /* recent round-trip times, seconds */
-    double rtt[WSM_RTT_WINDOW];
-    int rtt_len;
-    int rtt_pos;
-    int rtt_dirty;              /* samples arrived since rtt_pct was computed */
-    double rtt_pct[3];          /* p50, p95, p99 in ms */
+    wsm_rtt_ring rtt;           /* recent round-trip times */
     PyObject *module;           /* strong ref: owner of the state below */
     module_state *st;           /* borrowed from module */
 } CoreObject;
@@ -285,17 +272,6 @@ lookup_id(PyObject *obj, const char *what)
         return NULL;
     }
     return PyUnicode_FromObject(obj); /* new ref, an exact copy */
-}
-
-static void
-record_rtt(CoreObject *self, double rtt)
-{
-    self->rtt[self->rtt_pos] = rtt;
-    self->rtt_pos = (self->rtt_pos + 1) % WSM_RTT_WINDOW;
-    self->rtt_dirty = 1;
-    if (self->rtt_len < WSM_RTT_WINDOW) {
-        self->rtt_len++;
-    }
 }
 
 /* (lobby_code, user_id) of the committed connection of `ws`, or None.
@@ -892,7 +868,7 @@ Core_record_pong(CoreObject *self, PyObject *user_id)
             }
         }
         if (best >= 0) {
-            record_rtt(self, best);
+            wsm_rtt_record(&self->rtt, best);
         }
         /* g is not used past this point: the hook may disconnect anyone */
         if (self->pong_hook != NULL &&
@@ -994,7 +970,7 @@ Core_record_pong_ws(CoreObject *self, PyObject *ws)
     self->n_pongs++;
     double rtt = wsm_pong(&self->reg, c, now);
     if (rtt >= 0) {
-        record_rtt(self, rtt);
+        wsm_rtt_record(&self->rtt, rtt);
     }
     if (self->pong_hook != NULL &&
         call_pong_hook(self, c->user->key, ws, rtt) < 0) {
@@ -1049,13 +1025,7 @@ Core_note_ping(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (c == NULL || c->state != WSM_ACTIVE) {
         Py_RETURN_FALSE;
     }
-    if (!wsm_pong_due(c, now)) {
-        c->pong_due_since = now;
-        c->pong_deadline = now + timeout;
-    }
-    else if (now + timeout > c->pong_deadline) {
-        c->pong_deadline = now + timeout;
-    }
+    wsm_note_ping(c, now, timeout);
     self->n_pings++;
     Py_RETURN_TRUE;
 }
@@ -1369,10 +1339,9 @@ Core_sweep(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (res == NULL) {
         goto error;
     }
-    while (self->reg.wait.head &&
-           self->reg.wait.head->ping_sent + timeout <= now &&
-           (limit < 0 || PyList_GET_SIZE(expired) < limit)) {
-        wsm_conn *c = self->reg.wait.head;
+    wsm_conn *c;
+    while ((limit < 0 || PyList_GET_SIZE(expired) < limit) &&
+           (c = wsm_expired_head(&self->reg, now, timeout)) != NULL) {
         PyObject *ws = c->ws, *lobby = c->lobby->key, *user = c->user->key;
         /* Unlink before allocating: a GC pass triggered by the allocation
          * may run finalizers, which must find a consistent registry. */
@@ -1397,10 +1366,8 @@ Core_sweep(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_CLEAR(t);
     }
-    while (self->reg.idle.head &&
-           self->reg.idle.head->last_rx + interval <= now &&
-           (limit < 0 || PyList_GET_SIZE(to_ping) < limit)) {
-        wsm_conn *c = self->reg.idle.head;
+    while ((limit < 0 || PyList_GET_SIZE(to_ping) < limit) &&
+           (c = wsm_due_head(&self->reg, now, interval)) != NULL) {
         /* a PyMem realloc at most: runs no Python, c stays valid */
         if (PyList_Append(to_ping, c->ws) < 0) {
             goto error;
@@ -1448,9 +1415,7 @@ Core_set_rate_limit(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
                         "rate must be finite, burst finite and >= 1");
         return NULL;
     }
-    self->rate = rate > 0 ? rate : 0.0;
-    self->burst = burst;
-    self->max_violations = close_after;
+    wsm_ratelimit_set(&self->rl, rate, burst, close_after);
     Py_RETURN_NONE;
 }
 
@@ -1463,52 +1428,23 @@ static PyObject *
 Core_allow(CoreObject *self, PyObject *ws)
 {
     CHECK_INIT(self, NULL);
-    if (self->rate <= 0) {
-        return PyLong_FromLong(0);
+    if (!wsm_ratelimit_on(&self->rl)) {
+        return PyLong_FromLong(WSM_RATE_ALLOW);
     }
     /* the clock may run Python code: read it before any lookup */
     NOW_COARSE_OR_FAIL(now, self, return NULL);
     wsm_conn *c = wsm_find_conn(&self->reg, ws);
     if (c == NULL || c->state != WSM_ACTIVE) {
-        return PyLong_FromLong(0);
+        return PyLong_FromLong(WSM_RATE_ALLOW);
     }
-    if (!c->bucket_ready) {
-        c->bucket_ready = 1;
-        c->tokens = self->burst;
-        c->tokens_ts = now;
-        c->violations = 0;
-    }
-    else {
-        double elapsed = now - c->tokens_ts;
-        if (elapsed > 0) {
-            c->tokens += elapsed * self->rate;
-        }
-        c->tokens_ts = now;
-        if (c->tokens >= self->burst) {
-            c->tokens = self->burst;
-            c->violations = 0;  /* the client calmed down */
-        }
-    }
-    if (c->tokens >= 1.0) {
-        c->tokens -= 1.0;
-        return PyLong_FromLong(0);
-    }
-    self->n_rate_dropped++;
-    if (c->violations < UINT32_MAX) {
-        c->violations++;
-    }
-    if (self->max_violations > 0 && c->violations > self->max_violations) {
-        self->n_rate_closed++;
-        return PyLong_FromLong(3);
-    }
-    return PyLong_FromLong(c->violations == 1 ? 1 : 2);
+    return PyLong_FromLong(wsm_rate_check(&self->rl, c, now));
 }
 
 /* _rate_stats() -> (messages dropped, connections closed) by the limit */
 static PyObject *
 Core_rate_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue("(KK)", self->n_rate_dropped, self->n_rate_closed);
+    return Py_BuildValue("(KK)", self->rl.n_dropped, self->rl.n_closed);
 }
 
 /* _next_deadline(ping_interval, ping_timeout) -> float | None
@@ -1519,7 +1455,7 @@ Core_rate_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Core_next_deadline(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    double interval, timeout, due = INFINITY;
+    double interval, timeout, due;
     CHECK_INIT(self, NULL);
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError,
@@ -1529,13 +1465,7 @@ Core_next_deadline(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (parse_periods(args, &interval, &timeout) < 0) {
         return NULL;
     }
-    if (self->reg.wait.head) {
-        due = self->reg.wait.head->ping_sent + timeout;
-    }
-    if (self->reg.idle.head && self->reg.idle.head->last_rx + interval < due) {
-        due = self->reg.idle.head->last_rx + interval;
-    }
-    if (self->reg.wait.head == NULL && self->reg.idle.head == NULL) {
+    if (!wsm_next_deadline(&self->reg, interval, timeout, &due)) {
         Py_RETURN_NONE;
     }
     return PyFloat_FromDouble(due);
@@ -1581,13 +1511,6 @@ Core_set_shutting_down(CoreObject *self, PyObject *flag)
     Py_RETURN_NONE;
 }
 
-static int
-cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 /* d[key] = value, stealing the new reference `value` (NULL: an error is set). */
 static int
 dict_set_new(PyObject *d, PyObject *key /* borrowed */, PyObject *value)
@@ -1628,17 +1551,6 @@ round1(double x)
         return floor(x * 10.0 + 0.5) / 10.0;
     }
     return v;
-}
-
-/* Percentile (nearest rank) of sorted values, in ms. */
-static double
-pct_ms(const double *sorted, int n, double p)
-{
-    int rank = (int)ceil(p / 100.0 * n);
-    if (rank < 1) {
-        rank = 1;
-    }
-    return sorted[rank - 1] * 1000.0;
 }
 
 /* get_stats() -> dict. O(1): every count is kept up to date. */
@@ -1698,20 +1610,12 @@ Core_get_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
         PyDict_SetItem(d, K(refused), refused) < 0) {
         goto error;
     }
-    if (self->rtt_len > 0) {
-        int n = self->rtt_len;
-        if (self->rtt_dirty) { /* sort only when new samples came in */
-            double sorted[WSM_RTT_WINDOW];
-            memcpy(sorted, self->rtt, sizeof(double) * (size_t)n);
-            qsort(sorted, (size_t)n, sizeof(double), cmp_double);
-            self->rtt_pct[0] = pct_ms(sorted, n, 50);
-            self->rtt_pct[1] = pct_ms(sorted, n, 95);
-            self->rtt_pct[2] = pct_ms(sorted, n, 99);
-            self->rtt_dirty = 0;
-        }
-        if (dict_set_double(lat, K(p50), self->rtt_pct[0]) < 0 ||
-            dict_set_double(lat, K(p95), self->rtt_pct[1]) < 0 ||
-            dict_set_double(lat, K(p99), self->rtt_pct[2]) < 0 ||
+    double rtt_ms[3];
+    int n = wsm_rtt_percentiles(&self->rtt, rtt_ms);
+    if (n > 0) {
+        if (dict_set_double(lat, K(p50), rtt_ms[0]) < 0 ||
+            dict_set_double(lat, K(p95), rtt_ms[1]) < 0 ||
+            dict_set_double(lat, K(p99), rtt_ms[2]) < 0 ||
             dict_set_ssize(lat, K(samples), n) < 0) {
             goto error;
         }

@@ -1,50 +1,9 @@
 /* Connection registry: see registry.h for the contract. */
 #include "registry.h"
+#include "activity.h"
+#include "list.h"
 
 int wsm_uthash_oom = 0;
-
-/* ---- intrusive lists ------------------------------------------------- */
-
-
-static void
-list_push_tail(wsm_list *l, wsm_conn *c, size_t off)
-{
-    wsm_link *lk = (wsm_link *)((char *)c + off);
-    lk->prev = l->tail;
-    lk->next = NULL;
-    if (l->tail) {
-        ((wsm_link *)((char *)l->tail + off))->next = c;
-    }
-    else {
-        l->head = c;
-    }
-    l->tail = c;
-    l->len++;
-}
-
-static void
-list_unlink(wsm_list *l, wsm_conn *c, size_t off)
-{
-    wsm_link *lk = (wsm_link *)((char *)c + off);
-    if (lk->prev) {
-        ((wsm_link *)((char *)lk->prev + off))->next = lk->next;
-    }
-    else {
-        l->head = lk->next;
-    }
-    if (lk->next) {
-        ((wsm_link *)((char *)lk->next + off))->prev = lk->prev;
-    }
-    else {
-        l->tail = lk->prev;
-    }
-    lk->prev = lk->next = NULL;
-    l->len--;
-}
-
-#define OFF_LOBBY offsetof(wsm_conn, lobby_link)
-#define OFF_USER offsetof(wsm_conn, user_link)
-#define OFF_ACT offsetof(wsm_conn, act_link)
 
 /* ---- hashing ---------------------------------------------------------- */
 
@@ -292,7 +251,7 @@ wsm_reserve(wsm_registry *r, PyObject *ws, PyObject *lobby, PyObject *user,
         PyErr_NoMemory();
         goto error;
     }
-    list_push_tail(&ug->pending, c, OFF_USER);
+    wsm_list_push_tail(&ug->pending, c, WSM_OFF_USER);
     r->pending++;
     *verdict = WSM_OK;
     return c;
@@ -314,19 +273,16 @@ wsm_commit(wsm_registry *r, wsm_conn *c, double now)
     r->active++;
     c->lobby->reserved--;
     c->user->reserved--;
-    list_unlink(&c->user->pending, c, OFF_USER);
+    wsm_list_unlink(&c->user->pending, c, WSM_OFF_USER);
     if (c->lobby->members.len == 0) {
         r->active_lobbies++;
     }
     if (c->user->members.len == 0) {
         r->active_users++;
     }
-    list_push_tail(&c->lobby->members, c, OFF_LOBBY);
-    list_push_tail(&c->user->members, c, OFF_USER);
-    c->last_rx = now;
-    c->ping_sent = 0;
-    c->on_list = WSM_ON_IDLE;
-    list_push_tail(&r->idle, c, OFF_ACT);
+    wsm_list_push_tail(&c->lobby->members, c, WSM_OFF_LOBBY);
+    wsm_list_push_tail(&c->user->members, c, WSM_OFF_USER);
+    wsm_activity_start(r, c, now);
 }
 
 void
@@ -337,8 +293,8 @@ wsm_remove(wsm_registry *r, wsm_conn *c)
 
     HASH_DELETE(hh, r->conns, c);
     if (c->state == WSM_ACTIVE) {
-        list_unlink(&lg->members, c, OFF_LOBBY);
-        list_unlink(&ug->members, c, OFF_USER);
+        wsm_list_unlink(&lg->members, c, WSM_OFF_LOBBY);
+        wsm_list_unlink(&ug->members, c, WSM_OFF_USER);
         wsm_unlist(r, c);
         if (lg->members.len == 0) {
             r->active_lobbies--;
@@ -352,7 +308,7 @@ wsm_remove(wsm_registry *r, wsm_conn *c)
     else {
         lg->reserved--;
         ug->reserved--;
-        list_unlink(&ug->pending, c, OFF_USER);
+        wsm_list_unlink(&ug->pending, c, WSM_OFF_USER);
         r->pending--;
     }
     PyMem_Free(c);
@@ -406,69 +362,4 @@ wsm_user_oldest(wsm_registry *r, PyObject *user)
         return NULL;
     }
     return ug->members.head ? ug->members.head : ug->pending.head;
-}
-
-void
-wsm_unlist(wsm_registry *r, wsm_conn *c)
-{
-    if (c->on_list == WSM_ON_IDLE) {
-        list_unlink(&r->idle, c, OFF_ACT);
-    }
-    else if (c->on_list == WSM_ON_WAIT) {
-        list_unlink(&r->wait, c, OFF_ACT);
-    }
-    c->on_list = WSM_ON_NONE;
-}
-
-void
-wsm_touch(wsm_registry *r, wsm_conn *c, double now)
-{
-    if (c->state != WSM_ACTIVE) {
-        return;
-    }
-    wsm_unlist(r, c);
-    c->ping_sent = 0;
-    c->last_rx = now;
-    c->on_list = WSM_ON_IDLE;
-    list_push_tail(&r->idle, c, OFF_ACT);
-}
-
-double
-wsm_pong(wsm_registry *r, wsm_conn *c, double now)
-{
-    double rtt = -1.0;
-    if (c->state != WSM_ACTIVE) {
-        return rtt;
-    }
-    if (c->pong_due_since > 0) {
-        if (now <= c->pong_deadline) { /* a late pong is no round trip */
-            rtt = now - c->pong_due_since;
-            if (rtt < 0) {
-                rtt = 0;
-            }
-            c->last_rtt = rtt;
-        }
-        c->pong_due_since = 0;
-    }
-    wsm_touch(r, c, now);
-    return rtt;
-}
-
-void
-wsm_mark_pinged(wsm_registry *r, wsm_conn *c, double now, double timeout)
-{
-    if (c->state != WSM_ACTIVE) {
-        return;
-    }
-    if (c->on_list == WSM_ON_IDLE) {
-        list_unlink(&r->idle, c, OFF_ACT);
-    }
-    else if (c->on_list == WSM_ON_WAIT) {
-        return; /* keep the first ping's deadline */
-    }
-    c->ping_sent = now;
-    c->pong_due_since = now;
-    c->pong_deadline = now + timeout;
-    c->on_list = WSM_ON_WAIT;
-    list_push_tail(&r->wait, c, OFF_ACT);
 }

@@ -1,5 +1,6 @@
 /* The connection registry: connections keyed by websocket identity, lobbies,
- * users, capacity reservations and the activity lists used by the heartbeat.
+ * users, capacity reservations; the activity lists the heartbeat walks are
+ * part of the registry and kept by activity.c.
  *
  * Plain C over uthash; it holds strong references to Python objects (the
  * websocket and the interned id strings) but never calls back into Python
@@ -162,23 +163,7 @@ wsm_conn *wsm_user_oldest(wsm_registry *r, PyObject *user);
  * the entry's references are released here. */
 void wsm_remove(wsm_registry *r, wsm_conn *c);
 
-/* Mark a connection as having received something: leaves the wait list,
- * moves to the idle tail. */
-void wsm_touch(wsm_registry *r, wsm_conn *c, double now);
-/* A pong arrived: touch, and return the round-trip time in seconds of the
- * ping it answers (also kept in c->last_rtt), or -1 if no ping was
- * outstanding or it timed out (past c->pong_deadline). */
-double wsm_pong(wsm_registry *r, wsm_conn *c, double now);
-/* Connection was sent a ping at `now`, answered in time until now + timeout
- * (timeout may be infinite): idle list -> wait list tail. */
-void wsm_mark_pinged(wsm_registry *r, wsm_conn *c, double now, double timeout);
-/* A pong is awaited: a ping was sent less than its timeout ago, unanswered. */
-static inline int wsm_pong_due(const wsm_conn *c, double now)
-{
-    return c->pong_due_since > 0 && now <= c->pong_deadline;
-}
-/* Take a connection off the activity lists (it is being closed as stale). */
-void wsm_unlist(wsm_registry *r, wsm_conn *c);
+/* The activity lists (touch, pong, ping, sweeps): activity.h. */
 
 static inline Py_ssize_t wsm_group_count(const wsm_group *g)
 {
