@@ -65,6 +65,7 @@ setup(
             sources=[
                 "csrc/module.c",
                 "csrc/registry.c",
+                "csrc/table.c",
                 "csrc/activity.c",
                 "csrc/ratelimit.c",
                 "csrc/latency.c",
@@ -72,6 +73,7 @@ setup(
             ],
             depends=[
                 "csrc/registry.h",
+                "csrc/table.h",
                 "csrc/list.h",
                 "csrc/activity.h",
                 "csrc/ratelimit.h",

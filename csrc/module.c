@@ -12,7 +12,7 @@
  * hooks.
  *
  * Memory-safety rule (DESIGN.md, issue 9), enforced in every method below:
- * no pointer into a uthash table or an intrusive list (wsm_conn *,
+ * no pointer into a registry table or an intrusive list (wsm_conn *,
  * wsm_group *, wsm_list *) is held across a call that can run Python code:
  *   - hashing or comparing a key object: ids are taken as exact str with
  *     lookup_id() / checked_id() first (a str subclass is copied, so its
@@ -1248,8 +1248,9 @@ Core_snapshot(CoreObject *self, PyObject *Py_UNUSED(ignored))
         Py_DECREF(t);
     }
     Py_ssize_t i = 0, n = PyList_GET_SIZE(out);
-    wsm_group *g, *tmp;
-    HASH_ITER(hh, self->reg.lobbies, g, tmp) {
+    wsm_group *g;
+    size_t pos = 0;
+    while (wsm_next_lobby(&self->reg, &pos, &g)) {
         for (wsm_conn *c = g->members.head; c && i < n; c = c->lobby_link.next) {
             PyObject *t = PyList_GET_ITEM(out, i); /* borrowed */
             PyObject *item[3] = {c->ws, g->key, c->user->key};
