@@ -42,8 +42,9 @@ int
 wsm_table_insert(wsm_table *t, uintptr_t tag, void *item)
 {
     size_t cap = t->slots ? t->mask + 1 : 0;
-    /* at most 3/4 full */
-    if ((t->used + 1) * 4 > cap * 3) {
+    /* at most 4/5 full: a hit probes ~3 adjacent slots (4 to a cache
+     * line), a miss ~13; fuller than that, misses get long */
+    if ((t->used + 1) * 5 > cap * 4) {
         size_t ncap = cap ? cap * 2 : WSM_TABLE_MIN;
         if (ncap <= cap || resize(t, ncap) < 0) {
             return -1;
@@ -90,6 +91,14 @@ wsm_table_remove(wsm_table *t, uintptr_t tag, const void *item)
     t->slots[hole].item = NULL;
     t->slots[hole].tag = 0;
     t->used--;
+    /* give memory back: none left, or under 1/8 full (to 1/2 full; if that
+     * allocation fails the table simply stays as it is) */
+    if (t->used == 0) {
+        wsm_table_free(t);
+    }
+    else if (mask + 1 > 64 && t->used * 8 < mask + 1) {
+        (void)resize(t, (mask + 1) / 4);
+    }
 }
 
 void

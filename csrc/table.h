@@ -51,7 +51,8 @@ wsm_table_home(const wsm_table *t, uintptr_t tag)
 /* Add an item (not present yet). Returns 0, or -1 on out of memory (no
  * exception set; the table is unchanged). */
 int wsm_table_insert(wsm_table *t, uintptr_t tag, void *item);
-/* Remove the slot holding `item` (with `tag`); no-op if absent. */
+/* Remove the slot holding `item` (with `tag`); no-op if absent. The slot
+ * array is freed once empty and shrunk once under 1/8 full. */
 void wsm_table_remove(wsm_table *t, uintptr_t tag, const void *item);
 /* Free the slot array; the items are the caller's. */
 void wsm_table_free(wsm_table *t);
