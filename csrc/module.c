@@ -91,6 +91,13 @@ typedef struct {
     PyObject *refuse_lobby;     /* (False, "lobby_full") */
     PyObject *refuse_shutdown;  /* (False, "shutting_down") */
     wsm_json_types json;        /* classes and names the JSON encoder uses */
+    /* get_stats() copies these (every key in its order, None values) and
+     * fills in the values: one allocation of the right size per dict, no
+     * growing, the keys' hashes already in place. Never handed out. */
+    PyObject *tpl_stats;
+    PyObject *tpl_refused;
+    PyObject *tpl_latency;
+    PyObject *tpl_stale;
 } module_state;
 
 typedef struct {
@@ -1563,12 +1570,12 @@ Core_get_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
 #define K(name) (st->k_##name)
     PyObject *stale_keys[WSM_STALE_NREASONS] = {K(no_pong), K(send_failed),
                                                  K(handler_exited)};
-    /* Every dict (GC-tracked: its allocation may run finalizers that
+    /* Every dict (its allocation may run a GC pass whose finalizers
      * disconnect) is allocated before any count is read, so the counts
      * agree with each other and with len() afterwards. Filling them with
-     * ints and floats runs no Python code. */
-    PyObject *d = PyDict_New(), *refused = PyDict_New(), *lat = PyDict_New(),
-             *stale = PyDict_New();
+     * ints and floats (replacing None values) runs no Python code. */
+    PyObject *d = PyDict_Copy(st->tpl_stats), *refused = PyDict_Copy(st->tpl_refused),
+             *lat = PyDict_Copy(st->tpl_latency), *stale = PyDict_Copy(st->tpl_stale);
     if (d == NULL || refused == NULL || lat == NULL || stale == NULL) {
         goto error;
     }
@@ -1947,6 +1954,51 @@ make_tuple(PyObject *flag, PyObject *reason)
     return PyTuple_Pack(2, flag, reason);
 }
 
+/* A new dict of `keys` (borrowed) in this order, each mapped to None. */
+static PyObject *
+make_template(PyObject *const *keys, size_t n)
+{
+    PyObject *d = PyDict_New();
+    if (d == NULL) {
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (PyDict_SetItem(d, keys[i], Py_None) < 0) {
+            Py_DECREF(d);
+            return NULL;
+        }
+    }
+    return d;
+}
+
+static int
+make_stats_templates(module_state *st)
+{
+#define K(name) (st->k_##name)
+    PyObject *stats[] = {
+        K(total_connections), K(max_connections), K(capacity_percent),
+        K(active_lobbies), K(max_per_lobby), K(pending_connections),
+        K(connected_users), K(connects), K(disconnects), K(pings_sent),
+        K(pongs_received), K(max_per_user), K(shutting_down), K(refused),
+        K(latency_ms), K(stale_closed),
+    };
+    PyObject *refused[] = {
+        K(server_full), K(lobby_full), K(user_limit), K(shutting_down),
+        K(unauthorized), K(forbidden_origin), K(invalid_id),
+    };
+    PyObject *latency[] = {K(p50), K(p95), K(p99), K(samples)};
+    PyObject *stale[] = {K(no_pong), K(send_failed), K(handler_exited)};
+#undef K
+#define N(a) (sizeof(a) / sizeof((a)[0]))
+    st->tpl_stats = make_template(stats, N(stats));
+    st->tpl_refused = make_template(refused, N(refused));
+    st->tpl_latency = make_template(latency, N(latency));
+    st->tpl_stale = make_template(stale, N(stale));
+#undef N
+    return st->tpl_stats && st->tpl_refused && st->tpl_latency && st->tpl_stale
+        ? 0 : -1;
+}
+
 static int
 module_exec(PyObject *m)
 {
@@ -1972,6 +2024,9 @@ module_exec(PyObject *m)
     }
     WSM_STAT_KEYS(WSM_INIT_KEY)
 #undef WSM_INIT_KEY
+    if (make_stats_templates(st) < 0) {
+        return -1;
+    }
     if ((st->accept_ok = make_tuple(Py_True, st->str_empty)) == NULL ||
         (st->refuse_server = make_tuple(Py_False, st->str_server_full)) == NULL ||
         (st->refuse_lobby = make_tuple(Py_False, st->str_lobby_full)) == NULL ||
@@ -2009,6 +2064,10 @@ module_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(st->refuse_server);
     Py_VISIT(st->refuse_lobby);
     Py_VISIT(st->refuse_shutdown);
+    Py_VISIT(st->tpl_stats);
+    Py_VISIT(st->tpl_refused);
+    Py_VISIT(st->tpl_latency);
+    Py_VISIT(st->tpl_stale);
     return wsm_json_types_traverse(&st->json, visit, arg);
 }
 
@@ -2032,6 +2091,10 @@ module_clear(PyObject *m)
     Py_CLEAR(st->refuse_server);
     Py_CLEAR(st->refuse_lobby);
     Py_CLEAR(st->refuse_shutdown);
+    Py_CLEAR(st->tpl_stats);
+    Py_CLEAR(st->tpl_refused);
+    Py_CLEAR(st->tpl_latency);
+    Py_CLEAR(st->tpl_stale);
     wsm_json_types_clear(&st->json);
     return 0;
 }
