@@ -62,8 +62,24 @@ setup(
     ext_modules=[
         Extension(
             "wsmanager._core",
-            sources=["csrc/module.c", "csrc/registry.c", "csrc/json_writer.c"],
-            depends=["csrc/registry.h", "csrc/json_writer.h"],
+            sources=[
+                "csrc/module.c",
+                "csrc/registry.c",
+                "csrc/table.c",
+                "csrc/activity.c",
+                "csrc/ratelimit.c",
+                "csrc/latency.c",
+                "csrc/json_writer.c",
+            ],
+            depends=[
+                "csrc/registry.h",
+                "csrc/table.h",
+                "csrc/list.h",
+                "csrc/activity.h",
+                "csrc/ratelimit.h",
+                "csrc/latency.h",
+                "csrc/json_writer.h",
+            ],
             include_dirs=["csrc", *find_uthash()],
             extra_compile_args=cflags,
             extra_link_args=ldflags,

@@ -4,8 +4,15 @@
  * with GC support. The Python class wsmanager.ConnectionManager subclasses
  * Core: the synchronous methods of the seed's API are the C methods here.
  *
+ * The data and its rules live in Python-free files next to this one:
+ * registry.c (connections, lobbies, users, reservations), activity.c (the
+ * heartbeat's idle / wait lists), ratelimit.c (token buckets), latency.c
+ * (round-trip ring and percentiles), json_writer.c (the encoder). This file
+ * parses arguments, reads the clock, builds the Python results and calls
+ * hooks.
+ *
  * Memory-safety rule (DESIGN.md, issue 9), enforced in every method below:
- * no pointer into a uthash table or an intrusive list (wsm_conn *,
+ * no pointer into a registry table or an intrusive list (wsm_conn *,
  * wsm_group *, wsm_list *) is held across a call that can run Python code:
  *   - hashing or comparing a key object: ids are taken as exact str with
  *     lookup_id() / checked_id() first (a str subclass is copied, so its
@@ -32,20 +39,10 @@
 #include <time.h>
 
 #include "registry.h"
+#include "activity.h"
+#include "ratelimit.h"
+#include "latency.h"
 #include "json_writer.h"
-
-#define WSM_RTT_WINDOW 1024
-
-/* Why a connection was closed as stale (get_stats()["stale_closed"]). */
-enum wsm_stale_reason {
-    WSM_STALE_NO_PONG = 0,      /* pinged, nothing received in ping_timeout */
-    WSM_STALE_SEND_FAILED,      /* the heartbeat's ping could not be sent */
-    WSM_STALE_HANDLER_EXITED,   /* its endpoint ended without disconnect() */
-    WSM_STALE_NREASONS
-};
-static const char *const wsm_stale_names[WSM_STALE_NREASONS] = {
-    "no_pong", "send_failed", "handler_exited",
-};
 
 /* Keys of get_stats(), interned once in the module state. */
 #define WSM_STAT_KEYS(X) \
@@ -94,6 +91,13 @@ typedef struct {
     PyObject *refuse_lobby;     /* (False, "lobby_full") */
     PyObject *refuse_shutdown;  /* (False, "shutting_down") */
     wsm_json_types json;        /* classes and names the JSON encoder uses */
+    /* get_stats() copies these (every key in its order, None values) and
+     * fills in the values: one allocation of the right size per dict, no
+     * growing, the keys' hashes already in place. Never handed out. */
+    PyObject *tpl_stats;
+    PyObject *tpl_refused;
+    PyObject *tpl_latency;
+    PyObject *tpl_stale;
 } module_state;
 
 typedef struct {
@@ -125,19 +129,9 @@ typedef struct {
     unsigned long long n_refused_invalid;
     unsigned long long n_pings;
     unsigned long long n_pongs;
-    /* inbound rate limit (token bucket per connection); rate <= 0: off */
-    double rate;                /* tokens per second */
-    double burst;               /* bucket size */
-    unsigned long max_violations;   /* drops before the verdict is "close" */
-    unsigned long long n_rate_dropped;
-    unsigned long long n_rate_closed;
+    wsm_ratelimit rl;           /* inbound rate limit; rl.rate <= 0: off */
     unsigned long long n_stale[WSM_STALE_NREASONS];
-    /* recent round-trip times, seconds */
-    double rtt[WSM_RTT_WINDOW];
-    int rtt_len;
-    int rtt_pos;
-    int rtt_dirty;              /* samples arrived since rtt_pct was computed */
-    double rtt_pct[3];          /* p50, p95, p99 in ms */
+    wsm_rtt_ring rtt;           /* recent round-trip times */
     PyObject *module;           /* strong ref: owner of the state below */
     module_state *st;           /* borrowed from module */
 } CoreObject;
@@ -285,17 +279,6 @@ lookup_id(PyObject *obj, const char *what)
         return NULL;
     }
     return PyUnicode_FromObject(obj); /* new ref, an exact copy */
-}
-
-static void
-record_rtt(CoreObject *self, double rtt)
-{
-    self->rtt[self->rtt_pos] = rtt;
-    self->rtt_pos = (self->rtt_pos + 1) % WSM_RTT_WINDOW;
-    self->rtt_dirty = 1;
-    if (self->rtt_len < WSM_RTT_WINDOW) {
-        self->rtt_len++;
-    }
 }
 
 /* (lobby_code, user_id) of the committed connection of `ws`, or None.
@@ -892,7 +875,7 @@ Core_record_pong(CoreObject *self, PyObject *user_id)
             }
         }
         if (best >= 0) {
-            record_rtt(self, best);
+            wsm_rtt_record(&self->rtt, best);
         }
         /* g is not used past this point: the hook may disconnect anyone */
         if (self->pong_hook != NULL &&
@@ -994,7 +977,7 @@ Core_record_pong_ws(CoreObject *self, PyObject *ws)
     self->n_pongs++;
     double rtt = wsm_pong(&self->reg, c, now);
     if (rtt >= 0) {
-        record_rtt(self, rtt);
+        wsm_rtt_record(&self->rtt, rtt);
     }
     if (self->pong_hook != NULL &&
         call_pong_hook(self, c->user->key, ws, rtt) < 0) {
@@ -1049,13 +1032,7 @@ Core_note_ping(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (c == NULL || c->state != WSM_ACTIVE) {
         Py_RETURN_FALSE;
     }
-    if (!wsm_pong_due(c, now)) {
-        c->pong_due_since = now;
-        c->pong_deadline = now + timeout;
-    }
-    else if (now + timeout > c->pong_deadline) {
-        c->pong_deadline = now + timeout;
-    }
+    wsm_note_ping(c, now, timeout);
     self->n_pings++;
     Py_RETURN_TRUE;
 }
@@ -1278,8 +1255,9 @@ Core_snapshot(CoreObject *self, PyObject *Py_UNUSED(ignored))
         Py_DECREF(t);
     }
     Py_ssize_t i = 0, n = PyList_GET_SIZE(out);
-    wsm_group *g, *tmp;
-    HASH_ITER(hh, self->reg.lobbies, g, tmp) {
+    wsm_group *g;
+    size_t pos = 0;
+    while (wsm_next_lobby(&self->reg, &pos, &g)) {
         for (wsm_conn *c = g->members.head; c && i < n; c = c->lobby_link.next) {
             PyObject *t = PyList_GET_ITEM(out, i); /* borrowed */
             PyObject *item[3] = {c->ws, g->key, c->user->key};
@@ -1369,10 +1347,9 @@ Core_sweep(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (res == NULL) {
         goto error;
     }
-    while (self->reg.wait.head &&
-           self->reg.wait.head->ping_sent + timeout <= now &&
-           (limit < 0 || PyList_GET_SIZE(expired) < limit)) {
-        wsm_conn *c = self->reg.wait.head;
+    wsm_conn *c;
+    while ((limit < 0 || PyList_GET_SIZE(expired) < limit) &&
+           (c = wsm_expired_head(&self->reg, now, timeout)) != NULL) {
         PyObject *ws = c->ws, *lobby = c->lobby->key, *user = c->user->key;
         /* Unlink before allocating: a GC pass triggered by the allocation
          * may run finalizers, which must find a consistent registry. */
@@ -1397,10 +1374,8 @@ Core_sweep(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_CLEAR(t);
     }
-    while (self->reg.idle.head &&
-           self->reg.idle.head->last_rx + interval <= now &&
-           (limit < 0 || PyList_GET_SIZE(to_ping) < limit)) {
-        wsm_conn *c = self->reg.idle.head;
+    while ((limit < 0 || PyList_GET_SIZE(to_ping) < limit) &&
+           (c = wsm_due_head(&self->reg, now, interval)) != NULL) {
         /* a PyMem realloc at most: runs no Python, c stays valid */
         if (PyList_Append(to_ping, c->ws) < 0) {
             goto error;
@@ -1448,9 +1423,7 @@ Core_set_rate_limit(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
                         "rate must be finite, burst finite and >= 1");
         return NULL;
     }
-    self->rate = rate > 0 ? rate : 0.0;
-    self->burst = burst;
-    self->max_violations = close_after;
+    wsm_ratelimit_set(&self->rl, rate, burst, close_after);
     Py_RETURN_NONE;
 }
 
@@ -1463,52 +1436,23 @@ static PyObject *
 Core_allow(CoreObject *self, PyObject *ws)
 {
     CHECK_INIT(self, NULL);
-    if (self->rate <= 0) {
-        return PyLong_FromLong(0);
+    if (!wsm_ratelimit_on(&self->rl)) {
+        return PyLong_FromLong(WSM_RATE_ALLOW);
     }
     /* the clock may run Python code: read it before any lookup */
     NOW_COARSE_OR_FAIL(now, self, return NULL);
     wsm_conn *c = wsm_find_conn(&self->reg, ws);
     if (c == NULL || c->state != WSM_ACTIVE) {
-        return PyLong_FromLong(0);
+        return PyLong_FromLong(WSM_RATE_ALLOW);
     }
-    if (!c->bucket_ready) {
-        c->bucket_ready = 1;
-        c->tokens = self->burst;
-        c->tokens_ts = now;
-        c->violations = 0;
-    }
-    else {
-        double elapsed = now - c->tokens_ts;
-        if (elapsed > 0) {
-            c->tokens += elapsed * self->rate;
-        }
-        c->tokens_ts = now;
-        if (c->tokens >= self->burst) {
-            c->tokens = self->burst;
-            c->violations = 0;  /* the client calmed down */
-        }
-    }
-    if (c->tokens >= 1.0) {
-        c->tokens -= 1.0;
-        return PyLong_FromLong(0);
-    }
-    self->n_rate_dropped++;
-    if (c->violations < UINT32_MAX) {
-        c->violations++;
-    }
-    if (self->max_violations > 0 && c->violations > self->max_violations) {
-        self->n_rate_closed++;
-        return PyLong_FromLong(3);
-    }
-    return PyLong_FromLong(c->violations == 1 ? 1 : 2);
+    return PyLong_FromLong(wsm_rate_check(&self->rl, c, now));
 }
 
 /* _rate_stats() -> (messages dropped, connections closed) by the limit */
 static PyObject *
 Core_rate_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue("(KK)", self->n_rate_dropped, self->n_rate_closed);
+    return Py_BuildValue("(KK)", self->rl.n_dropped, self->rl.n_closed);
 }
 
 /* _next_deadline(ping_interval, ping_timeout) -> float | None
@@ -1519,7 +1463,7 @@ Core_rate_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Core_next_deadline(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    double interval, timeout, due = INFINITY;
+    double interval, timeout, due;
     CHECK_INIT(self, NULL);
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError,
@@ -1529,13 +1473,7 @@ Core_next_deadline(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (parse_periods(args, &interval, &timeout) < 0) {
         return NULL;
     }
-    if (self->reg.wait.head) {
-        due = self->reg.wait.head->ping_sent + timeout;
-    }
-    if (self->reg.idle.head && self->reg.idle.head->last_rx + interval < due) {
-        due = self->reg.idle.head->last_rx + interval;
-    }
-    if (self->reg.wait.head == NULL && self->reg.idle.head == NULL) {
+    if (!wsm_next_deadline(&self->reg, interval, timeout, &due)) {
         Py_RETURN_NONE;
     }
     return PyFloat_FromDouble(due);
@@ -1581,13 +1519,6 @@ Core_set_shutting_down(CoreObject *self, PyObject *flag)
     Py_RETURN_NONE;
 }
 
-static int
-cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 /* d[key] = value, stealing the new reference `value` (NULL: an error is set). */
 static int
 dict_set_new(PyObject *d, PyObject *key /* borrowed */, PyObject *value)
@@ -1630,17 +1561,6 @@ round1(double x)
     return v;
 }
 
-/* Percentile (nearest rank) of sorted values, in ms. */
-static double
-pct_ms(const double *sorted, int n, double p)
-{
-    int rank = (int)ceil(p / 100.0 * n);
-    if (rank < 1) {
-        rank = 1;
-    }
-    return sorted[rank - 1] * 1000.0;
-}
-
 /* get_stats() -> dict. O(1): every count is kept up to date. */
 static PyObject *
 Core_get_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
@@ -1650,12 +1570,12 @@ Core_get_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
 #define K(name) (st->k_##name)
     PyObject *stale_keys[WSM_STALE_NREASONS] = {K(no_pong), K(send_failed),
                                                  K(handler_exited)};
-    /* Every dict (GC-tracked: its allocation may run finalizers that
+    /* Every dict (its allocation may run a GC pass whose finalizers
      * disconnect) is allocated before any count is read, so the counts
      * agree with each other and with len() afterwards. Filling them with
-     * ints and floats runs no Python code. */
-    PyObject *d = PyDict_New(), *refused = PyDict_New(), *lat = PyDict_New(),
-             *stale = PyDict_New();
+     * ints and floats (replacing None values) runs no Python code. */
+    PyObject *d = PyDict_Copy(st->tpl_stats), *refused = PyDict_Copy(st->tpl_refused),
+             *lat = PyDict_Copy(st->tpl_latency), *stale = PyDict_Copy(st->tpl_stale);
     if (d == NULL || refused == NULL || lat == NULL || stale == NULL) {
         goto error;
     }
@@ -1698,20 +1618,12 @@ Core_get_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
         PyDict_SetItem(d, K(refused), refused) < 0) {
         goto error;
     }
-    if (self->rtt_len > 0) {
-        int n = self->rtt_len;
-        if (self->rtt_dirty) { /* sort only when new samples came in */
-            double sorted[WSM_RTT_WINDOW];
-            memcpy(sorted, self->rtt, sizeof(double) * (size_t)n);
-            qsort(sorted, (size_t)n, sizeof(double), cmp_double);
-            self->rtt_pct[0] = pct_ms(sorted, n, 50);
-            self->rtt_pct[1] = pct_ms(sorted, n, 95);
-            self->rtt_pct[2] = pct_ms(sorted, n, 99);
-            self->rtt_dirty = 0;
-        }
-        if (dict_set_double(lat, K(p50), self->rtt_pct[0]) < 0 ||
-            dict_set_double(lat, K(p95), self->rtt_pct[1]) < 0 ||
-            dict_set_double(lat, K(p99), self->rtt_pct[2]) < 0 ||
+    double rtt_ms[3];
+    int n = wsm_rtt_percentiles(&self->rtt, rtt_ms);
+    if (n > 0) {
+        if (dict_set_double(lat, K(p50), rtt_ms[0]) < 0 ||
+            dict_set_double(lat, K(p95), rtt_ms[1]) < 0 ||
+            dict_set_double(lat, K(p99), rtt_ms[2]) < 0 ||
             dict_set_ssize(lat, K(samples), n) < 0) {
             goto error;
         }
@@ -2042,6 +1954,51 @@ make_tuple(PyObject *flag, PyObject *reason)
     return PyTuple_Pack(2, flag, reason);
 }
 
+/* A new dict of `keys` (borrowed) in this order, each mapped to None. */
+static PyObject *
+make_template(PyObject *const *keys, size_t n)
+{
+    PyObject *d = PyDict_New();
+    if (d == NULL) {
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (PyDict_SetItem(d, keys[i], Py_None) < 0) {
+            Py_DECREF(d);
+            return NULL;
+        }
+    }
+    return d;
+}
+
+static int
+make_stats_templates(module_state *st)
+{
+#define K(name) (st->k_##name)
+    PyObject *stats[] = {
+        K(total_connections), K(max_connections), K(capacity_percent),
+        K(active_lobbies), K(max_per_lobby), K(pending_connections),
+        K(connected_users), K(connects), K(disconnects), K(pings_sent),
+        K(pongs_received), K(max_per_user), K(shutting_down), K(refused),
+        K(latency_ms), K(stale_closed),
+    };
+    PyObject *refused[] = {
+        K(server_full), K(lobby_full), K(user_limit), K(shutting_down),
+        K(unauthorized), K(forbidden_origin), K(invalid_id),
+    };
+    PyObject *latency[] = {K(p50), K(p95), K(p99), K(samples)};
+    PyObject *stale[] = {K(no_pong), K(send_failed), K(handler_exited)};
+#undef K
+#define N(a) (sizeof(a) / sizeof((a)[0]))
+    st->tpl_stats = make_template(stats, N(stats));
+    st->tpl_refused = make_template(refused, N(refused));
+    st->tpl_latency = make_template(latency, N(latency));
+    st->tpl_stale = make_template(stale, N(stale));
+#undef N
+    return st->tpl_stats && st->tpl_refused && st->tpl_latency && st->tpl_stale
+        ? 0 : -1;
+}
+
 static int
 module_exec(PyObject *m)
 {
@@ -2067,6 +2024,9 @@ module_exec(PyObject *m)
     }
     WSM_STAT_KEYS(WSM_INIT_KEY)
 #undef WSM_INIT_KEY
+    if (make_stats_templates(st) < 0) {
+        return -1;
+    }
     if ((st->accept_ok = make_tuple(Py_True, st->str_empty)) == NULL ||
         (st->refuse_server = make_tuple(Py_False, st->str_server_full)) == NULL ||
         (st->refuse_lobby = make_tuple(Py_False, st->str_lobby_full)) == NULL ||
@@ -2104,6 +2064,10 @@ module_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(st->refuse_server);
     Py_VISIT(st->refuse_lobby);
     Py_VISIT(st->refuse_shutdown);
+    Py_VISIT(st->tpl_stats);
+    Py_VISIT(st->tpl_refused);
+    Py_VISIT(st->tpl_latency);
+    Py_VISIT(st->tpl_stale);
     return wsm_json_types_traverse(&st->json, visit, arg);
 }
 
@@ -2127,6 +2091,10 @@ module_clear(PyObject *m)
     Py_CLEAR(st->refuse_server);
     Py_CLEAR(st->refuse_lobby);
     Py_CLEAR(st->refuse_shutdown);
+    Py_CLEAR(st->tpl_stats);
+    Py_CLEAR(st->tpl_refused);
+    Py_CLEAR(st->tpl_latency);
+    Py_CLEAR(st->tpl_stale);
     wsm_json_types_clear(&st->json);
     return 0;
 }

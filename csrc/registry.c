@@ -1,141 +1,83 @@
 /* Connection registry: see registry.h for the contract. */
 #include "registry.h"
+#include "activity.h"
+#include "list.h"
 
-int wsm_uthash_oom = 0;
+/* ---- keys ------------------------------------------------------------ */
 
-/* ---- intrusive lists ------------------------------------------------- */
-
-
-static void
-list_push_tail(wsm_list *l, wsm_conn *c, size_t off)
+/* The tag of a group key: the str's hash, cached in the str object (an
+ * exact str: computing it runs no Python code). */
+static inline uintptr_t
+str_tag(PyObject *key)
 {
-    wsm_link *lk = (wsm_link *)((char *)c + off);
-    lk->prev = l->tail;
-    lk->next = NULL;
-    if (l->tail) {
-        ((wsm_link *)((char *)l->tail + off))->next = c;
-    }
-    else {
-        l->head = c;
-    }
-    l->tail = c;
-    l->len++;
+    return (uintptr_t)PyObject_Hash(key);
 }
 
-static void
-list_unlink(wsm_list *l, wsm_conn *c, size_t off)
+/* Equality of two exact, ready str objects, as str.__eq__ decides it,
+ * without calling it: identity first (ids are usually the very objects
+ * that were registered), then length, kind and the code units. */
+static inline int
+str_same(PyObject *a, PyObject *b)
 {
-    wsm_link *lk = (wsm_link *)((char *)c + off);
-    if (lk->prev) {
-        ((wsm_link *)((char *)lk->prev + off))->next = lk->next;
+    if (a == b) {
+        return 1;
     }
-    else {
-        l->head = lk->next;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(a);
+    if (n != PyUnicode_GET_LENGTH(b) || PyUnicode_KIND(a) != PyUnicode_KIND(b)) {
+        return 0;
     }
-    if (lk->next) {
-        ((wsm_link *)((char *)lk->next + off))->prev = lk->prev;
-    }
-    else {
-        l->tail = lk->prev;
-    }
-    lk->prev = lk->next = NULL;
-    l->len--;
-}
-
-#define OFF_LOBBY offsetof(wsm_conn, lobby_link)
-#define OFF_USER offsetof(wsm_conn, user_link)
-#define OFF_ACT offsetof(wsm_conn, act_link)
-
-/* ---- hashing ---------------------------------------------------------- */
-
-
-static inline unsigned
-ptr_hash(const void *p)
-{
-    uint64_t x = (uint64_t)(uintptr_t)p;
-    x ^= x >> 33;
-    x *= UINT64_C(0xff51afd7ed558ccd);
-    x ^= x >> 33;
-    return (unsigned)x;
-}
-
-/* Hash and UTF-8 view of a validated str key. Returns -1 with an exception
- * set on failure. */
-static int
-str_key(PyObject *key, const char **utf8, Py_ssize_t *len, unsigned *hv)
-{
-    Py_hash_t h = PyObject_Hash(key);
-    if (h == -1 && PyErr_Occurred()) {
-        return -1;
-    }
-    *utf8 = PyUnicode_AsUTF8AndSize(key, len);
-    if (*utf8 == NULL) {
-        return -1;
-    }
-    *hv = (unsigned)((uint64_t)h ^ ((uint64_t)h >> 32));
-    return 0;
+    return memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b),
+                  (size_t)n * PyUnicode_KIND(a)) == 0;
 }
 
 static wsm_group *
-group_find(wsm_group *table, PyObject *key)
+group_find(wsm_table *table, PyObject *key)
 {
-    const char *utf8;
-    Py_ssize_t len;
-    unsigned hv;
-    wsm_group *g = NULL;
-    if (table == NULL) {
-        return NULL;
-    }
-    if (str_key(key, &utf8, &len, &hv) < 0) {
+    wsm_slot *s;
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyUnicode_READY(key) < 0) {
         PyErr_Clear();
         return NULL;
     }
-    HASH_FIND_BYHASHVALUE(hh, table, utf8, (unsigned)len, hv, g);
-    return g;
+#endif
+    uintptr_t tag = str_tag(key);
+    WSM_TABLE_FOR_TAG(table, tag, s) {
+        wsm_group *g = s->item;
+        if (str_same(g->key, key)) {
+            return g;
+        }
+    }
+    return NULL;
 }
 
 /* Find or create a group. NULL with an exception set on failure. */
 static wsm_group *
-group_get(wsm_group **table, PyObject *key)
+group_get(wsm_table *table, PyObject *key)
 {
-    const char *utf8;
-    Py_ssize_t len;
-    unsigned hv;
-    wsm_group *g = NULL;
-    if (str_key(key, &utf8, &len, &hv) < 0) {
-        return NULL;
-    }
-    if (*table) {
-        HASH_FIND_BYHASHVALUE(hh, *table, utf8, (unsigned)len, hv, g);
-        if (g) {
-            return g;
-        }
+    wsm_group *g = group_find(table, key);
+    if (g != NULL) {
+        return g;
     }
     g = PyMem_Calloc(1, sizeof(*g));
     if (g == NULL) {
         PyErr_NoMemory();
         return NULL;
     }
-    Py_INCREF(key);
-    g->key = key;
-    wsm_uthash_oom = 0;
-    HASH_ADD_KEYPTR_BYHASHVALUE(hh, *table, utf8, (unsigned)len, hv, g);
-    if (wsm_uthash_oom) {
-        wsm_uthash_oom = 0;
-        Py_DECREF(key);
+    if (wsm_table_insert(table, str_tag(key), g) < 0) {
         PyMem_Free(g);
         PyErr_NoMemory();
         return NULL;
     }
+    g->key = Py_NewRef(key);
     return g;
 }
 
 /* Free a group once nothing refers to it. */
 static void
-group_release_if_empty(wsm_group **table, wsm_group *g)
+group_release_if_empty(wsm_table *table, wsm_group *g)
 {
     if (g->members.len == 0 && g->reserved == 0) {
-        HASH_DELETE(hh, *table, g);
+        wsm_table_remove(table, str_tag(g->key), g);
         Py_CLEAR(g->key);
         PyMem_Free(g);
     }
@@ -152,18 +94,36 @@ wsm_registry_init(wsm_registry *r)
 int
 wsm_registry_traverse(wsm_registry *r, visitproc visit, void *arg)
 {
-    wsm_conn *c, *tmp;
-    wsm_group *g, *gtmp;
-    HASH_ITER(hh, r->conns, c, tmp) {
-        Py_VISIT(c->ws);
+    void *item;
+    size_t i = 0;
+    while (wsm_table_next(&r->conns, &i, &item)) {
+        Py_VISIT(((wsm_conn *)item)->ws);
     }
-    HASH_ITER(hh, r->lobbies, g, gtmp) {
-        Py_VISIT(g->key);
+    i = 0;
+    while (wsm_table_next(&r->lobbies, &i, &item)) {
+        Py_VISIT(((wsm_group *)item)->key);
     }
-    HASH_ITER(hh, r->users, g, gtmp) {
-        Py_VISIT(g->key);
+    i = 0;
+    while (wsm_table_next(&r->users, &i, &item)) {
+        Py_VISIT(((wsm_group *)item)->key);
     }
     return 0;
+}
+
+/* Free every item of a detached table, then its slots. The items' Python
+ * references are dropped after each item is freed: a finalizer finds the
+ * registry already empty. */
+static void
+clear_table(wsm_table *t, int conns)
+{
+    void *item;
+    size_t i = 0;
+    while (wsm_table_next(t, &i, &item)) {
+        PyObject *ref = conns ? ((wsm_conn *)item)->ws : ((wsm_group *)item)->key;
+        PyMem_Free(item);
+        Py_XDECREF(ref);
+    }
+    wsm_table_free(t);
 }
 
 void
@@ -172,60 +132,36 @@ wsm_registry_clear(wsm_registry *r)
     /* Unhook everything first, then drop references: a websocket's
      * finalizer may run Python code, which must see a consistent (empty)
      * registry and must not find half-freed entries. */
-    wsm_conn *conns = r->conns;
-    wsm_group *lobbies = r->lobbies;
-    wsm_group *users = r->users;
-    wsm_conn *c, *tmp;
-    wsm_group *g, *gtmp;
+    wsm_table conns = r->conns, lobbies = r->lobbies, users = r->users;
+    uint64_t removals = r->removals;
 
-    r->conns = NULL;
-    r->lobbies = NULL;
-    r->users = NULL;
-    r->active = r->pending = r->active_lobbies = r->active_users = 0;
-    memset(&r->idle, 0, sizeof(r->idle));
-    memset(&r->wait, 0, sizeof(r->wait));
-
-    HASH_ITER(hh, conns, c, tmp) {
-        HASH_DELETE(hh, conns, c);
-        PyObject *ws = c->ws;
-        PyMem_Free(c);
-        Py_XDECREF(ws);
-    }
-    HASH_ITER(hh, lobbies, g, gtmp) {
-        HASH_DELETE(hh, lobbies, g);
-        PyObject *key = g->key;
-        PyMem_Free(g);
-        Py_XDECREF(key);
-    }
-    HASH_ITER(hh, users, g, gtmp) {
-        HASH_DELETE(hh, users, g);
-        PyObject *key = g->key;
-        PyMem_Free(g);
-        Py_XDECREF(key);
-    }
+    memset(r, 0, sizeof(*r));
+    r->removals = removals;
+    clear_table(&conns, 1);
+    clear_table(&lobbies, 0);
+    clear_table(&users, 0);
 }
 
 wsm_conn *
 wsm_find_conn(wsm_registry *r, PyObject *ws)
 {
-    wsm_conn *c = NULL;
-    if (r->conns) {
-        HASH_FIND_BYHASHVALUE(hh, r->conns, &ws, sizeof(PyObject *),
-                              ptr_hash(ws), c);
+    wsm_slot *s;
+    WSM_TABLE_FOR_TAG(&r->conns, (uintptr_t)ws, s) {
+        return s->item; /* the tag is the websocket itself */
     }
-    return c;
+    return NULL;
 }
 
 wsm_group *
 wsm_find_lobby(wsm_registry *r, PyObject *code)
 {
-    return group_find(r->lobbies, code);
+    return group_find(&r->lobbies, code);
 }
 
 wsm_group *
 wsm_find_user(wsm_registry *r, PyObject *uid)
 {
-    return group_find(r->users, uid);
+    return group_find(&r->users, uid);
 }
 
 wsm_conn *
@@ -240,7 +176,7 @@ wsm_reserve(wsm_registry *r, PyObject *ws, PyObject *lobby, PyObject *user,
         *verdict = WSM_SERVER_FULL;
         return NULL;
     }
-    lg = group_find(r->lobbies, lobby);
+    lg = group_find(&r->lobbies, lobby);
     if (max_lobby >= 0 && lg && lg->members.len + lg->reserved >= max_lobby) {
         *verdict = WSM_LOBBY_FULL;
         return NULL;
@@ -249,7 +185,7 @@ wsm_reserve(wsm_registry *r, PyObject *ws, PyObject *lobby, PyObject *user,
         *verdict = WSM_LOBBY_FULL;
         return NULL;
     }
-    ug = group_find(r->users, user);
+    ug = group_find(&r->users, user);
     if (max_user >= 0 &&
         ((ug && ug->members.len + ug->reserved >= max_user) || max_user == 0)) {
         *verdict = WSM_USER_FULL;
@@ -279,11 +215,7 @@ wsm_reserve(wsm_registry *r, PyObject *ws, PyObject *lobby, PyObject *user,
     c->state = WSM_PENDING;
     c->last_rx = now;
     c->last_rtt = -1.0;
-    wsm_uthash_oom = 0;
-    HASH_ADD_KEYPTR_BYHASHVALUE(hh, r->conns, &c->ws, sizeof(PyObject *),
-                                ptr_hash(ws), c);
-    if (wsm_uthash_oom) {
-        wsm_uthash_oom = 0;
+    if (wsm_table_insert(&r->conns, (uintptr_t)ws, c) < 0) {
         lg->reserved--;
         ug->reserved--;
         group_release_if_empty(&r->lobbies, lg);
@@ -292,7 +224,7 @@ wsm_reserve(wsm_registry *r, PyObject *ws, PyObject *lobby, PyObject *user,
         PyErr_NoMemory();
         goto error;
     }
-    list_push_tail(&ug->pending, c, OFF_USER);
+    wsm_list_push_tail(&ug->pending, c, WSM_OFF_USER);
     r->pending++;
     *verdict = WSM_OK;
     return c;
@@ -314,19 +246,16 @@ wsm_commit(wsm_registry *r, wsm_conn *c, double now)
     r->active++;
     c->lobby->reserved--;
     c->user->reserved--;
-    list_unlink(&c->user->pending, c, OFF_USER);
+    wsm_list_unlink(&c->user->pending, c, WSM_OFF_USER);
     if (c->lobby->members.len == 0) {
         r->active_lobbies++;
     }
     if (c->user->members.len == 0) {
         r->active_users++;
     }
-    list_push_tail(&c->lobby->members, c, OFF_LOBBY);
-    list_push_tail(&c->user->members, c, OFF_USER);
-    c->last_rx = now;
-    c->ping_sent = 0;
-    c->on_list = WSM_ON_IDLE;
-    list_push_tail(&r->idle, c, OFF_ACT);
+    wsm_list_push_tail(&c->lobby->members, c, WSM_OFF_LOBBY);
+    wsm_list_push_tail(&c->user->members, c, WSM_OFF_USER);
+    wsm_activity_start(r, c, now);
 }
 
 void
@@ -335,10 +264,10 @@ wsm_remove(wsm_registry *r, wsm_conn *c)
     wsm_group *lg = c->lobby, *ug = c->user;
     PyObject *ws = c->ws;
 
-    HASH_DELETE(hh, r->conns, c);
+    wsm_table_remove(&r->conns, (uintptr_t)ws, c);
     if (c->state == WSM_ACTIVE) {
-        list_unlink(&lg->members, c, OFF_LOBBY);
-        list_unlink(&ug->members, c, OFF_USER);
+        wsm_list_unlink(&lg->members, c, WSM_OFF_LOBBY);
+        wsm_list_unlink(&ug->members, c, WSM_OFF_USER);
         wsm_unlist(r, c);
         if (lg->members.len == 0) {
             r->active_lobbies--;
@@ -352,7 +281,7 @@ wsm_remove(wsm_registry *r, wsm_conn *c)
     else {
         lg->reserved--;
         ug->reserved--;
-        list_unlink(&ug->pending, c, OFF_USER);
+        wsm_list_unlink(&ug->pending, c, WSM_OFF_USER);
         r->pending--;
     }
     PyMem_Free(c);
@@ -371,14 +300,14 @@ wsm_replace_count(wsm_registry *r, PyObject *lobby, PyObject *user,
     wsm_conn *c;
     Py_ssize_t need, i, in_lobby = 0, n;
 
-    if (max_user < 1 || (ug = group_find(r->users, user)) == NULL) {
+    if (max_user < 1 || (ug = group_find(&r->users, user)) == NULL) {
         return 0;
     }
     need = ug->members.len + ug->reserved - max_user + 1;
     if (need <= 0) {
         return 0;
     }
-    lg = group_find(r->lobbies, lobby);
+    lg = group_find(&r->lobbies, lobby);
     /* which of the `need` oldest entries are in the target lobby */
     for (i = 0, c = ug->members.head; c != NULL && i < need;
          c = c->user_link.next, i++) {
@@ -401,74 +330,9 @@ wsm_replace_count(wsm_registry *r, PyObject *lobby, PyObject *user,
 wsm_conn *
 wsm_user_oldest(wsm_registry *r, PyObject *user)
 {
-    wsm_group *ug = group_find(r->users, user);
+    wsm_group *ug = group_find(&r->users, user);
     if (ug == NULL) {
         return NULL;
     }
     return ug->members.head ? ug->members.head : ug->pending.head;
-}
-
-void
-wsm_unlist(wsm_registry *r, wsm_conn *c)
-{
-    if (c->on_list == WSM_ON_IDLE) {
-        list_unlink(&r->idle, c, OFF_ACT);
-    }
-    else if (c->on_list == WSM_ON_WAIT) {
-        list_unlink(&r->wait, c, OFF_ACT);
-    }
-    c->on_list = WSM_ON_NONE;
-}
-
-void
-wsm_touch(wsm_registry *r, wsm_conn *c, double now)
-{
-    if (c->state != WSM_ACTIVE) {
-        return;
-    }
-    wsm_unlist(r, c);
-    c->ping_sent = 0;
-    c->last_rx = now;
-    c->on_list = WSM_ON_IDLE;
-    list_push_tail(&r->idle, c, OFF_ACT);
-}
-
-double
-wsm_pong(wsm_registry *r, wsm_conn *c, double now)
-{
-    double rtt = -1.0;
-    if (c->state != WSM_ACTIVE) {
-        return rtt;
-    }
-    if (c->pong_due_since > 0) {
-        if (now <= c->pong_deadline) { /* a late pong is no round trip */
-            rtt = now - c->pong_due_since;
-            if (rtt < 0) {
-                rtt = 0;
-            }
-            c->last_rtt = rtt;
-        }
-        c->pong_due_since = 0;
-    }
-    wsm_touch(r, c, now);
-    return rtt;
-}
-
-void
-wsm_mark_pinged(wsm_registry *r, wsm_conn *c, double now, double timeout)
-{
-    if (c->state != WSM_ACTIVE) {
-        return;
-    }
-    if (c->on_list == WSM_ON_IDLE) {
-        list_unlink(&r->idle, c, OFF_ACT);
-    }
-    else if (c->on_list == WSM_ON_WAIT) {
-        return; /* keep the first ping's deadline */
-    }
-    c->ping_sent = now;
-    c->pong_due_since = now;
-    c->pong_deadline = now + timeout;
-    c->on_list = WSM_ON_WAIT;
-    list_push_tail(&r->wait, c, OFF_ACT);
 }

@@ -1,7 +1,8 @@
 /* The connection registry: connections keyed by websocket identity, lobbies,
- * users, capacity reservations and the activity lists used by the heartbeat.
+ * users, capacity reservations; the activity lists the heartbeat walks are
+ * part of the registry and kept by activity.c.
  *
- * Plain C over uthash; it holds strong references to Python objects (the
+ * Plain C over open-addressed tables (table.h); it holds strong references to Python objects (the
  * websocket and the interned id strings) but never calls back into Python
  * while a table or list is being walked: the walkers copy what they need
  * first.
@@ -24,14 +25,7 @@
 #include <Python.h>
 #include <stdint.h>
 
-/* uthash allocates through PyMem_* so tracemalloc sees the core's memory,
- * and reports out-of-memory instead of calling exit(). */
-#define HASH_NONFATAL_OOM 1
-#define uthash_malloc(sz) PyMem_Malloc(sz)
-#define uthash_free(ptr, sz) PyMem_Free(ptr)
-extern int wsm_uthash_oom;
-#define uthash_nonfatal_oom(obj) (wsm_uthash_oom = 1)
-#include <uthash.h>
+#include "table.h"
 
 
 typedef struct wsm_conn wsm_conn;
@@ -51,13 +45,12 @@ typedef struct wsm_list {
 
 /* A lobby or a user: a keyed group of connections. */
 struct wsm_group {
-    PyObject *key;          /* strong ref: the str id as first seen */
-    /* hh.key / hh.keylen: the key's cached UTF-8, owned by `key` */
+    PyObject *key;          /* strong ref: the exact str id as first seen;
+                               its cached hash is the group's table tag */
     wsm_list members;       /* committed connections, oldest first */
     Py_ssize_t reserved;    /* handshakes admitted but not yet committed */
     wsm_list pending;       /* users only: those handshakes, oldest first
                                (linked by user_link while PENDING) */
-    UT_hash_handle hh;
 };
 
 enum wsm_conn_state {
@@ -96,13 +89,12 @@ struct wsm_conn {
                                < 0 while none was measured */
     double tokens;          /* inbound token bucket */
     double tokens_ts;
-    UT_hash_handle hh;
 };
 
 typedef struct wsm_registry {
-    wsm_conn *conns;        /* by websocket pointer */
-    wsm_group *lobbies;     /* by lobby code */
-    wsm_group *users;       /* by user id */
+    wsm_table conns;        /* wsm_conn * by websocket pointer (the tag) */
+    wsm_table lobbies;      /* wsm_group * by lobby code (tag: its hash) */
+    wsm_table users;        /* wsm_group * by user id (tag: its hash) */
     Py_ssize_t active;      /* committed connections */
     Py_ssize_t pending;     /* reserved, not committed */
     Py_ssize_t active_lobbies;  /* lobbies with at least one committed conn */
@@ -162,23 +154,20 @@ wsm_conn *wsm_user_oldest(wsm_registry *r, PyObject *user);
  * the entry's references are released here. */
 void wsm_remove(wsm_registry *r, wsm_conn *c);
 
-/* Mark a connection as having received something: leaves the wait list,
- * moves to the idle tail. */
-void wsm_touch(wsm_registry *r, wsm_conn *c, double now);
-/* A pong arrived: touch, and return the round-trip time in seconds of the
- * ping it answers (also kept in c->last_rtt), or -1 if no ping was
- * outstanding or it timed out (past c->pong_deadline). */
-double wsm_pong(wsm_registry *r, wsm_conn *c, double now);
-/* Connection was sent a ping at `now`, answered in time until now + timeout
- * (timeout may be infinite): idle list -> wait list tail. */
-void wsm_mark_pinged(wsm_registry *r, wsm_conn *c, double now, double timeout);
-/* A pong is awaited: a ping was sent less than its timeout ago, unanswered. */
-static inline int wsm_pong_due(const wsm_conn *c, double now)
+/* The activity lists (touch, pong, ping, sweeps): activity.h. */
+
+/* Iterate the lobbies (in table order): size_t pos = 0; wsm_group *g;
+ * while (wsm_next_lobby(r, &pos, &g)) ... The table must not change
+ * while iterating. */
+static inline int wsm_next_lobby(wsm_registry *r, size_t *pos, wsm_group **g)
 {
-    return c->pong_due_since > 0 && now <= c->pong_deadline;
+    void *item;
+    if (!wsm_table_next(&r->lobbies, pos, &item)) {
+        return 0;
+    }
+    *g = item;
+    return 1;
 }
-/* Take a connection off the activity lists (it is being closed as stale). */
-void wsm_unlist(wsm_registry *r, wsm_conn *c);
 
 static inline Py_ssize_t wsm_group_count(const wsm_group *g)
 {
