@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
-APT_PACKAGES = uthash-dev
+APT_PACKAGES =
 # Only for the tests: the browser tests drive Debian's chromium (never Playwright's
 # download); the backplane tests start Debian's redis-server; the client tests run
 # on node >= 20 (installed from Debian when absent).

@@ -9,31 +9,8 @@ Environment switches:
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 from setuptools import Extension, setup
-
-UTHASH_HELP = (
-    "wsmanager needs uthash.h to build its C core.\n"
-    "Install Debian's package:  apt-get install uthash-dev\n"
-    "(or set WSM_UTHASH_INCLUDE to the folder that holds uthash.h)"
-)
-
-
-def find_uthash() -> list[str]:
-    candidates = [os.environ.get("WSM_UTHASH_INCLUDE", ""), "/usr/include", "/usr/local/include"]
-    for folder in candidates:
-        if folder and (Path(folder) / "uthash.h").is_file():
-            return [] if folder in ("/usr/include", "/usr/local/include") else [folder]
-    # Commands that do not compile (sdist, egg_info, clean) need no header.
-    compiling = any(
-        cmd in sys.argv
-        for cmd in ("build_ext", "build", "bdist_wheel", "install", "develop", "editable_wheel")
-    )
-    if compiling:
-        sys.exit("error: uthash.h not found.\n" + UTHASH_HELP)
-    return []
 
 
 def compile_args() -> tuple[list[str], list[str]]:
@@ -80,7 +57,7 @@ setup(
                 "csrc/latency.h",
                 "csrc/json_writer.h",
             ],
-            include_dirs=["csrc", *find_uthash()],
+            include_dirs=["csrc"],
             extra_compile_args=cflags,
             extra_link_args=ldflags,
         )
