@@ -72,6 +72,7 @@ _CONNECTED = WebSocketState.CONNECTED
 _CONNECTING = WebSocketState.CONNECTING
 # the core's own max_connections getter: connect() reads it without the Setting descriptor's Python call
 _core_max_connections = Core.__dict__["max_connections"].__get__
+_core_get_stats = Core.get_stats  # the core's own figures (no super() per call)
 
 
 def _weak_pong_hook(manager: ConnectionManager) -> Callable[[str, Any, float | None], None]:
@@ -760,9 +761,10 @@ class ConnectionManager(Core):
         four figures and ``backplane`` the backend's health (``up``,
         ``last_error``, ...). ``local=True``: this process's stats only.
         """
-        stats = super().get_stats()
-        stats["closed"] = dict(self.delivery.closed)
-        stats["backlogged_connections"] = len(self.delivery.outboxes)
+        stats = _core_get_stats(self)
+        delivery = self.delivery
+        stats["closed"] = delivery.closed.copy()
+        stats["backlogged_connections"] = len(delivery.outboxes)
         stats["rate_limited_messages"] = self._rate_stats()[0]
         bp = self._backplane
         if bp is None or local:
