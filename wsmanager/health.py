@@ -387,8 +387,10 @@ class HealthMonitor:
     ) -> None:
         """Run ``fn(websocket, *args)`` as a task of the websocket's own loop."""
         closing = fn == self._close_stale
-        loop = loop_of(websocket)
-        owner = self._states.get(loop, here) if loop is not None else self._owners.get(websocket, here)
+        owner = self._owners.get(websocket) if self._owners else None
+        if owner is None:  # its reader knows its loop
+            loop = loop_of(websocket)
+            owner = here if loop is None else self._states.get(loop, here)
         if owner is here:
             spawned.append(self._spawn(here, fn(websocket, *args), closing=closing))
             return

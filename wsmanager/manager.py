@@ -517,7 +517,7 @@ class ConnectionManager(Core):
                 )
             return True
         finally:
-            del in_loop[key]
+            in_loop.pop(key, None)
             if not in_loop and self._handshakes.get(loop) is in_loop:
                 del self._handshakes[loop]
             if self._overtaken:
