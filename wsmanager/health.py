@@ -31,7 +31,7 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from ._core import dumps
 from .codes import CloseCode
-from .receiving import pinged
+from .receiving import loop_of, pinged
 from .settings import optional_seconds as _check_period
 
 if TYPE_CHECKING:
@@ -141,7 +141,9 @@ class HealthMonitor:
         self._interval = _check_period("ping_interval", ping_interval)
         self._timeout = _check_period("ping_timeout", ping_timeout)
         self._states: dict[asyncio.AbstractEventLoop, _LoopState] = {}
-        self._owners: dict[WebSocket, _LoopState] = {}  # websocket -> loop of its endpoint
+        # websocket -> loop of its endpoint, for the ones without a reader
+        # (receiving.loop_of tells the loop of the others)
+        self._owners: dict[WebSocket, _LoopState] = {}
         # endpoint task -> the websocket it connected (a list when it connected several):
         # one bound method is every task's done-callback, so a connect allocates nothing
         self._endpoints: dict[asyncio.Task[Any], WebSocket | list[WebSocket]] = {}
@@ -184,17 +186,22 @@ class HealthMonitor:
 
     # ------------------------------------------------------------ lifecycle
 
-    def watch(self, websocket: WebSocket) -> None:
+    def watch(
+        self, websocket: WebSocket, loop: asyncio.AbstractEventLoop | None = None, *, owned: bool = False
+    ) -> None:
         """Called by ``connect()`` once ``websocket`` is registered.
 
-        Makes sure a monitor runs in the current loop, and takes the current
-        task as the connection's endpoint: when it ends while the connection
-        is still registered, the entry is reclaimed.
+        Makes sure a monitor runs in ``loop`` (the running loop; looked up
+        when None), and takes the current task as the connection's endpoint:
+        when it ends while the connection is still registered, the entry is
+        reclaimed. ``owned``: ``receiving.loop_of(websocket)`` is ``loop``, so
+        the heartbeat need not remember the connection's loop itself.
         """
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
         st = self._states.get(loop) or self._state(loop)
         task = asyncio.current_task(loop)
         if task is not None:
@@ -203,12 +210,14 @@ class HealthMonitor:
             if known is None:  # a task not watched yet: is it an endpoint?
                 if not _runs_connect(task):
                     st.handlers += 1
-                    self._owners[websocket] = st
+                    if not owned:
+                        self._owners[websocket] = st
                     endpoints[task] = websocket
                     task.add_done_callback(self._on_endpoint_done, context=_CALLBACK_CONTEXT)
             else:
                 st.handlers += 1
-                self._owners[websocket] = st
+                if not owned:
+                    self._owners[websocket] = st
                 if isinstance(known, list):
                     known.append(websocket)
                 else:
@@ -378,7 +387,10 @@ class HealthMonitor:
     ) -> None:
         """Run ``fn(websocket, *args)`` as a task of the websocket's own loop."""
         closing = fn == self._close_stale
-        owner = self._owners.get(websocket, here)
+        owner = self._owners.get(websocket) if self._owners else None
+        if owner is None:  # its reader knows its loop
+            loop = loop_of(websocket)
+            owner = here if loop is None else self._states.get(loop, here)
         if owner is here:
             spawned.append(self._spawn(here, fn(websocket, *args), closing=closing))
             return
@@ -428,7 +440,8 @@ class HealthMonitor:
     def _endpoint_done(self, websocket: WebSocket, st: _LoopState, task: asyncio.Task[Any]) -> None:
         """The endpoint task that called ``connect()`` for ``websocket`` has ended."""
         st.handlers -= 1
-        self._owners.pop(websocket, None)
+        if self._owners:
+            self._owners.pop(websocket, None)
         manager = self._manager_ref()
         if manager is not None and websocket in manager:  # it never called disconnect()
             if task.cancelled() or _is_closed(websocket) or st.loop.is_closed():

@@ -72,6 +72,7 @@ _CONNECTED = WebSocketState.CONNECTED
 _CONNECTING = WebSocketState.CONNECTING
 # the core's own max_connections getter: connect() reads it without the Setting descriptor's Python call
 _core_max_connections = Core.__dict__["max_connections"].__get__
+_core_get_stats = Core.get_stats  # the core's own figures (no super() per call)
 
 
 def _weak_pong_hook(manager: ConnectionManager) -> Callable[[str, Any, float | None], None]:
@@ -258,9 +259,9 @@ class ConnectionManager(Core):
         self.json_default = json_default
         self.set_rate_limit(rate_limit, rate_burst, close_after=rate_limit_close_after)
         self._shutdown_task: asyncio.Task[None] | None = None
-        # websocket -> its event loop: reserved handshakes in flight (no Future
-        # per connect: shutdown() waits on one future, made only while it waits)
-        self._handshakes: dict[Any, asyncio.AbstractEventLoop] = {}
+        # event loop -> {id(websocket): websocket}: reserved handshakes in flight
+        # (no Future per connect: shutdown() waits on one future, made only while it waits)
+        self._handshakes: dict[asyncio.AbstractEventLoop, dict[int, Any]] = {}
         self._handshakes_waiter: asyncio.Future[None] | None = None
         # handshakes whose reservation shutdown() released while they hung in accept()
         self._overtaken: set[Any] = set()
@@ -431,14 +432,94 @@ class ConnectionManager(Core):
             await self.delivery.refuse(websocket, reason)
             return False
         # Reserved: shutdown() waits for this handshake to end (or releases its
-        # reservation when it outlasts the shutdown's budget).
+        # reservation when it outlasts the shutdown's budget). Keyed by id():
+        # Starlette's WebSocket hashes through a Python-level __hash__.
         loop = asyncio.get_running_loop()
-        handshakes = self._handshakes
-        handshakes[websocket] = loop
+        in_loop = self._handshakes.get(loop)
+        if in_loop is None:
+            in_loop = self._handshakes[loop] = {}
+        key = id(websocket)
+        in_loop[key] = websocket
         try:
-            return await self._handshake(websocket, lobby_code, user_id)
+            bp = self._backplane
+            try:
+                reason = ""
+                if bp is not None:  # backend: the cluster-wide slot
+                    reason = await bp.reserve(websocket, lobby_code, user_id)
+                connecting = websocket.application_state is _CONNECTING
+                if not reason and not self.shutting_down and connecting:
+                    try:
+                        await websocket.accept()
+                    except Exception as exc:  # the client left during the handshake
+                        self._release(websocket)
+                        if bp is not None:
+                            bp.release(websocket)
+                        logger.info(
+                            "handshake failed, not registered: %s",
+                            type(exc).__name__,
+                            extra={"lobby": lobby_code, "user": user_id, "reason": "handshake_failed"},
+                        )
+                        return False
+                if not reason and (self.shutting_down or websocket.application_state is not _CONNECTED):
+                    # shutdown() began meanwhile (or the app closed the socket)
+                    reason = "shutting_down" if self.shutting_down else "closed"
+            except BaseException:
+                self._release(websocket)
+                if bp is not None:
+                    bp.release(websocket)
+                raise
+            if reason == "replaced":  # by a newer handshake of the user, meanwhile
+                await self._close_replaced_handshake(websocket, lobby_code, user_id)
+                return False
+            committed = False
+            if not reason:
+                try:
+                    committed = self._commit(websocket)
+                except BaseException:  # a failing injected clock: never leak the reservation
+                    self._release(websocket)
+                    if bp is not None:
+                        bp.release(websocket)
+                    raise
+                if not committed and not self.shutting_down and websocket not in self._overtaken:
+                    # The reservation is gone and no shutdown released it: the
+                    # "replace" policy gave its place to a newer handshake of the user.
+                    if bp is not None:
+                        bp.release(websocket)
+                    await self._close_replaced_handshake(websocket, lobby_code, user_id)
+                    return False
+                if not committed:  # shutdown() released the reservation while accept() hung
+                    reason = "shutting_down"
+            if not committed:
+                self._release(websocket)
+                if bp is not None:
+                    bp.release(websocket)
+                logger.info(
+                    "connection refused: %s",
+                    reason,
+                    extra={"lobby": lobby_code, "user": user_id, "reason": reason},
+                )
+                if reason != "closed":
+                    self._count_refusal(reason)  # the core counts only the refusals of its own checks
+                    await self.delivery.refuse(websocket, reason)
+                return False
+            if bp is not None:
+                bp.commit(websocket)
+            # pongs are seen even while the app does not read; the reader also
+            # tells the heartbeat which loop the connection belongs to
+            read = self._receiving.attach(websocket, loop)
+            # heartbeat: runs in this loop; reclaims the entry if the endpoint dies
+            self._health.watch(websocket, loop, owned=read)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("connected", extra={"lobby": lobby_code, "user": user_id})
+            if len(self) >= _core_max_connections(self):
+                logger.warning(
+                    "server at capacity: %d connections", len(self), extra={"reason": "server_full"}
+                )
+            return True
         finally:
-            handshakes.pop(websocket, None)
+            in_loop.pop(key, None)
+            if not in_loop and self._handshakes.get(loop) is in_loop:
+                del self._handshakes[loop]
             if self._overtaken:
                 self._overtaken.discard(websocket)
             if self._handshakes_waiter is not None:  # a shutdown() waits for the handshakes
@@ -450,83 +531,9 @@ class ConnectionManager(Core):
         waiter = self._handshakes_waiter
         if waiter is None or waiter.done() or waiter.get_loop() is not loop:
             return
-        if not any(lp is loop for lp in self._handshakes.values()):
+        if not self._handshakes.get(loop):
             with contextlib.suppress(RuntimeError):  # its loop closed under it: nobody waits
                 waiter.set_result(None)
-
-    async def _handshake(self, websocket: WebSocket, lobby_code: str, user_id: str) -> bool:
-        """The awaits between a reservation and its commit: the backend's
-        cluster-wide slot, then ``accept()``."""
-        bp = self._backplane
-        try:
-            reason = ""
-            if bp is not None:  # backend: the cluster-wide slot
-                reason = await bp.reserve(websocket, lobby_code, user_id)
-            connecting = websocket.application_state is _CONNECTING
-            if not reason and not self.shutting_down and connecting:
-                try:
-                    await websocket.accept()
-                except Exception as exc:  # the client left during the handshake
-                    self._release(websocket)
-                    if bp is not None:
-                        bp.release(websocket)
-                    logger.info(
-                        "handshake failed, not registered: %s",
-                        type(exc).__name__,
-                        extra={"lobby": lobby_code, "user": user_id, "reason": "handshake_failed"},
-                    )
-                    return False
-            if not reason and (self.shutting_down or websocket.application_state is not _CONNECTED):
-                # shutdown() began meanwhile (or the app closed the socket)
-                reason = "shutting_down" if self.shutting_down else "closed"
-        except BaseException:
-            self._release(websocket)
-            if bp is not None:
-                bp.release(websocket)
-            raise
-        if reason == "replaced":  # by a newer handshake of the user, meanwhile
-            await self._close_replaced_handshake(websocket, lobby_code, user_id)
-            return False
-        committed = False
-        if not reason:
-            try:
-                committed = self._commit(websocket)
-            except BaseException:  # a failing injected clock: never leak the reservation
-                self._release(websocket)
-                if bp is not None:
-                    bp.release(websocket)
-                raise
-            if not committed and not self.shutting_down and websocket not in self._overtaken:
-                # The reservation is gone and no shutdown released it: the
-                # "replace" policy gave its place to a newer handshake of the user.
-                if bp is not None:
-                    bp.release(websocket)
-                await self._close_replaced_handshake(websocket, lobby_code, user_id)
-                return False
-            if not committed:  # shutdown() released the reservation while accept() hung
-                reason = "shutting_down"
-        if not committed:
-            self._release(websocket)
-            if bp is not None:
-                bp.release(websocket)
-            logger.info(
-                "connection refused: %s",
-                reason,
-                extra={"lobby": lobby_code, "user": user_id, "reason": reason},
-            )
-            if reason != "closed":
-                self._count_refusal(reason)  # the core counts only the refusals of its own checks
-                await self.delivery.refuse(websocket, reason)
-            return False
-        if bp is not None:
-            bp.commit(websocket)
-        self._health.watch(websocket)  # heartbeat: runs in this loop; reclaims the entry if the endpoint dies
-        self._receiving.attach(websocket)  # pongs are seen even while the app does not read
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("connected", extra={"lobby": lobby_code, "user": user_id})
-        if len(self) >= _core_max_connections(self):
-            logger.warning("server at capacity: %d connections", len(self), extra={"reason": "server_full"})
-        return True
 
     def _close_replaced(self, replaced: tuple[Any, ...], lobby_code: str, user_id: str) -> None:
         """Close the open connections the "replace" policy removed (already
@@ -658,7 +665,7 @@ class ConnectionManager(Core):
         logger.info("shutting down: closing %d connections", len(self), extra={"reason": reason})
         # Handshakes already reserved when shutdown began end refused (1013):
         # wait for their closes, so that none commits after this returns.
-        handshakes = [ws for ws, lp in self._handshakes.items() if lp is loop]
+        handshakes = list(self._handshakes.get(loop, {}).values())
         if handshakes:
             self._handshakes_waiter = waiter = loop.create_future()
             try:
@@ -667,7 +674,7 @@ class ConnectionManager(Core):
                 self._handshakes_waiter = None
         for websocket in handshakes:
             # still in progress: stuck in accept() or the backend: free its slot, drop the client
-            if self._handshakes.get(websocket) is loop:
+            if self._handshakes.get(loop, {}).get(id(websocket)) is websocket:
                 self._overtaken.add(websocket)
                 self._release(websocket)
                 if self._backplane is not None:
@@ -754,9 +761,10 @@ class ConnectionManager(Core):
         four figures and ``backplane`` the backend's health (``up``,
         ``last_error``, ...). ``local=True``: this process's stats only.
         """
-        stats = super().get_stats()
-        stats["closed"] = dict(self.delivery.closed)
-        stats["backlogged_connections"] = len(self.delivery.outboxes)
+        stats = _core_get_stats(self)
+        delivery = self.delivery
+        stats["closed"] = delivery.closed.copy()
+        stats["backlogged_connections"] = len(delivery.outboxes)
         stats["rate_limited_messages"] = self._rate_stats()[0]
         bp = self._backplane
         if bp is None or local:

@@ -49,7 +49,7 @@ from .servers import asgi_receive, replace_asgi_receive
 if TYPE_CHECKING:
     from .manager import ConnectionManager
 
-__all__ = ["MAX_HELD", "Reader", "Receiving", "pinged"]
+__all__ = ["MAX_HELD", "Reader", "Receiving", "loop_of", "pinged"]
 
 #: Most messages read on the app's behalf and held until it reads them.
 MAX_HELD = 16
@@ -98,22 +98,28 @@ class Receiving:
         self._manager = weakref.ref(manager)
         self._due = pong_due  # pong_due(manager, websocket): a ping awaits its pong
 
-    def attach(self, websocket: Any) -> None:
+    def attach(self, websocket: Any, loop: asyncio.AbstractEventLoop | None = None) -> bool:
         """Put a :class:`Reader` in front of ``websocket``'s receive (once;
-        a websocket that is not a Starlette ``WebSocket`` is left alone)."""
+        a websocket that is not a Starlette ``WebSocket`` is left alone).
+
+        ``loop``: the running loop (looked up when None). Returns True when a
+        reader bound to that loop fronts the websocket (see :func:`loop_of`).
+        """
         if not isinstance(websocket, WebSocket):
-            return
+            return False
         inner = asgi_receive(websocket)
         if inner is None:
-            return
+            return False
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no running loop: nothing to read for
+                return False
         if type(inner) is Reader:
             inner.owner = self
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no running loop: nothing to read for
-            return
+            return inner.loop is loop
         replace_asgi_receive(websocket, Reader(inner, self, loop))
+        return True
 
     def due(self, websocket: Any) -> bool:
         manager = self._manager()
@@ -266,6 +272,13 @@ class Reader:
             if st.ended:
                 st.ws = None
         self._check()
+
+
+def loop_of(websocket: Any) -> asyncio.AbstractEventLoop | None:
+    """The event loop ``connect()`` attached ``websocket``'s reader in (the
+    loop the connection belongs to), or None when it has no reader."""
+    reader = asgi_receive(websocket)
+    return reader.loop if type(reader) is Reader else None
 
 
 def pinged(websocket: Any) -> None:
