@@ -14,6 +14,8 @@ release of one of them means one file to check:
 * :data:`asgi_send`: Starlette's ``WebSocket._send``, the raw ASGI send
   the ordinary send path calls (what ``send_text()`` ends in, minus two
   coroutine frames);
+* :data:`FANOUT_READS`: the same reads (``application_state``, ``_send``),
+  named for the C fan-out of a lobby broadcast;
 * :func:`direct_frames_possible`: whether uvicorn's websockets-sansio
   protocol is loaded at all (else no connection can take a direct frame);
 * one log record of uvicorn's (below).
