@@ -260,9 +260,9 @@ class Delivery:
         # in place, and a server may keep it: TestClient queues it), stepped
         # once. What is not for that path (another class, a closing state, a
         # backlog), a send that suspended and one that raised come back to
-        # _fanout_slow, at their turn. About 2 us less per broadcast to 10
+        # _fanout_slow, at their turn. About 3 us less per broadcast to 10
         # than the same loop in Python (benchmarks/bench_core.py, 20k conns,
-        # GC on: about 9.7 -> 7.5 us), a part of it from asking for every
+        # GC on: 9.5 -> 6.2-6.6 us), a part of it from asking for every
         # member's object at once instead of missing the cache on each in turn.
         return core._fanout_lobby(
             lobby_code, exclude_user_id, data, _FANOUT_SPEC, self.outboxes, self._fanout_slow
