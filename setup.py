@@ -47,6 +47,7 @@ setup(
                 "csrc/ratelimit.c",
                 "csrc/latency.c",
                 "csrc/json_writer.c",
+                "csrc/fanout.c",
             ],
             depends=[
                 "csrc/registry.h",
@@ -56,6 +57,7 @@ setup(
                 "csrc/ratelimit.h",
                 "csrc/latency.h",
                 "csrc/json_writer.h",
+                "csrc/fanout.h",
             ],
             include_dirs=["csrc"],
             extra_compile_args=cflags,

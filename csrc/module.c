@@ -43,6 +43,7 @@
 #include "ratelimit.h"
 #include "latency.h"
 #include "json_writer.h"
+#include "fanout.h"
 
 /* Keys of get_stats(), interned once in the module state. */
 #define WSM_STAT_KEYS(X) \
@@ -1203,6 +1204,60 @@ Core_lobby_targets(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+/* _fanout_lobby(lobby_code, exclude_user_id, data, spec, outboxes, slow)
+ * -> int: send `data` to the lobby's members on the ordinary ASGI send path
+ * (fanout.c). spec: (cls, state_attr, connected, send_attr, "type",
+ * "websocket.send", "text"); slow(websocket, kind, a, b) -> bool takes every
+ * recipient that is not for the inline path, whose send suspended or
+ * raised (kinds in fanout.h). */
+static PyObject *
+Core_fanout_lobby(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_INIT(self, NULL);
+    if (nargs != 6 || !PyTuple_CheckExact(args[3]) ||
+        PyTuple_GET_SIZE(args[3]) != 7 || !PyDict_CheckExact(args[4])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_fanout_lobby(lobby_code, exclude_user_id, data, "
+                        "spec: 7-tuple, outboxes: dict, slow)");
+        return NULL;
+    }
+    PyObject *const *sp = &PyTuple_GET_ITEM(args[3], 0); /* the tuple is immutable */
+    if (!PyType_Check(sp[0]) || !PyUnicode_CheckExact(sp[1]) ||
+        !PyUnicode_CheckExact(sp[3]) || !PyUnicode_CheckExact(sp[4]) ||
+        !PyUnicode_CheckExact(sp[6])) {
+        PyErr_SetString(PyExc_TypeError, "_fanout_lobby: bad spec");
+        return NULL;
+    }
+    /* borrowed: args and the spec tuple outlive the call */
+    wsm_fanout_spec spec = {
+        .cls = (PyTypeObject *)sp[0], .state_name = sp[1],
+        .connected = sp[2], .send_name = sp[3], .k_type = sp[4],
+        .v_send = sp[5], .k_text = sp[6], .outboxes = args[4],
+        .slow = args[5],
+    };
+    PyObject *code = lookup_id(args[0], "lobby_code"); /* new ref */
+    if (code == NULL) {
+        return NULL;
+    }
+    PyObject *exclude = NULL;
+    if (args[1] != Py_None &&
+        (exclude = lookup_id(args[1], "exclude_user_id")) == NULL) {
+        Py_DECREF(code);
+        return NULL;
+    }
+    uint64_t mark = self->reg.removals; /* before the snapshot */
+    PyObject *targets = group_targets(self, code, 1, exclude); /* new ref, ours alone */
+    Py_ssize_t sent = -1;
+    if (targets != NULL) {
+        sent = wsm_fanout(&self->reg, targets, code, exclude, mark, args[2],
+                          &spec);
+        Py_DECREF(targets);
+    }
+    Py_DECREF(code);
+    Py_XDECREF(exclude);
+    return sent < 0 ? NULL : PyLong_FromSsize_t(sent);
+}
+
 /* _lobby_count(lobby_code) -> committed connections in the lobby, O(1) */
 static PyObject *
 Core_lobby_count(CoreObject *self, PyObject *lobby_code)
@@ -1833,6 +1888,8 @@ static PyMethodDef Core_methods[] = {
     {"_set_notify", (PyCFunction)(void (*)(void))Core_set_notify, METH_FASTCALL,
      NULL},
     {"_lobby_targets", (PyCFunction)(void (*)(void))Core_lobby_targets,
+     METH_FASTCALL, NULL},
+    {"_fanout_lobby", (PyCFunction)(void (*)(void))Core_fanout_lobby,
      METH_FASTCALL, NULL},
     {"_user_targets", (PyCFunction)Core_user_targets, METH_O, NULL},
     {"_lobby_count", (PyCFunction)Core_lobby_count, METH_O, NULL},

@@ -22,6 +22,7 @@ Run this file under the ASan build too (see the Makefile's test-asan).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import functools
 import gc
@@ -35,7 +36,10 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from starlette.types import Message
+from starlette.websockets import WebSocketState
 
+from tests.asgi_fakes import FakePeer
 from wsmanager import ConnectionManager
 from wsmanager._core import Core
 
@@ -963,3 +967,107 @@ class ReentrantMachine(RuleBasedStateMachine):
 
 
 TestReentrantMachine = ReentrantMachine.TestCase
+
+
+# ----------------------------------------- the C fan-out of a lobby broadcast
+
+
+class _ScriptedPeer(FakePeer):
+    """A FakePeer whose ASGI send runs ``script`` (any Python) on each text
+    frame: what a server's or a middleware's send may do in the middle of
+    the C fan-out (csrc/fanout.c)."""
+
+    def __init__(self, script: Callable[[], Any] | None = None) -> None:
+        super().__init__()
+        self.script = script
+        self.ws.application_state = WebSocketState.CONNECTED  # as after accept()
+
+    async def _send(self, message: Message) -> None:
+        if message["type"] == "websocket.send" and self.script is not None:
+            result = self.script()
+            if result is _BARE_YIELD:
+                await asyncio.sleep(0)
+            elif isinstance(result, asyncio.Future):
+                await result
+        await super()._send(message)
+
+
+_BARE_YIELD = object()
+
+
+def _bomb_then(action: Callable[[], None]) -> Callable[[], None]:
+    """A script that leaves cyclic garbage whose finalizer runs ``action``,
+    and collects it: the finalizer runs inside the send, hence inside the
+    fan-out's call of it."""
+
+    def script() -> None:
+        _Bomb(_Fuse(action, 0))
+        gc.collect()
+
+    return script
+
+
+def test_broadcast_whose_sends_disconnect_join_raise_suspend_and_run_finalizers() -> None:
+    """Every send of the C fan-out runs arbitrary Python code: a send that
+    disconnects later members and connects new ones, one that raises
+    (OSError and another error), one that suspends (on a future, and on a
+    bare yield), one whose GC finalizer disconnects a later member whose last
+    other reference it drops. No crash (run under ASan too), and the count
+    and the frames agree with who was still a member when its turn came."""
+
+    async def main() -> None:
+        m = new_manager()
+        loop = asyncio.get_running_loop()
+        gate: asyncio.Future[None] = loop.create_future()
+        peers: dict[str, _ScriptedPeer] = {}
+        doomed: list[Any] = []  # the only other reference to late_gc's websocket
+
+        def add(name: str, script: Callable[[], Any] | None = None) -> None:
+            peers[name] = _ScriptedPeer(script)
+            join(m, "L", name, peers[name].ws)
+
+        def leave_and_join() -> None:
+            m.disconnect(peers["left"].ws)
+            for i in range(3):
+                add(f"new{i}")  # not in the snapshot: not a recipient
+
+        def oserror() -> None:
+            raise OSError("connection reset by peer")
+
+        def valueerror() -> None:
+            raise ValueError("a broken send wrapper")
+
+        def finalizer_action() -> None:
+            m.disconnect(doomed.pop())
+
+        add("churn", leave_and_join)
+        add("left")
+        add("oserror", oserror)
+        add("valueerror", valueerror)
+        add("suspends", lambda: gate)
+        add("bare_yield", lambda: _BARE_YIELD)
+        add("finalizer", _bomb_then(finalizer_action))
+        late = _ScriptedPeer()
+        join(m, "L", "late_gc", late.ws)
+        doomed.append(late.ws)
+        del late  # from now on the registry (and the fan-out's list) hold it
+        add("plain")
+        add("excluded")
+        sent = await m.broadcast_to_lobby("L", {"n": 1}, exclude_user_id="excluded")
+        got = {name for name, p in peers.items() if p.texts() == [{"n": 1}]}
+        # suspended: queued in its outbox, counted, delivered once the gate opens
+        assert got == {"churn", "bare_yield", "finalizer", "plain"}
+        assert sent == len(got) + 1
+        gate.set_result(None)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert peers["suspends"].texts() == [{"n": 1}]
+        for name in ("left", "oserror", "valueerror"):
+            assert peers[name].ws not in m
+        assert peers["oserror"].ws.application_state is WebSocketState.DISCONNECTED
+        assert not doomed and len(m) == 9  # 10 members, 3 failed or left, late_gc gone, 3 new
+        assert all(not p.frames for name, p in peers.items() if name.startswith("new"))
+        assert_consistent(m)
+        await m.shutdown()
+
+    asyncio.run(main())

@@ -14,6 +14,8 @@ release of one of them means one file to check:
 * :data:`asgi_send`: Starlette's ``WebSocket._send``, the raw ASGI send
   the ordinary send path calls (what ``send_text()`` ends in, minus two
   coroutine frames);
+* :data:`FANOUT_READS`: the same reads (``application_state``, ``_send``),
+  named for the C fan-out of a lobby broadcast;
 * :func:`direct_frames_possible`: whether uvicorn's websockets-sansio
   protocol is loaded at all (else no connection can take a direct frame);
 * one log record of uvicorn's (below).
@@ -46,6 +48,7 @@ from starlette.websockets import WebSocket, WebSocketState
 __all__ = [
     "CLIENT_FAULT_RECORDS",
     "DIRECT_ATTR",
+    "FANOUT_READS",
     "abort_transport",
     "asgi_receive",
     "asgi_send",
@@ -244,6 +247,20 @@ def direct_transport(websocket: Any) -> Any:
 #: while ``application_state`` is ``CONNECTED``, and on ``OSError`` set
 #: ``application_state`` to ``DISCONNECTED`` (``WebSocket.send`` does both).
 asgi_send: Callable[[WebSocket], Send] = operator.attrgetter("_send")
+
+
+#: What the C fan-out (``Core._fanout_lobby``, csrc/fanout.c) reads of each
+#: recipient, the same reads as :data:`asgi_send`'s callers make:
+#: ``(class, state attribute, sentinel, send attribute)``. Only an exact
+#: instance of ``class`` whose ``application_state`` *is* ``CONNECTED`` has
+#: its ``_send`` (Starlette's raw ASGI send) called inline; any other
+#: recipient goes back to Python (``WebSocket.send_text``).
+FANOUT_READS: tuple[type[WebSocket], str, WebSocketState, str] = (
+    WebSocket,
+    "application_state",
+    _CONNECTED,
+    "_send",
+)
 
 
 def asgi_receive(websocket: Any) -> Any:
