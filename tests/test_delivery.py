@@ -463,3 +463,29 @@ def test_a_send_wrapper_that_rewrites_the_message_in_place_affects_only_its_reci
             assert sent == [f'{peer.tag}:{{"n":1}}']
 
     asyncio.run(main())
+
+
+def test_a_send_that_raises_before_awaiting_removes_only_that_recipient() -> None:
+    """An ASGI ``send`` that raises when called (a plain function, not a
+    coroutine function) or returns nothing awaitable fails that recipient
+    only: it is removed, the others get the message, the broadcast returns."""
+
+    async def main() -> None:
+        m = ConnectionManager(direct_frames=False)
+        good = await joined(m, "a", "good")
+        bad = await joined(m, "a", "bad")
+        odd = await joined(m, "a", "odd")
+
+        def raising(message: Any) -> Any:
+            raise OSError("reset before the coroutine existed")
+
+        def not_awaitable(message: Any) -> Any:
+            return 42
+
+        bad.ws._send = raising
+        odd.ws._send = not_awaitable
+        assert await m.broadcast_to_lobby("a", {"n": 1}) == 1
+        assert good.texts() == [{"n": 1}]
+        assert good.ws in m and bad.ws not in m and odd.ws not in m
+
+    asyncio.run(main())
