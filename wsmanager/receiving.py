@@ -139,7 +139,10 @@ class Receiving:
             reader_loop = inner.home.loop
             inner.home = self.home(reader_loop)
             return reader_loop is loop
-        replace_asgi_receive(websocket, Reader(inner, self.home(loop)))
+        home = self._home
+        if home is None or home.loop is not loop:
+            home = self.home(loop)
+        replace_asgi_receive(websocket, Reader(inner, home))
         return True
 
     def due(self, websocket: Any) -> bool:
