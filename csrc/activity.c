@@ -13,7 +13,6 @@ void
 wsm_activity_start(wsm_registry *r, wsm_conn *c, double now)
 {
     c->last_rx = now;
-    c->ping_sent = 0;
     c->on_list = WSM_ON_IDLE;
     wsm_list_push_tail(&r->idle, c, WSM_OFF_ACT);
 }
@@ -37,7 +36,6 @@ wsm_touch(wsm_registry *r, wsm_conn *c, double now)
         return;
     }
     wsm_unlist(r, c);
-    c->ping_sent = 0;
     c->last_rx = now;
     c->on_list = WSM_ON_IDLE;
     wsm_list_push_tail(&r->idle, c, WSM_OFF_ACT);

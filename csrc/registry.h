@@ -78,8 +78,11 @@ struct wsm_conn {
     wsm_link lobby_link;
     wsm_link user_link;
     wsm_link act_link;      /* on idle list (by last_rx) or wait list (by ping_sent) */
-    double last_rx;         /* last time anything was received */
-    double ping_sent;       /* when it was put on the wait list */
+    union {                 /* the key of its activity list (act_link):
+                               only one is ever read, by on_list */
+        double last_rx;     /* WSM_ON_IDLE: last time anything was received */
+        double ping_sent;   /* WSM_ON_WAIT: when it was put on the wait list */
+    };
     double pong_due_since;  /* last ping not yet answered by a pong, 0 if none:
                                kept apart from ping_sent so that any message
                                proves liveness while only a pong gives an RTT */
@@ -90,6 +93,8 @@ struct wsm_conn {
     double tokens;          /* inbound token bucket */
     double tokens_ts;
 };
+/* 128 bytes: one pymalloc size class; a field more costs every connection 16. */
+_Static_assert(sizeof(wsm_conn) <= 128, "wsm_conn grew past 128 bytes");
 
 typedef struct wsm_registry {
     wsm_table conns;        /* wsm_conn * by websocket pointer (the tag) */

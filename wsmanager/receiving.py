@@ -88,15 +88,35 @@ class _Pending:
         self.ended = False  # a websocket.disconnect (or an error) went by: read no more
 
 
+class _Home:
+    """Where a reader reports (its :class:`Receiving`) and the loop it reads
+    in: one object shared by the readers of a manager in a loop, so that each
+    reader spends one slot on both."""
+
+    __slots__ = ("loop", "owner")
+
+    def __init__(self, owner: Receiving, loop: asyncio.AbstractEventLoop) -> None:
+        self.owner = owner
+        self.loop = loop
+
+
 class Receiving:
     """The per-manager side of the readers: how they report to the manager
     (held weakly, like the heartbeat's reference)."""
 
-    __slots__ = ("_due", "_manager")
+    __slots__ = ("_due", "_home", "_manager")
 
     def __init__(self, manager: ConnectionManager, pong_due: Callable[[Any, Any], bool]) -> None:
         self._manager = weakref.ref(manager)
         self._due = pong_due  # pong_due(manager, websocket): a ping awaits its pong
+        self._home: _Home | None = None  # the last loop's, shared by its readers
+
+    def home(self, loop: asyncio.AbstractEventLoop) -> _Home:
+        """The :class:`_Home` of this manager's readers in ``loop``."""
+        home = self._home
+        if home is None or home.loop is not loop:
+            home = self._home = _Home(self, loop)
+        return home
 
     def attach(self, websocket: Any, loop: asyncio.AbstractEventLoop | None = None) -> bool:
         """Put a :class:`Reader` in front of ``websocket``'s receive (once;
@@ -116,9 +136,13 @@ class Receiving:
             except RuntimeError:  # no running loop: nothing to read for
                 return False
         if type(inner) is Reader:
-            inner.owner = self
-            return inner.loop is loop
-        replace_asgi_receive(websocket, Reader(inner, self, loop))
+            reader_loop = inner.home.loop
+            inner.home = self.home(reader_loop)
+            return reader_loop is loop
+        home = self._home
+        if home is None or home.loop is not loop:
+            home = self.home(loop)
+        replace_asgi_receive(websocket, Reader(inner, home))
         return True
 
     def due(self, websocket: Any) -> bool:
@@ -144,34 +168,44 @@ class Receiving:
 class Reader:
     """Stands in for one websocket's ASGI ``receive``; see the module's doc."""
 
-    __slots__ = ("current", "inner", "loop", "owner", "pending", "readers")
+    # Four slots (64 bytes with the GC header, one per connection): the
+    # manager and loop share one _Home, and the app's receive in progress is
+    # always a coroutine, read from itself rather than counted.
+    __slots__ = ("current", "home", "inner", "pending")
 
-    def __init__(self, inner: Receive, owner: Receiving, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, inner: Receive, home: _Home) -> None:
         self.inner = inner
-        self.owner = owner
-        self.loop = loop
-        self.readers = 0  # the app's receives in progress, counted by a frame of ours
-        # the app's last receive handed straight to the server's (a coroutine):
-        # in progress until it finishes
+        self.home = home
+        # the app's last receive (a coroutine: the server's own, or a frame of
+        # ours around it): in progress until it finishes
         self.current: Any = None
         self.pending: _Pending | None = None  # None: no ping outstanding, nothing held
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the reader reads in (its connection's)."""
+        return self.home.loop
+
+    @property
+    def owner(self) -> Receiving:
+        """The manager side the reader reports to."""
+        return self.home.owner
+
     def __call__(self) -> Awaitable[Message]:
         if self.pending is not None:
-            return self._receive_pending()
-        receiving = self.inner()
-        if type(receiving) is CoroutineType:
-            # No frame of ours around the app's receive (no allocation, no
-            # extra await per message): whether it is in progress is read
-            # from the coroutine itself (see reading()).
-            self.current = receiving
-            return receiving
-        return self._counted(receiving)
+            receiving: Any = self._receive_pending()
+        else:
+            receiving = self.inner()
+            if type(receiving) is not CoroutineType:
+                receiving = self._counted(receiving)
+        # No frame of ours around the server's coroutine (no allocation, no
+        # extra await per message): whether the app's receive is in progress
+        # is read from the coroutine itself (see reading()).
+        self.current = receiving
+        return receiving  # type: ignore[no-any-return]
 
     def reading(self) -> bool:
         """True while a receive of the app is in progress."""
-        if self.readers:
-            return True
         current = self.current
         if current is None:
             return False
@@ -183,12 +217,8 @@ class Reader:
     # ------------------------------------------------------------ internals
 
     async def _counted(self, receiving: Awaitable[Message]) -> Message:
-        """A server receive that is not a coroutine: counted by our frame."""
-        self.readers += 1
-        try:
-            return await receiving
-        finally:
-            self.readers -= 1
+        """A server receive that is not a coroutine: made one (see reading())."""
+        return await receiving
 
     async def _receive_pending(self) -> Message:
         while True:
@@ -204,16 +234,10 @@ class Reader:
                 return item
             if st.pump is None:
                 break
-            self.readers += 1  # the pump stops after the read it is in
-            try:
-                await asyncio.wait((st.pump,))
-            finally:
-                self.readers -= 1
-        self.readers += 1
-        try:
-            message = await self.inner()
-        finally:
-            self.readers -= 1
+            # this coroutine is the app's receive in progress (self.current):
+            # the pump stops after the read it is in
+            await asyncio.wait((st.pump,))
+        message = await self.inner()
         if message.get("type") == "websocket.disconnect":
             st.ended = True
             st.ws = None
