@@ -53,6 +53,7 @@ setup(
                 "csrc/registry.h",
                 "csrc/table.h",
                 "csrc/list.h",
+                "csrc/pycompat.h",
                 "csrc/activity.h",
                 "csrc/ratelimit.h",
                 "csrc/latency.h",

@@ -15,6 +15,7 @@
  *  - every object a step needs is a reference this function owns.
  */
 #include "fanout.h"
+#include "pycompat.h"
 
 /* Whether `ws` is no longer a recipient: not a committed member of
  * `lobby`, or a connection of `exclude`. Runs no Python code. */
@@ -56,19 +57,7 @@ take_exception(void)
     if (!PyErr_ExceptionMatches(PyExc_Exception)) {
         return NULL;
     }
-#if PY_VERSION_HEX >= 0x030C0000
-    return PyErr_GetRaisedException();
-#else
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (tb != NULL && value != NULL) {
-        PyException_SetTraceback(value, tb);
-    }
-    Py_XDECREF(type);
-    Py_XDECREF(tb);
-    return value;
-#endif
+    return wsm_fetch_exception();
 }
 
 /* One recipient on the inline path: returns 1 (sent or queued), 0 (not),

@@ -16,6 +16,7 @@
  * Ownership: every PyObject* parameter below is borrowed unless noted.
  */
 #include "json_writer.h"
+#include "pycompat.h"
 
 #include <datetime.h> /* defines this file's own PyDateTimeAPI pointer */
 #include <math.h>
@@ -1414,25 +1415,6 @@ done:
  * buffer is reserved and written after the call), and a dict being walked
  * is only walked with PyDict_Next, which re-reads its table at each step. */
 
-/* The raised exception, normalized (new ref); none is set afterwards. */
-static PyObject *
-fetch_exception(void)
-{
-#if PY_VERSION_HEX >= 0x030C0000
-    return PyErr_GetRaisedException();
-#else
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (tb != NULL && value != NULL) {
-        PyException_SetTraceback(value, tb);
-    }
-    Py_XDECREF(type);
-    Py_XDECREF(tb);
-    return value;
-#endif
-}
-
 static void
 restore_exception(PyObject *exc) /* steals exc */
 {
@@ -1459,7 +1441,7 @@ hook_failed(Writer *w, PyObject *obj, const char *hook)
         || PyErr_ExceptionMatches(PyExc_MemoryError)) {
         return -1;
     }
-    PyObject *cause = fetch_exception(); /* new ref */
+    PyObject *cause = wsm_fetch_exception(); /* new ref */
     if (cause == NULL) {
         return -1;
     }
@@ -1476,7 +1458,7 @@ hook_failed(Writer *w, PyObject *obj, const char *hook)
                      hook, type_name(cause), type_name(obj));
     }
     Py_XDECREF(text);
-    PyObject *exc = fetch_exception(); /* new ref: the TypeError */
+    PyObject *exc = wsm_fetch_exception(); /* new ref: the TypeError */
     if (exc == NULL) {
         Py_DECREF(cause);
         return -1;
