@@ -14,11 +14,13 @@ measuring.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 from urllib.parse import parse_qs
 
+# The seed's ConnectionManager, as bench_core measures it (this file runs as a
+# script from benchmarks/, where baseline.py is).
+from baseline import BaselineManager
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -56,88 +58,7 @@ wsmanager_app = Starlette(routes=[WebSocketRoute("/ws/{lobby}", _wsm_endpoint)])
 # ------------------------------------------------------------------- baseline
 
 
-class SeedManager:
-    """The seed's ConnectionManager: its data structures and its sends."""
-
-    def __init__(self, max_connections: int = 500, max_per_lobby: int = 10) -> None:
-        self.max_connections = max_connections
-        self.max_per_lobby = max_per_lobby
-        self.active_connections: dict[str, set[WebSocket]] = {}
-        self.connection_info: dict[WebSocket, tuple[str, str]] = {}
-        self.user_connections: dict[str, WebSocket] = {}
-        self._last_message_times: dict[str, float] = {}
-
-    def can_accept_connection(self, lobby_code: str) -> tuple[bool, str]:
-        total = sum(len(conns) for conns in self.active_connections.values())
-        if total >= self.max_connections:
-            return False, "server_full"
-        if len(self.active_connections.get(lobby_code, set())) >= self.max_per_lobby:
-            return False, "lobby_full"
-        return True, ""
-
-    async def connect(self, websocket: WebSocket, lobby_code: str, user_id: str) -> None:
-        import time
-
-        await websocket.accept()
-        self.active_connections.setdefault(lobby_code, set()).add(websocket)
-        self.connection_info[websocket] = (lobby_code, user_id)
-        self.user_connections[user_id] = websocket
-        self._last_message_times[user_id] = time.time()
-
-    def disconnect(self, websocket: WebSocket) -> tuple[str, str] | None:
-        info = self.connection_info.get(websocket)
-        if not info:
-            return None
-        lobby_code, user_id = info
-        if lobby_code in self.active_connections:
-            self.active_connections[lobby_code].discard(websocket)
-            if not self.active_connections[lobby_code]:
-                del self.active_connections[lobby_code]
-        del self.connection_info[websocket]
-        self.user_connections.pop(user_id, None)
-        self._last_message_times.pop(user_id, None)
-        return info
-
-    def update_last_message(self, user_id: str) -> None:
-        import time
-
-        self._last_message_times[user_id] = time.time()
-
-    async def broadcast_to_lobby(
-        self, lobby_code: str, message: dict[str, Any], exclude_user_id: str | None = None
-    ) -> int:
-        if lobby_code not in self.active_connections:
-            return 0
-        data = json.dumps(message)
-        disconnected = []
-        sent_count = 0
-        for websocket in self.active_connections[lobby_code]:
-            if exclude_user_id:
-                info = self.connection_info.get(websocket)
-                if info and info[1] == exclude_user_id:
-                    continue
-            try:
-                await websocket.send_text(data)
-                sent_count += 1
-            except Exception:
-                disconnected.append(websocket)
-        for ws in disconnected:
-            self.disconnect(ws)
-        return sent_count
-
-    async def send_to_user(self, user_id: str, message: dict[str, Any]) -> bool:
-        websocket = self.user_connections.get(user_id)
-        if not websocket:
-            return False
-        try:
-            await websocket.send_text(json.dumps(message))
-            return True
-        except Exception:
-            self.disconnect(websocket)
-            return False
-
-
-seed = SeedManager(max_connections=MAX, max_per_lobby=MAX)
+seed = BaselineManager(max_connections=MAX, max_per_lobby=MAX)
 
 
 async def _seed_endpoint(websocket: WebSocket) -> None:

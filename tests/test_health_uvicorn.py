@@ -23,7 +23,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.servers import ROOT, uvicorn_server
-from tests.test_uvicorn import stats
+from tests.servers import http_stats as stats
 
 pytestmark = pytest.mark.slow
 

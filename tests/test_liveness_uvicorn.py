@@ -16,8 +16,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests import rawws
+from tests.servers import http_stats as stats
 from tests.servers import uvicorn_server
-from tests.test_uvicorn import stats
 
 pytestmark = pytest.mark.slow
 

@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tests import seed_app
 from tests.asgi_fakes import FakePeer
+from tests.servers import http_stats as stats
 from tests.servers import uvicorn_server
 from wsmanager import CloseCode, Connection, ConnectionManager
 
@@ -233,14 +234,6 @@ def port() -> Iterator[int]:
     env = {"WSM_MAX_PER_USER": "1", "WSM_ON_USER_LIMIT": "replace"}
     with uvicorn_server("tests.serve_app:app", env=env) as (p, _proc):
         yield p
-
-
-async def stats(port: int) -> dict[str, Any]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    raw = await reader.read()
-    writer.close()
-    return dict(json.loads(raw.split(b"\r\n\r\n", 1)[1]))
 
 
 async def wait_stats(port: int, check: Any, what: str) -> dict[str, Any]:

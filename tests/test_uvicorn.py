@@ -11,6 +11,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.servers import attempt_ws, uvicorn_server
+from tests.servers import http_stats as stats
 
 pytestmark = pytest.mark.slow
 
@@ -19,14 +20,6 @@ pytestmark = pytest.mark.slow
 def port() -> Iterator[int]:
     with uvicorn_server("tests.seed_app:app") as (p, _proc):
         yield p
-
-
-async def stats(port: int) -> dict[str, Any]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    raw = await reader.read()
-    writer.close()
-    return dict(json.loads(raw.split(b"\r\n\r\n", 1)[1]))
 
 
 async def wait_stats(port: int, key: str, value: int) -> dict[str, Any]:
