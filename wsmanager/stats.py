@@ -167,10 +167,11 @@ class Stats(CoreStats, ClusterStats):
     :class:`ClusterStats` keys."""
 
     closed: dict[str, int]
-    """Closes the library performed, by reason (``"stale"``,
-    ``"slow_consumer"``, ``"rate_limited"``, ``"replaced"``,
-    ``"server_shutdown"``, ...: the reasons of :data:`wsmanager.CLOSE_CODES`);
-    a reason appears once it happened."""
+    """Closes the library performed on registered connections, by reason
+    (``"slow_consumer"``, ``"rate_limited"``, ``"replaced"``,
+    ``"server_shutdown"``, ...: reasons of :data:`wsmanager.CLOSE_CODES`); a
+    reason appears once it happened. The heartbeat's closes are counted in
+    ``stale_closed`` instead."""
     backlogged_connections: int
     """Connections with queued outbound messages (slow readers)."""
     rate_limited_messages: int
