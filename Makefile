@@ -13,12 +13,13 @@ APT_TEST_PACKAGES = chromium redis-server
 NODE ?= node
 ASAN_LIB = $(shell gcc -print-file-name=libasan.so)
 
-.PHONY: help deps apt apt-test build demo test test-fast test-js test-asan test-pythons lint bench bench-e2e clean
+.PHONY: help deps apt apt-test build demo docs test test-fast test-js test-asan test-pythons lint bench bench-e2e clean
 
 help:
 	@echo "make demo   - run the demo app on http://$(HOST):$(PORT) (in-memory)"
 	@echo "make test   - lint, type-check, full test suite (real browser included), the JS client's"
 	@echo "              tests on node, then the suite under ASan+UBSan"
+	@echo "make docs   - build the documentation site into site/ (open site/index.html), --strict"
 	@echo "make bench  - benchmarks (tables with ratios against baselines)"
 	@echo "make bench-e2e - end-to-end broadcast benchmark only (uvicorn, ~3 min)"
 
@@ -52,9 +53,16 @@ demo: build
 	$(PY) -m uvicorn examples.lobby_chat.app:app --host $(HOST) --port $(PORT)
 
 lint: deps
-	$(VENV)/bin/ruff check wsmanager tests examples benchmarks setup.py
-	$(VENV)/bin/ruff format --check wsmanager tests examples benchmarks setup.py
+	$(VENV)/bin/ruff check wsmanager tests examples benchmarks docs/_ext setup.py
+	$(VENV)/bin/ruff format --check wsmanager tests examples benchmarks docs/_ext setup.py
 	$(VENV)/bin/mypy
+
+# The documentation site (mkdocs-material + mkdocstrings, the `docs` extra, which `dev` includes),
+# built offline: no font or asset is fetched (mkdocs.yml). The API reference reads the built core's
+# docstrings, hence `build`. Warnings are errors.
+docs: build
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	@echo "documentation built: site/index.html"
 
 test-fast: build apt-test
 	$(PY) -m pytest -q
@@ -91,7 +99,7 @@ test-pythons: apt
 	done; echo "core tests passed on CPython:$$ran"; \
 	WSM_DEV=1 $(PY) setup.py -q build_ext --inplace --force
 
-test: lint test-pythons test-js test-asan test-fast
+test: lint docs test-pythons test-js test-asan test-fast
 
 bench: build
 	$(PY) benchmarks/bench_core.py
@@ -104,4 +112,4 @@ bench-e2e: build
 	$(PY) benchmarks/bench_e2e.py
 
 clean:
-	rm -rf build wsmanager/*.so *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build site wsmanager/*.so *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI, Query, WebSocket, WebSocketDisconnect
 
-from wsmanager import ConnectionManager
+from wsmanager import ConnectionManager, Stats
 
 __all__ = ["app", "manager"]
 
@@ -83,5 +83,5 @@ async def notify(lobby_code: str) -> dict[str, int]:
 
 
 @app.get("/stats")
-async def stats() -> dict[str, Any]:
+async def stats() -> Stats:
     return manager.get_stats()

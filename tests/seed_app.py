@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI, Query, WebSocket, WebSocketDisconnect
 
-from wsmanager import manager
+from wsmanager import Stats, manager
 
 __all__ = ["app", "authenticate_token", "handle_message", "manager", "websocket_endpoint"]
 
@@ -68,5 +68,5 @@ async def websocket_endpoint(
 
 
 @app.get("/stats")
-async def stats() -> dict[str, Any]:
+async def stats() -> Stats:
     return manager.get_stats()

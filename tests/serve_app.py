@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Query, WebSocket
 from starlette.websockets import WebSocket as StarletteWebSocket
 
-from wsmanager import ConnectionManager
+from wsmanager import ConnectionManager, Stats
 
 if os.environ.get("WSM_TRACEMALLOC") == "1":
     tracemalloc.start()
@@ -77,7 +77,7 @@ async def ws(websocket: WebSocket, lobby: str, token: str = Query("")) -> None:
 
 
 @app.get("/stats")
-async def stats() -> dict[str, Any]:
+async def stats() -> Stats:
     return manager.get_stats()
 
 

@@ -20,7 +20,7 @@ from tests.asgi_fakes import FakePeer
 from wsmanager import ConnectionManager
 
 
-def refused(m: ConnectionManager) -> dict[str, int]:
+def refused(m: ConnectionManager) -> dict[str, object]:
     """The non-zero refusal counters."""
     return {k: v for k, v in m.get_stats()["refused"].items() if v}
 

@@ -2,7 +2,8 @@
 
     from wsmanager import manager          # the module-level ConnectionManager()
 
-See README.md for the API, the close codes and the benchmarks.
+See the documentation (``make docs``; docs/) for the API, the close codes and
+the configuration, README.md for the benchmarks.
 """
 
 from __future__ import annotations
@@ -13,14 +14,32 @@ from .codes import CLOSE_CODES, CloseCode, close_code_for
 from .endpoint import Connection
 from .manager import ConnectionManager
 from .servers import quiet_client_faults
+from .stats import (
+    BackplaneStats,
+    ClusterStats,
+    CoreStats,
+    LatencyStats,
+    LocalStats,
+    RefusedStats,
+    StaleClosedStats,
+    Stats,
+)
 
 __all__ = [
     "CLOSE_CODES",
     "Backend",
+    "BackplaneStats",
     "CloseCode",
+    "ClusterStats",
     "Connection",
     "ConnectionManager",
+    "CoreStats",
     "InMemoryBackend",
+    "LatencyStats",
+    "LocalStats",
+    "RefusedStats",
+    "StaleClosedStats",
+    "Stats",
     "backend_from_env",
     "close_code_for",
     "dumps",

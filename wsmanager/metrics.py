@@ -20,7 +20,7 @@ of its own, :meth:`record_stale` and :meth:`observe_latency_ms`.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 try:
@@ -55,7 +55,7 @@ DEFAULT_LATENCY_BUCKETS: tuple[float, ...] = (
 
 
 class _StatsSource(Protocol):
-    def get_stats(self) -> dict[str, Any]: ...
+    def get_stats(self) -> Mapping[str, Any]: ...
 
 
 class _StatsCollector(Collector):
@@ -75,7 +75,7 @@ class _StatsCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         return list(self._families(self._manager.get_stats()))
 
-    def _families(self, stats: dict[str, Any]) -> Iterator[Metric]:
+    def _families(self, stats: Mapping[str, Any]) -> Iterator[Metric]:
         ns = self._ns
 
         def gauge(name: str, doc: str, key: str) -> GaugeMetricFamily:

@@ -153,7 +153,7 @@ class LobbyChat:
         )
 
     def stats(self) -> dict[str, Any]:
-        stats = self.manager.get_stats()
+        stats: dict[str, Any] = {**self.manager.get_stats()}
         lobbies = {lobby: len(conns) for lobby, conns in self.manager.active_connections.items()}
         stats["lobbies"] = dict(sorted(lobbies.items(), key=lambda kv: (-kv[1], kv[0]))[:20])
         return stats

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Query, WebSocket
 
-from wsmanager import ConnectionManager
+from wsmanager import ConnectionManager, Stats
 
 manager = ConnectionManager(
     max_connections=500,
@@ -51,5 +51,5 @@ async def lobby_socket(websocket: WebSocket, lobby_code: str, token: str = Query
 
 
 @app.get("/stats")
-async def stats() -> dict[str, Any]:
+async def stats() -> Stats:
     return manager.get_stats()

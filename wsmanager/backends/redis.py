@@ -48,6 +48,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..settings import DefaultFloat, DefaultInt, Setting, class_defaults, count, resolve, seconds
+from ..stats import BackplaneStats
 from ._lua import COMMIT, LEAVE, REAP, RELEASE, RENEW, RESERVE, SNAPSHOT, SYNC
 from .view import ClusterView
 
@@ -743,7 +744,7 @@ class RedisBackend:
 
     # --------------------------------------------------------------- stats
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> BackplaneStats:
         return {
             "backend": "redis",
             "up": self.up,
