@@ -246,7 +246,8 @@ def test_sigterm_closes_open_connections(name: str) -> None:
         for ws in clients:
             await asyncio.wait_for(ws.wait_closed(), 20)
             rcvd = ws.protocol.close_rcvd  # None: the TCP connection ended without a close frame
-            assert ((rcvd.code, rcvd.reason) if rcvd is not None else (1006, "")) == expect.shutdown
+            got = (rcvd.code, rcvd.reason) if rcvd is not None else (1006, "")
+            assert got == expect.shutdown, (name, got, ws.protocol.close_exc)
 
     with asgi_server(name, APP, env=ENV) as (port, proc):
         asyncio.run(main(port, proc))
