@@ -20,6 +20,7 @@ from fastapi import FastAPI, Query, WebSocket
 from starlette.websockets import WebSocket as StarletteWebSocket
 
 from wsmanager import ConnectionManager, Stats
+from wsmanager.servers import DIRECT_ATTR
 
 if os.environ.get("WSM_TRACEMALLOC") == "1":
     tracemalloc.start()
@@ -69,11 +70,29 @@ async def handle(lobby: str, user: str, data: dict[str, Any]) -> None:
             await manager.broadcast_to_lobby(lobby, {"type": "blast", "i": i, "text": text})
     elif kind == "whoami":
         await manager.send_to_user(user, {"type": "you", "user": user, "lobby": lobby})
+    elif kind == "dm":
+        await manager.send_to_user(
+            str(data.get("to")), {"type": "dm", "from": user, "text": data.get("text")}
+        )
 
 
 @app.websocket("/ws/{lobby}")
 async def ws(websocket: WebSocket, lobby: str, token: str = Query("")) -> None:
     await manager.serve(websocket, lobby, token or None, handle)
+
+
+@app.websocket("/seed/{lobby}")
+async def seed_style(websocket: WebSocket, lobby: str, token: str = Query("")) -> None:
+    """The seed's refusals, closed *before* ``accept()`` (what a real server
+    turns into an HTTP status), then ``serve()`` as on /ws."""
+    if not token:
+        await websocket.close(code=4001, reason="unauthorized")
+        return
+    can_accept, reason = manager.can_accept_connection(lobby)
+    if not can_accept:
+        await websocket.close(code=4002, reason=reason)
+        return
+    await manager.serve(websocket, lobby, token, handle)
 
 
 @app.get("/stats")
@@ -93,5 +112,7 @@ async def debug() -> dict[str, Any]:
         # Python-level memory in use (None unless WSM_TRACEMALLOC=1), after the collection above
         "traced_bytes": tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None,
         "sanitized": SANITIZED,
+        # open connections whose broadcasts went out as pre-built frames (uvicorn's websockets-sansio)
+        "direct": sum(getattr(w, DIRECT_ATTR, None) is not None for w in manager.connection_info),
         "stats": manager.get_stats(),
     }

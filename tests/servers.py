@@ -1,4 +1,4 @@
-"""Real servers for tests: uvicorn in a subprocess on a free 127.0.0.1 port."""
+"""Real servers for tests: uvicorn (or another ASGI server) in a subprocess on a free 127.0.0.1 port."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def http_stats(port: int) -> dict[str, Any]:
-    """GET /stats of a test app on 127.0.0.1:``port``: its JSON body."""
+async def http_stats(port: int, path: str = "/stats") -> dict[str, Any]:
+    """GET ``path`` (/stats) of a test app on 127.0.0.1:``port``: its JSON body."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     raw = await reader.read()
     writer.close()
     return dict(json.loads(raw.split(b"\r\n\r\n", 1)[1]))
@@ -47,8 +47,23 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeou
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+#: How each ASGI server of tests/test_server_matrix.py is started: its
+#: arguments after ``python`` (split at spaces), with ``{app}`` ("module:attribute") and ``{port}``
+#: filled in. One process each (granian: a supervisor and one worker), on
+#: 127.0.0.1, the app's lifespan on where the server has one, logs at warning.
+_UVICORN = "-m uvicorn {app} --host 127.0.0.1 --port {port} --log-level warning"
+SERVER_COMMANDS: dict[str, str] = {
+    "uvicorn": _UVICORN,
+    **{f"uvicorn-{ws}": f"{_UVICORN} --ws {ws}" for ws in ("websockets-sansio", "websockets", "wsproto")},
+    "hypercorn": "-m hypercorn {app} --bind 127.0.0.1:{port} --log-level warning",
+    "granian": "-m granian --interface asgi --host 127.0.0.1 --port {port} --log-level warning {app}",
+    "daphne": "-m daphne -b 127.0.0.1 -p {port} -v 0 {app}",
+}
+
+
 @contextlib.contextmanager
-def uvicorn_server(
+def asgi_server(
+    server: str,
     app: str,
     *,
     env: dict[str, str] | None = None,
@@ -56,12 +71,15 @@ def uvicorn_server(
     port: int | None = None,
     stderr: IO[bytes] | None = None,
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    """Run ``uvicorn app`` on ``port`` (default: a free one); yields (port, process). Stops it on exit.
-    ``stderr``: a file the server's standard error (its log) goes to, else the test's."""
+    """Run ``app`` ("module:attribute") under ``server`` (a key of
+    :data:`SERVER_COMMANDS`) on ``port`` (default: a free one); yields
+    (port, process). On exit stops it by its PID (SIGINT, then SIGKILL after
+    10 s) unless it already exited. ``stderr``: a file the server's standard
+    error (its log) goes to, else the test's."""
     port = port or free_port()
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--log-level", "warning", *(extra_args or [])]
+    args = SERVER_COMMANDS[server].format(app=app, port=port).split()
+    cmd = [sys.executable, *args, *(extra_args or [])]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stderr=stderr)
     try:
         wait_for_port(port, proc)
@@ -74,6 +92,18 @@ def uvicorn_server(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def uvicorn_server(
+    app: str,
+    *,
+    env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
+    port: int | None = None,
+    stderr: IO[bytes] | None = None,
+) -> contextlib.AbstractContextManager[tuple[int, subprocess.Popen[bytes]]]:
+    """:func:`asgi_server` for ``uvicorn app`` with its default WebSocket protocol."""
+    return asgi_server("uvicorn", app, env=env, extra_args=extra_args, port=port, stderr=stderr)
 
 
 async def attempt_ws(url: str) -> ClientConnection | int:
