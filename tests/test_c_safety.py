@@ -1131,51 +1131,55 @@ def test_hostile_str_lobby_ids_for_join_and_leave(what: str, leave: str) -> None
     assert_rooms_consistent(m)
 
 
-@pytest.mark.parametrize(
-    "action",
-    ["disconnect_all", "leave_all", "join_new"],
-)
+def _room_action(m: Core, socks: list[Any], action: str) -> Callable[[], None]:
+    """An action that runs once: disconnect everyone, leave L and R, or
+    connect five more and add them to L."""
+    if action == "disconnect_all":
+        return leave_all(m, socks)
+    done: list[bool] = []
+
+    def act() -> None:
+        if done:
+            return
+        done.append(True)
+        if action == "leave_all":
+            for ws in socks:
+                m.leave(ws, "L")
+                m.leave(ws, "R")
+        else:
+            for i in range(5):
+                m._join(join(m, "H0", f"late{i}"), fresh("L"))
+
+    return act
+
+
+ROOM_READS: dict[str, Callable[[Core, list[Any]], Any]] = {
+    "targets": lambda m, socks: m._lobby_targets("L"),
+    "users": lambda m, socks: m.get_lobby_users("L"),
+    "lobbies_of": lambda m, socks: m.lobbies_of(socks[0]),
+    "snapshot": lambda m, socks: m._snapshot(),
+    "take_dirty": lambda m, socks: m._take_dirty(),
+}
+
+
+@pytest.mark.parametrize("call", sorted(ROOM_READS))
+@pytest.mark.parametrize("action", ["disconnect_all", "leave_all", "join_new"])
 @pytest.mark.parametrize("after", [0, 1, 3])
-def test_finalizer_that_joins_leaves_disconnects_during_room_snapshots(action: str, after: int) -> None:
+def test_finalizer_that_joins_leaves_disconnects_during_room_snapshots(
+    call: str, action: str, after: int
+) -> None:
     """A GC finalizer that disconnects, leaves or joins while a lobby with
     guests (join()) is snapshotted, its users read or a connection's lobbies
     listed: no NULL slot, no freed member, each membership once."""
-    for call in ("targets", "users", "lobbies_of", "snapshot", "take_dirty"):
-        m = new_manager()
-        m._track_presence(True)
-        socks = rooms_population(m)
-        if action == "disconnect_all":
-            act = leave_all(m, socks)
-        elif action == "leave_all":
-            done: list[bool] = []
-
-            def act() -> None:
-                if not done:
-                    done.append(True)
-                    for ws in socks:
-                        m.leave(ws, "L")
-                        m.leave(ws, "R")
-        else:
-            done2: list[bool] = []
-
-            def act() -> None:
-                if not done2:
-                    done2.append(True)
-                    for i in range(5):
-                        ws = join(m, "H0", f"late{i}")
-                        m._join(ws, fresh("L"))
-
-        calls: dict[str, Callable[[], Any]] = {
-            "targets": lambda: m._lobby_targets("L"),
-            "users": lambda: m.get_lobby_users("L"),
-            "lobbies_of": lambda: m.lobbies_of(socks[0]),
-            "snapshot": lambda: m._snapshot(),
-            "take_dirty": lambda: m._take_dirty(),
-        }
-        result, _fired = call_with_finalizer(calls[call], act, after=after)
-        assert None not in result
-        assert_rooms_consistent(m)
-        m._track_presence(False)
+    m = new_manager()
+    m._track_presence(True)
+    socks = rooms_population(m)
+    result, _fired = call_with_finalizer(
+        lambda: ROOM_READS[call](m, socks), _room_action(m, socks, action), after=after
+    )
+    assert None not in result
+    assert_rooms_consistent(m)
+    m._track_presence(False)
 
 
 def test_finalizer_joining_and_leaving_during_a_rooms_broadcast() -> None:
@@ -1247,7 +1251,7 @@ class RoomsMachine(RuleBasedStateMachine):
     def join_lobby(self, data: st.DataObject, lobby: str) -> None:
         if not self.model:
             return
-        ws, first, user, lobbies = self.model[self._pick(data)]
+        ws, _first, _user, lobbies = self.model[self._pick(data)]
         reason = self.m._join(ws, fresh(lobby))
         if lobby in lobbies:
             assert reason == "member"
@@ -1262,7 +1266,7 @@ class RoomsMachine(RuleBasedStateMachine):
     def leave_lobby(self, data: st.DataObject, lobby: str) -> None:
         if not self.model:
             return
-        ws, first, user, lobbies = self.model[self._pick(data)]
+        ws, _first, _user, lobbies = self.model[self._pick(data)]
         assert self.m.leave(ws, fresh(lobby)) is (lobby in lobbies)
         if lobby in lobbies:
             lobbies.discard(lobby)
