@@ -11,7 +11,8 @@ visitor watches the manager's protections act on it:
 * ``flooder``: sends chat messages far faster than the rate limit: the first
   ``rate_burst`` get through, the rest are dropped, and after
   ``rate_limit_close_after`` drops it is closed with 4005 ``rate_limited``.
-* ``nonreader``: the server streams it updates, but it never reads (its ASGI
+* ``nonreader``: the server streams it updates; it still sends now and then
+  (so the heartbeat finds it alive), but it never reads (its ASGI
   ``send`` never completes, like a client whose TCP window stays full): its
   backlog grows to ``max_backlog`` and it is closed with 4006 ``slow_consumer``
   while the other members keep getting every message at once.
@@ -188,6 +189,8 @@ class Simulator:
             # an update of about 1 kB (a game state, a price tick...), to this client only
             if not await conn.send({"type": "update", "n": n, "payload": "x" * 1000}):
                 return  # closed (as a slow consumer) or gone
+            if n % 10 == 0:  # it still talks (so the heartbeat sees it alive): it only never reads
+                sim.peer.send_json({"type": "still_here"})
             await asyncio.sleep(self.interval)
 
     async def close(self) -> None:
