@@ -231,7 +231,9 @@ def test_the_feed_shows_each_protection_act_on_a_simulated_client(browser: Brows
             "4006"
         )
         expect(page.locator("#lat-summary")).to_contain_text("p50")
+        expect(page.locator("#srv-backlogged")).to_have_text("0")  # its backlog went with it
         assert shot(page, "feed-desktop").stat().st_size > 0
+        page.screenshot(path=str(ARTIFACTS / "feed-desktop-full.png"), full_page=True)
         assert stats_requests == []  # everything arrived over the WebSocket
     finally:
         page.context.close()

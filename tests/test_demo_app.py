@@ -273,6 +273,8 @@ def test_a_simulated_non_reader_becomes_a_slow_consumer_and_the_others_get_every
             pushed = dashboard_until(alice, feed_has("slow_consumer", "nonreader-1"))
             event = next(e for e in pushed["feed"] if e["reason"] == "slow_consumer")
             assert (event["code"], event["lobby"]) == (4006, "main")
+            # its backlog went with it
+            dashboard_until(alice, lambda d: d["stats"]["backlogged_connections"] == 0 and not d["simulated"])
             alice.send_json({"type": "chat", "text": "still here"})
             assert receive_until(alice, "chat")["text"] == "still here"  # alice was never held up
         assert manager.get_stats()["closed"]["slow_consumer"] == 1

@@ -123,6 +123,7 @@ class LobbyChat:
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self._seq = 0
         self._push: asyncio.Task[None] | None = None
+        self._stale = False  # changed since the last push
         self.simulator = Simulator(
             manager,
             self.serve_simulated,
@@ -209,15 +210,18 @@ class LobbyChat:
 
     def changed(self) -> None:
         """Something the dashboard shows changed: push it to every page soon."""
+        self._stale = True
         if self._push is None or self._push.done():
             with contextlib.suppress(RuntimeError):  # no running loop: nobody to push to
                 self._push = asyncio.get_running_loop().create_task(self._push_dashboard())
 
     async def _push_dashboard(self) -> None:
-        await asyncio.sleep(self.push_interval)
-        message = self.dashboard()
-        for lobby in list(self.lobbies):
-            self.metrics.record_sent(await self.manager.broadcast_to_lobby(lobby, message))
+        while self._stale:  # a change during a push is pushed next
+            await asyncio.sleep(self.push_interval)
+            self._stale = False
+            message = self.dashboard()
+            for lobby in list(self.lobbies):
+                self.metrics.record_sent(await self.manager.broadcast_to_lobby(lobby, message))
 
     def simulate(self, kind: str, lobby: str, by: str) -> None:
         """Start a simulated client of ``kind`` in ``lobby`` (asked for by ``by``)."""

@@ -73,7 +73,9 @@ class SimulatedPeer:
         kind = message["type"]
         if kind == "websocket.send":
             if not self.reads:
-                await self._never.wait()  # cancelled when the manager drops its backlog
+                # suspends until the connection is closed, then fails as an aborted transport would
+                await self._never.wait()
+                raise OSError("connection closed")
             text = message.get("text")
             if text is not None:
                 self.received.append(json.loads(text))
@@ -81,6 +83,7 @@ class SimulatedPeer:
             self.close_code = int(message.get("code", 1000))
             self.close_reason = str(message.get("reason") or "")
             self.closed.set()
+            self._never.set()
             self.to_app.put_nowait({"type": "websocket.disconnect", "code": self.close_code})
 
     def send_json(self, data: Any) -> None:
@@ -91,6 +94,7 @@ class SimulatedPeer:
         """The client goes away (as a closed tab would)."""
         if not self.closed.is_set():
             self.closed.set()
+            self._never.set()
             self.to_app.put_nowait({"type": "websocket.disconnect", "code": 1001})
 
 
