@@ -19,7 +19,11 @@ connections and closes the ones that stop answering with 4004 "stale";
 ``manager.lifespan`` closes every connection with 1001 on shutdown.
 
 Settings (environment, all optional):
-  LOBBY_CHAT_MAX_CONNECTIONS, LOBBY_CHAT_MAX_PER_LOBBY  limits (default: the shared ``manager``)
+  LOBBY_CHAT_MAX_CONNECTIONS, LOBBY_CHAT_MAX_PER_LOBBY  limits (default 500 and 10)
+
+The app's manager has ``presence_events=True``: each member gets the lobby's
+``{"type": "presence", "joins": [...], "leaves": [...]}`` diffs, which the page
+shows in its member list (a user with several tabs joins once and leaves once).
   LOBBY_CHAT_PING_INTERVAL   seconds of silence before a health_ping (default 5)
   LOBBY_CHAT_PING_TIMEOUT    seconds to answer it before the close 4004 "stale" (default 5)
 """
@@ -401,9 +405,8 @@ def create_app(
 def _app_from_env() -> FastAPI:
     max_conn = os.environ.get("LOBBY_CHAT_MAX_CONNECTIONS")
     max_lobby = os.environ.get("LOBBY_CHAT_MAX_PER_LOBBY")
-    manager = None
-    if max_conn or max_lobby:
-        manager = ConnectionManager(int(max_conn or 500), int(max_lobby or 10))
+    # presence events on: each member is told who joins and leaves its lobby (coalesced)
+    manager = ConnectionManager(int(max_conn or 500), int(max_lobby or 10), presence_events=True)
     return create_app(
         manager,
         ping_interval=_env_float("LOBBY_CHAT_PING_INTERVAL", 5.0),

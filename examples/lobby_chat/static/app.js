@@ -33,6 +33,9 @@ let simulated = new Set(); // users that are simulated clients (from the dashboa
 let left = false; // the visitor pressed Leave
 let serverClose = null; // {why, code} of the last close of an open connection (kept while retries fail)
 let openedSinceClose = false;
+let presence = false; // the server sends presence events
+const flash = new Map(); // user -> "joined" | "left": highlighted in the member list for a moment
+const leftRows = new Map(); // users who just left, still shown (struck through) for a moment
 
 function line(kind, from, text) {
   const div = document.createElement("div");
@@ -77,10 +80,19 @@ function renderLatency() {
 function renderMembers() {
   const ul = $("members");
   ul.replaceChildren();
+  for (const u of leftRows.keys()) {
+    if (members.some((x) => x.user === u)) continue;
+    const li = document.createElement("li");
+    li.className = "left";
+    li.dataset.presence = "left";
+    li.textContent = `${u} left`;
+    ul.append(li);
+  }
   for (const m of members) {
     const li = document.createElement("li");
     li.dataset.user = m.user;
     if (m.user === me) li.classList.add("me");
+    if (flash.has(m.user)) li.dataset.presence = flash.get(m.user);
     const name = document.createElement("span");
     name.className = "name";
     name.textContent = m.user === me ? `${m.user} (you)` : m.user;
@@ -244,10 +256,29 @@ function join(name, lobby) {
   client.on("members", (m) => {
     const before = new Set(members.map((x) => x.user));
     members = m.members;
-    const after = new Set(members.map((x) => x.user));
-    for (const u of after) if (before.size && !before.has(u)) line("system", "", `${u} joined`);
-    for (const u of before) if (!after.has(u)) line("system", "", `${u} left`);
+    if (!presence) {
+      // without presence events, joins and leaves are told by the member list's changes
+      const after = new Set(members.map((x) => x.user));
+      for (const u of after) if (before.size && !before.has(u)) line("system", "", `${u} joined`);
+      for (const u of before) if (!after.has(u)) line("system", "", `${u} left`);
+    }
     renderMembers();
+  });
+  // presence events (the manager's presence_events=True): who joins and leaves, coalesced
+  client.on("presence", (p) => {
+    presence = true;
+    if (p.state) return; // the lobby as last announced: the member list already has it
+    for (const u of p.joins) {
+      line("system", "", `${u} joined`);
+      flash.set(u, "joined");
+    }
+    for (const u of p.leaves) {
+      line("system", "", `${u} left`);
+      flash.set(u, "left");
+      if (!members.some((x) => x.user === u)) leftRows.set(u, Date.now());
+    }
+    renderMembers();
+    setTimeout(() => { flash.clear(); leftRows.clear(); renderMembers(); }, 2500);
   });
   client.on("dashboard", renderDashboard);
   client.on("chat", (m) => line("chat", m.from, m.text));
