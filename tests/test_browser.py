@@ -281,3 +281,23 @@ def test_leave_shows_a_neutral_state_and_the_favicon_is_served(browser: Browser,
         assert all(status == 200 for status in icons)
     finally:
         page.context.close()
+
+
+def test_presence_joins_and_leaves_show_in_the_member_list(browser: Browser, port: int) -> None:
+    alice = open_page(browser, port, "alice", "presence")
+    bob = None
+    try:
+        expect_joined(alice, "alice")
+        bob = open_page(browser, port, "bob", "presence")
+        expect_joined(bob, "alice", "bob")
+        expect(alice.locator('#members li[data-user="bob"][data-presence="joined"]')).to_be_visible()
+        expect(alice.locator("#log")).to_contain_text("bob joined")
+        bob.context.close()
+        bob = None
+        expect(alice.locator("#members li.left")).to_have_text("bob left")
+        shot(alice, "presence-alice")
+        expect(alice.locator("#log")).to_contain_text("bob left")
+    finally:
+        alice.context.close()
+        if bob is not None:
+            bob.context.close()

@@ -321,3 +321,21 @@ def test_simulations_are_bounded_and_unknown_kinds_answered() -> None:
         pushed = dashboard_until(alice, lambda d: any("run already" in e["text"] for e in d["feed"]))
         assert len(pushed["simulated"]) == 6
     assert manager.get_stats()["total_connections"] == 0  # the app's shutdown stopped them
+
+
+def test_with_presence_events_members_hear_joins_and_leaves_once_per_user() -> None:
+    manager = ConnectionManager(50, 4, presence_events=True, presence_interval=0.01)
+    with TestClient(fast_app(manager)) as client, client.websocket_connect("/ws/p?token=alice") as alice:
+        receive_until(alice, "welcome")
+        with (
+            client.websocket_connect("/ws/p?token=bob") as bob,
+            client.websocket_connect("/ws/p?token=bob") as tab,
+        ):
+            receive_until(bob, "welcome")
+            receive_until(tab, "welcome")
+            presence = receive_until(alice, "presence")
+            while presence.get("state") or "bob" not in presence["joins"]:  # (alice may join with bob)
+                presence = receive_until(alice, "presence")
+            assert (presence["lobby"], presence["leaves"]) == ("p", [])
+        presence = receive_until(alice, "presence")  # both of bob's tabs closed: one leave
+        assert (presence["joins"], presence["leaves"]) == ([], ["bob"])

@@ -269,7 +269,7 @@ function join(name, lobby) {
     presence = true;
     if (p.state) return; // the lobby as last announced: the member list already has it
     for (const u of p.joins) {
-      line("system", "", `${u} joined`);
+      if (u !== me) line("system", "", `${u} joined`);
       flash.set(u, "joined");
     }
     for (const u of p.leaves) {
