@@ -129,6 +129,7 @@ function renderOffline() {
   for (const id of ["srv-connections", "srv-capacity", "srv-per-lobby", "srv-users", "srv-backlogged", "srv-dropped"]) setText(id, "—");
   $("srv-lobby-list").replaceChildren();
   $("histogram").replaceChildren();
+  $("feed").replaceChildren();
   setText("lat-summary", "");
 }
 
@@ -269,7 +270,8 @@ function join(name, lobby) {
     presence = true;
     if (p.state) return; // the lobby as last announced: the member list already has it
     for (const u of p.joins) {
-      if (u !== me) line("system", "", `${u} joined`);
+      if (u === me) continue;
+      line("system", "", `${u} joined`);
       flash.set(u, "joined");
     }
     for (const u of p.leaves) {
