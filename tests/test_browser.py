@@ -110,9 +110,14 @@ def test_two_pages_chat_and_send_a_direct_message(browser: Browser, port: int) -
         # the heartbeat measured both pages: each member shows a latency in ms
         expect(alice.locator('#members li[data-user="bob"] .ms')).to_contain_text("ms")
         expect(alice.locator("#latency")).to_contain_text("ms")
-        # the server panel is fed by /stats
+        # one source of truth: the header shows the latency of the member list's own entry
+        mine = alice.locator('#members li[data-user="alice"] .ms')
+        expect(mine).to_contain_text("ms")
+        expect(alice.locator("#latency")).to_have_text(f"latency {mine.text_content()}")
+        # the server panel is pushed over the page's WebSocket: the lobby with its capacity
+        expect(alice.locator("#live")).to_have_attribute("data-live", "true")
         expect(alice.locator("#srv-connections")).to_have_text("2 / 500")
-        expect(alice.locator("#srv-lobby-list")).to_contain_text("chat: 2")
+        expect(alice.locator('#srv-lobby-list li[data-lobby="chat"]')).to_contain_text("2 / 2")
         assert shot(alice, "chat-alice").stat().st_size > 0
         assert shot(bob, "chat-bob").stat().st_size > 0
     finally:
@@ -159,8 +164,15 @@ def test_pages_reconnect_by_themselves_after_a_server_restart(browser: Browser) 
             expect(page.locator("#status")).to_have_attribute("data-state", "reconnecting")
         # the demo's lifespan (manager.lifespan) closes every connection with 1001 on SIGINT
         # (uvicorn alone would close with 1012); the client reconnects at once, and while the
-        # server is down its attempts fail with 1006
-        assert alice.evaluate("window.wsmClient.lastClose.code") in (1001, 1006, 1012)
+        # server is down its attempts fail with 1006: the page keeps saying why it went away
+        for page in (alice, bob):
+            info = page.locator("#close-info")
+            expect(info).to_contain_text("The server is shutting down (1001)")
+            expect(info).to_contain_text("server unreachable")
+            expect(info).to_have_attribute("data-code", "1001")
+            # the server panel shows no stale numbers while the server is down
+            expect(page.locator("#live")).to_have_attribute("data-live", "false")
+            expect(page.locator("#srv-connections")).to_have_text("—")
         shot(alice, "restart-down-alice")
     try:
         with uvicorn_server(APP, env=SERVER_ENV, port=port):
@@ -196,3 +208,96 @@ def test_a_paused_page_is_closed_as_stale_and_leaves_the_member_list(browser: Br
     finally:
         alice.context.close()
         zed.context.close()
+
+
+def test_the_feed_shows_each_protection_act_on_a_simulated_client(browser: Browser, port: int) -> None:
+    page = open_page(browser, port, "alice", "sims")
+    stats_requests: list[str] = []
+    page.on("request", lambda r: stats_requests.append(r.url) if "/stats" in r.url else None)
+    try:
+        expect_joined(page, "alice")
+        page.click('#simulate button[data-kind="flooder"]')
+        # the flooder's first messages get through, then the rate limit closes it
+        expect(page.locator('#log .msg[data-kind="chat"]').first).to_contain_text("spam #1")
+        closed = page.locator('#feed li[data-reason="rate_limited"]', has_text="flooder-1")
+        expect(closed).to_contain_text("4005")
+        expect(closed).to_contain_text("flooder-1 closed in sims: rate_limited")
+        expect(page.locator('#members li[data-user="flooder-1"]')).to_have_count(0)
+        page.click('#simulate button[data-kind="frozen"]')
+        expect(page.locator('#members li[data-user="frozen-2"] .tag')).to_have_text("simulated")
+        expect(page.locator('#feed li[data-reason="stale"]', has_text="frozen-2")).to_contain_text("4004")
+        page.click('#simulate button[data-kind="nonreader"]')
+        expect(page.locator('#feed li[data-reason="slow_consumer"]', has_text="nonreader-3")).to_contain_text(
+            "4006"
+        )
+        expect(page.locator("#lat-summary")).to_contain_text("p50")
+        expect(page.locator("#srv-backlogged")).to_have_text("0")  # its backlog went with it
+        assert shot(page, "feed-desktop").stat().st_size > 0
+        page.screenshot(path=str(ARTIFACTS / "feed-desktop-full.png"), full_page=True)
+        assert stats_requests == []  # everything arrived over the WebSocket
+    finally:
+        page.context.close()
+
+
+def test_at_375_px_nothing_overflows(browser: Browser, port: int) -> None:
+    context = browser.new_context(
+        viewport={"width": 375, "height": 740}, device_scale_factor=2, is_mobile=True
+    )
+    page = context.new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{port}/?name=alice&lobby=mobile{FAST}")
+        expect_joined(page, "alice")
+        page.click('#simulate button[data-kind="flooder"]')
+        expect(page.locator('#feed li[data-reason="rate_limited"]', has_text="in mobile")).to_contain_text(
+            "4005"
+        )
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 375, f"the page is {width} px wide at 375 px"
+        shot(page, "mobile-375-top")
+        page.screenshot(path=str(ARTIFACTS / "mobile-375-full.png"), full_page=True)
+    finally:
+        context.close()
+
+
+def test_leave_shows_a_neutral_state_and_the_favicon_is_served(browser: Browser, port: int) -> None:
+    page = open_page(browser, port, "alice", "leave")
+    icons: list[int] = []
+    page.on("response", lambda r: icons.append(r.status) if r.url.endswith("/favicon.ico") else None)
+    try:
+        expect_joined(page, "alice")
+        page.reload()  # the icon is fetched once per context; a reload asks again
+        expect_joined(page, "alice")
+        expect(page.locator("#latency")).to_contain_text("ms")
+        page.click("#leave-btn")
+        expect(page.locator("#status")).to_have_attribute("data-state", "idle")
+        expect(page.locator("#status")).to_have_text("not connected")
+        expect(page.locator("#latency")).to_have_text("latency —")
+        expect(page.locator("#close-info")).to_have_text("")
+        expect(page.locator("#live")).to_have_attribute("data-live", "false")
+        expect(page.locator("#members li")).to_have_count(0)
+        shot(page, "left-desktop")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/favicon.ico", timeout=5) as r:
+            assert r.status == 200
+        assert all(status == 200 for status in icons)
+    finally:
+        page.context.close()
+
+
+def test_presence_joins_and_leaves_show_in_the_member_list(browser: Browser, port: int) -> None:
+    alice = open_page(browser, port, "alice", "presence")
+    bob = None
+    try:
+        expect_joined(alice, "alice")
+        bob = open_page(browser, port, "bob", "presence")
+        expect_joined(bob, "alice", "bob")
+        expect(alice.locator('#members li[data-user="bob"][data-presence="joined"]')).to_be_visible()
+        expect(alice.locator("#log")).to_contain_text("bob joined")
+        bob.context.close()
+        bob = None
+        expect(alice.locator("#members li.left")).to_have_text("bob left")
+        shot(alice, "presence-alice")
+        expect(alice.locator("#log")).to_contain_text("bob left")
+    finally:
+        alice.context.close()
+        if bob is not None:
+            bob.context.close()

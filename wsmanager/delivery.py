@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.websockets import WebSocket, WebSocketState
 
 from .codes import CloseCode, close_code_for
+from .events import CloseListeners
 from .servers import FANOUT_READS, abort_transport, asgi_send, direct_frames_possible, direct_transport
 
 if TYPE_CHECKING:
@@ -162,6 +163,7 @@ class Delivery:
         "__weakref__",
         "_manager",
         "backplane",
+        "close_listeners",
         "closed",
         "closers",
         "direct_frames",
@@ -190,23 +192,36 @@ class Delivery:
         self.closers: set[asyncio.Task[None]] = set()
         #: closes performed, by reason (get_stats()["closed"])
         self.closed: dict[str, int] = {}
+        #: told of every refusal and close performed (manager.add_close_listener, wsmanager.events)
+        self.close_listeners = CloseListeners()
         #: user_id -> its ping_user() waiter (the manager's dict, shared)
         self.ping_waiters = ping_waiters
         #: websocket -> called once when its entry is removed, however (serve()'s on_disconnect)
         self.removal_callbacks: dict[Any, Callable[[], None]] = {}
 
-    async def refuse(self, websocket: WebSocket, reason: str, *, count: bool = False) -> None:
+    async def refuse(
+        self,
+        websocket: WebSocket,
+        reason: str,
+        *,
+        count: bool = False,
+        lobby_code: str | None = None,
+        user_id: str | None = None,
+    ) -> None:
         """Accept-then-close, so that browsers see the code and the reason.
 
         Closing before ``accept()`` fails the handshake with HTTP 403, which a
         browser reports as 1006 without a reason. ``count``: count the refusal
         in ``get_stats()["refused"]`` (refusals the core decided are counted
-        already).
+        already). The close listeners hear of it (``refused=True``, with
+        ``lobby_code`` / ``user_id`` where the caller knows them).
         """
         core = self._manager()
         if count and core is not None:
             core._count_refusal(reason)
         code = close_code_for(reason)
+        if self.close_listeners:
+            self.close_listeners.report(websocket, code, reason, lobby_code, user_id, refused=True)
         try:
             if websocket.application_state == WebSocketState.CONNECTING:
                 await websocket.accept()
@@ -537,6 +552,15 @@ class Delivery:
         if self.outboxes:
             self.discard_outbox(websocket)
         self.closed[reason] = self.closed.get(reason, 0) + 1
+        if self.close_listeners:
+            self.close_listeners.report(
+                websocket,
+                code or close_code_for(reason),
+                reason,
+                None if info is None else info[0],
+                None if info is None else info[1],
+                refused=False,
+            )
         if info is not None and reason != "server_shutdown":
             logger.info(
                 "closing connection: %s",

@@ -263,11 +263,11 @@ async def serve(
             "connection refused: forbidden_origin",
             extra={"lobby": lobby_code, "reason": "forbidden_origin"},
         )
-        await manager.delivery.refuse(websocket, "forbidden_origin", count=True)
+        await manager.delivery.refuse(websocket, "forbidden_origin", count=True, lobby_code=lobby_code)
         return
     if not user_id:
         logger.info("connection refused: unauthorized", extra={"lobby": lobby_code, "reason": "unauthorized"})
-        await manager.delivery.refuse(websocket, "unauthorized", count=True)
+        await manager.delivery.refuse(websocket, "unauthorized", count=True, lobby_code=lobby_code)
         return
     try:
         admitted = await manager.connect(websocket, lobby_code, user_id)

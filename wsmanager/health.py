@@ -416,6 +416,9 @@ class HealthMonitor:
             "stale connection closed: no answer to health ping",
             extra={"lobby": lobby, "user": user, "reason": "no_pong", "code": code},
         )
+        manager = self._manager_ref()
+        if manager is not None and manager.delivery.close_listeners:
+            manager.delivery.close_listeners.report(websocket, code, "stale", lobby, user, refused=False)
         if _is_closed(websocket):
             return
         try:

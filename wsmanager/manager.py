@@ -25,6 +25,7 @@ from ._core import Core, encode_message
 from .backends import Backend, InMemoryBackend
 from .codes import CloseCode
 from .delivery import Delivery
+from .events import CloseListener
 from .health import HealthMonitor, health_ping
 from .presence import Presence
 from .receiving import Receiving, pinged
@@ -443,7 +444,7 @@ class ConnectionManager(Core):
                 reason,
                 extra={"lobby": lobby_code, "user": user_id, "reason": reason},
             )
-            await self.delivery.refuse(websocket, reason)
+            await self.delivery.refuse(websocket, reason, lobby_code=lobby_code, user_id=user_id)
             return False
         # Reserved: shutdown() waits for this handshake to end (or releases its
         # reservation when it outlasts the shutdown's budget). Keyed by id():
@@ -514,7 +515,7 @@ class ConnectionManager(Core):
                 )
                 if reason != "closed":
                     self._count_refusal(reason)  # the core counts only the refusals of its own checks
-                    await self.delivery.refuse(websocket, reason)
+                    await self.delivery.refuse(websocket, reason, lobby_code=lobby_code, user_id=user_id)
                 return False
             if bp is not None:
                 bp.commit(websocket)
@@ -633,7 +634,7 @@ class ConnectionManager(Core):
             "closing connection: replaced",
             extra={"lobby": lobby_code, "user": user_id, "reason": "replaced", "code": 4003},
         )
-        await self.delivery.refuse(websocket, "replaced")
+        await self.delivery.refuse(websocket, "replaced", lobby_code=lobby_code, user_id=user_id)
 
     # ------------------------------------------------------------------- sends
 
@@ -973,6 +974,20 @@ class ConnectionManager(Core):
             self._update_pong_hook()
 
         return remove
+
+    def add_close_listener(self, listener: CloseListener) -> Callable[[], None]:
+        """Call ``listener(event)`` for every refusal and every close the
+        library performs (stale, slow consumer, rate limited, replaced, bad
+        input, shutdown, ``close_connection()``), with a
+        :class:`wsmanager.events.CloseEvent`: ``websocket``, ``code``,
+        ``reason``, ``lobby_code``, ``user_id`` (None where unknown) and
+        ``refused`` (True for a handshake never registered). Listeners run
+        synchronously when the close is decided, before the close frame is
+        written; one that raises is logged and the others still run. A
+        client that leaves by itself is no event. Returns a function that
+        removes the listener; a non-callable raises TypeError. See
+        :mod:`wsmanager.events`."""
+        return self.delivery.close_listeners.add(listener)
 
     def _notify_latency(self, websocket: Any, latency_ms: float) -> None:
         for listener in list(self._latency_listeners):
