@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -289,3 +291,44 @@ def test_channels_spread_over_two_redis_servers() -> None:
 
         with nodes(",".join(urls), namespace="two") as [(p1, _), (p2, _)]:
             asyncio.run(main(p1, p2))
+
+
+def publish(redis_url: str, namespace: str, *args: str) -> str:
+    """Run examples/multiworker/publish.py in a process of its own; its output."""
+    env = {**os.environ, "REDIS_URL": redis_url, "CHAT_NAMESPACE": namespace}
+    cmd = [sys.executable, "-m", "examples.multiworker.publish", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=True)
+    return done.stdout.strip()
+
+
+def test_a_publisher_in_another_process_reaches_members_on_two_nodes(redis: RedisServer) -> None:
+    async def main(p1: int, p2: int) -> None:
+        async with (
+            connect(url(p1, "L", "alice")) as alice,
+            connect(url(p2, "L", "bob")) as bob,
+            connect(url(p2, "M", "carol")) as carol,
+        ):
+            await wait_for(p1, "/stats", total_is(3), "node 1 sees the three")
+            loop = asyncio.get_running_loop()
+            # asyncio Publisher
+            out = await loop.run_in_executor(None, publish, redis.url, "pub", "L", "hello")
+            assert out == "delivered to 2 connection(s) of ['alice', 'bob']"
+            for ws in (alice, bob):
+                assert await recv(ws) == {"type": "chat", "from": "server", "text": "hello"}
+            # SyncPublisher from a plain script
+            out = await loop.run_in_executor(None, publish, redis.url, "pub", "--sync", "L", "again")
+            assert out == "delivered to 2 connection(s) of ['alice', 'bob']"
+            for ws in (alice, bob):
+                assert (await recv(ws))["text"] == "again"
+            args = ("--sync", "--user", "carol", "x", "dm")
+            out = await loop.run_in_executor(None, publish, redis.url, "pub", *args)
+            assert out == "online: True"
+            # carol (lobby M) got the direct message first: none of L's broadcasts
+            assert await recv(carol) == {"type": "dm", "from": "server", "text": "dm"}
+            out = await loop.run_in_executor(None, publish, redis.url, "pub", "--user", "nobody", "x", "dm")
+            assert out == "online: False"
+            out = await loop.run_in_executor(None, publish, redis.url, "pub", "empty", "to no one")
+            assert out == "delivered to 0 connection(s) of []"
+
+    with nodes(redis.url, namespace="pub") as [(p1, _), (p2, _)]:
+        asyncio.run(main(p1, p2))

@@ -63,13 +63,23 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..settings import DefaultFloat, DefaultInt, Setting, class_defaults, count, resolve, seconds
 from ._lua import COMMIT, LEAVE, REAP, RELEASE, RENEW, RESERVE, SNAPSHOT, SYNC
-from .routing import lobby_channel, parse_urls, shard_of, user_channel
+from .publisher import Publisher, SyncPublisher
+from .routing import (
+    RECORD,
+    frame_head,
+    lobby_channel,
+    lobby_record,
+    parse_urls,
+    shard_of,
+    user_channel,
+    user_record,
+)
 from .view import ClusterView
 
 if TYPE_CHECKING:
     from ..manager import ConnectionManager
 
-__all__ = ["RedisBackend"]
+__all__ = ["Publisher", "RedisBackend", "SyncPublisher"]
 
 T = TypeVar("T")
 
@@ -85,16 +95,13 @@ def _lease(name: str, value: object) -> float:
 logger = logging.getLogger(__name__)
 
 # Control channel: b"C" + JSON, a presence event (from the Lua scripts).
-# Lobby and user channels:
-# b"M" + u32 length + node id, then one or more records, in the order sent:
-#   kind (b"L" lobby, b"U" user), u32 lengths of target, excluded user, text;
-#   then the target id, the excluded user id (lobby only) and the text (UTF-8).
-# The writer packs every record queued meanwhile into one PUBLISH, so under
-# load Redis and each receiver handle one message per batch, not per record.
-_REC = struct.Struct("!cIII")
+# Lobby and user channels: records of .routing (lobby_record, user_record)
+# behind a frame_head. The writer packs every record of one channel queued
+# meanwhile into one publish, so under load Redis and each receiver handle
+# one message per batch, not per record.
+_REC = RECORD
 _U32 = struct.Struct("!I")
 _LOBBY = b"L"
-_USER = b"U"
 _CONTROL = ord("C")
 _BATCH = 512  # commands per pipeline
 _MAX_FRAME = 256 * 1024  # bytes of records per PUBLISH
@@ -552,11 +559,7 @@ class RedisBackend:
         n = self.remote_lobby_count(lobby, exclude_user_id)
         if n <= 0 or not self.up:
             return 0
-        target = lobby.encode()
-        excl = exclude_user_id.encode() if exclude_user_id is not None else b""
-        text = data.encode()
-        record = _REC.pack(_LOBBY, len(target), len(excl), len(text)) + target + excl + text
-        self._publish(self.lobby_channel(lobby), record)
+        self._publish(self.lobby_channel(lobby), lobby_record(lobby, data, exclude_user_id))
         return n
 
     def publish_user(self, user: str, data: str) -> int:
@@ -564,9 +567,7 @@ class RedisBackend:
         n = self.remote_user_count(user)
         if n <= 0 or not self.up:
             return 0
-        target = user.encode()
-        text = data.encode()
-        self._publish(self.user_channel(user), _REC.pack(_USER, len(target), 0, len(text)) + target + text)
+        self._publish(self.user_channel(user), user_record(user, data))
         return n
 
     def _publish(self, channel: bytes, frame: bytes) -> None:
@@ -846,7 +847,7 @@ class RedisBackend:
         per channel (on the channel's Redis), presence changes as script
         calls on the primary, one pipeline per Redis per round trip."""
         ops = self._ops
-        head = b"M" + _U32.pack(len(self._node_b)) + self._node_b
+        head = frame_head(self._node_b)
         while ops:
             if ops[0][0] == "p":
                 await self._flush_records(head)

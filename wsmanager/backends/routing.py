@@ -18,9 +18,47 @@ on every channel without talking to each other.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Sequence
 
-__all__ = ["lobby_channel", "parse_urls", "shard_of", "user_channel"]
+__all__ = [
+    "RECORD",
+    "frame_head",
+    "lobby_channel",
+    "lobby_record",
+    "parse_urls",
+    "shard_of",
+    "user_channel",
+    "user_record",
+]
+
+# The messages on lobby and user channels: b"M" + u32 length + sender id
+# (frame_head), then one or more records in the order sent: kind (b"L" lobby,
+# b"U" user), u32 lengths of target, excluded user, text; then the target
+# id, the excluded user id (lobby only) and the text (UTF-8). A receiver skips
+# the messages of its own sender id.
+RECORD = struct.Struct("!cIII")
+_U32 = struct.Struct("!I")
+
+
+def frame_head(sender: bytes) -> bytes:
+    """The start of every message a sender (a node, a Publisher) publishes."""
+    return b"M" + _U32.pack(len(sender)) + sender
+
+
+def lobby_record(lobby: str, text: str, exclude_user_id: str | None) -> bytes:
+    """One broadcast to ``lobby`` (``text``: the serialized message)."""
+    target = lobby.encode()
+    excl = exclude_user_id.encode() if exclude_user_id is not None else b""
+    data = text.encode()
+    return RECORD.pack(b"L", len(target), len(excl), len(data)) + target + excl + data
+
+
+def user_record(user: str, text: str) -> bytes:
+    """One direct message to ``user``."""
+    target = user.encode()
+    data = text.encode()
+    return RECORD.pack(b"U", len(target), 0, len(data)) + target + data
 
 
 def lobby_channel(namespace: str, lobby: str) -> bytes:
