@@ -213,9 +213,10 @@ class OneBus(RedisBackend):
 async def routing_row(
     url: str, ns: str, backend: type[RedisBackend], lobbies: int, messages: int
 ) -> dict[str, Any]:
-    limits = {"max_connections": 10 * lobbies, "max_per_lobby": 10}
-    sender = ConnectionManager(backend=backend(url, namespace=ns, max_backlog=10 * messages), **limits)
-    nodes = [ConnectionManager(backend=backend(url, namespace=ns), **limits) for _ in range(4)]
+    cap = 10 * lobbies
+    out = backend(url, namespace=ns, max_backlog=10 * messages)
+    sender = ConnectionManager(backend=out, max_connections=cap)
+    nodes = [ConnectionManager(backend=backend(url, namespace=ns), max_connections=cap) for _ in range(4)]
     for node in (sender, *nodes):
         await node.start()
     sinks: list[Sink] = []
