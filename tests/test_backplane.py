@@ -20,6 +20,7 @@ from tests.asgi_fakes import FakePeer
 from tests.redis_server import RedisServer, redis_server
 from wsmanager import ConnectionManager, InMemoryBackend, backend_from_env, manager
 from wsmanager.backends.redis import Publisher, RedisBackend, SyncPublisher
+from wsmanager.backends.routing import lobby_channel, shard_of
 
 pytestmark = pytest.mark.slow
 
@@ -335,3 +336,27 @@ def test_publisher_counts_connected_members_and_honours_exclude(redis: RedisServ
             await until(lambda: {"s": 1} in alice2.texts(), "sync publisher reaches node 2")
 
     asyncio.run(main())
+
+
+def test_several_redis_urls_and_the_rendezvous_hash() -> None:
+    """A comma list or a list; the first URL is the primary; the channel->URL map
+    ignores the list's order and moves only the removed URL's channels."""
+    backend = RedisBackend("redis://a:6379/0, redis://b:6379/0", namespace="n")
+    assert backend.urls == ["redis://a:6379/0", "redis://b:6379/0"] and backend.url == "redis://a:6379/0"
+    assert repr(backend).startswith("RedisBackend(['redis://a:6379/0', 'redis://b:6379/0'], namespace='n'")
+    assert isinstance(backend_from_env({"WSMANAGER_REDIS_URL": "redis://a,redis://b"}), RedisBackend)
+    with pytest.raises(ValueError, match="twice"):
+        RedisBackend(["redis://a", "redis://a"])
+    with pytest.raises(ValueError, match="at least one"):
+        RedisBackend(" , ")
+    with pytest.raises(TypeError, match="url"):
+        RedisBackend([b"redis://a"])  # type: ignore[list-item]
+    urls = ["redis://a", "redis://b", "redis://c"]
+    channels = [lobby_channel("n", f"room{i}") for i in range(300)]
+    home = {c: urls[shard_of(c, urls)] for c in channels}
+    assert {c: urls[::-1][shard_of(c, urls[::-1])] for c in channels} == home
+    assert len(set(home.values())) == 3
+    fewer = ["redis://a", "redis://c"]
+    for c in channels:
+        if home[c] != "redis://b":
+            assert fewer[shard_of(c, fewer)] == home[c]
