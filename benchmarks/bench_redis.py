@@ -21,6 +21,17 @@ Rows:
   cross-node, 2 procs  the receiving node in a subprocess (latency measured
                        with CLOCK_MONOTONIC, common to both processes)
 Ratios are against the in-process row of the same run.
+
+Routing (``--routing-messages``, 0 to skip): 4 receiving nodes, each serving
+a disjoint quarter of ``--lobbies`` lobbies (one member per lobby), and a
+fifth node broadcasting ``{"i": n}`` to the lobbies in turn, one at a time
+(the next when the previous arrived). Reported per design: bytes received
+per node on the backplane (``received_bytes``: what Redis pushed to it), the
+ratio against the one-bus design, and p50 / p99 of cross-node delivery.
+  per-lobby channels   this version: a node subscribes to its lobbies' channels
+  one bus channel      the design before: every lobby on one channel that every
+                       node subscribes to (same code, every channel name mapped
+                       to one)
 """
 
 from __future__ import annotations
@@ -189,6 +200,70 @@ async def two_process_row(url: str, ns: str, pings: int, messages: int) -> dict[
     return {"p50": pct(lat, 50), "p99": pct(lat, 99), "rate": messages / (times[-1] - t0)}
 
 
+class OneBus(RedisBackend):
+    """The design before per-lobby routing: one channel for every lobby and user."""
+
+    def lobby_channel(self, lobby: str) -> bytes:
+        return f"{self.namespace}:bus-all".encode()
+
+    def user_channel(self, user: str) -> bytes:
+        return f"{self.namespace}:bus-all".encode()
+
+
+async def routing_row(
+    url: str, ns: str, backend: type[RedisBackend], lobbies: int, messages: int
+) -> dict[str, Any]:
+    cap = 10 * lobbies
+    out = backend(url, namespace=ns, max_backlog=10 * messages)
+    sender = ConnectionManager(backend=out, max_connections=cap)
+    nodes = [ConnectionManager(backend=backend(url, namespace=ns), max_connections=cap) for _ in range(4)]
+    for node in (sender, *nodes):
+        await node.start()
+    sinks: list[Sink] = []
+    for j in range(lobbies):
+        sink = Sink()
+        await nodes[j % 4].connect(sink, f"r{j}", f"u{j}")  # type: ignore[arg-type]
+        sinks.append(sink)
+    await settle(lambda: sender.get_stats()["total_connections"] == lobbies)
+    try:
+        before = [node.get_stats()["backplane"]["received_bytes"] for node in nodes]
+        lat = []
+        for k in range(messages):
+            sink = sinks[k % lobbies]
+            sink.expect = len(sink.times) + 1
+            sink.arrived.clear()
+            t0 = time.perf_counter()
+            await sender.broadcast_to_lobby(f"r{k % lobbies}", {"i": k})
+            await asyncio.wait_for(sink.arrived.wait(), 10)
+            lat.append(sink.times[-1] - t0)
+        after = [node.get_stats()["backplane"]["received_bytes"] for node in nodes]
+        got = [a - b for a, b in zip(after, before, strict=True)]
+        return {"bytes": got, "p50": pct(lat, 50), "p99": pct(lat, 99)}
+    finally:
+        for node in (sender, *nodes):
+            await node.stop()
+
+
+async def routing(lobbies: int, messages: int) -> None:
+    server = RedisServer()
+    server.start()
+    try:
+        rows = [
+            ("one bus channel", await routing_row(server.url, "bus", OneBus, lobbies, messages)),
+            ("per-lobby channels", await routing_row(server.url, "lob", RedisBackend, lobbies, messages)),
+        ]
+    finally:
+        server.close()
+    base = statistics.mean(rows[0][1]["bytes"])
+    print(f"routing: 4 nodes x {lobbies // 4} lobbies, {messages} broadcasts from a fifth node")
+    print("| design              | bytes received per node (min-max) | ratio vs one bus | p50 µs | p99 µs |")
+    print("|---------------------|----------------------------------:|-----------------:|-------:|-------:|")
+    for name, r in rows:
+        mean = statistics.mean(r["bytes"])
+        span = f"{mean:,.0f} ({min(r['bytes']):,}-{max(r['bytes']):,})"
+        print(f"| {name:<19} | {span:>33} | {mean / base:15.3f}x | {r['p50']:6.1f} | {r['p99']:6.1f} |")
+
+
 async def main(pings: int, messages: int) -> None:
     server = RedisServer()
     server.start()
@@ -226,5 +301,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--pings", type=int, default=2_000)
+    parser.add_argument("--lobbies", type=int, default=1_000)
+    parser.add_argument("--routing-messages", type=int, default=4_000)
+    parser.add_argument("--routing-only", action="store_true", help="only the routing table")
     args = parser.parse_args()
-    asyncio.run(main(args.pings, args.messages))
+    if not args.routing_only:
+        asyncio.run(main(args.pings, args.messages))
+    if args.routing_messages:
+        asyncio.run(routing(args.lobbies, args.routing_messages))

@@ -19,7 +19,8 @@ import pytest
 from tests.asgi_fakes import FakePeer
 from tests.redis_server import RedisServer, redis_server
 from wsmanager import ConnectionManager, InMemoryBackend, backend_from_env, manager
-from wsmanager.backends.redis import RedisBackend
+from wsmanager.backends.redis import Publisher, RedisBackend, SyncPublisher
+from wsmanager.backends.routing import lobby_channel, shard_of
 
 pytestmark = pytest.mark.slow
 
@@ -289,3 +290,73 @@ def test_a_stopped_node_leaves_at_once_and_only_a_connect_rejoins(redis: RedisSe
             await until(lambda: b.get_stats()["total_connections"] == 3, "a back with alice and carol")
 
     asyncio.run(main())
+
+
+def test_publisher_counts_connected_members_and_honours_exclude(redis: RedisServer) -> None:
+    """An asyncio Publisher (no socket, no capacity) with the manager's return values."""
+
+    class Point:
+        def __init__(self, x: int) -> None:
+            self.x = x
+
+    async def main() -> None:
+        async with cluster(redis.url) as [n1, n2]:
+            alice = await join(n1, "L", "alice")
+            alice2 = await join(n2, "L", "alice")  # a second tab, on the other node
+            bob = await join(n2, "L", "bob")
+            ns = bp(n1).namespace
+
+            def as_dict(p: Point) -> dict[str, int]:
+                return {"x": p.x}
+
+            async with Publisher(redis.url, namespace=ns, json_default=as_dict) as pub:
+                assert repr(pub) == f"Publisher({redis.url!r}, namespace={ns!r})"
+                await until(lambda: n1.get_stats()["total_connections"] == 3, "three connected")
+                assert await pub.get_lobby_users("L") == {"alice", "bob"}
+                assert await pub.is_user_connected("alice") and not await pub.is_user_connected("carol")
+                assert await pub.broadcast_to_lobby("L", Point(1), exclude_user_id="alice") == 1
+                await until(lambda: bool(bob.texts()), "bob gets it")
+                assert bob.texts() == [{"x": 1}]
+                assert await pub.broadcast_to_lobby("L", {"all": True}) == 3
+                peers = (alice, alice2, bob)
+                await until(lambda: all({"all": True} in p.texts() for p in peers), "every tab gets it")
+                assert alice.texts() == [{"all": True}]  # not the excluded one
+                assert await pub.send_to_user("alice", [1]) is True
+                await until(lambda: [1] in alice2.texts() and [1] in alice.texts(), "both tabs")
+                assert await pub.send_to_user("carol", [1]) is False
+                with pytest.raises(ValueError):
+                    await pub.broadcast_to_lobby("L", float("nan"))
+                assert n1.get_stats()["total_connections"] == 3  # took no capacity
+            n2.disconnect(bob.ws)
+            with SyncPublisher([redis.url], namespace=ns) as sync:
+                await until(lambda: n1.get_stats()["total_connections"] == 2, "bob gone")
+                assert sync.get_lobby_users("L") == {"alice"}
+                assert not sync.is_user_connected("bob")
+                assert sync.broadcast_to_lobby("L", {"s": 1}) == 2
+            await until(lambda: {"s": 1} in alice2.texts(), "sync publisher reaches node 2")
+
+    asyncio.run(main())
+
+
+def test_several_redis_urls_and_the_rendezvous_hash() -> None:
+    """A comma list or a list; the first URL is the primary; the channel->URL map
+    ignores the list's order and moves only the removed URL's channels."""
+    backend = RedisBackend("redis://a:6379/0, redis://b:6379/0", namespace="n")
+    assert backend.urls == ["redis://a:6379/0", "redis://b:6379/0"] and backend.url == "redis://a:6379/0"
+    assert repr(backend).startswith("RedisBackend(['redis://a:6379/0', 'redis://b:6379/0'], namespace='n'")
+    assert isinstance(backend_from_env({"WSMANAGER_REDIS_URL": "redis://a,redis://b"}), RedisBackend)
+    with pytest.raises(ValueError, match="twice"):
+        RedisBackend(["redis://a", "redis://a"])
+    with pytest.raises(ValueError, match="at least one"):
+        RedisBackend(" , ")
+    with pytest.raises(TypeError, match="url"):
+        RedisBackend([b"redis://a"])  # type: ignore[list-item]
+    urls = ["redis://a", "redis://b", "redis://c"]
+    channels = [lobby_channel("n", f"room{i}") for i in range(300)]
+    home = {c: urls[shard_of(c, urls)] for c in channels}
+    assert {c: urls[::-1][shard_of(c, urls[::-1])] for c in channels} == home
+    assert len(set(home.values())) == 3
+    fewer = ["redis://a", "redis://c"]
+    for c in channels:
+        if home[c] != "redis://b":
+            assert fewer[shard_of(c, fewer)] == home[c]

@@ -10,15 +10,19 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.redis_server import RedisServer, redis_server
 from tests.servers import attempt_ws, uvicorn_server
+from wsmanager.backends.routing import lobby_channel, shard_of
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +36,11 @@ def redis() -> Iterator[RedisServer]:
 
 
 @contextlib.contextmanager
-def nodes(url: str, n: int = 2) -> Iterator[list[tuple[int, subprocess.Popen[bytes]]]]:
-    """``n`` uvicorn nodes of one fresh cluster."""
+def nodes(url: str, n: int = 2, namespace: str = "") -> Iterator[list[tuple[int, subprocess.Popen[bytes]]]]:
+    """``n`` uvicorn nodes of one fresh cluster (``url`` may be a comma list)."""
     env = {
         "WSMANAGER_REDIS_URL": url,
-        "WSMANAGER_REDIS_NAMESPACE": f"uv{next(_namespaces)}",
+        "WSMANAGER_REDIS_NAMESPACE": namespace or f"uv{next(_namespaces)}",
         "WSMANAGER_LEASE_SECONDS": "1",
     }
     with contextlib.ExitStack() as stack:
@@ -151,6 +155,8 @@ def test_a_redis_restart_is_survived() -> None:
             server.start()  # the same port, empty
             for port in (p1, p2):
                 await wait_for(port, "/stats", total_is(3), "presence restored")
+            # both nodes listen to lobby L again (sharded pub/sub on Redis 7)
+            assert await subscribers(server.port, "rs:l:L") == 2
             await bob.send(json.dumps({"type": "chat", "text": "back"}))
             assert (await recv(alice))["text"] == "back"
             assert (await recv(amy))["text"] == "back"
@@ -158,7 +164,7 @@ def test_a_redis_restart_is_survived() -> None:
     server = RedisServer()
     server.start()
     try:
-        with nodes(server.url) as [(p1, _), (p2, _)]:
+        with nodes(server.url, namespace="rs") as [(p1, _), (p2, _)]:
             asyncio.run(main(server, p1, p2))
     finally:
         server.close()
@@ -193,3 +199,136 @@ def test_the_multiworker_example_runs_on_four_workers(redis: RedisServer) -> Non
 
     with uvicorn_server("examples.multiworker.app:app", env=env, extra_args=["--workers", "4"]) as (port, _):
         asyncio.run(main(port))
+
+
+async def subscribers(redis_port: int, channel: str) -> int:
+    """Nodes subscribed to ``channel`` on that Redis, as Redis reports them."""
+    client = aioredis.Redis(port=redis_port)
+    try:
+        info = await client.info("server")
+        sharded = int(str(info["redis_version"]).split(".")[0]) >= 7
+        if sharded:
+            reply = await client.pubsub_shardnumsub(channel)
+        else:
+            reply = await client.pubsub_numsub(channel)
+        return int(reply[0][1])
+    finally:
+        await client.aclose()
+
+
+async def wait_subscribers(redis_port: int, channel: str, n: int) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while (got := await subscribers(redis_port, channel)) != n:
+        if loop.time() > deadline:
+            raise AssertionError(f"{channel}: {got} subscribers, expected {n}")
+        await asyncio.sleep(0.05)
+
+
+def test_a_node_receives_only_the_lobbies_it_serves(redis: RedisServer) -> None:
+    """Node 1 serves lobby A only; 20 messages of lobby B between nodes 2 and 3
+    never reach it (not subscribed on Redis, nothing received), A's do."""
+
+    async def main(p1: int, p2: int, p3: int) -> None:
+        async with (
+            connect(url(p1, "A", "alice")) as alice,
+            connect(url(p2, "A", "xavier")) as xavier,
+            connect(url(p2, "B", "bob")) as bob,
+            connect(url(p3, "B", "carol")) as carol,
+        ):
+            for port in (p1, p2, p3):
+                await wait_for(port, "/stats", total_is(4), "every node sees the four")
+            assert await subscribers(redis.port, "only:l:A") == 2
+            assert await subscribers(redis.port, "only:l:B") == 2
+            assert await subscribers(redis.port, "only:u:alice") == 1
+            before = (await get(p1, "/stats"))["backplane"]
+            for i in range(20):
+                await bob.send(json.dumps({"type": "chat", "text": f"b{i}"}))
+            for i in range(20):
+                assert (await recv(carol))["text"] == f"b{i}"
+            await xavier.send(json.dumps({"type": "chat", "text": "to A"}))
+            assert (await recv(alice)) == {"type": "chat", "from": "xavier", "text": "to A"}
+            after = (await get(p1, "/stats"))["backplane"]
+            assert after["received"] - before["received"] == 1  # A's message only
+            assert after["received_bytes"] > before["received_bytes"]
+            three = (await get(p3, "/stats"))["backplane"]
+            assert three["received"] == 20  # B's messages, not A's
+            await alice.close()
+            await wait_subscribers(redis.port, "only:l:A", 1)  # node 1 left A's channel
+            await wait_subscribers(redis.port, "only:u:alice", 0)
+            assert (await get(p1, "/stats"))["backplane"]["channels"] == 0
+
+    with nodes(redis.url, n=3, namespace="only") as [(p1, _), (p2, _), (p3, _)]:
+        asyncio.run(main(p1, p2, p3))
+
+
+def test_channels_spread_over_two_redis_servers() -> None:
+    """WSMANAGER_REDIS_URL with two URLs: each lobby's channel lives on the
+    Redis the rendezvous hash picks, and broadcasts cross nodes on both."""
+    with redis_server() as first, redis_server() as second:
+        urls = [first.url, second.url]
+        lobbies = [f"room{i}" for i in range(8)]
+        homes = {lobby: shard_of(lobby_channel("two", lobby), urls) for lobby in lobbies}
+        assert set(homes.values()) == {0, 1}  # both servers carry some
+
+        async def main(p1: int, p2: int) -> None:
+            pairs = []
+            for lobby in lobbies:
+                pairs.append(
+                    (await connect(url(p1, lobby, f"a-{lobby}")), await connect(url(p2, lobby, f"b-{lobby}")))
+                )
+            await wait_for(p1, "/stats", total_is(16), "all sixteen in the cluster")
+            await wait_for(p2, "/stats", total_is(16), "all sixteen in the cluster")
+            for lobby, (a, b) in zip(lobbies, pairs, strict=True):
+                home, other = (first, second) if homes[lobby] == 0 else (second, first)
+                assert await subscribers(home.port, f"two:l:{lobby}") == 2
+                assert await subscribers(other.port, f"two:l:{lobby}") == 0
+                await a.send(json.dumps({"type": "chat", "text": lobby}))
+                assert (await recv(b))["text"] == lobby
+            for a, b in pairs:
+                await a.close()
+                await b.close()
+
+        with nodes(",".join(urls), namespace="two") as [(p1, _), (p2, _)]:
+            asyncio.run(main(p1, p2))
+
+
+def publish(redis_url: str, namespace: str, *args: str) -> str:
+    """Run examples/multiworker/publish.py in a process of its own; its output."""
+    env = {**os.environ, "REDIS_URL": redis_url, "CHAT_NAMESPACE": namespace}
+    cmd = [sys.executable, "-m", "examples.multiworker.publish", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=True)
+    return done.stdout.strip()
+
+
+def test_a_publisher_in_another_process_reaches_members_on_two_nodes(redis: RedisServer) -> None:
+    async def main(p1: int, p2: int) -> None:
+        async with (
+            connect(url(p1, "L", "alice")) as alice,
+            connect(url(p2, "L", "bob")) as bob,
+            connect(url(p2, "M", "carol")) as carol,
+        ):
+            await wait_for(p1, "/stats", total_is(3), "node 1 sees the three")
+            loop = asyncio.get_running_loop()
+            # asyncio Publisher
+            out = await loop.run_in_executor(None, publish, redis.url, "pub", "L", "hello")
+            assert out == "delivered to 2 connection(s) of ['alice', 'bob']"
+            for ws in (alice, bob):
+                assert await recv(ws) == {"type": "chat", "from": "server", "text": "hello"}
+            # SyncPublisher from a plain script
+            out = await loop.run_in_executor(None, publish, redis.url, "pub", "--sync", "L", "again")
+            assert out == "delivered to 2 connection(s) of ['alice', 'bob']"
+            for ws in (alice, bob):
+                assert (await recv(ws))["text"] == "again"
+            args = ("--sync", "--user", "carol", "x", "dm")
+            out = await loop.run_in_executor(None, publish, redis.url, "pub", *args)
+            assert out == "online: True"
+            # carol (lobby M) got the direct message first: none of L's broadcasts
+            assert await recv(carol) == {"type": "dm", "from": "server", "text": "dm"}
+            out = await loop.run_in_executor(None, publish, redis.url, "pub", "--user", "nobody", "x", "dm")
+            assert out == "online: False"
+            out = await loop.run_in_executor(None, publish, redis.url, "pub", "empty", "to no one")
+            assert out == "delivered to 0 connection(s) of []"
+
+    with nodes(redis.url, namespace="pub") as [(p1, _), (p2, _)]:
+        asyncio.run(main(p1, p2))

@@ -92,7 +92,8 @@ class InMemoryBackend:
 
 def backend_from_env(environ: dict[str, str] | None = None) -> Backend:
     """The backend the environment asks for: ``InMemoryBackend()`` unless
-    ``WSMANAGER_REDIS_URL`` is set, then a ``RedisBackend`` on that URL with
+    ``WSMANAGER_REDIS_URL`` is set, then a ``RedisBackend`` on that URL (or
+    those URLs, separated by commas: the first is the primary) with
     ``WSMANAGER_REDIS_NAMESPACE`` (default ``"wsm"``) and
     ``WSMANAGER_LEASE_SECONDS`` (default 10) when set.
     Raises ImportError when redis-py is missing (``pip install wsmanager[redis]``).

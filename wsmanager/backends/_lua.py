@@ -14,6 +14,12 @@ Every script takes the same five keys and four leading arguments::
     ARGV[4] prefix     of the per-node hashes (prefix .. node id)
 
 ``state`` is 0 for a reservation (handshake in progress), 1 once connected.
+Connected entries (state 1) are also counted where a process that holds no
+connection reads them (:class:`wsmanager.backends.redis.Publisher`), under the
+namespace's prefix (``ARGV[4]`` without its trailing ``node:``)::
+
+    <prefix>online      hash: user -> connected connections, cluster-wide
+    <prefix>lu:<lobby>  hash: user -> connected connections in that lobby
 Presence events go on the bus as ``"C" .. json``: ``["j", node, cid, lobby,
 user]`` (joined), ``["l", node, [cid, ...]]`` (left), ``["s", node, [cid,
 lobby, user, ...]]`` (the node's full list, after a resync) and ``["g",
@@ -46,6 +52,18 @@ local function account(lobby, user)
   redis.call('HINCRBY', K[3], user, 1)
 end
 local function event(t) redis.call('PUBLISH', chan, 'C' .. cjson.encode(t)) end
+local base = string.sub(ARGV[4], 1, -6)
+-- a connected entry {lobby, user, 1} appears (d = 1) or goes (d = -1) for readers
+local function online(t, d)
+  if t[3] ~= 1 then return end
+  if d > 0 then
+    redis.call('HINCRBY', base .. 'online', t[2], 1)
+    redis.call('HINCRBY', base .. 'lu:' .. t[1], t[2], 1)
+  else
+    hdec(base .. 'online', t[2])
+    hdec(base .. 'lu:' .. t[1], t[2])
+  end
+end
 -- release this node's cids ARGV[first..]; publish "left" for the connected ones
 local function release_from(first)
   local gone = {}
@@ -55,6 +73,7 @@ local function release_from(first)
     if e then
       local t = cjson.decode(e)
       unaccount(t)
+      online(t, -1)
       redis.call('HDEL', K[5], cid)
       if t[3] == 1 then gone[#gone + 1] = cid end
     end
@@ -65,7 +84,11 @@ end
 -- drop every connection of a node hash; publish "gone"
 local function drop_node(n, h)
   local have = redis.call('HGETALL', h)
-  for j = 2, #have, 2 do unaccount(cjson.decode(have[j])) end
+  for j = 2, #have, 2 do
+    local t = cjson.decode(have[j])
+    unaccount(t)
+    online(t, -1)
+  end
   redis.call('DEL', h)
   redis.call('ZREM', K[4], n)
   event({'g', n})
@@ -106,6 +129,7 @@ if not e then return 0 end
 local t = cjson.decode(e)
 if t[3] ~= 1 then
   t[3] = 1
+  online(t, 1)
   redis.call('HSET', K[5], cid, cjson.encode(t))
   event({'j', node, cid, t[1], t[2]})
 end
@@ -131,19 +155,19 @@ redis.call('ZADD', K[4], now_ms() + lease, node)
 local want = {}
 for i = 5, #ARGV, 4 do want[ARGV[i]] = true end
 local have = redis.call('HGETALL', K[5])
-local had = {}
 for j = 1, #have, 2 do
-  if want[have[j]] then had[have[j]] = true
-  else
-    unaccount(cjson.decode(have[j + 1]))
-    redis.call('HDEL', K[5], have[j])
-  end
+  local t = cjson.decode(have[j + 1])
+  unaccount(t)
+  online(t, -1)
+  if not want[have[j]] then redis.call('HDEL', K[5], have[j]) end
 end
 local flat = {}
 for i = 5, #ARGV, 4 do
   local cid, lobby, user, state = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-  if not had[cid] then account(lobby, user) end
-  redis.call('HSET', K[5], cid, cjson.encode({lobby, user, state}))
+  local t = {lobby, user, state}
+  account(lobby, user)
+  online(t, 1)
+  redis.call('HSET', K[5], cid, cjson.encode(t))
   if state == 1 then
     flat[#flat + 1] = cid; flat[#flat + 1] = lobby; flat[#flat + 1] = user
   end
@@ -194,3 +218,15 @@ end
 return out
 """
 )
+
+# Reads for a Publisher (no node, no lease; KEYS and ARGV of its own).
+# KEYS[1] <prefix>lu:<lobby>; ARGV[1] excluded user or "" -> connected
+# connections of the lobby, that user's left out
+LOBBY_COUNT = """
+local n = 0
+local vals = redis.call('HGETALL', KEYS[1])
+for j = 1, #vals, 2 do
+  if vals[j] ~= ARGV[1] then n = n + tonumber(vals[j + 1]) end
+end
+return n
+"""

@@ -1,12 +1,25 @@
 """RedisBackend: one cluster of ConnectionManagers over a shared Redis.
 
-* Delivery: every node keeps ONE pub/sub subscription, to one bus channel.
-  A broadcast or direct message is serialized once by the sender, delivered
-  to its local connections, and, when the cluster view shows recipients on
-  other nodes, queued for publication. One writer task per node publishes
-  the queue in order and in batches (pipelines), so the messages of one node
-  reach every other node in the order they were sent. Receivers hand them to
-  the manager's ``delivery.deliver_lobby`` / ``delivery.deliver_user``.
+* Delivery: a lobby's broadcasts travel on the lobby's own channel, a user's
+  direct messages on the user's (:mod:`wsmanager.backends.routing`). A node
+  subscribes to a lobby's channel while it holds a connection in that lobby
+  and to a user's while it holds one of that user's connections, and
+  unsubscribes after the last one left: a node receives only the traffic of
+  the lobbies and users it serves. Sharded pub/sub (``SSUBSCRIBE`` /
+  ``SPUBLISH``) is used on a Redis that has it (7.0+), plain ``SUBSCRIBE`` /
+  ``PUBLISH`` otherwise. A broadcast or direct message is serialized once by
+  the sender, delivered to its local connections, and, when the cluster view
+  shows recipients on other nodes, queued for publication. One writer task
+  per node publishes the queue in order and in batches (pipelines), so the
+  messages of one node for one lobby (or user) reach every other node in the
+  order they were sent. Receivers hand them to the manager's
+  ``delivery.deliver_lobby`` / ``delivery.deliver_user``.
+* Several Redis servers: ``RedisBackend(["redis://a", "redis://b"])`` (or a
+  comma list in ``WSMANAGER_REDIS_URL``) spreads the lobby and user channels
+  over them by rendezvous hashing. The first URL is the primary: it holds
+  capacity and presence (the keys of :mod:`._lua`) and the control channel
+  every node subscribes to. Losing any of them is an outage of the node's
+  backplane (below).
 * Capacity: ``connect()`` reserves in Redis with a Lua script that checks
   ``max_connections`` / ``max_per_lobby`` / ``max_per_user`` against the
   cluster counts and takes the slot in the same step; commit and release are
@@ -21,7 +34,8 @@
   down (``get_stats()["backplane"]``, a WARNING log), drops cross-node
   messages instead of queueing them without bound, admits new connections on
   its local limits only, and reconnects with exponential backoff. Back up, it
-  resubscribes, rewrites its whole presence (a Redis that restarted empty gets
+  resubscribes to the control channel and to every lobby and user channel it
+  needs, waits for Redis to confirm them, rewrites its whole presence (a Redis that restarted empty gets
   it back) and reloads the view.
 """
 
@@ -38,7 +52,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import redis.asyncio as aioredis
@@ -50,12 +64,23 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..settings import DefaultFloat, DefaultInt, Setting, class_defaults, count, resolve, seconds
 from ..stats import BackplaneStats
 from ._lua import COMMIT, LEAVE, REAP, RELEASE, RENEW, RESERVE, SNAPSHOT, SYNC
+from .publisher import Publisher, SyncPublisher
+from .routing import (
+    RECORD,
+    frame_head,
+    lobby_channel,
+    lobby_record,
+    parse_urls,
+    shard_of,
+    user_channel,
+    user_record,
+)
 from .view import ClusterView
 
 if TYPE_CHECKING:
     from ..manager import ConnectionManager
 
-__all__ = ["RedisBackend"]
+__all__ = ["Publisher", "RedisBackend", "SyncPublisher"]
 
 T = TypeVar("T")
 
@@ -70,19 +95,77 @@ def _lease(name: str, value: object) -> float:
 
 logger = logging.getLogger(__name__)
 
-# Bus messages. b"C" + JSON: a presence event (from the Lua scripts).
-# b"M" + u32 length + node id, then one or more records, in the order sent:
-#   kind (b"L" lobby, b"U" user), u32 lengths of target, excluded user, text;
-#   then the target id, the excluded user id (lobby only) and the text (UTF-8).
-# The writer packs every record queued meanwhile into one PUBLISH, so under
-# load Redis and each receiver handle one message per batch, not per record.
-_REC = struct.Struct("!cIII")
+# Control channel: b"C" + JSON, a presence event (from the Lua scripts).
+# Lobby and user channels: records of .routing (lobby_record, user_record)
+# behind a frame_head. The writer packs every record of one channel queued
+# meanwhile into one publish, so under load Redis and each receiver handle
+# one message per batch, not per record.
+_REC = RECORD
 _U32 = struct.Struct("!I")
 _LOBBY = b"L"
-_USER = b"U"
 _CONTROL = ord("C")
 _BATCH = 512  # commands per pipeline
 _MAX_FRAME = 256 * 1024  # bytes of records per PUBLISH
+_SUB_CHUNK = 1000  # channels per SUBSCRIBE command
+_MESSAGE = (b"message", b"smessage")
+_ACKS = (b"subscribe", b"ssubscribe", b"unsubscribe", b"sunsubscribe")
+
+
+class _Shard:
+    """One Redis server of a session: a client for commands and a pub/sub
+    connection, the channels subscribed there, and the count of
+    (un)subscriptions sent and confirmed."""
+
+    __slots__ = (
+        "acked",
+        "client",
+        "conn",
+        "early",
+        "index",
+        "on_ack",
+        "pub",
+        "sent",
+        "sharded",
+        "sub",
+        "sub_client",
+        "subscribed",
+    )
+
+    def __init__(self, index: int, client: aioredis.Redis, sub_client: aioredis.Redis) -> None:
+        self.index = index
+        self.client = client
+        self.sub_client = sub_client
+        self.sub = sub_client.pubsub()  # owns ``conn``
+        self.conn: Any = None
+        self.sharded = False
+        self.pub = "PUBLISH"
+        self.subscribed: set[bytes] = set()
+        self.sent = 0
+        self.acked = 0
+        self.on_ack = asyncio.Event()
+        self.early: list[Any] = []  # replies read while waiting for confirmations
+
+    async def open(self, command_timeout: float) -> None:
+        connect = self.sub.connect()  # type: ignore[no-untyped-call]
+        await _detached(connect, command_timeout)
+        self.conn = self.sub.connection
+        info = await _detached(self.client.info("server"), command_timeout)
+        version = tuple(int(x) for x in str(info.get("redis_version", "0")).split(".")[:2] if x.isdigit())
+        self.sharded = version >= (7, 0)
+        self.pub = "SPUBLISH" if self.sharded else "PUBLISH"
+
+    async def change(self, channels: list[bytes], subscribe: bool) -> None:
+        """Send (un)subscriptions for ``channels`` (not awaiting confirmation)."""
+        if subscribe:
+            cmd = "SSUBSCRIBE" if self.sharded else "SUBSCRIBE"
+            self.subscribed.update(channels)
+        else:
+            cmd = "SUNSUBSCRIBE" if self.sharded else "UNSUBSCRIBE"
+            self.subscribed.difference_update(channels)
+        for i in range(0, len(channels), _SUB_CHUNK):
+            chunk = channels[i : i + _SUB_CHUNK]
+            self.sent += len(chunk)
+            await self.conn.send_command(cmd, *chunk)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -122,8 +205,13 @@ async def _wait_event(event: asyncio.Event, timeout: float) -> None:
 class RedisBackend:
     """The Redis backplane. See the module docstring for what it guarantees.
 
-    ``url``: a redis-py URL (``redis://``, ``rediss://``, ``unix://``).
-    ``namespace``: prefix of every key and of the channel; managers that
+    ``url``: a redis-py URL (``redis://``, ``rediss://``, ``unix://``), or
+    several (a list, or one string with URLs separated by commas): the lobby
+    and user channels are spread over them (rendezvous hashing,
+    :mod:`wsmanager.backends.routing`), the first one (``url``, the primary)
+    holds capacity, presence and the control channel. TypeError / ValueError
+    for no URL, a repeated one or a wrong type.
+    ``namespace``: prefix of every key and channel; managers that
     share one form a cluster. ``lease``: seconds after which a silent node's
     connections are freed (renewed every ``lease / 3``). ``connect_timeout``:
     how long the first ``connect()`` waits for the backplane before admitting
@@ -155,7 +243,7 @@ class RedisBackend:
 
     def __init__(
         self,
-        url: str = "redis://127.0.0.1:6379/0",
+        url: str | Sequence[str] = "redis://127.0.0.1:6379/0",
         *,
         namespace: str = "wsm",
         lease: float = DefaultFloat(10.0),
@@ -173,7 +261,8 @@ class RedisBackend:
         max_backlog = resolve(d, "max_backlog", max_backlog)
         self._argv: list[str] = []
         self.lease = lease
-        self.url = url
+        self.urls: list[str] = parse_urls(url)
+        self.url = self.urls[0]  # the primary
         self.namespace = namespace
         self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self.connect_timeout = connect_timeout
@@ -198,6 +287,11 @@ class RedisBackend:
         self._ids = itertools.count(1)
         self.view = ClusterView()  # every node, this one included
         self.own = ClusterView()  # this node only
+        # channels this node needs: channel -> local connections (memberships)
+        # that need it; changed channels wait in _sub_changes for the writer
+        self._refs: dict[bytes, int] = {}
+        self._sub_changes: set[bytes] = set()
+        self._shards: list[_Shard] = []  # per session, index as in self.urls
         # per event loop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -217,6 +311,8 @@ class RedisBackend:
         # counters
         self.published = 0
         self.received = 0
+        self.received_bytes = 0  # of lobby / user channel messages
+        self.published_bytes = 0
         self.dropped = 0
         self.outages = 0
         self.resyncs = 0
@@ -239,7 +335,39 @@ class RedisBackend:
             self._argv[2] = self._lease_ms
 
     def __repr__(self) -> str:
-        return f"RedisBackend({self.url!r}, namespace={self.namespace!r}, node_id={self.node_id!r})"
+        url = self.url if len(self.urls) == 1 else self.urls
+        return f"RedisBackend({url!r}, namespace={self.namespace!r}, node_id={self.node_id!r})"
+
+    # -------------------------------------------------------------- routing
+
+    def lobby_channel(self, lobby: str) -> bytes:
+        """The channel of ``lobby``'s broadcasts (see :mod:`.routing`)."""
+        return lobby_channel(self.namespace, lobby)
+
+    def user_channel(self, user: str) -> bytes:
+        """The channel of ``user``'s direct messages (see :mod:`.routing`)."""
+        return user_channel(self.namespace, user)
+
+    def shard_of(self, channel: bytes) -> int:
+        """Index in ``urls`` of the Redis that carries ``channel``."""
+        return shard_of(channel, self.urls)
+
+    def subscribed_channels(self) -> set[bytes]:
+        """The channels this node needs now (a lobby's while it holds a
+        member, a user's while it holds a connection of the user)."""
+        return set(self._refs)
+
+    def _ref(self, channel: bytes, delta: int) -> None:
+        n = self._refs.get(channel, 0) + delta
+        if n > 0:
+            self._refs[channel] = n
+            if n == delta:  # 0 -> n: subscribe
+                self._sub_changes.add(channel)
+                self._kick()
+        else:
+            self._refs.pop(channel, None)
+            self._sub_changes.add(channel)
+            self._kick()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -373,6 +501,8 @@ class RedisBackend:
         entry[2] = 1
         self.view.add(self.node_id, cid, entry[0], entry[1])
         self.own.add(self.node_id, cid, entry[0], entry[1])
+        self._ref(self.lobby_channel(entry[0]), 1)
+        self._ref(self.user_channel(entry[1]), 1)
         self._presence("c", cid)
 
     def release(self, websocket: Any) -> None:
@@ -383,6 +513,8 @@ class RedisBackend:
         if entry[2]:
             self.view.remove(self.node_id, cid)
             self.own.remove(self.node_id, cid)
+            self._ref(self.lobby_channel(entry[0]), -1)
+            self._ref(self.user_channel(entry[1]), -1)
         if self._session:
             self._releasing[cid] = entry[1]
         self._presence("r", cid)
@@ -428,10 +560,7 @@ class RedisBackend:
         n = self.remote_lobby_count(lobby, exclude_user_id)
         if n <= 0 or not self.up:
             return 0
-        target = lobby.encode()
-        excl = exclude_user_id.encode() if exclude_user_id is not None else b""
-        text = data.encode()
-        self._publish(_REC.pack(_LOBBY, len(target), len(excl), len(text)) + target + excl + text)
+        self._publish(self.lobby_channel(lobby), lobby_record(lobby, data, exclude_user_id))
         return n
 
     def publish_user(self, user: str, data: str) -> int:
@@ -439,18 +568,16 @@ class RedisBackend:
         n = self.remote_user_count(user)
         if n <= 0 or not self.up:
             return 0
-        target = user.encode()
-        text = data.encode()
-        self._publish(_REC.pack(_USER, len(target), 0, len(text)) + target + text)
+        self._publish(self.user_channel(user), user_record(user, data))
         return n
 
-    def _publish(self, frame: bytes) -> None:
+    def _publish(self, channel: bytes, frame: bytes) -> None:
         if len(self._ops) >= self.max_backlog:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 logger.warning("backplane backlog full: %d messages dropped", self.dropped)
             return
-        self._ops.append(("p", frame))
+        self._ops.append(("p", (channel, frame)))
         self._kick()
 
     def _mark_dirty(self) -> None:
@@ -484,32 +611,45 @@ class RedisBackend:
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self.backoff_max)
 
+    def _redis(self, url: str, socket_timeout: float | None) -> aioredis.Redis:
+        return aioredis.Redis.from_url(
+            url,
+            socket_connect_timeout=self.connect_timeout,
+            socket_timeout=socket_timeout,
+            retry=Retry(NoBackoff(), 0),
+            socket_keepalive=True,
+        )
+
     async def _run_session(self) -> None:
-        client = aioredis.Redis.from_url(
-            self.url,
-            socket_connect_timeout=self.connect_timeout,
-            socket_timeout=self.command_timeout,
-            retry=Retry(NoBackoff(), 0),
-            socket_keepalive=True,
-        )
-        # pub/sub on its own client: no read timeout on an idle bus
-        sub_client = aioredis.Redis.from_url(
-            self.url,
-            socket_connect_timeout=self.connect_timeout,
-            socket_timeout=None,
-            retry=Retry(NoBackoff(), 0),
-            socket_keepalive=True,
-        )
-        pubsub = sub_client.pubsub()
+        # per Redis: a client for commands, pub/sub on its own client (no read
+        # timeout on an idle subscription)
+        shards = [
+            _Shard(i, self._redis(url, self.command_timeout), self._redis(url, None))
+            for i, url in enumerate(self.urls)
+        ]
+        client = shards[0].client
         tasks: list[asyncio.Task[None]] = []
         try:
-            await pubsub.subscribe(self._channel)
-            conn = pubsub.connection
-            assert conn is not None
-            while True:  # the subscribe confirmation
-                reply = await asyncio.wait_for(conn.read_response(push_request=True), self.command_timeout)
-                if isinstance(reply, list) and reply and reply[0] == b"subscribe":
-                    break
+            for shard in shards:
+                await shard.open(self.command_timeout)
+            primary = shards[0]
+            primary.sent += 1
+            await primary.conn.send_command("SUBSCRIBE", self._channel)
+            self._sub_changes.clear()  # every channel needed is subscribed below
+            wanted: list[list[bytes]] = [[] for _ in shards]
+            for channel in self._refs:
+                wanted[self.shard_of(channel)].append(channel)
+            for shard in shards:
+                await shard.change(wanted[shard.index], True)
+            for shard in shards:  # the confirmations; anything else is kept for the reader
+                while shard.acked < shard.sent:
+                    read = shard.conn.read_response(push_request=True)
+                    reply = await asyncio.wait_for(read, self.command_timeout)
+                    if isinstance(reply, list) and reply and reply[0] in _ACKS:
+                        shard.acked += 1
+                    else:
+                        shard.early.append(reply)
+            self._shards = shards
             self._client = client
             self._session = True
             self._ops.clear()  # superseded by the sync below
@@ -528,11 +668,9 @@ class RedisBackend:
             assert self._ready is not None
             self._ready.set()
             loop = asyncio.get_running_loop()
-            tasks = [
-                loop.create_task(self._read_loop(conn)),
-                loop.create_task(self._write_loop(client)),
-                loop.create_task(self._keep_loop(client)),
-            ]
+            tasks = [loop.create_task(self._read_loop(shard)) for shard in shards]
+            tasks.append(loop.create_task(self._write_loop(client)))
+            tasks.append(loop.create_task(self._keep_loop(client)))
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 exc = t.exception()
@@ -546,11 +684,13 @@ class RedisBackend:
                 await asyncio.wait(tasks, timeout=1.0)
             self._session = False
             self._client = None
-            with contextlib.suppress(BaseException):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-            for c in (client, sub_client):
+            self._shards = []
+            for shard in shards:
                 with contextlib.suppress(BaseException):
-                    await c.aclose()
+                    await shard.sub.aclose()  # type: ignore[no-untyped-call]
+                for c in (shard.client, shard.sub_client):
+                    with contextlib.suppress(BaseException):
+                        await c.aclose()
 
     def _reset_session(self, *, outage: bool) -> None:
         was_up = self.up
@@ -605,20 +745,28 @@ class RedisBackend:
                 if state == 1:
                     self.view.add(node, pairs[j].decode(), lobby, user)
 
-    async def _read_loop(self, conn: Any) -> None:
+    async def _read_loop(self, shard: _Shard) -> None:
         m = self._manager
         assert m is not None
         delivery = m.delivery
         node_b = self._node_b
         rec_size = _REC.size
+        conn = shard.conn
+        early = shard.early
         while True:
-            reply = await conn.read_response(push_request=True)
-            if not isinstance(reply, list) or len(reply) < 3 or reply[0] != b"message":
+            reply = early.pop(0) if early else await conn.read_response(push_request=True)
+            if not isinstance(reply, list) or len(reply) < 3:
+                continue
+            if reply[0] not in _MESSAGE:
+                if reply[0] in _ACKS:
+                    shard.acked += 1
+                    shard.on_ack.set()
                 continue
             payload: bytes = reply[2]
             if payload[0] == _CONTROL:
                 self._on_control(payload)
                 continue
+            self.received_bytes += len(payload)
             (nlen,) = _U32.unpack_from(payload, 1)
             off = 5 + nlen
             if payload[5:off] == node_b:
@@ -662,37 +810,56 @@ class RedisBackend:
         wake = self._wake
         assert wake is not None
         while True:
+            if self._sub_changes:
+                await self._apply_subscriptions()
+                continue
             if not self._ops:
                 wake.clear()
                 await wake.wait()
                 continue
             await self._flush(client)
 
+    async def _apply_subscriptions(self) -> None:
+        """Make each Redis' subscriptions match the channels needed, and wait
+        until Redis confirmed them: a node's presence (sent after this) is
+        never visible before it listens to the channels it needs."""
+        changes, self._sub_changes = self._sub_changes, set()
+        shards = self._shards
+        todo: dict[tuple[int, bool], list[bytes]] = {}
+        for channel in changes:
+            shard = shards[self.shard_of(channel)]
+            want = channel in self._refs
+            if want != (channel in shard.subscribed):
+                todo.setdefault((shard.index, want), []).append(channel)
+        for (index, want), channels in todo.items():
+            await shards[index].change(channels, want)
+        for index in {index for index, _ in todo}:
+            shard = shards[index]
+            deadline = time.monotonic() + self.command_timeout
+            while shard.acked < shard.sent:
+                shard.on_ack.clear()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RedisTimeoutError(f"no subscription confirmation within {self.command_timeout}s")
+                await _wait_event(shard.on_ack, left)
+
     async def _flush(self, client: aioredis.Redis) -> None:
-        """Send everything queued, in order: records packed into PUBLISHes,
-        presence changes as script calls, one pipeline per round trip."""
+        """Send everything queued, in order: records packed into one PUBLISH
+        per channel (on the channel's Redis), presence changes as script
+        calls on the primary, one pipeline per Redis per round trip."""
         ops = self._ops
-        head = b"M" + _U32.pack(len(self._node_b)) + self._node_b
+        head = frame_head(self._node_b)
         while ops:
+            if ops[0][0] == "p":
+                await self._flush_records(head)
+                continue
             pipe = client.pipeline(transaction=False)
             kinds: list[str] = []
-            frame: list[bytes] = []
-            size = 0
             releases: list[str] = []
             sent_releases: list[str] = []
             commands = 0
-            while ops and commands < _BATCH:
-                op, arg = ops[0]
-                if op == "p":
-                    if frame and size + len(arg) > _MAX_FRAME:
-                        break
-                    ops.popleft()
-                    frame.append(arg)
-                    size += len(arg)
-                    continue
-                if frame:
-                    break  # the records go first, in their own PUBLISH
-                ops.popleft()
+            while ops and commands < _BATCH and ops[0][0] != "p":
+                op, arg = ops.popleft()
                 if op == "r":  # consecutive releases: one script call
                     releases.append(arg)
                     sent_releases.append(arg)
@@ -704,16 +871,42 @@ class RedisBackend:
                     pipe.eval(COMMIT, 5, *self._keys, *self._argv, arg)
                 kinds.append(op)
                 commands += 1
-            if frame:
-                pipe.publish(self._channel, head + b"".join(frame))
-                kinds.append("p")
-                self.published += len(frame)
             results = await _detached(pipe.execute(raise_on_error=False), self.command_timeout)
             for cid in sent_releases:
                 self._releasing.pop(cid, None)
             for op, res in zip(kinds, results, strict=True):
-                if op != "p" and (isinstance(res, Exception) or (op == "c" and res == 0)):
+                if isinstance(res, Exception) or (op == "c" and res == 0):
                     self._mark_dirty()
+
+    async def _flush_records(self, head: bytes) -> None:
+        """Publish the records at the head of the queue: per channel one
+        message (up to ``_MAX_FRAME`` bytes), in the order queued."""
+        ops = self._ops
+        frames: dict[bytes, list[bytes]] = {}
+        size = 0
+        count = 0
+        while ops and ops[0][0] == "p" and count < _BATCH * 8:
+            channel, record = ops[0][1]
+            if size and size + len(record) > _MAX_FRAME:
+                break
+            ops.popleft()
+            frames.setdefault(channel, []).append(record)
+            size += len(record)
+            count += 1
+        shards = self._shards
+        pipes: dict[int, Any] = {}
+        for channel, records in frames.items():
+            shard = shards[self.shard_of(channel)]
+            pipe = pipes.get(shard.index)
+            if pipe is None:
+                pipe = pipes[shard.index] = shard.client.pipeline(transaction=False)
+            message = head + b"".join(records)
+            pipe.execute_command(shard.pub, channel, message)
+            self.published_bytes += len(message)
+        self.published += count
+        await asyncio.gather(
+            *(_detached(pipe.execute(raise_on_error=False), self.command_timeout) for pipe in pipes.values())
+        )
 
     async def _keep_loop(self, client: aioredis.Redis) -> None:
         """Renew the lease, reap dead nodes, resync when Redis disagrees."""
@@ -757,6 +950,11 @@ class RedisBackend:
             "last_error": self.last_error,
             "published": self.published,
             "received": self.received,
+            "published_bytes": self.published_bytes,
+            "received_bytes": self.received_bytes,
+            "channels": len(self._refs),
+            "redis_servers": len(self.urls),
+            "sharded_pubsub": bool(self._shards) and all(s.sharded for s in self._shards),
             "dropped": self.dropped,
             "backlog": len(self._ops),
             "outages": self.outages,
