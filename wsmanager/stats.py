@@ -150,6 +150,17 @@ class BackplaneStats(TypedDict):
     """Nodes whose lease expired and whose connections were freed."""
     local_admissions: int
     """Handshakes admitted on local counts while Redis was unreachable."""
+    published_bytes: int
+    """Bytes of lobby and user messages this node published (payloads)."""
+    received_bytes: int
+    """Bytes of lobby and user channel messages this node received: only the
+    channels of lobbies and users it serves (per-lobby routing)."""
+    channels: int
+    """Lobby and user channels this node is subscribed to."""
+    redis_servers: int
+    """Redis URLs the channels are spread over (rendezvous hashing)."""
+    sharded_pubsub: bool
+    """Whether every server takes ``SSUBSCRIBE`` / ``SPUBLISH`` (Redis >= 7)."""
 
 
 class ClusterStats(TypedDict, total=False):
