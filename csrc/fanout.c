@@ -23,7 +23,7 @@ static int
 left_lobby(wsm_registry *r, PyObject *ws, PyObject *lobby, PyObject *exclude)
 {
     wsm_conn *c = wsm_find_conn(r, ws);
-    if (c == NULL || c->state != WSM_ACTIVE || c->lobby != wsm_find_lobby(r, lobby)) {
+    if (c == NULL || !wsm_is_member(r, c, wsm_find_lobby(r, lobby))) {
         return 1;
     }
     return exclude != NULL && c->user == wsm_find_user(r, exclude);

@@ -452,7 +452,7 @@ Core_can_accept_connection(CoreObject *self, PyObject *lobby_code)
     }
     else {
         wsm_group *g = wsm_find_lobby(&self->reg, code);
-        Py_ssize_t n = g ? g->members.len + g->reserved : 0;
+        Py_ssize_t n = g ? wsm_lobby_count(g) + g->reserved : 0;
         if (n >= self->max_per_lobby) {
             res = st->refuse_lobby;
             self->n_refused_lobby++;
@@ -819,6 +819,187 @@ Core_set_drop_hook(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* ---- rooms: a connection in several lobbies ---------------------------- */
+
+/* _join(websocket, lobby_code, reserve=False) -> "" | "member" |
+ * "lobby_full" | "not_connected": add the committed connection to another
+ * lobby ("" added, "member" already in it). max_per_lobby counts
+ * memberships and holds atomically (no Python code runs between the check
+ * and the add). With reserve, "" means one unit of the lobby's capacity is
+ * held until _join_settle (a clustered backend decides meanwhile). */
+static PyObject *
+Core_join(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_INIT(self, NULL);
+    int reserve = 0, added = 0;
+    if (nargs < 2 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_join(websocket, lobby_code, reserve=False)");
+        return NULL;
+    }
+    /* both may run Python code: before any lookup */
+    if (nargs == 3 && (reserve = PyObject_IsTrue(args[2])) < 0) {
+        return NULL;
+    }
+    PyObject *lobby = checked_id(self, args[1], "lobby_code"); /* new ref, exact str */
+    if (lobby == NULL) {
+        return NULL;
+    }
+    wsm_conn *c = wsm_find_conn(&self->reg, args[0]);
+    if (c == NULL || c->state != WSM_ACTIVE) {
+        Py_DECREF(lobby);
+        return PyUnicode_FromString("not_connected");
+    }
+    wsm_verdict v = wsm_join(&self->reg, c, lobby, self->max_per_lobby,
+                             reserve, &added);
+    Py_DECREF(lobby); /* the registry holds its own reference if it kept it */
+    switch (v) {
+    case WSM_OK:
+        return PyUnicode_FromString(added ? "" : "member");
+    case WSM_LOBBY_FULL:
+        self->n_refused_lobby++;
+        return Py_NewRef(self->st->str_lobby_full);
+    default:
+        return NULL;
+    }
+}
+
+/* _join_settle(websocket | None, lobby_code) -> bool: end a reservation of
+ * _join(..., reserve=True); with a websocket still connected, the
+ * membership is added (True). */
+static PyObject *
+Core_join_settle(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_INIT(self, NULL);
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "_join_settle(websocket, lobby_code)");
+        return NULL;
+    }
+    PyObject *lobby = lookup_id(args[1], "lobby_code"); /* new ref */
+    if (lobby == NULL) {
+        return NULL;
+    }
+    wsm_conn *c = args[0] == Py_None ? NULL : wsm_find_conn(&self->reg, args[0]);
+    int rc = wsm_join_settle(&self->reg, c, lobby);
+    Py_DECREF(lobby);
+    if (rc < 0) {
+        return NULL;
+    }
+    return PyBool_FromLong(rc);
+}
+
+/* leave(websocket, lobby_code) -> bool */
+static PyObject *
+Core_leave(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_INIT(self, NULL);
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "leave(websocket, lobby_code)");
+        return NULL;
+    }
+    PyObject *lobby = lookup_id(args[1], "lobby_code"); /* new ref */
+    if (lobby == NULL) {
+        return NULL;
+    }
+    wsm_conn *c = wsm_find_conn(&self->reg, args[0]);
+    int left = c != NULL && wsm_leave(&self->reg, c, lobby);
+    Py_DECREF(lobby); /* the group kept its own key (or was freed before) */
+    return PyBool_FromLong(left);
+}
+
+/* _is_member(websocket, lobby_code) -> bool */
+static PyObject *
+Core_is_member(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_INIT(self, NULL);
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "_is_member(websocket, lobby_code)");
+        return NULL;
+    }
+    PyObject *lobby = lookup_id(args[1], "lobby_code"); /* new ref */
+    if (lobby == NULL) {
+        return NULL;
+    }
+    wsm_conn *c = wsm_find_conn(&self->reg, args[0]);
+    int in = c != NULL && wsm_is_member(&self->reg, c, wsm_find_lobby(&self->reg, lobby));
+    Py_DECREF(lobby);
+    return PyBool_FromLong(in);
+}
+
+/* lobbies_of(websocket) -> set[str] */
+static PyObject *
+Core_lobbies_of(CoreObject *self, PyObject *ws)
+{
+    CHECK_INIT(self, NULL);
+    PyObject *set = PySet_New(NULL); /* new ref; may run Python: before the lookup */
+    if (set == NULL) {
+        return NULL;
+    }
+    wsm_conn *c = wsm_find_conn(&self->reg, ws);
+    if (c == NULL || c->state != WSM_ACTIVE) {
+        return set;
+    }
+    /* PySet_Add of exact str keys runs no Python code */
+    if (wsm_in_first(c) && PySet_Add(set, c->lobby->key) < 0) {
+        Py_DECREF(set);
+        return NULL;
+    }
+    for (wsm_member *m = wsm_conn_extras(&self->reg, c); m; m = m->cnext) {
+        if (PySet_Add(set, m->lobby->key) < 0) {
+            Py_DECREF(set);
+            return NULL;
+        }
+    }
+    return set;
+}
+
+/* _track_presence(flag): mark the lobbies whose membership changes (on) or
+ * not (off, the default: one branch per change). */
+static PyObject *
+Core_track_presence(CoreObject *self, PyObject *flag)
+{
+    CHECK_INIT(self, NULL);
+    int v = PyObject_IsTrue(flag);
+    if (v < 0) {
+        return NULL;
+    }
+    self->reg.track_dirty = v;
+    if (!v) { /* drop the marks (and the empty lobbies they kept) */
+        PyObject *keys[64];
+        Py_ssize_t n;
+        while ((n = wsm_take_dirty(&self->reg, keys, 64)) > 0) {
+            for (Py_ssize_t i = 0; i < n; i++) {
+                Py_DECREF(keys[i]); /* exact str: no finalizer */
+            }
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* _take_dirty() -> list[str]: the lobbies whose membership changed since
+ * the last call, oldest change first, each once. */
+static PyObject *
+Core_take_dirty(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_INIT(self, NULL);
+    Py_ssize_t n = self->reg.ndirty;
+    PyObject *out = PyList_New(n); /* new ref; may run Python (more marks) */
+    if (out == NULL) {
+        return NULL;
+    }
+    if (n == 0) {
+        return out;
+    }
+    /* the list only grows meanwhile: take the n first; the items are new
+     * references and the walk runs no Python code */
+    Py_ssize_t got = wsm_take_dirty(&self->reg, ((PyListObject *)out)->ob_item, n);
+    if (got < n && PyList_SetSlice(out, got, n, NULL) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
 /* _info(websocket) -> (lobby_code, user_id) | None */
 static PyObject *
 Core_info(CoreObject *self, PyObject *ws)
@@ -1089,6 +1270,12 @@ Core_get_lobby_users_impl(CoreObject *self, PyObject *lobby_code)
                 return NULL;
             }
         }
+        for (wsm_member *m = g->guests.head; m; m = m->next) {
+            if (PySet_Add(set, m->conn->user->key) < 0) {
+                Py_DECREF(set);
+                return NULL;
+            }
+        }
     }
     return set;
 }
@@ -1148,7 +1335,7 @@ group_targets(CoreObject *self, PyObject *key /* exact str */, int by_lobby,
 {
     wsm_registry *r = &self->reg;
     wsm_group *g = by_lobby ? wsm_find_lobby(r, key) : wsm_find_user(r, key);
-    Py_ssize_t n = wsm_group_count(g);
+    Py_ssize_t n = by_lobby ? wsm_lobby_count(g) : wsm_group_count(g);
     PyObject *out = PyList_New(n); /* new ref; may run Python */
     if (out == NULL) {
         return NULL;
@@ -1156,15 +1343,25 @@ group_targets(CoreObject *self, PyObject *key /* exact str */, int by_lobby,
     g = by_lobby ? wsm_find_lobby(r, key) : wsm_find_user(r, key);
     wsm_group *ex = exclude ? wsm_find_user(r, exclude) : NULL;
     Py_ssize_t i = 0;
-    for (wsm_conn *c = g ? g->members.head : NULL; c;
-         c = by_lobby ? c->lobby_link.next : c->user_link.next) {
-        if (ex != NULL && c->user == ex) {
+    /* a lobby: its first-lobby members, then its guests (join()); each
+     * connection is on one of the two at most once */
+    wsm_member *m = by_lobby && g ? g->guests.head : NULL;
+    for (wsm_conn *c = g ? g->members.head : NULL; c != NULL || m != NULL;) {
+        wsm_conn *cur = c;
+        if (cur != NULL) {
+            c = by_lobby ? c->lobby_link.next : c->user_link.next;
+        }
+        else {
+            cur = m->conn;
+            m = m->next;
+        }
+        if (ex != NULL && cur->user == ex) {
             continue;
         }
         if (i < n) {
-            PyList_SET_ITEM(out, i, Py_NewRef(c->ws));
+            PyList_SET_ITEM(out, i, Py_NewRef(cur->ws));
         }
-        else if (PyList_Append(out, c->ws) < 0) { /* every slot is set */
+        else if (PyList_Append(out, cur->ws) < 0) { /* every slot is set */
             Py_DECREF(out);
             return NULL;
         }
@@ -1267,7 +1464,7 @@ Core_lobby_count(CoreObject *self, PyObject *lobby_code)
     if (code == NULL) {
         return NULL;
     }
-    Py_ssize_t n = wsm_group_count(wsm_find_lobby(&self->reg, code));
+    Py_ssize_t n = wsm_lobby_count(wsm_find_lobby(&self->reg, code));
     Py_DECREF(code);
     return PyLong_FromSsize_t(n);
 }
@@ -1326,6 +1523,27 @@ Core_snapshot(CoreObject *self, PyObject *Py_UNUSED(ignored))
             }
             i++;
         }
+    }
+    /* connections that left their first lobby (rooms): the key is still
+     * their connect() lobby, as disconnect() reports it */
+    void *item;
+    pos = 0;
+    while (self->reg.detached > 0 && i < n &&
+           wsm_table_next(&self->reg.conns, &pos, &item)) {
+        wsm_conn *c = item;
+        if (c->state != WSM_ACTIVE || wsm_in_first(c)) {
+            continue;
+        }
+        PyObject *t = PyList_GET_ITEM(out, i); /* borrowed */
+        PyObject *it3[3] = {c->ws, c->lobby->key, c->user->key};
+        for (int k = 0; k < 3; k++) {
+            Py_DECREF(Py_None);
+            PyTuple_SET_ITEM(t, k, Py_NewRef(it3[k]));
+        }
+        if (!PyObject_GC_IsTracked(t)) {
+            PyObject_GC_Track(t);
+        }
+        i++;
     }
     /* dropping the unused tuples (all None) runs no Python code */
     if (i < n && PyList_SetSlice(out, i, n, NULL) < 0) {
@@ -1879,6 +2097,18 @@ static PyMethodDef Core_methods[] = {
     {"_count_refusal", (PyCFunction)Core_count_refusal, METH_O, NULL},
     {"_release", (PyCFunction)Core_release, METH_O, NULL},
     {"_info", (PyCFunction)Core_info, METH_O, NULL},
+    {"_join", (PyCFunction)(void (*)(void))Core_join, METH_FASTCALL, NULL},
+    {"_join_settle", (PyCFunction)(void (*)(void))Core_join_settle, METH_FASTCALL, NULL},
+    {"leave", (PyCFunction)(void (*)(void))Core_leave, METH_FASTCALL,
+     "leave(websocket, lobby_code) -> bool\n\n"
+     "Take the connection out of lobby_code (its first lobby included); True\n"
+     "if it was a member."},
+    {"_is_member", (PyCFunction)(void (*)(void))Core_is_member, METH_FASTCALL, NULL},
+    {"lobbies_of", (PyCFunction)Core_lobbies_of, METH_O,
+     "lobbies_of(websocket) -> set[str]\n\n"
+     "The lobbies the connection is in (empty if it is not connected)."},
+    {"_track_presence", (PyCFunction)Core_track_presence, METH_O, NULL},
+    {"_take_dirty", (PyCFunction)Core_take_dirty, METH_NOARGS, NULL},
     {"_note_ping", (PyCFunction)(void (*)(void))Core_note_ping, METH_FASTCALL,
      NULL},
     {"_pong_due", (PyCFunction)Core_pong_due, METH_O, NULL},

@@ -76,11 +76,273 @@ group_get(wsm_table *table, PyObject *key)
 static void
 group_release_if_empty(wsm_table *table, wsm_group *g)
 {
-    if (g->members.len == 0 && g->reserved == 0) {
+    if (g->members.len == 0 && g->reserved == 0 && g->guests.len == 0 &&
+        g->anchors == 0 && !g->dirty) {
         wsm_table_remove(table, str_tag(g->key), g);
         Py_CLEAR(g->key);
         PyMem_Free(g);
     }
+}
+
+/* ---- presence: lobbies whose membership changed --------------------- */
+
+static inline void
+mark_dirty(wsm_registry *r, wsm_group *g)
+{
+    if (!r->track_dirty || g->dirty) {
+        return;
+    }
+    g->dirty = 1;
+    g->dirty_next = NULL;
+    if (r->dirty_tail) {
+        r->dirty_tail->dirty_next = g;
+    }
+    else {
+        r->dirty_head = g;
+    }
+    r->dirty_tail = g;
+    r->ndirty++;
+}
+
+Py_ssize_t
+wsm_take_dirty(wsm_registry *r, PyObject **out, Py_ssize_t max)
+{
+    Py_ssize_t n = 0;
+    while (n < max && r->dirty_head != NULL) {
+        wsm_group *g = r->dirty_head;
+        r->dirty_head = g->dirty_next;
+        if (r->dirty_head == NULL) {
+            r->dirty_tail = NULL;
+        }
+        r->ndirty--;
+        g->dirty = 0;
+        g->dirty_next = NULL;
+        out[n++] = Py_NewRef(g->key); /* ours: the DECREF below is not the last */
+        group_release_if_empty(&r->lobbies, g);
+    }
+    return n;
+}
+
+/* ---- memberships past the first ------------------------------------- */
+
+static inline uintptr_t
+member_tag(const wsm_conn *c, const wsm_group *g)
+{
+    return (uintptr_t)c ^ ((uintptr_t)g * (uintptr_t)0x9E3779B97F4A7C15ULL);
+}
+
+static wsm_member *
+member_find(wsm_registry *r, wsm_conn *c, wsm_group *g)
+{
+    wsm_slot *s;
+    WSM_TABLE_FOR_TAG(&r->memberships, member_tag(c, g), s) {
+        wsm_member *m = s->item;
+        if (m->conn == c && m->lobby == g) {
+            return m;
+        }
+    }
+    return NULL;
+}
+
+static wsm_slot *
+chain_slot(wsm_registry *r, wsm_conn *c)
+{
+    wsm_slot *s;
+    WSM_TABLE_FOR_TAG(&r->chains, (uintptr_t)c, s) {
+        return s; /* one head per connection */
+    }
+    return NULL;
+}
+
+wsm_member *
+wsm_conn_extras(wsm_registry *r, wsm_conn *c)
+{
+    wsm_slot *s = chain_slot(r, c);
+    return s ? s->item : NULL;
+}
+
+int
+wsm_is_member(wsm_registry *r, wsm_conn *c, wsm_group *g)
+{
+    if (g == NULL || c->state != WSM_ACTIVE) {
+        return 0;
+    }
+    if (c->lobby == g && wsm_in_first(c)) {
+        return 1;
+    }
+    return g->guests.len > 0 && member_find(r, c, g) != NULL;
+}
+
+/* Unlink and free one node; the group is released if nothing else holds it. */
+static void
+member_drop(wsm_registry *r, wsm_member *m, wsm_slot *head)
+{
+    wsm_group *g = m->lobby;
+    wsm_table_remove(&r->memberships, member_tag(m->conn, g), m);
+    if (m->prev) {
+        m->prev->next = m->next;
+    }
+    else {
+        g->guests.head = m->next;
+    }
+    if (m->next) {
+        m->next->prev = m->prev;
+    }
+    else {
+        g->guests.tail = m->prev;
+    }
+    g->guests.len--;
+    if (m->cprev) {
+        m->cprev->cnext = m->cnext;
+    }
+    else if (m->cnext) {
+        head->item = m->cnext;
+    }
+    else {
+        wsm_table_remove(&r->chains, (uintptr_t)m->conn, m);
+    }
+    if (m->cnext) {
+        m->cnext->cprev = m->cprev;
+    }
+    if (wsm_lobby_count(g) == 0) {
+        r->active_lobbies--;
+    }
+    mark_dirty(r, g);
+    PyMem_Free(m);
+    group_release_if_empty(&r->lobbies, g);
+}
+
+/* Every extra membership of `c` ends (it is being removed). */
+static void
+drop_extras(wsm_registry *r, wsm_conn *c)
+{
+    wsm_slot *s;
+    while ((s = chain_slot(r, c)) != NULL) {
+        member_drop(r, s->item, s);
+    }
+}
+
+/* Add a node for (c, g): g exists. 0, or -1 with MemoryError set. */
+static int
+member_add(wsm_registry *r, wsm_conn *c, wsm_group *g)
+{
+    wsm_member *m = PyMem_Calloc(1, sizeof(*m));
+    if (m == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    m->conn = c;
+    m->lobby = g;
+    if (wsm_table_insert(&r->memberships, member_tag(c, g), m) < 0) {
+        PyMem_Free(m);
+        PyErr_NoMemory();
+        return -1;
+    }
+    wsm_slot *head = chain_slot(r, c);
+    if (head == NULL) {
+        if (wsm_table_insert(&r->chains, (uintptr_t)c, m) < 0) {
+            wsm_table_remove(&r->memberships, member_tag(c, g), m);
+            PyMem_Free(m);
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    else {
+        wsm_member *first = head->item;
+        m->cnext = first;
+        first->cprev = m;
+        head->item = m;
+    }
+    if (wsm_lobby_count(g) == 0) {
+        r->active_lobbies++;
+    }
+    m->prev = g->guests.tail;
+    if (g->guests.tail) {
+        g->guests.tail->next = m;
+    }
+    else {
+        g->guests.head = m;
+    }
+    g->guests.tail = m;
+    g->guests.len++;
+    mark_dirty(r, g);
+    return 0;
+}
+
+wsm_verdict
+wsm_join(wsm_registry *r, wsm_conn *c, PyObject *lobby, Py_ssize_t max_lobby,
+         int reserve, int *added)
+{
+    wsm_group *g = group_find(&r->lobbies, lobby);
+    *added = 0;
+    if (wsm_is_member(r, c, g)) {
+        return WSM_OK;
+    }
+    if (max_lobby >= 0 && wsm_lobby_count(g) + (g ? g->reserved : 0) >= max_lobby) {
+        return WSM_LOBBY_FULL;
+    }
+    if (g == NULL && (g = group_get(&r->lobbies, lobby)) == NULL) {
+        return WSM_ERROR;
+    }
+    if (reserve) {
+        g->reserved++;
+        *added = 1;
+        return WSM_OK;
+    }
+    if (member_add(r, c, g) < 0) {
+        group_release_if_empty(&r->lobbies, g);
+        return WSM_ERROR;
+    }
+    *added = 1;
+    return WSM_OK;
+}
+
+int
+wsm_join_settle(wsm_registry *r, wsm_conn *c, PyObject *lobby)
+{
+    wsm_group *g = group_find(&r->lobbies, lobby);
+    if (g == NULL) {
+        return 0; /* the registry was cleared meanwhile */
+    }
+    if (g->reserved > 0) {
+        g->reserved--;
+    }
+    if (c == NULL || c->state != WSM_ACTIVE || wsm_is_member(r, c, g)) {
+        group_release_if_empty(&r->lobbies, g);
+        return 0;
+    }
+    if (member_add(r, c, g) < 0) {
+        group_release_if_empty(&r->lobbies, g);
+        return -1;
+    }
+    return 1;
+}
+
+int
+wsm_leave(wsm_registry *r, wsm_conn *c, PyObject *lobby)
+{
+    wsm_group *g = group_find(&r->lobbies, lobby);
+    if (g == NULL || c->state != WSM_ACTIVE) {
+        return 0;
+    }
+    if (c->lobby == g && wsm_in_first(c)) {
+        wsm_list_unlink(&g->members, c, WSM_OFF_LOBBY);
+        g->anchors++;
+        r->detached++;
+        if (wsm_lobby_count(g) == 0) {
+            r->active_lobbies--;
+        }
+        mark_dirty(r, g);
+        r->removals++;
+        return 1;
+    }
+    wsm_member *m = g->guests.len ? member_find(r, c, g) : NULL;
+    if (m == NULL) {
+        return 0;
+    }
+    member_drop(r, m, chain_slot(r, c));
+    r->removals++;
+    return 1;
 }
 
 /* ---- public ----------------------------------------------------------- */
@@ -133,10 +395,20 @@ wsm_registry_clear(wsm_registry *r)
      * finalizer may run Python code, which must see a consistent (empty)
      * registry and must not find half-freed entries. */
     wsm_table conns = r->conns, lobbies = r->lobbies, users = r->users;
+    wsm_table memberships = r->memberships, chains = r->chains;
     uint64_t removals = r->removals;
+    int track = r->track_dirty;
+    void *item;
+    size_t i = 0;
 
     memset(r, 0, sizeof(*r));
-    r->removals = removals;
+    r->removals = removals + 1;
+    r->track_dirty = track;
+    while (wsm_table_next(&memberships, &i, &item)) {
+        PyMem_Free(item); /* holds no Python reference */
+    }
+    wsm_table_free(&memberships);
+    wsm_table_free(&chains);
     clear_table(&conns, 1);
     clear_table(&lobbies, 0);
     clear_table(&users, 0);
@@ -177,7 +449,7 @@ wsm_reserve(wsm_registry *r, PyObject *ws, PyObject *lobby, PyObject *user,
         return NULL;
     }
     lg = group_find(&r->lobbies, lobby);
-    if (max_lobby >= 0 && lg && lg->members.len + lg->reserved >= max_lobby) {
+    if (max_lobby >= 0 && lg && wsm_lobby_count(lg) + lg->reserved >= max_lobby) {
         *verdict = WSM_LOBBY_FULL;
         return NULL;
     }
@@ -247,9 +519,10 @@ wsm_commit(wsm_registry *r, wsm_conn *c, double now)
     c->lobby->reserved--;
     c->user->reserved--;
     wsm_list_unlink(&c->user->pending, c, WSM_OFF_USER);
-    if (c->lobby->members.len == 0) {
+    if (wsm_lobby_count(c->lobby) == 0) {
         r->active_lobbies++;
     }
+    mark_dirty(r, c->lobby);
     if (c->user->members.len == 0) {
         r->active_users++;
     }
@@ -266,12 +539,20 @@ wsm_remove(wsm_registry *r, wsm_conn *c)
 
     wsm_table_remove(&r->conns, (uintptr_t)ws, c);
     if (c->state == WSM_ACTIVE) {
-        wsm_list_unlink(&lg->members, c, WSM_OFF_LOBBY);
+        drop_extras(r, c);
+        if (wsm_in_first(c)) {
+            wsm_list_unlink(&lg->members, c, WSM_OFF_LOBBY);
+            if (wsm_lobby_count(lg) == 0) {
+                r->active_lobbies--;
+            }
+            mark_dirty(r, lg);
+        }
+        else {
+            lg->anchors--;
+            r->detached--;
+        }
         wsm_list_unlink(&ug->members, c, WSM_OFF_USER);
         wsm_unlist(r, c);
-        if (lg->members.len == 0) {
-            r->active_lobbies--;
-        }
         if (ug->members.len == 0) {
             r->active_users--;
         }
@@ -311,7 +592,7 @@ wsm_replace_count(wsm_registry *r, PyObject *lobby, PyObject *user,
     /* which of the `need` oldest entries are in the target lobby */
     for (i = 0, c = ug->members.head; c != NULL && i < need;
          c = c->user_link.next, i++) {
-        in_lobby += c->lobby == lg;
+        in_lobby += wsm_is_member(r, c, lg);
     }
     for (c = ug->pending.head; c != NULL && i < need;
          c = c->user_link.next, i++) {
@@ -320,7 +601,7 @@ wsm_replace_count(wsm_registry *r, PyObject *lobby, PyObject *user,
     if (max_conn >= 0 && r->active + r->pending - need >= max_conn) {
         return 0;
     }
-    n = lg ? lg->members.len + lg->reserved - in_lobby : 0;
+    n = lg ? wsm_lobby_count(lg) + lg->reserved - in_lobby : 0;
     if (max_lobby >= 0 && n >= max_lobby) {
         return 0;
     }

@@ -30,6 +30,7 @@
 
 typedef struct wsm_conn wsm_conn;
 typedef struct wsm_group wsm_group;
+typedef struct wsm_member wsm_member;
 
 /* Intrusive doubly linked list node. */
 typedef struct wsm_link {
@@ -43,14 +44,43 @@ typedef struct wsm_list {
     Py_ssize_t len;
 } wsm_list;
 
+/* The lobby memberships of a connection past the first (rooms): one node
+ * per (connection, lobby), on the lobby's `guests` list and on the
+ * connection's chain. The first membership is embedded in the entry
+ * (wsm_conn.lobby, .lobby_link on the lobby's `members`), so connect()
+ * allocates nothing more; a connection in one lobby has no node. */
+struct wsm_member {
+    wsm_conn *conn;
+    wsm_group *lobby;
+    wsm_member *prev, *next;    /* lobby->guests, oldest first */
+    wsm_member *cprev, *cnext;  /* the connection's chain (its head: the
+                                   registry's `chains` table) */
+};
+
+typedef struct wsm_mlist {
+    wsm_member *head;
+    wsm_member *tail;
+    Py_ssize_t len;
+} wsm_mlist;
+
 /* A lobby or a user: a keyed group of connections. */
 struct wsm_group {
     PyObject *key;          /* strong ref: the exact str id as first seen;
                                its cached hash is the group's table tag */
-    wsm_list members;       /* committed connections, oldest first */
-    Py_ssize_t reserved;    /* handshakes admitted but not yet committed */
+    wsm_list members;       /* committed connections, oldest first (lobbies:
+                               those whose first lobby this is and which
+                               have not left it) */
+    Py_ssize_t reserved;    /* handshakes admitted but not yet committed
+                               (lobbies: and joins awaiting a clustered
+                               backend's verdict) */
     wsm_list pending;       /* users only: those handshakes, oldest first
                                (linked by user_link while PENDING) */
+    wsm_mlist guests;       /* lobbies only: the other memberships (join()) */
+    Py_ssize_t anchors;     /* lobbies only: connections that left this,
+                               their first lobby (it stays their connect()
+                               lobby: disconnect() returns its key) */
+    wsm_group *dirty_next;  /* on the registry's presence dirty list */
+    uint8_t dirty;
 };
 
 enum wsm_conn_state {
@@ -106,9 +136,17 @@ typedef struct wsm_registry {
     Py_ssize_t active_users;    /* users with at least one committed conn */
     wsm_list idle;          /* ACTIVE conns not pinged, ordered by last_rx */
     wsm_list wait;          /* ACTIVE conns pinged, ordered by ping_sent */
-    uint64_t removals;      /* committed connections removed so far: a
-                               delivery loop that saw it unchanged knows every
-                               member of its snapshot is still a member */
+    uint64_t removals;      /* memberships ended so far (a connection
+                               removed, a lobby left): a delivery loop that
+                               saw it unchanged knows every member of its
+                               snapshot is still a member */
+    wsm_table memberships;  /* wsm_member * by (connection, lobby) */
+    wsm_table chains;       /* a connection's first wsm_member, by wsm_conn * */
+    Py_ssize_t detached;    /* committed connections not in their first lobby */
+    int track_dirty;        /* presence on: membership changes mark lobbies */
+    wsm_group *dirty_head;  /* lobbies whose membership changed (FIFO) */
+    wsm_group *dirty_tail;
+    Py_ssize_t ndirty;
 } wsm_registry;
 
 /* Refusal reasons of wsm_reserve. */
@@ -158,6 +196,40 @@ wsm_conn *wsm_user_oldest(wsm_registry *r, PyObject *user);
  * reference to anything it still needs from it (ws, lobby->key, user->key):
  * the entry's references are released here. */
 void wsm_remove(wsm_registry *r, wsm_conn *c);
+
+/* ---- rooms: memberships past the first ------------------------------- */
+
+/* Memberships (committed) of a lobby: first-lobby members and guests. */
+static inline Py_ssize_t wsm_lobby_count(const wsm_group *g)
+{
+    return g ? g->members.len + g->guests.len : 0;
+}
+/* Whether the committed connection `c` is a member of lobby `g` (NULL: no). */
+int wsm_is_member(wsm_registry *r, wsm_conn *c, wsm_group *g);
+/* Add the committed connection `c` to the lobby `lobby` (exact str).
+ * WSM_OK: added, or already a member (*added = 0); WSM_LOBBY_FULL (no
+ * exception); WSM_ERROR (exception set). With `reserve`, nothing is added:
+ * one unit of the lobby's capacity is held (its `reserved`) until
+ * wsm_join_commit or wsm_join_release. */
+wsm_verdict wsm_join(wsm_registry *r, wsm_conn *c, PyObject *lobby,
+                     Py_ssize_t max_lobby, int reserve, int *added);
+/* End a reservation of wsm_join(reserve=1) on `lobby`; with `c` (still
+ * committed) the membership is added first. 1 added, 0 not, -1 error. */
+int wsm_join_settle(wsm_registry *r, wsm_conn *c, PyObject *lobby);
+/* Leave `lobby` (exact str). 1 if `c` was a member, else 0. */
+int wsm_leave(wsm_registry *r, wsm_conn *c, PyObject *lobby);
+/* The next of c's memberships after `m` (NULL: the first extra node);
+ * NULL at the end. Read-only walk: no change while walking. */
+wsm_member *wsm_conn_extras(wsm_registry *r, wsm_conn *c);
+/* Whether `c` (committed) is still linked in its first lobby. */
+static inline int wsm_in_first(const wsm_conn *c)
+{
+    return c->lobby_link.prev != NULL || c->lobby->members.head == c;
+}
+/* Presence: pop up to `max` dirty lobbies into `out` (each group kept alive
+ * while dirty; freed here if empty after its key was INCREF'd into out).
+ * Runs no Python code. Returns how many. */
+Py_ssize_t wsm_take_dirty(wsm_registry *r, PyObject **out, Py_ssize_t max);
 
 /* The activity lists (touch, pong, ping, sweeps): activity.h. */
 

@@ -234,7 +234,7 @@ class Delivery:
     ) -> bool:
         """Whether ``websocket`` is no longer a recipient of the lobby's message."""
         info = core._info(websocket)
-        return info is None or info[0] != lobby_code or info[1] == exclude_user_id
+        return info is None or info[1] == exclude_user_id or not core._is_member(websocket, lobby_code)
 
     async def deliver_lobby(self, lobby_code: str, data: str, exclude_user_id: str | None) -> int:
         """Send ``data`` to this process's connections in the lobby without

@@ -527,6 +527,57 @@ class ConnectionManager(Core):
             if self._handshakes_waiter is not None:  # a shutdown() waits for the handshakes
                 self._handshake_ended(loop)
 
+    async def join(self, websocket: WebSocket, lobby_code: str) -> bool:
+        """Add a connected ``websocket`` to another lobby (rooms); True once it is a member.
+
+        The connection then gets that lobby's broadcasts (each once, however
+        many lobbies it is in), counts in its ``get_lobby_users`` and against
+        its ``max_per_lobby`` (which counts memberships, checked and taken
+        atomically: concurrent joins never overshoot it; with a clustered
+        backend, cluster-wide). Joining a lobby it is already in: True, no
+        change. Returns False, changing nothing, with the reason logged:
+
+        * ``"lobby_full"``: the lobby is at ``max_per_lobby`` (counted in
+          ``get_stats()["refused"]["lobby_full"]``);
+        * ``"not_connected"``: ``websocket`` is not a registered connection
+          (never connected, still in its handshake, or disconnected).
+
+        Raises TypeError / ValueError for a ``lobby_code`` ``connect()`` would
+        refuse (not a str, empty, longer than ``max_id_bytes``), before
+        anything changes. :meth:`leave` undoes it; ``disconnect()`` leaves
+        every lobby.
+        """
+        bp = self._backplane
+        reason = self._join(websocket, lobby_code, bp is not None)
+        if reason and reason != "member":
+            self._log_join_refused(lobby_code, reason)
+            return False
+        if bp is None or reason == "member":
+            return True
+        # clustered: the local slot is held; the backend decides cluster-wide
+        join = getattr(bp, "join", None)
+        if join is None:
+            self._join_settle(None, lobby_code)
+            raise NotImplementedError(f"{type(bp).__name__} does not implement join() yet")
+        try:
+            reason = await join(websocket, lobby_code)
+        except BaseException:
+            self._join_settle(None, lobby_code)
+            raise
+        if reason:
+            self._join_settle(None, lobby_code)
+            self._count_refusal(reason)
+            self._log_join_refused(lobby_code, reason)
+            return False
+        # False: it disconnected meanwhile (or a concurrent join added it)
+        if not self._join_settle(websocket, lobby_code) and not self._is_member(websocket, lobby_code):
+            getattr(bp, "leave")(websocket, lobby_code)  # noqa: B009 - not in RedisBackend yet
+            return False
+        return True
+
+    def _log_join_refused(self, lobby_code: str, reason: str) -> None:
+        logger.info("join refused: %s", reason, extra={"lobby": lobby_code, "reason": reason})
+
     def _handshake_ended(self, loop: asyncio.AbstractEventLoop) -> None:
         """A handshake of ``loop`` ended while shutdown() waits: wake it once
         none of that loop is left."""
@@ -971,8 +1022,9 @@ class ConnectionManager(Core):
     def active_connections(self) -> Mapping[str, frozenset[WebSocket]]:
         """lobby_code -> websockets (a read-only snapshot; O(connections))."""
         lobbies: dict[str, set[WebSocket]] = {}
-        for websocket, lobby, _user in self._snapshot():
-            lobbies.setdefault(lobby, set()).add(websocket)
+        for websocket, _first, _user in self._snapshot():
+            for lobby in self.lobbies_of(websocket):  # every membership (rooms)
+                lobbies.setdefault(lobby, set()).add(websocket)
         return MappingProxyType({k: frozenset(v) for k, v in lobbies.items()})
 
     @property
@@ -1040,6 +1092,19 @@ class _ClusteredConnectionManager(ConnectionManager):
             self._count_refusal("lobby_full")
             return False, "lobby_full"
         return verdict
+
+    def leave(self, websocket: Any, lobby_code: str) -> bool:
+        """Take ``websocket`` out of ``lobby_code`` (its first lobby included):
+        True if it was a member. The cluster learns of it through the
+        backend's ``leave``."""
+        left = Core.leave(self, websocket, lobby_code)
+        bp = self._backplane
+        if left and bp is not None:
+            leave = getattr(bp, "leave", None)
+            if leave is None:
+                raise NotImplementedError(f"{type(bp).__name__} does not implement leave() yet")
+            leave(websocket, lobby_code)
+        return left
 
     def is_user_connected(self, user_id: str, *, local: bool = False) -> bool:
         """Whether ``user_id`` has an open connection, on any node of the
