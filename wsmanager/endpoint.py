@@ -288,7 +288,8 @@ async def serve(
       ``too_many_lobbies`` once the connection is in
       ``max_lobbies_per_connection`` lobbies (default 32, an ``int`` >= 1:
       ``TypeError`` / ``ValueError`` otherwise, before anything is sent), with
-      ``invalid_lobby`` for an empty lobby or one over ``max_id_bytes``, with
+      ``invalid_lobby`` for an empty lobby, one over ``max_id_bytes`` or not
+      UTF-8, with
       ``lobby_full`` when ``manager.join()`` refuses it. A request whose
       ``lobby`` is not a string or whose ``ref`` is not a string of at most 128
       characters, an integer within 2**53 - 1 or null gets the error

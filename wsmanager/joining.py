@@ -76,7 +76,8 @@ JOIN_REFUSAL_REASONS: tuple[str, ...] = (
 hook may give its own):
 
 * ``forbidden``: the hook did not return ``True``, or ``serve()`` has no hook;
-* ``invalid_lobby``: an empty lobby, or one over ``max_id_bytes`` in UTF-8;
+* ``invalid_lobby``: an empty lobby, one over ``max_id_bytes`` in UTF-8, or
+  one with a lone surrogate (``"\\ud800"``: not UTF-8);
 * ``too_many_lobbies``: the connection is in ``max_lobbies_per_connection``
   lobbies already (the first one and the app's own joins count);
 * ``lobby_full``: ``manager.join()`` refused it (``max_per_lobby``, cluster-wide
@@ -116,7 +117,12 @@ def _answer(kind: str, lobby: str, ref: Any, **fields: Any) -> str:
 
 
 def _valid_lobby(lobby: str, max_bytes: int) -> bool:
-    return lobby != "" and len(lobby.encode("utf-8", "surrogatepass")) <= max_bytes
+    """The manager's id rules: not empty, at most ``max_bytes`` in UTF-8 (a
+    lone surrogate, which JSON text can carry, is not UTF-8)."""
+    try:
+        return lobby != "" and len(lobby.encode("utf-8")) <= max_bytes
+    except UnicodeEncodeError:
+        return False
 
 
 class LobbyRequests:
