@@ -104,7 +104,7 @@ function render() {
   $("members").replaceChildren(...["home", ...client.lobbies].map((lobby) => {
     const ul = document.createElement("ul");
     ul.dataset.lobby = lobby;
-    for (const user of client.members(lobby)) {
+    for (const user of client.members(lobby).sort()) {
       const li = document.createElement("li");
       li.dataset.user = user;
       li.textContent = user;
