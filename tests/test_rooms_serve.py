@@ -77,6 +77,27 @@ def test_without_on_join_client_joins_and_leaves_are_refused() -> None:
     asyncio.run(main())
 
 
+def test_a_join_sent_during_the_handshake_is_answered_once_registered() -> None:
+    async def main() -> None:
+        m = ConnectionManager()
+        peer = FakePeer(accept_yields=5)
+        peer.send_json({"type": "lobby_join", "lobby": "open-early", "ref": 1})  # before accept()
+        seen: list[bool] = []
+
+        def hook(conn: Connection, lobby: str) -> bool:
+            seen.append(conn.websocket in m)
+            return True
+
+        task = asyncio.create_task(m.serve(peer.ws, "home", "alice", App(m).handler, on_join=hook))
+        await settle()
+        assert seen == [True]
+        assert answers(peer) == [{"type": "lobby_joined", "lobby": "open-early", "ref": 1}]
+        assert m.lobbies_of(peer.ws) == {"home", "open-early"}
+        await close(peer, task)
+
+    asyncio.run(main())
+
+
 def test_on_join_decides_and_a_joined_lobby_gets_its_broadcasts() -> None:
     async def main() -> None:
         m = ConnectionManager()
