@@ -1071,3 +1071,229 @@ def test_broadcast_whose_sends_disconnect_join_raise_suspend_and_run_finalizers(
         await m.shutdown()
 
     asyncio.run(main())
+
+
+# ------------------------------------------------- rooms (issue 11): join / leave
+
+
+def assert_rooms_consistent(m: Core) -> None:
+    """Every view agrees once connections are in several lobbies: each
+    membership is seen exactly once by every lobby walk."""
+    snap = m._snapshot()
+    assert len(snap) == len(m) == Core.get_stats(m)["total_connections"]
+    memberships: dict[str, list[Any]] = {}
+    for ws, _first, user in snap:
+        assert m._info(ws) is not None and m._info(ws)[1] == user  # type: ignore[index]
+        for lobby in m.lobbies_of(ws):
+            memberships.setdefault(lobby, []).append((ws, user))
+    assert Core.get_stats(m)["active_lobbies"] == len(memberships)
+    for lobby, members in memberships.items():
+        targets = m._lobby_targets(lobby)
+        assert len(targets) == len(members) == m._lobby_count(lobby)
+        assert {id(ws) for ws in targets} == {id(ws) for ws, _ in members}
+        assert m.get_lobby_users(lobby) == {u for _, u in members}
+        assert all(m._is_member(ws, lobby) for ws, _ in members)
+
+
+def rooms_population(m: Core) -> list[Any]:
+    """10 connections: u0..u9 in their own lobby H<i>, each also in L and R."""
+    socks = [join(m, f"H{i}", f"u{i}") for i in range(10)]
+    for ws in socks:
+        assert m._join(ws, fresh("L")) == ""
+        assert m._join(ws, fresh("R")) == ""
+    return socks
+
+
+@pytest.mark.parametrize("what", ["join", "leave", "is_member"])
+@pytest.mark.parametrize("leave", ["half", "all"])
+def test_hostile_str_lobby_ids_for_join_and_leave(what: str, leave: str) -> None:
+    """A str subclass lobby code whose __hash__ / __eq__ would disconnect
+    members (the very connection joining or leaving among them): the core
+    copies it to an exact str first, so that code never runs mid-lookup,
+    the result is the plain id's, and the registry stays consistent."""
+    m = new_manager()
+    socks = rooms_population(m)
+    action = leave_all(m, socks[::2] if leave == "half" else socks)
+    lobby = hostile_str("L", action)
+    if what == "join":
+        assert m._join(socks[0], lobby) == "member"
+        newcomer = join(m, "N", "n0")
+        assert m._join(newcomer, hostile_str("Z", action)) == ""
+        assert m.lobbies_of(newcomer) == {"N", "Z"}
+        assert m.get_lobby_users("Z") == {"n0"}
+    elif what == "leave":
+        assert m.leave(socks[1], lobby) is True
+        assert m.leave(socks[1], hostile_str("L", action)) is False
+        assert m.lobbies_of(socks[1]) == {"H1", "R"}
+    else:
+        assert m._is_member(socks[1], lobby) is True
+    action()  # now, between calls: everything still agrees
+    assert_rooms_consistent(m)
+
+
+def _room_action(m: Core, socks: list[Any], action: str) -> Callable[[], None]:
+    """An action that runs once: disconnect everyone, leave L and R, or
+    connect five more and add them to L."""
+    if action == "disconnect_all":
+        return leave_all(m, socks)
+    done: list[bool] = []
+
+    def act() -> None:
+        if done:
+            return
+        done.append(True)
+        if action == "leave_all":
+            for ws in socks:
+                m.leave(ws, "L")
+                m.leave(ws, "R")
+        else:
+            for i in range(5):
+                m._join(join(m, "H0", f"late{i}"), fresh("L"))
+
+    return act
+
+
+ROOM_READS: dict[str, Callable[[Core, list[Any]], Any]] = {
+    "targets": lambda m, socks: m._lobby_targets("L"),
+    "users": lambda m, socks: m.get_lobby_users("L"),
+    "lobbies_of": lambda m, socks: m.lobbies_of(socks[0]),
+    "snapshot": lambda m, socks: m._snapshot(),
+    "take_dirty": lambda m, socks: m._take_dirty(),
+}
+
+
+@pytest.mark.parametrize("call", sorted(ROOM_READS))
+@pytest.mark.parametrize("action", ["disconnect_all", "leave_all", "join_new"])
+@pytest.mark.parametrize("after", [0, 1, 3])
+def test_finalizer_that_joins_leaves_disconnects_during_room_snapshots(
+    call: str, action: str, after: int
+) -> None:
+    """A GC finalizer that disconnects, leaves or joins while a lobby with
+    guests (join()) is snapshotted, its users read or a connection's lobbies
+    listed: no NULL slot, no freed member, each membership once."""
+    m = new_manager()
+    m._track_presence(True)
+    socks = rooms_population(m)
+    result, _fired = call_with_finalizer(
+        lambda: ROOM_READS[call](m, socks), _room_action(m, socks, action), after=after
+    )
+    assert None not in result
+    assert_rooms_consistent(m)
+    m._track_presence(False)
+
+
+def test_finalizer_joining_and_leaving_during_a_rooms_broadcast() -> None:
+    """The C fan-out to a lobby of guests, with sends that leave the lobby,
+    disconnect, or join others: each still-member gets it once, no crash."""
+
+    async def main() -> None:
+        m = ConnectionManager(max_connections=1000, max_per_lobby=100, ping_interval=None)
+        peers = [FakePeer() for _ in range(8)]
+        for i, p in enumerate(peers):
+            assert await m.connect(p.ws, f"H{i}", f"u{i}")
+            assert await m.join(p.ws, "L")
+        late = FakePeer()
+        assert await m.connect(late.ws, "X", "late")
+        original = peers[0].ws._send
+
+        async def hostile_send(message: Message) -> None:
+            await original(message)
+            m.leave(peers[1].ws, "L")  # not yet sent: skipped
+            m.disconnect(peers[2].ws)  # not yet sent: skipped
+            await m.join(late.ws, "L")  # joined after the snapshot: not sent
+            m.leave(peers[0].ws, "L")  # itself, already sent
+
+        peers[0].ws._send = hostile_send
+        sent = await m.broadcast_to_lobby("L", {"type": "chat"})
+        assert sent == 6
+        got = [p for p in peers if any(t.get("type") == "chat" for t in p.texts())]
+        assert peers[1] not in got and peers[2] not in got and len(got) == 6
+        assert not any(t.get("type") == "chat" for t in late.texts())
+        assert_rooms_consistent(m)
+        await m.shutdown()
+
+    asyncio.run(main())
+
+
+LOBBY_NAMES = ["A", "B", "C"]
+
+
+class RoomsMachine(RuleBasedStateMachine):
+    """connect / join / leave / disconnect against a plain model: after
+    every step each lobby walk sees each membership once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.m = ConnectionManager(max_connections=1000, max_per_lobby=3, ping_interval=None)
+        self.m._track_presence(True)
+        self.model: dict[int, tuple[Any, str, str, set[str]]] = {}
+        self.dirty: set[str] = set()
+
+    def _pick(self, data: st.DataObject) -> int:
+        keys = list(self.model)  # oldest first: the same draw picks the same one
+        return keys[data.draw(st.integers(0, len(keys) - 1))]
+
+    def _count(self, lobby: str) -> int:
+        return sum(lobby in lobbies for _, _, _, lobbies in self.model.values())
+
+    @rule(lobby=st.sampled_from(LOBBY_NAMES), user=st.sampled_from(["u", "v", "w"]))
+    def connect(self, lobby: str, user: str) -> None:
+        ws = Sock()
+        reason = self.m._reserve(ws, fresh(lobby), fresh(user))
+        if self._count(lobby) >= 3:
+            assert reason == "lobby_full"
+            return
+        assert reason == "" and self.m._commit(ws)
+        self.model[id(ws)] = (ws, lobby, user, {lobby})
+        self.dirty.add(lobby)
+
+    @rule(data=st.data(), lobby=st.sampled_from(LOBBY_NAMES))
+    def join_lobby(self, data: st.DataObject, lobby: str) -> None:
+        if not self.model:
+            return
+        ws, _first, _user, lobbies = self.model[self._pick(data)]
+        reason = self.m._join(ws, fresh(lobby))
+        if lobby in lobbies:
+            assert reason == "member"
+        elif self._count(lobby) >= 3:
+            assert reason == "lobby_full"
+        else:
+            assert reason == ""
+            lobbies.add(lobby)
+            self.dirty.add(lobby)
+
+    @rule(data=st.data(), lobby=st.sampled_from(LOBBY_NAMES))
+    def leave_lobby(self, data: st.DataObject, lobby: str) -> None:
+        if not self.model:
+            return
+        ws, _first, _user, lobbies = self.model[self._pick(data)]
+        assert self.m.leave(ws, fresh(lobby)) is (lobby in lobbies)
+        if lobby in lobbies:
+            lobbies.discard(lobby)
+            self.dirty.add(lobby)
+
+    @rule(data=st.data())
+    def disconnect(self, data: st.DataObject) -> None:
+        if not self.model:
+            return
+        ws, first, user, lobbies = self.model.pop(self._pick(data))
+        assert self.m.disconnect(ws) == (first, user)
+        self.dirty |= lobbies
+
+    @rule()
+    def take_dirty(self) -> None:
+        assert set(self.m._take_dirty()) == self.dirty
+        self.dirty = set()
+
+    @invariant()
+    def agrees(self) -> None:
+        for ws, _first, _user, lobbies in self.model.values():
+            assert self.m.lobbies_of(ws) == lobbies
+        for lobby in LOBBY_NAMES:
+            assert self.m._lobby_count(lobby) == self._count(lobby)
+        assert_rooms_consistent(self.m)
+
+
+TestRoomsMachine = settings(
+    max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
+)(RoomsMachine).TestCase

@@ -226,3 +226,180 @@ def test_a_failed_send_removes_the_connection_from_every_lobby() -> None:
         assert chat(bob) == [{"type": "chat"}]
 
     run(main())
+
+
+# ------------------------------------------------------------ presence events
+
+
+def presence(peer: FakePeer, lobby: str | None = None) -> list[Any]:
+    return [t for t in peer.texts() if t.get("type") == "presence" and (lobby is None or t["lobby"] == lobby)]
+
+
+def test_presence_is_off_by_default_and_its_settings_are_validated() -> None:
+    async def main() -> None:
+        m = ConnectionManager(100, 10)
+        assert m.presence is None
+        a = await connected(m, "A", "alice")
+        assert await m.join(a.ws, "B")
+        assert presence(a) == [] and m._take_dirty() == []
+        m.presence_changed("A")  # a no-op
+
+    run(main())
+    with pytest.raises(TypeError):
+        ConnectionManager(presence_events=1)  # type: ignore[arg-type]
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            ConnectionManager(presence_events=True, presence_interval=bad)
+    with pytest.raises(TypeError):
+        ConnectionManager(presence_events=True, presence_interval="1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        ConnectionManager(10, 10, True)  # type: ignore[call-arg]
+
+
+def test_200_members_arriving_together_cost_about_200_messages() -> None:
+    async def main() -> None:
+        m = ConnectionManager(1000, 1000, presence_events=True)
+        assert m.presence is not None
+        peers = [await connected(m, "L", f"u{i}") for i in range(200)]
+        # each got the (empty) state on arrival, nothing else yet
+        assert all(
+            presence(p) == [{"type": "presence", "lobby": "L", "joins": [], "leaves": [], "state": True}]
+            for p in peers
+        )
+        assert m.presence.flush() == 200
+        assert sum(len(presence(p)) for p in peers) == 400  # not 200 * 200
+        diff = presence(peers[0])[-1]
+        assert diff == {
+            "type": "presence",
+            "lobby": "L",
+            "joins": sorted(f"u{i}" for i in range(200)),
+            "leaves": [],
+        }
+        assert m.presence.flush() == 0  # nothing changed since
+        await m.stop()
+
+    run(main())
+
+
+def test_presence_tabs_join_once_and_leave_once() -> None:
+    async def main() -> None:
+        m = ConnectionManager(100, 10, presence_events=True)
+        assert m.presence is not None
+        watcher = await connected(m, "L", "watcher")
+        m.presence.flush()
+        tab1 = await connected(m, "L", "alice")
+        m.presence.flush()
+        tab2 = await connected(m, "L", "alice")
+        assert presence(tab2)[-1]["joins"] == ["alice", "watcher"]  # the state
+        assert m.presence.flush() == 0  # alice was already there
+        m.disconnect(tab1.ws)
+        assert m.presence.flush() == 0  # still there through tab2
+        m.disconnect(tab2.ws)
+        assert m.presence.flush() == 1
+        diffs = [p for p in presence(watcher) if "state" not in p]
+        assert [(d["joins"], d["leaves"]) for d in diffs] == [
+            (["watcher"], []),
+            (["alice"], []),
+            ([], ["alice"]),
+        ]
+        await m.stop()
+
+    run(main())
+
+
+def test_presence_join_and_leave_within_one_interval_send_nothing() -> None:
+    async def main() -> None:
+        m = ConnectionManager(100, 10, presence_events=True)
+        assert m.presence is not None
+        watcher = await connected(m, "L", "watcher")
+        other = await connected(m, "X", "bob")
+        m.presence.flush()
+        before = len(presence(watcher))
+        assert await m.join(other.ws, "L")
+        assert m.leave(other.ws, "L")
+        flying = await connected(m, "L", "carol")
+        m.disconnect(flying.ws)
+        assert m.presence.flush() == 0
+        assert len(presence(watcher)) == before
+        await m.stop()
+
+    run(main())
+
+
+def test_presence_state_on_join_then_diffs_on_leave_of_a_room() -> None:
+    async def main() -> None:
+        m = ConnectionManager(100, 10, presence_events=True)
+        assert m.presence is not None
+        bob = await connected(m, "R", "bob")
+        m.presence.flush()
+        alice = await connected(m, "A", "alice")
+        assert await m.join(alice.ws, "R")
+        assert presence(alice, "R") == [
+            {"type": "presence", "lobby": "R", "joins": ["bob"], "leaves": [], "state": True}
+        ]
+        m.presence.flush()
+        assert presence(bob, "R")[-1] == {"type": "presence", "lobby": "R", "joins": ["alice"], "leaves": []}
+        assert presence(alice, "R")[-1] == {
+            "type": "presence",
+            "lobby": "R",
+            "joins": ["alice"],
+            "leaves": [],
+        }
+        assert presence(bob, "A") == []  # bob is not in A
+        m.leave(alice.ws, "R")
+        m.presence.flush()
+        assert presence(bob, "R")[-1] == {"type": "presence", "lobby": "R", "joins": [], "leaves": ["alice"]}
+        await m.stop()
+
+    run(main())
+
+
+def test_presence_abrupt_disconnects_produce_a_leave() -> None:
+    async def main() -> None:
+        clock = [100.0]
+        m = ConnectionManager(
+            100, 10, presence_events=True, clock=lambda: clock[0], ping_interval=5, ping_timeout=5
+        )
+        assert m.presence is not None
+        watcher = await connected(m, "L", "watcher")
+        broken = await connected(m, "L", "broken")
+        m.presence.flush()
+        broken.fail_sends = True
+        await m.broadcast_to_lobby("L", {"type": "chat"})  # its send fails: removed
+        assert broken.ws not in m
+        m.presence.flush()
+        assert presence(watcher)[-1] == {"type": "presence", "lobby": "L", "joins": [], "leaves": ["broken"]}
+        m.presence.flush()
+        # the stale sweep: silent past ping_interval + ping_timeout
+        silent = await connected(m, "L", "silent")
+        m.presence.flush()
+        m.update_last_message("watcher")
+        for step in (6.0, 6.0):
+            clock[0] += step
+            m.update_last_message("watcher")
+            await m.health.sweep(wait=True)
+        assert silent.ws not in m
+        m.presence.flush()
+        assert presence(watcher)[-1] == {"type": "presence", "lobby": "L", "joins": [], "leaves": ["silent"]}
+        await m.stop()
+
+    run(main())
+
+
+def test_presence_changed_rereads_the_lobby_and_the_task_flushes() -> None:
+    async def main() -> None:
+        m = ConnectionManager(100, 10, presence_events=True, presence_interval=0.01)
+        assert m.presence is not None
+        watcher = await connected(m, "L", "watcher")
+        m.presence.flush()
+        m.presence_changed("L")  # e.g. a backend's report: nothing changed locally
+        assert m.presence.flush() == 0
+        await connected(m, "L", "alice")
+        # the periodic flusher (started lazily by the first event) sends it
+        while len(presence(watcher)) < 3:
+            await watcher.got_text.wait()
+            watcher.got_text.clear()
+        assert presence(watcher)[-1]["joins"] == ["alice"]
+        await m.stop()
+
+    run(main())

@@ -27,6 +27,7 @@ from .codes import CloseCode
 from .delivery import Delivery
 from .health import HealthMonitor, health_ping
 from .joining import DEFAULT_MAX_LOBBIES_PER_CONNECTION
+from .presence import Presence
 from .receiving import Receiving, pinged
 from .servers import abort_transport
 from .settings import (
@@ -215,6 +216,8 @@ class ConnectionManager(Core):
         direct_frames: bool = True,
         on_user_limit: str = "refuse",
         json_default: Callable[[Any], Any] | None = None,
+        presence_events: bool = False,
+        presence_interval: float = 0.2,
     ) -> None:
         d = self._class_defaults  # a subclass's class-attribute settings: {} here
         if d:
@@ -283,6 +286,15 @@ class ConnectionManager(Core):
             # manager keeps them as plain C calls
             self.__class__ = _ClusteredConnectionManager
         self._latency_listeners: list[Callable[[Any, float], None]] = []
+        # -- presence events (issue 11): None, and no cost anywhere, unless asked
+        if not isinstance(presence_events, bool):
+            raise TypeError(f"presence_events must be a bool, not {type(presence_events).__name__}")
+        interval = seconds("presence_interval", presence_interval)
+        #: the presence coalescer (wsmanager.presence), or None when presence_events is off
+        self.presence: Presence | None = None
+        if presence_events:
+            self._track_presence(True)  # the core marks the lobbies whose membership changes
+            self.presence = Presence(self, interval, Core._take_dirty)
 
     @property
     def direct_frames(self) -> bool:
@@ -511,6 +523,8 @@ class ConnectionManager(Core):
             read = self._receiving.attach(websocket, loop)
             # heartbeat: runs in this loop; reclaims the entry if the endpoint dies
             self._health.watch(websocket, loop, owned=read)
+            if self.presence is not None:
+                self.presence.entered(websocket, lobby_code)
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("connected", extra={"lobby": lobby_code, "user": user_id})
             if len(self) >= _core_max_connections(self):
@@ -552,7 +566,11 @@ class ConnectionManager(Core):
         if reason and reason != "member":
             self._log_join_refused(lobby_code, reason)
             return False
-        if bp is None or reason == "member":
+        if reason == "member":
+            return True
+        if bp is None:
+            if self.presence is not None:
+                self.presence.entered(websocket, lobby_code)
             return True
         # clustered: the local slot is held; the backend decides cluster-wide
         join = getattr(bp, "join", None)
@@ -573,7 +591,16 @@ class ConnectionManager(Core):
         if not self._join_settle(websocket, lobby_code) and not self._is_member(websocket, lobby_code):
             getattr(bp, "leave")(websocket, lobby_code)  # noqa: B009 - not in RedisBackend yet
             return False
+        if self.presence is not None:
+            self.presence.entered(websocket, lobby_code)
         return True
+
+    def presence_changed(self, lobby_code: str) -> None:
+        """A clustered backend's report that another node's membership of
+        ``lobby_code`` changed: the next presence diff of that lobby re-reads
+        its users. A no-op when ``presence_events`` is off."""
+        if self.presence is not None:
+            self.presence.changed(lobby_code)
 
     def _log_join_refused(self, lobby_code: str, reason: str) -> None:
         logger.info("join refused: %s", reason, extra={"lobby": lobby_code, "reason": reason})
@@ -1003,6 +1030,8 @@ class ConnectionManager(Core):
         counting at once instead of after the lease."""
         await self.backend.stop()
         await self._health.stop()
+        if self.presence is not None:
+            await self.presence.stop()
 
     async def __aenter__(self) -> ConnectionManager:
         await self.start()

@@ -44,6 +44,17 @@ class Backend(Protocol):
       after or before local delivery; they return the number of remote
       connections the message was handed to (an estimate from the view);
     * ``view``: the cluster's presence, for the sync read methods.
+    * rooms (``manager.join`` / ``leave``): ``await join(ws, lobby)`` after
+      the local membership is reserved (it counts against ``max_per_lobby``
+      here), before it is visible: ``""`` to admit or a refusal reason
+      (``"lobby_full"``) decided atomically cluster-wide; ``leave(ws, lobby)``
+      (sync, queued like ``release``) when a membership other than by
+      removal ends; ``release(ws)`` ends every membership of ``ws``. A
+      backend without them makes ``manager.join`` raise NotImplementedError.
+    * presence: when the backend learns that another node's membership of a
+      lobby changed, it calls ``manager.presence_changed(lobby)`` (cheap, a
+      no-op unless the manager has ``presence_events`` on) so that the
+      presence diff of that lobby covers every node.
 
     Messages from other nodes come back through the manager's
     ``_deliver_lobby`` / ``_deliver_user``.
