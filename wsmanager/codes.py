@@ -65,7 +65,9 @@ def close_code_for(reason: str) -> int:
 #   deeper than the recursion limit.
 # * "not_an_object": JSON that is not an object (array, string, number, null).
 # * "bad_message": an object that breaks the library's own protocol: a
-#   ``health_ping`` whose "timestamp" is neither a number nor null/absent.
+#   ``health_ping`` whose "timestamp" is neither a number nor null/absent, a
+#   ``lobby_join`` / ``lobby_leave`` whose "lobby" is not a string or whose
+#   "ref" is malformed (see wsmanager.joining).
 #   (A ``health_pong``'s fields are ignored; any other object, whatever its
 #   "type", reaches the application's handler.)
 #   After ``max_bad_messages`` of these three in a row the connection is

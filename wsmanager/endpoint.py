@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ._core import dumps, encode_message
+from .joining import DEFAULT_MAX_LOBBIES_PER_CONNECTION, JOIN, LEAVE, JoinHook, LobbyRequests, check_request
+from .settings import count
 
 if TYPE_CHECKING:
     from .manager import ConnectionManager
@@ -54,6 +56,7 @@ __all__ = [
     "ConnectionHandler",
     "Handler",
     "Hook",
+    "JoinHook",
     "MessageHandler",
     "error_message",
     "hook_signals",
@@ -89,6 +92,12 @@ class Connection:
     def latency_ms(self) -> float | None:
         """Round trip in ms of the last ping this connection answered, or None."""
         return self.manager.latency_ms(self.websocket)
+
+    @property
+    def lobbies(self) -> set[str]:
+        """The lobbies this connection is in now (``manager.lobbies_of``): its
+        first one (``lobby_code``, unless it left it) and those it joined."""
+        return self.manager.lobbies_of(self.websocket)
 
     @property
     def connected(self) -> bool:
@@ -172,10 +181,15 @@ def _parse(text: str) -> tuple[dict[str, Any] | None, str, str]:
         return None, "bad_json", "malformed JSON"
     if type(data) is not dict:
         return None, "not_an_object", "expected a JSON object"
-    if data.get("type") == "health_ping":
+    kind = data.get("type")
+    if kind == "health_ping":
         stamp = data.get("timestamp")
         if stamp is not None and type(stamp) is not float and type(stamp) is not int:
             return None, "bad_message", _BAD_TIMESTAMP
+    elif kind in (JOIN, LEAVE):
+        problem = check_request(data)
+        if problem:
+            return None, "bad_message", problem
     return data, "", ""
 
 
@@ -206,6 +220,8 @@ async def serve(
     *,
     on_connect: Hook | None = None,
     on_disconnect: Hook | None = None,
+    on_join: JoinHook | None = None,
+    max_lobbies_per_connection: int = DEFAULT_MAX_LOBBIES_PER_CONNECTION,
 ) -> None:
     """Admit ``websocket`` into ``lobby_code`` as ``user_id``, then read its
     messages until it leaves, calling ``handler`` for each valid one.
@@ -257,7 +273,32 @@ async def serve(
       :mod:`wsmanager.codes` for the policy.
     * the connection is removed from the manager however the loop ends,
       cancellation included.
+    * lobbies beyond ``lobby_code``: the client asks with ``{"type":
+      "lobby_join", "lobby": L, "ref": R}`` / ``{"type": "lobby_leave", ...}``
+      and gets ``lobby_joined`` / ``lobby_join_refused`` (with a ``reason``) /
+      ``lobby_left`` (with ``was_member``) / ``lobby_leave_refused``, ``ref``
+      echoed (wire format and reasons: :mod:`wsmanager.joining`). ``on_join(
+      connection, lobby)``, sync or async, decides each join: only ``True``
+      admits, a non-empty ``str`` refuses with that reason, anything else
+      (or a hook that raises: logged, ``internal_error``) with
+      ``"forbidden"``. Without ``on_join`` every client join and leave is
+      refused (``"forbidden"``): clients change memberships only where the
+      app opts in. With it, a client may leave any of its lobbies, the first
+      one included (it stays connected). A join is refused with
+      ``too_many_lobbies`` once the connection is in
+      ``max_lobbies_per_connection`` lobbies (default 32, an ``int`` >= 1:
+      ``TypeError`` / ``ValueError`` otherwise, before anything is sent), with
+      ``invalid_lobby`` for an empty lobby, one over ``max_id_bytes`` or not
+      UTF-8, with
+      ``lobby_full`` when ``manager.join()`` refuses it. A request whose
+      ``lobby`` is not a string or whose ``ref`` is not a string of at most 128
+      characters, an integer within 2**53 - 1 or null gets the error
+      ``bad_message`` (counted toward ``max_bad_messages``). Requests go
+      through the rate limit like any message, and are answered one at a time
+      in order with the others. The app's own ``manager.join()`` never calls
+      the hook.
     """
+    max_lobbies = count(1)("max_lobbies_per_connection", max_lobbies_per_connection)
     if not origin_allowed(manager, websocket):
         logger.info(
             "connection refused: forbidden_origin",
@@ -294,7 +335,8 @@ async def serve(
         if departure is not None:
             departure.arm()
         if connected:
-            await _read_loop(manager, websocket, lobby_code, user_id, call)
+            lobbies = LobbyRequests(conn, on_join, max_lobbies)
+            await _read_loop(manager, websocket, lobby_code, user_id, call, lobbies)
         else:
             await manager.close_connection(websocket, "internal_error")
     except WebSocketDisconnect:
@@ -405,6 +447,7 @@ async def _read_loop(
     lobby_code: str,
     user_id: str,
     handler: MessageHandler,
+    lobbies: LobbyRequests,
 ) -> None:
     receive = websocket.receive
     touch = manager.touch
@@ -457,6 +500,9 @@ async def _read_loop(
             continue
         if kind == "health_ping":
             post(websocket, dumps({"type": "health_pong", "timestamp": data.get("timestamp")}))
+            continue
+        if kind in (JOIN, LEAVE):
+            await lobbies.handle(data)
             continue
         try:
             await handler(lobby_code, user_id, data)

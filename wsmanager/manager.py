@@ -27,6 +27,7 @@ from .codes import CloseCode
 from .delivery import Delivery
 from .events import CloseListener
 from .health import HealthMonitor, health_ping
+from .joining import DEFAULT_MAX_LOBBIES_PER_CONNECTION
 from .presence import Presence
 from .receiving import Receiving, pinged
 from .servers import abort_transport
@@ -48,6 +49,7 @@ from .stats import Stats
 
 if TYPE_CHECKING:
     from .endpoint import Handler, Hook
+    from .joining import JoinHook
 
 if TYPE_CHECKING:
     from .backends.redis import RedisBackend
@@ -808,6 +810,8 @@ class ConnectionManager(Core):
         *,
         on_connect: Hook | None = None,
         on_disconnect: Hook | None = None,
+        on_join: JoinHook | None = None,
+        max_lobbies_per_connection: int = DEFAULT_MAX_LOBBIES_PER_CONNECTION,
     ) -> None:
         """Run one connection from handshake to cleanup; see
         :func:`wsmanager.endpoint.serve`.
@@ -817,11 +821,23 @@ class ConnectionManager(Core):
         the connection is registered, ``on_disconnect(connection)`` once it
         is removed (every registered connection gets both, whatever ends it).
         ``connection`` is a :class:`wsmanager.endpoint.Connection`: its
-        ``websocket``, ``lobby_code``, ``user_id`` and ``send(message)``."""
+        ``websocket``, ``lobby_code``, ``user_id`` and ``send(message)``.
+        ``on_join(connection, lobby) -> True | False | str`` (sync or async)
+        decides which lobbies the client may join with ``lobby_join``
+        messages (none without it); at most ``max_lobbies_per_connection``
+        memberships through them (see :mod:`wsmanager.joining`)."""
         from .endpoint import serve
 
         await serve(
-            self, websocket, lobby_code, user_id, handler, on_connect=on_connect, on_disconnect=on_disconnect
+            self,
+            websocket,
+            lobby_code,
+            user_id,
+            handler,
+            on_connect=on_connect,
+            on_disconnect=on_disconnect,
+            on_join=on_join,
+            max_lobbies_per_connection=max_lobbies_per_connection,
         )
 
     def get_stats(self, *, local: bool = False) -> Stats:

@@ -4,106 +4,11 @@
 //   make test-js        (or: WSM_PYTHON=.venv/bin/python node --experimental-websocket --test tests/js/*.test.mjs)
 
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { existsSync } from "node:fs";
-import net from "node:net";
-import path from "node:path";
 import { after, before, describe, it } from "node:test";
-import { fileURLToPath } from "node:url";
 
 import { backoffDelay, CloseCode, closePolicy, WSManagerClient } from "../../wsmanager/static/wsmanager.js";
-
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..");
-
-// ------------------------------------------------------------------ fakes
-
-class MockSocket {
-  static instances = [];
-
-  constructor(url) {
-    this.url = url;
-    this.readyState = 0;
-    this.sent = [];
-    this.closedWith = null;
-    this.onopen = this.onmessage = this.onclose = this.onerror = null;
-    MockSocket.instances.push(this);
-  }
-
-  send(data) {
-    if (this.readyState !== 1) throw new Error("InvalidStateError: not open");
-    this.sent.push(data);
-  }
-
-  close(code, reason) {
-    this.readyState = 3;
-    this.closedWith = { code, reason };
-  }
-
-  // what the server does
-  open() {
-    this.readyState = 1;
-    this.onopen?.({});
-  }
-
-  receive(message) {
-    this.onmessage?.({ data: typeof message === "string" ? message : JSON.stringify(message) });
-  }
-
-  serverClose(code, reason = "") {
-    this.readyState = 3;
-    this.onclose?.({ code, reason, wasClean: code !== 1006 });
-  }
-
-  get json() {
-    return this.sent.map((s) => JSON.parse(s));
-  }
-}
-
-/** A client on mock sockets, a fake clock and timers that run only when told to. */
-function harness(options = {}) {
-  MockSocket.instances = [];
-  const timers = [];
-  const clock = { now: 1_000_000 };
-  const client = new WSManagerClient("ws://test/ws/lobby?token=alice", {
-    WebSocket: MockSocket,
-    random: () => 0.5,
-    now: () => clock.now,
-    setTimeout: (fn, ms) => {
-      const t = { fn, ms, cancelled: false };
-      timers.push(t);
-      return t;
-    },
-    clearTimeout: (t) => {
-      t.cancelled = true;
-    },
-    ...options,
-  });
-  const closes = [];
-  client.addEventListener("close", (ev) => closes.push(ev.detail));
-  return {
-    client,
-    timers,
-    clock,
-    closes,
-    get socket() {
-      return MockSocket.instances.at(-1);
-    },
-    get sockets() {
-      return MockSocket.instances;
-    },
-    /** Run the pending reconnect timer; returns its delay. */
-    fire() {
-      const t = timers.filter((x) => !x.cancelled).at(-1);
-      assert.ok(t, "a reconnect is scheduled");
-      timers.splice(timers.indexOf(t), 1);
-      t.fn();
-      return t.ms;
-    },
-    pending() {
-      return timers.filter((x) => !x.cancelled);
-    },
-  };
-}
+import { harness } from "./mock_socket.mjs";
+import { startServer, stopServer, waitFor } from "./server.mjs";
 
 // ------------------------------------------------------------ pure logic
 
@@ -325,33 +230,6 @@ describe("WSManagerClient with a mock socket", () => {
 
 // --------------------------------------------------- client, real server
 
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
-function python() {
-  if (process.env.WSM_PYTHON) return process.env.WSM_PYTHON;
-  const venv = path.join(ROOT, ".venv", "bin", "python");
-  return existsSync(venv) ? venv : "python3";
-}
-
-async function waitFor(predicate, what, timeoutMs = 15_000) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await predicate();
-    if (value) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
-
 describe("WSManagerClient against the demo app", () => {
   let server;
   let port;
@@ -367,42 +245,17 @@ describe("WSManagerClient against the demo app", () => {
 
   before(async () => {
     assert.equal(typeof WebSocket, "function", "node needs a WebSocket: run node >= 22 or pass --experimental-websocket");
-    port = await freePort();
-    server = spawn(
-      python(),
-      ["-m", "uvicorn", "examples.lobby_chat.app:app", "--host", "127.0.0.1", "--port", String(port), "--log-level", "warning"],
-      {
-        cwd: ROOT,
-        stdio: ["ignore", "inherit", "inherit"],
-        env: {
-          ...process.env,
-          PYTHONPATH: ROOT,
-          LOBBY_CHAT_MAX_PER_LOBBY: "2",
-          LOBBY_CHAT_PING_INTERVAL: "0.2",
-          LOBBY_CHAT_PING_TIMEOUT: "2",
-        },
-      },
+    server = await startServer(
+      "examples.lobby_chat.app:app",
+      { LOBBY_CHAT_MAX_PER_LOBBY: "2", LOBBY_CHAT_PING_INTERVAL: "0.2", LOBBY_CHAT_PING_TIMEOUT: "2" },
+      "/stats",
     );
-    const exited = new Promise((resolve) => server.once("exit", (code) => resolve(code)));
-    await waitFor(
-      () =>
-        Promise.race([
-          stats().then(() => true, () => false),
-          exited.then((code) => {
-            throw new Error(`the demo app exited with ${code} (python: ${python()})`);
-          }),
-        ]),
-      "the demo app",
-    );
+    port = server.port;
   });
 
   after(async () => {
     for (const c of clients) c.close();
-    if (server && server.exitCode === null) {
-      const gone = new Promise((resolve) => server.once("exit", resolve));
-      server.kill("SIGINT");
-      await gone;
-    }
+    await stopServer(server);
   });
 
   it("chats between two clients and answers the server's pings", async () => {

@@ -84,6 +84,8 @@ export interface ClientOptions extends BackoffOptions {
   stableAfter?: number;
   /** Outgoing messages kept while not connected (default 100); more are dropped. */
   maxBuffer?: number;
+  /** ms to wait for the server's answer to join() / leave() once sent (default 10000; 0: forever). */
+  requestTimeout?: number;
   /** Message type that marks the connection usable (buffer flushed); null: the open event (default). */
   readyOn?: string | null;
   protocols?: string | string[];
@@ -97,12 +99,43 @@ export interface ClientOptions extends BackoffOptions {
   clearTimeout?: (id: unknown) => void;
 }
 
+/** What join() resolves with. `reason` (refusals only): the server's, e.g. "forbidden",
+ * "lobby_full", "too_many_lobbies", "invalid_lobby", a reason of the app's on_join hook, or
+ * "left" when leave() was called before the answer. */
+export interface JoinResult {
+  lobby: string;
+  joined: boolean;
+  reason?: string;
+}
+
+/** `lobbies` changed: `lobby` was joined (joined: true) or dropped (by leave(): reason "left";
+ * or its re-join after a reconnect was refused: rejoin true, reason the server's). */
+export interface LobbiesDetail {
+  lobbies: string[];
+  lobby: string;
+  joined: boolean;
+  reason: string;
+  rejoin: boolean;
+}
+
+/** A presence message applied: `state` true when it replaced the lobby's member list (sent
+ * after each join), else a diff. `members`: the user ids present afterwards. */
+export interface PresenceDetail {
+  lobby: string;
+  joins: string[];
+  leaves: string[];
+  state: boolean;
+  members: string[];
+}
+
 export interface ClientEventMap {
   state: CustomEvent<{ state: ClientState }>;
   open: CustomEvent<Record<string, never>>;
   ready: CustomEvent<Record<string, never>>;
   close: CustomEvent<CloseDetail>;
   latency: CustomEvent<{ latency: number }>;
+  lobbies: CustomEvent<LobbiesDetail>;
+  presence: CustomEvent<PresenceDetail>;
 }
 
 export declare class WSManagerClient extends EventTarget {
@@ -123,6 +156,18 @@ export declare class WSManagerClient extends EventTarget {
   readonly dropped: number;
   /** A copy of the outgoing messages waiting for the connection (JSON text). */
   readonly buffered: string[];
+  /** The lobbies joined with join() and confirmed by the server, in join order (a copy); joined
+   * again, in this order and before buffered sends, after every reconnect. The URL's lobby and
+   * lobbies the app joined on the server are not listed. */
+  readonly lobbies: string[];
+  /** The user ids present in `lobby` per the server's presence messages ([] when unknown). */
+  members(lobby: string): string[];
+  /** Ask to join `lobby` (the server's on_join hook decides). Never rejects for a refusal (see
+   * JoinResult); rejects with TypeError for a bad lobby, Error when closed for good or after
+   * `requestTimeout` ms without an answer. */
+  join(lobby: string): Promise<JoinResult>;
+  /** Leave `lobby` (no re-join after reconnects). True if the server's connection was in it. */
+  leave(lobby: string): Promise<boolean>;
   connect(): this;
   /** False when the message was dropped (buffer full, or closed for good). */
   send(message: unknown): boolean;

@@ -10,6 +10,13 @@
 // It answers the server's `health_ping` with `health_pong` echoing the timestamp,
 // dispatches JSON messages by their `type`, and reconnects with exponential
 // backoff and jitter according to the close code (see closePolicy).
+//
+// Lobbies (rooms) beyond the URL's, on a server whose serve() has an on_join hook:
+//
+//   const r = await client.join("game-42");     // {lobby, joined: true} or {lobby, joined: false, reason}
+//   client.lobbies;                              // ["game-42"]: re-joined after every reconnect
+//   client.addEventListener("presence", (ev) => render(ev.detail.lobby, ev.detail.members));
+//   await client.leave("game-42");               // true if the server had it
 
 /** Close codes sent by wsmanager servers (wsmanager/codes.py). */
 export const CloseCode = Object.freeze({
@@ -81,12 +88,16 @@ function toWebSocketURL(url) {
 
 const OPEN = 1;
 
+// Largest request reference sent: refs are integers the server echoes (it accepts JS safe integers).
+const MAX_REF = Number.MAX_SAFE_INTEGER;
+
 /**
  * A reconnecting JSON WebSocket client for wsmanager servers.
  *
  * Lifecycle events (EventTarget, `event.detail`): "state" ({state}),
  * "open" ({}), "ready" ({}), "close" ({code, reason, wasClean, policy, willRetry, delay}),
- * "latency" ({latency}).
+ * "latency" ({latency}), "lobbies" ({lobbies, lobby, joined, reason, rejoin}) whenever
+ * `lobbies` changes, "presence" ({lobby, joins, leaves, state, members}).
  * Messages: `on(type, handler)`; `on("*", handler)` receives every message.
  */
 export class WSManagerClient extends EventTarget {
@@ -101,6 +112,7 @@ export class WSManagerClient extends EventTarget {
       retryLaterDelay: 5000,
       stableAfter: 5000,
       maxBuffer: 100,
+      requestTimeout: 10000,
       readyOn: null,
       protocols: undefined,
       policy: closePolicy,
@@ -127,6 +139,85 @@ export class WSManagerClient extends EventTarget {
     this._openedAt = 0;
     this._buffer = [];
     this._handlers = new Map();
+    this._lobbies = []; // memberships confirmed by the server, in join order
+    this._joining = new Map(); // lobby -> pending join() request, in call order
+    this._requests = new Map(); // ref -> request sent on the current socket
+    this._ref = 0;
+    this._presence = new Map(); // lobby -> Set of user ids
+  }
+
+  /** The lobbies joined with join() and confirmed by the server, in join order (a copy).
+   * They are joined again, in this order, after every reconnect. */
+  get lobbies() {
+    return this._lobbies.slice();
+  }
+
+  /** The user ids present in `lobby` per the server's presence messages (empty when unknown). */
+  members(lobby) {
+    const set = this._presence.get(lobby);
+    return set ? [...set] : [];
+  }
+
+  /**
+   * Ask the server to add this connection to `lobby` (the server's on_join hook decides).
+   * Resolves with {lobby, joined: true} once the server confirmed it (at once when already
+   * joined), or {lobby, joined: false, reason} when it refused. Before the connection is
+   * ready the request waits and is sent first thing once it is (before buffered sends); a
+   * connection lost before the answer sends it again on the next one. Rejects with a
+   * TypeError for a lobby that is not a non-empty string, and with an Error when the client
+   * is closed for good or the server did not answer within `requestTimeout` ms.
+   */
+  join(lobby) {
+    if (typeof lobby !== "string" || lobby === "") {
+      return Promise.reject(new TypeError("wsmanager: a lobby is a non-empty string"));
+    }
+    if (this.state === "closed") return Promise.reject(new Error("wsmanager: the client is closed"));
+    if (this._lobbies.includes(lobby)) return Promise.resolve({ lobby, joined: true });
+    const pending = this._joining.get(lobby);
+    if (pending) return pending.promise;
+    const req = { kind: "join", lobby, ref: 0, timer: null };
+    req.promise = new Promise((resolve, reject) => {
+      req.resolve = resolve;
+      req.reject = reject;
+    });
+    this._joining.set(lobby, req);
+    if (this._live()) this._request(req);
+    return req.promise;
+  }
+
+  /**
+   * Leave `lobby`: it is no longer re-joined after a reconnect and its presence is forgotten
+   * at once. Resolves with true if the server's connection was in it and left it (false: it was
+   * not, or the server refused); while not connected, with whether it was in `lobbies` (or being
+   * joined), without asking the server (the next connection simply does not join it).
+   * A join() of it still waiting resolves with {joined: false, reason: "left"}.
+   */
+  leave(lobby) {
+    if (typeof lobby !== "string" || lobby === "") {
+      return Promise.reject(new TypeError("wsmanager: a lobby is a non-empty string"));
+    }
+    const index = this._lobbies.indexOf(lobby);
+    let wasMember = index >= 0;
+    const pending = this._joining.get(lobby);
+    if (pending) {
+      wasMember = true;
+      this._joining.delete(lobby);
+      this._settle(pending);
+      pending.resolve({ lobby, joined: false, reason: "left" });
+    }
+    this._presence.delete(lobby);
+    if (index >= 0) {
+      this._lobbies.splice(index, 1);
+      this._emit("lobbies", { lobbies: this.lobbies, lobby, joined: false, reason: "left", rejoin: false });
+    }
+    if (!this._live()) return Promise.resolve(wasMember);
+    const req = { kind: "leave", lobby, ref: 0, timer: null, wasMember };
+    req.promise = new Promise((resolve, reject) => {
+      req.resolve = resolve;
+      req.reject = reject;
+    });
+    this._request(req);
+    return req.promise;
   }
 
   /** Messages waiting for the connection, oldest first (a copy). */
@@ -169,13 +260,16 @@ export class WSManagerClient extends EventTarget {
     return true;
   }
 
-  /** Close for good (no reconnect); buffered messages are discarded. */
+  /** Close for good (no reconnect); buffered messages are discarded, join() requests still
+   * waiting reject. `lobbies` is kept: a later connect() joins them again. */
   close(code = 1000, reason = "") {
     this._cancelTimer();
     this._buffer = [];
     const ws = this._ws;
     this._setState("closed");
     if (ws) this._detach(ws, code, reason);
+    this._dropRequests();
+    this._rejectJoins("wsmanager: the client was closed");
   }
 
   // ------------------------------------------------------------------ internals
@@ -207,10 +301,113 @@ export class WSManagerClient extends EventTarget {
   _becomeReady() {
     if (this.ready) return;
     this.ready = true;
+    // memberships first, in order, then the join() calls still waiting, then the app's sends
+    for (const lobby of this._lobbies) this._request({ kind: "rejoin", lobby, ref: 0, timer: null });
+    for (const req of this._joining.values()) this._request(req);
     const pending = this._buffer;
     this._buffer = [];
     for (const data of pending) this._ws.send(data);
     this._emit("ready", {});
+  }
+
+  _live() {
+    return this.ready && this._ws !== null && this._ws.readyState === OPEN;
+  }
+
+  /** Send a lobby_join / lobby_leave for `req` on the current socket and wait for its answer. */
+  _request(req) {
+    this._ref = this._ref >= MAX_REF ? 1 : this._ref + 1;
+    req.ref = this._ref;
+    this._requests.set(req.ref, req);
+    const type = req.kind === "leave" ? "lobby_leave" : "lobby_join";
+    this._ws.send(JSON.stringify({ type, lobby: req.lobby, ref: req.ref }));
+    const ms = this.options.requestTimeout;
+    if (ms && req.kind !== "rejoin") {
+      req.timer = this.options.setTimeout(() => this._timedOut(req), ms);
+    }
+  }
+
+  _settle(req) {
+    if (req.timer !== null) {
+      this.options.clearTimeout(req.timer);
+      req.timer = null;
+    }
+    if (this._requests.get(req.ref) === req) this._requests.delete(req.ref);
+  }
+
+  _timedOut(req) {
+    req.timer = null;
+    this._settle(req);
+    if (req.kind === "join" && this._joining.get(req.lobby) === req) this._joining.delete(req.lobby);
+    req.reject(new Error(`wsmanager: no answer to ${req.kind} ${JSON.stringify(req.lobby)} within ${this.options.requestTimeout} ms`));
+  }
+
+  /** The socket is gone: answers to requests sent on it will never come. */
+  _dropRequests() {
+    for (const req of [...this._requests.values()]) {
+      this._settle(req);
+      // a leave took effect: the next connection does not join the lobby
+      if (req.kind === "leave") req.resolve(req.wasMember);
+    }
+    this._requests.clear();
+  }
+
+  _rejectJoins(message) {
+    const pending = [...this._joining.values()];
+    this._joining.clear();
+    for (const req of pending) {
+      this._settle(req);
+      req.reject(new Error(message));
+    }
+  }
+
+  /** An answer to one of our lobby requests (matched by its ref). */
+  _answer(message) {
+    const req = this._requests.get(message.ref);
+    if (!req || req.lobby !== message.lobby) return;
+    this._settle(req);
+    const lobby = req.lobby;
+    if (req.kind === "leave") {
+      req.resolve(message.type === "lobby_left" && message.was_member === true);
+      return;
+    }
+    if (message.type === "lobby_joined") {
+      if (req.kind === "join") {
+        this._joining.delete(lobby);
+        if (!this._lobbies.includes(lobby)) {
+          this._lobbies.push(lobby);
+          this._emit("lobbies", { lobbies: this.lobbies, lobby, joined: true, reason: "", rejoin: false });
+        }
+        req.resolve({ lobby, joined: true });
+      }
+      return;
+    }
+    // lobby_join_refused
+    const reason = typeof message.reason === "string" ? message.reason : "refused";
+    this._presence.delete(lobby);
+    if (req.kind === "join") {
+      this._joining.delete(lobby);
+      req.resolve({ lobby, joined: false, reason });
+      return;
+    }
+    const index = this._lobbies.indexOf(lobby); // a re-join after a reconnect was refused
+    if (index >= 0) {
+      this._lobbies.splice(index, 1);
+      this._emit("lobbies", { lobbies: this.lobbies, lobby, joined: false, reason, rejoin: true });
+    }
+  }
+
+  _applyPresence(message) {
+    const { lobby, joins, leaves } = message;
+    if (typeof lobby !== "string") return;
+    const state = message.state === true;
+    let set = this._presence.get(lobby);
+    if (!set || state) this._presence.set(lobby, (set = new Set()));
+    const joined = Array.isArray(joins) ? joins.filter((u) => typeof u === "string") : [];
+    const left = Array.isArray(leaves) ? leaves.filter((u) => typeof u === "string") : [];
+    for (const user of joined) set.add(user);
+    for (const user of left) set.delete(user);
+    this._emit("presence", { lobby, joins: joined, leaves: left, state, members: [...set] });
   }
 
   _receive(ws, raw) {
@@ -229,6 +426,17 @@ export class WSManagerClient extends EventTarget {
         this.latency = message.latency_ms;
         this._emit("latency", { latency: this.latency });
       }
+    }
+    switch (message.type) {
+      case "lobby_joined":
+      case "lobby_join_refused":
+      case "lobby_left":
+      case "lobby_leave_refused":
+        this._answer(message);
+        break;
+      case "presence":
+        this._applyPresence(message);
+        break;
     }
     if (this.options.readyOn && message.type === this.options.readyOn) this._becomeReady();
     this._dispatch(message.type, message);
@@ -256,6 +464,7 @@ export class WSManagerClient extends EventTarget {
     const now = o.now();
     this._ws = null;
     this.ready = false;
+    this._dropRequests();
     this.lastClose = { code, reason, wasClean: Boolean(event.wasClean), at: now };
     if (this._openedAt && now - this._openedAt >= o.stableAfter) this.attempt = 0;
     this._openedAt = 0;
@@ -270,6 +479,7 @@ export class WSManagerClient extends EventTarget {
     if (delay === null) {
       this._buffer = [];
       this._setState("closed");
+      this._rejectJoins(`wsmanager: closed with ${code} ${reason}`.trimEnd());
     } else {
       this._setState("reconnecting");
       this._timer = o.setTimeout(() => {
@@ -284,6 +494,7 @@ export class WSManagerClient extends EventTarget {
     ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
     if (ws === this._ws) this._ws = null;
     this.ready = false;
+    this._dropRequests();
     try {
       ws.close(code, reason);
     } catch {
