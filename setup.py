@@ -48,6 +48,7 @@ setup(
                 "csrc/latency.c",
                 "csrc/json_writer.c",
                 "csrc/fanout.c",
+                "csrc/history.c",
             ],
             depends=[
                 "csrc/registry.h",
@@ -59,6 +60,7 @@ setup(
                 "csrc/latency.h",
                 "csrc/json_writer.h",
                 "csrc/fanout.h",
+                "csrc/history.h",
             ],
             include_dirs=["csrc"],
             extra_compile_args=cflags,

@@ -37,6 +37,7 @@
 #include <Python.h>
 #include <math.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "registry.h"
 #include "activity.h"
@@ -44,6 +45,7 @@
 #include "latency.h"
 #include "json_writer.h"
 #include "fanout.h"
+#include "history.h"
 
 /* Keys of get_stats(), interned once in the module state. */
 #define WSM_STAT_KEYS(X) \
@@ -133,6 +135,7 @@ typedef struct {
     wsm_ratelimit rl;           /* inbound rate limit; rl.rate <= 0: off */
     unsigned long long n_stale[WSM_STALE_NREASONS];
     wsm_rtt_ring rtt;           /* recent round-trip times */
+    wsm_history hist;           /* per-lobby message history (history.c); size 0: off */
     PyObject *module;           /* strong ref: owner of the state below */
     module_state *st;           /* borrowed from module */
 } CoreObject;
@@ -363,6 +366,16 @@ Core_init(CoreObject *self, PyObject *args, PyObject *kwds)
         self->clock = clock;
     }
     wsm_registry_init(&self->reg);
+    {
+        /* epochs differ across processes and restarts: seeded from the
+         * wall clock, the pid and this object's address */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        wsm_history_clear(&self->hist);
+        wsm_history_init(&self->hist,
+                         ((uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec) ^
+                             ((uint64_t)getpid() << 40) ^ (uint64_t)(uintptr_t)self);
+    }
     self->initialized = 1;
     return 0;
 }
@@ -385,6 +398,7 @@ Core_clear(CoreObject *self)
     Py_CLEAR(self->pong_hook);
     Py_CLEAR(self->drop_hook);
     wsm_registry_clear(&self->reg);
+    wsm_history_clear(&self->hist);
     self->st = NULL;
     self->initialized = 0;
     Py_CLEAR(self->module);
@@ -2041,7 +2055,314 @@ Core_get_shutting_down(CoreObject *self, void *Py_UNUSED(closure))
     return PyBool_FromLong(self->shutting_down);
 }
 
+/* ---- history (issue 12; csrc/history.c) --------------------------------- */
+
+static PyObject *
+Core_get_history_size(CoreObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(self->hist.size);
+}
+
+/* history_size: entries kept per lobby, 0 (or None): off, every ring dropped */
+static int
+Core_set_history_size(CoreObject *self, PyObject *value, void *Py_UNUSED(c))
+{
+    Py_ssize_t size = 0;
+    if (value != Py_None && set_limit(&size, value, 0, "history_size") < 0) {
+        return -1;
+    }
+    self->hist.size = size;
+    if (size == 0) {
+        wsm_history_clear(&self->hist);
+    }
+    return 0;
+}
+
+static PyObject *
+Core_get_history_ttl(CoreObject *self, void *Py_UNUSED(closure))
+{
+    if (self->hist.ttl <= 0) {
+        Py_RETURN_NONE;
+    }
+    return PyFloat_FromDouble(self->hist.ttl);
+}
+
+/* history_ttl: seconds an entry is kept, None (or 0): no age limit */
+static int
+Core_set_history_ttl(CoreObject *self, PyObject *value, void *Py_UNUSED(c))
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete history_ttl");
+        return -1;
+    }
+    double ttl = 0;
+    if (value != Py_None) {
+        ttl = PyFloat_AsDouble(value);
+        if (ttl == -1.0 && PyErr_Occurred()) {
+            return -1;
+        }
+        if (!isfinite(ttl) || ttl < 0) {
+            PyErr_SetString(PyExc_ValueError,
+                            "history_ttl must be None or a finite number >= 0");
+            return -1;
+        }
+    }
+    self->hist.ttl = ttl;
+    return 0;
+}
+
+/* An exact str for a lobby code: new reference, or NULL with TypeError. */
+static PyObject *
+history_key(PyObject *lobby)
+{
+    if (PyUnicode_CheckExact(lobby)) {
+        Py_INCREF(lobby);
+        return lobby;
+    }
+    if (PyUnicode_Check(lobby)) {
+        return PyUnicode_FromObject(lobby); /* a subclass: copied, its methods never run */
+    }
+    PyErr_Format(PyExc_TypeError, "lobby_code must be a str, not %.100s",
+                 Py_TYPE(lobby)->tp_name);
+    return NULL;
+}
+
+/* The ring of `key` (exact str), created if absent. The returned pointer is
+ * valid until the next call that can run Python code. NULL with an
+ * exception set on failure. */
+static wsm_ring *
+history_ring(CoreObject *self, PyObject *key, double now)
+{
+    wsm_history *h = &self->hist;
+    wsm_history_expire(h, NULL, now);
+    wsm_ring *ring = wsm_history_find(h, key);
+    if (ring != NULL) {
+        wsm_history_expire(h, ring, now);
+        return ring;
+    }
+    char epoch[WSM_EPOCH_LEN + 1];
+    wsm_history_next_epoch(h, epoch);
+    /* the text added to each message of this ring, before its offset */
+    PyObject *quoted = wsm_json_dumps(key, NULL, &self->st->json, 0); /* new ref; an exact str: no Python code */
+    if (quoted == NULL) {
+        return NULL;
+    }
+    PyObject *prefix = PyUnicode_FromFormat(",\"_pos\":{\"lobby\":%U,\"epoch\":\"%s\",\"offset\":",
+                                            quoted, epoch); /* new ref */
+    Py_DECREF(quoted);
+    if (prefix == NULL) {
+        return NULL;
+    }
+    /* no Python code ran since the lookup (str allocations only): absent still */
+    ring = wsm_history_create(h, key, prefix, now); /* steals prefix */
+    if (ring == NULL) {
+        PyErr_NoMemory();
+    }
+    return ring;
+}
+
+/* _history_append(lobby_code, data) -> str
+ * `data` (a serialized JSON object) with its position added as the last
+ * member, `"_pos":{"lobby":L,"epoch":E,"offset":N}`, kept in the lobby's ring.
+ * History off: `data` itself. TypeError if `data` is not an object's text. */
+static PyObject *
+Core_history_append(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "_history_append(lobby_code, data)");
+        return NULL;
+    }
+    CHECK_INIT(self, NULL);
+    PyObject *data = args[1];
+    if (!PyUnicode_CheckExact(data)) {
+        PyErr_SetString(PyExc_TypeError, "_history_append: data must be a str");
+        return NULL;
+    }
+    if (self->hist.size == 0) {
+        Py_INCREF(data);
+        return data;
+    }
+    Py_ssize_t n = PyUnicode_GET_LENGTH(data);
+    if (n < 2 || PyUnicode_READ_CHAR(data, 0) != '{' || PyUnicode_READ_CHAR(data, n - 1) != '}') {
+        PyErr_SetString(PyExc_TypeError,
+                        "with history_size set, a lobby message must be a JSON object "
+                        "(its position is added to it as \"_pos\")");
+        return NULL;
+    }
+    /* the clock may run Python code: read it before any lookup */
+    NOW_OR_FAIL(now, self, return NULL);
+    PyObject *key = history_key(args[0]); /* new ref */
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *text = NULL, *prefix = NULL;
+    wsm_ring *ring = history_ring(self, key, now);
+    if (ring == NULL) {
+        goto error;
+    }
+    uint64_t offset = ring->top + 1;
+    prefix = ring->prefix;
+    Py_INCREF(prefix); /* ours: the ring's pointer is not kept past here */
+    char digits[24];
+    int nd = snprintf(digits, sizeof digits, "%llu}}", (unsigned long long)offset);
+    int empty = n == 2; /* "{}": no comma before our member */
+    Py_ssize_t np = PyUnicode_GET_LENGTH(prefix) - empty;
+    Py_UCS4 maxchar = PyUnicode_MAX_CHAR_VALUE(data);
+    if (PyUnicode_MAX_CHAR_VALUE(prefix) > maxchar) {
+        maxchar = PyUnicode_MAX_CHAR_VALUE(prefix);
+    }
+    text = PyUnicode_New(n - 1 + np + nd, maxchar); /* new ref; a str: not GC-tracked */
+    if (text == NULL) {
+        goto error;
+    }
+    if (PyUnicode_CopyCharacters(text, 0, data, 0, n - 1) < 0 ||
+        PyUnicode_CopyCharacters(text, n - 1, prefix, empty, np) < 0) {
+        goto error;
+    }
+    int kind = PyUnicode_KIND(text);
+    void *out = PyUnicode_DATA(text);
+    for (int i = 0; i < nd; i++) {
+        PyUnicode_WRITE(kind, out, n - 1 + np + i, (Py_UCS4)digits[i]);
+    }
+    /* look the ring up again (no Python code ran, but keep no pointer across
+     * allocations); it must be the one whose offset we wrote */
+    ring = wsm_history_find(&self->hist, key);
+    if (ring == NULL || ring->prefix != prefix || ring->top + 1 != offset) {
+        PyErr_SetString(PyExc_RuntimeError, "history changed during an append");
+        goto error;
+    }
+    if (wsm_history_push(&self->hist, ring, text, now) < 0) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    Py_DECREF(prefix);
+    Py_DECREF(key);
+    return text;
+error:
+    Py_XDECREF(text);
+    Py_XDECREF(prefix);
+    Py_DECREF(key);
+    return NULL;
+}
+
+/* _history_since(lobby_code, epoch, offset) -> (recovered, epoch, top, [texts])
+ * What a client that saw `offset` of `epoch` missed: recovered True and the
+ * texts of offsets offset+1 .. top (in order), or recovered False and [] when
+ * the epoch differs, the offset is ahead of top, or an entry it needs was
+ * dropped (size or ttl). The lobby's ring is created if absent (its epoch is
+ * the position handed back). History off: (False, "", 0, []). */
+static PyObject *
+Core_history_since(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyUnicode_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "_history_since(lobby_code, epoch: str, offset: int)");
+        return NULL;
+    }
+    CHECK_INIT(self, NULL);
+    unsigned long long since = PyLong_AsUnsignedLongLong(args[2]);
+    if (since == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (self->hist.size == 0) {
+        return Py_BuildValue("(Osi[])", Py_False, "", 0);
+    }
+    Py_ssize_t elen;
+    const char *want = PyUnicode_AsUTF8AndSize(args[1], &elen); /* borrowed, cached in the str */
+    if (want == NULL) {
+        return NULL;
+    }
+    NOW_OR_FAIL(now, self, return NULL);
+    PyObject *key = history_key(args[0]); /* new ref */
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject **items = NULL, *list = NULL, *res = NULL;
+    Py_ssize_t k = 0;
+    wsm_ring *ring = history_ring(self, key, now);
+    if (ring == NULL) {
+        goto done;
+    }
+    /* copy what the result needs: no pointer into the ring past this block */
+    char epoch[WSM_EPOCH_LEN + 1];
+    memcpy(epoch, ring->epoch, sizeof epoch);
+    uint64_t top = ring->top;
+    int recovered = elen == WSM_EPOCH_LEN && memcmp(want, epoch, WSM_EPOCH_LEN) == 0 &&
+                    since <= top && top - since <= ring->count;
+    if (recovered && top > since) {
+        k = (Py_ssize_t)(top - since);
+        items = PyMem_Malloc((size_t)k * sizeof(PyObject *));
+        if (items == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        for (Py_ssize_t i = 0; i < k; i++) {
+            items[i] = wsm_ring_at(ring, since + 1 + (uint64_t)i);
+            Py_INCREF(items[i]); /* strong: the list below may run a GC pass */
+        }
+    }
+    list = PyList_New(k); /* new ref; may run a GC pass (finalizers): the ring is not used after */
+    if (list == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < k; i++) {
+        PyList_SET_ITEM(list, i, items[i]); /* steals */
+    }
+    PyMem_Free(items);
+    items = NULL;
+    k = 0;
+    res = Py_BuildValue("(OsKN)", recovered ? Py_True : Py_False, epoch,
+                        (unsigned long long)top, list); /* steals list */
+    list = NULL;
+done:
+    if (items != NULL) {
+        for (Py_ssize_t i = 0; i < k; i++) {
+            Py_DECREF(items[i]);
+        }
+        PyMem_Free(items);
+    }
+    Py_XDECREF(list);
+    Py_DECREF(key);
+    return res;
+}
+
+/* _history_info(lobby_code) -> (epoch, top, count) or None */
+static PyObject *
+Core_history_info(CoreObject *self, PyObject *lobby)
+{
+    CHECK_INIT(self, NULL);
+    NOW_OR_FAIL(now, self, return NULL);
+    PyObject *key = history_key(lobby); /* new ref */
+    if (key == NULL) {
+        return NULL;
+    }
+    wsm_history_expire(&self->hist, NULL, now);
+    wsm_ring *ring = wsm_history_find(&self->hist, key);
+    Py_DECREF(key);
+    if (ring == NULL) {
+        Py_RETURN_NONE;
+    }
+    wsm_history_expire(&self->hist, ring, now);
+    char epoch[WSM_EPOCH_LEN + 1];
+    memcpy(epoch, ring->epoch, sizeof epoch);
+    unsigned long long top = ring->top, count = ring->count;
+    return Py_BuildValue("(sKK)", epoch, top, count);
+}
+
+/* _history_stats() -> (lobbies, entries) held now (expired ones dropped first) */
+static PyObject *
+Core_history_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_INIT(self, NULL);
+    NOW_OR_FAIL(now, self, return NULL);
+    wsm_history_expire(&self->hist, NULL, now);
+    return Py_BuildValue("(nn)", self->hist.nrings, self->hist.nentries);
+}
+
 static PyGetSetDef Core_getset[] = {
+    {"history_size", (getter)Core_get_history_size, (setter)Core_set_history_size,
+     "Messages kept per lobby for recovery; 0: history off.", NULL},
+    {"history_ttl", (getter)Core_get_history_ttl, (setter)Core_set_history_ttl,
+     "Seconds a history entry is kept; None: no age limit.", NULL},
     {"max_connections", (getter)Core_get_max_connections,
      (setter)Core_set_max_connections, "Global connection limit.", NULL},
     {"max_per_lobby", (getter)Core_get_max_per_lobby,
@@ -2121,6 +2442,12 @@ static PyMethodDef Core_methods[] = {
      METH_FASTCALL, NULL},
     {"_fanout_lobby", (PyCFunction)(void (*)(void))Core_fanout_lobby,
      METH_FASTCALL, NULL},
+    {"_history_append", (PyCFunction)(void (*)(void))Core_history_append,
+     METH_FASTCALL, NULL},
+    {"_history_since", (PyCFunction)(void (*)(void))Core_history_since,
+     METH_FASTCALL, NULL},
+    {"_history_info", (PyCFunction)Core_history_info, METH_O, NULL},
+    {"_history_stats", (PyCFunction)Core_history_stats, METH_NOARGS, NULL},
     {"_user_targets", (PyCFunction)Core_user_targets, METH_O, NULL},
     {"_lobby_count", (PyCFunction)Core_lobby_count, METH_O, NULL},
     {"_snapshot", (PyCFunction)Core_snapshot, METH_NOARGS, NULL},

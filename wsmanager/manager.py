@@ -27,6 +27,7 @@ from .codes import CloseCode
 from .delivery import Delivery
 from .events import CloseListener
 from .health import HealthMonitor, health_ping
+from .history import Since, check_since, recovery_message
 from .joining import DEFAULT_MAX_LOBBIES_PER_CONNECTION
 from .presence import Presence
 from .receiving import Receiving, pinged
@@ -57,6 +58,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["ConnectionManager"]
+
+
+class _HistorySetting(CoreSetting[Any]):
+    """``history_size``: the core's setting, and the instance's ``_history``
+    flag (on or off), which a broadcast reads instead of calling the core."""
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        super().__set__(obj, value)
+        obj.__dict__["_history"] = self.base.__get__(obj, type(obj)) > 0
 
 
 _RATE = optional_rate(0)  # set_rate_limit's checks (wsmanager.settings)
@@ -194,6 +204,9 @@ class ConnectionManager(Core):
     max_bad_messages = Setting(count(1))
     close_timeout = Setting(seconds)
     shutdown_timeout = Setting(seconds)
+    history_size = _HistorySetting(Core.__dict__["history_size"], optional_count(0))
+    history_ttl = CoreSetting(Core.__dict__["history_ttl"], optional_seconds)
+    _history = False  # history_size > 0 (kept by _HistorySetting): one attribute read per broadcast
 
     def __init__(
         self,
@@ -221,6 +234,8 @@ class ConnectionManager(Core):
         json_default: Callable[[Any], Any] | None = None,
         presence_events: bool = False,
         presence_interval: float = 0.2,
+        history_size: int | None = None,
+        history_ttl: float | None = None,
     ) -> None:
         d = self._class_defaults  # a subclass's class-attribute settings: {} here
         if d:
@@ -239,6 +254,8 @@ class ConnectionManager(Core):
             shutdown_timeout = resolve(d, "shutdown_timeout", shutdown_timeout)
             ping_interval = resolve(d, "ping_interval", ping_interval)
             ping_timeout = resolve(d, "ping_timeout", ping_timeout)
+            history_size = resolve(d, "history_size", history_size, none_is_unset=True)
+            history_ttl = resolve(d, "history_ttl", history_ttl, none_is_unset=True)
         cls = ConnectionManager
         super().__init__(
             cls.max_connections.validate(max_connections),
@@ -266,6 +283,9 @@ class ConnectionManager(Core):
         self.on_user_limit = on_user_limit
         self.json_default = json_default
         self.set_rate_limit(rate_limit, rate_burst, close_after=rate_limit_close_after)
+        # -- history (issue 12): off (0) unless asked; the core keeps the rings
+        self.history_ttl = history_ttl
+        self.history_size = history_size
         self._shutdown_task: asyncio.Task[None] | None = None
         # event loop -> {id(websocket): websocket}: reserved handshakes in flight
         # (no Future per connect: shutdown() waits on one future, made only while it waits)
@@ -289,6 +309,11 @@ class ConnectionManager(Core):
             # manager keeps them as plain C calls
             self.__class__ = _ClusteredConnectionManager
         self._latency_listeners: list[Callable[[Any, float], None]] = []
+        if self._history and self._backplane is not None:
+            raise NotImplementedError(
+                f"history_size with a clustered backend needs {type(self.backend).__name__}"
+                ".history_publish (see wsmanager.backends.Backend)"
+            )
         # -- presence events (issue 11): None, and no cost anywhere, unless asked
         if not isinstance(presence_events, bool):
             raise TypeError(f"presence_events must be a bool, not {type(presence_events).__name__}")
@@ -398,7 +423,9 @@ class ConnectionManager(Core):
 
     # ------------------------------------------------------------------ connect
 
-    async def connect(self, websocket: WebSocket, lobby_code: str, user_id: str) -> bool:
+    async def connect(
+        self, websocket: WebSocket, lobby_code: str, user_id: str, *, since: Since | None = None
+    ) -> bool:
         """Admit, accept and register ``websocket`` in ``lobby_code`` as ``user_id``.
 
         Returns True once registered. When a limit is reached meanwhile (another
@@ -423,10 +450,20 @@ class ConnectionManager(Core):
         handshake of the user still in ``accept()`` that is replaced gets the
         same close, and its ``connect()`` returns False.
 
+        ``since=(epoch, offset)`` (history on, see ``history_size``): the last
+        lobby message the client saw; once registered, and before any live
+        message, the connection is sent the lobby's messages after it, then
+        ``{"type": "recovery", "lobby", "recovered", "epoch", "offset"}``
+        (``recovered`` False, nothing replayed, when the epoch changed or
+        what it missed is no longer kept; see :mod:`wsmanager.history`).
+
         Raises TypeError / ValueError, before touching the socket, for a non-str,
-        empty or oversized id, or a websocket that is already connected; the
-        registry is then unchanged.
+        empty or oversized id, a bad ``since`` (see
+        :func:`wsmanager.history.check_since`), or a websocket that is already
+        connected; the registry is then unchanged.
         """
+        if since is not None:
+            since = check_since(since)
         state = websocket.application_state
         if state is WebSocketState.DISCONNECTED or state is WebSocketState.RESPONSE:
             logger.info(
@@ -528,6 +565,8 @@ class ConnectionManager(Core):
             self._health.watch(websocket, loop, owned=read)
             if self.presence is not None:
                 self.presence.entered(websocket, lobby_code)
+            if since is not None:  # no await since the commit: no live message came first
+                self._recover(websocket, lobby_code, since)
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("connected", extra={"lobby": lobby_code, "user": user_id})
             if len(self) >= _core_max_connections(self):
@@ -544,7 +583,7 @@ class ConnectionManager(Core):
             if self._handshakes_waiter is not None:  # a shutdown() waits for the handshakes
                 self._handshake_ended(loop)
 
-    async def join(self, websocket: WebSocket, lobby_code: str) -> bool:
+    async def join(self, websocket: WebSocket, lobby_code: str, *, since: Since | None = None) -> bool:
         """Add a connected ``websocket`` to another lobby (rooms); True once it is a member.
 
         The connection then gets that lobby's broadcasts (each once, however
@@ -563,7 +602,14 @@ class ConnectionManager(Core):
         refuse (not a str, empty, longer than ``max_id_bytes``), before
         anything changes. :meth:`leave` undoes it; ``disconnect()`` leaves
         every lobby.
+
+        ``since=(epoch, offset)``: recovery as in :meth:`connect`, once the
+        connection is a member and before any live message of the lobby (not
+        when it was a member already: it missed nothing). A bad ``since``
+        raises TypeError / ValueError before anything changes.
         """
+        if since is not None:
+            since = check_since(since)
         bp = self._backplane
         reason = self._join(websocket, lobby_code, bp is not None)
         if reason and reason != "member":
@@ -574,6 +620,8 @@ class ConnectionManager(Core):
         if bp is None:
             if self.presence is not None:
                 self.presence.entered(websocket, lobby_code)
+            if since is not None:  # no await since the membership began
+                self._recover(websocket, lobby_code, since)
             return True
         # clustered: the local slot is held; the backend decides cluster-wide
         join = getattr(bp, "join", None)
@@ -597,6 +645,19 @@ class ConnectionManager(Core):
         if self.presence is not None:
             self.presence.entered(websocket, lobby_code)
         return True
+
+    def _recover(self, websocket: Any, lobby_code: str, since: Since) -> None:
+        """Send ``websocket`` what it missed of ``lobby_code`` since ``since``,
+        then the recovery message. Synchronous: called right after the
+        connection became a member, with no await in between, so every live
+        message of the lobby is posted after these (post() keeps the order,
+        also through a backlog)."""
+        recovered, epoch, top, texts = self._history_since(lobby_code, since[0], since[1])
+        post = self.delivery.post
+        for text in texts:
+            if not post(websocket, text):
+                return  # the connection failed: it was removed
+        post(websocket, encode_message(recovery_message(lobby_code, recovered, epoch, top), None))
 
     def presence_changed(self, lobby_code: str) -> None:
         """A clustered backend's report that another node's membership of
@@ -665,13 +726,23 @@ class ConnectionManager(Core):
         (NaN / Infinity) or ``RecursionError``, and reaches no one.
         ``default`` (else the manager's ``json_default``) converts the objects
         the encoder does not handle natively.
+
+        With ``history_size`` set, ``message`` must serialize to a JSON object
+        (else ``TypeError``): its position is added as its last member,
+        ``"_pos": {"lobby", "epoch", "offset"}``, and it is kept in the
+        lobby's history, even when no one is in the lobby (the return value
+        counts live deliveries only); see :mod:`wsmanager.history`.
         """
         bp = self._backplane
         if bp is None:
+            if self._history:
+                return self._broadcast_kept(lobby_code, message, exclude_user_id, default)
             if not self._lobby_count(lobby_code):
                 return 0
             data = encode_message(message, default if default is not None else self._json_default)
             return self.delivery.deliver_lobby_now(lobby_code, data, exclude_user_id)
+        if self._history:
+            raise NotImplementedError("history_size with a clustered backend: see wsmanager.backends.Backend")
         # backend: other nodes get the same text, queued before local delivery
         bp.ensure_running()
         data = encode_message(message, default if default is not None else self._json_default)
@@ -679,6 +750,21 @@ class ConnectionManager(Core):
         if not self._lobby_count(lobby_code):
             return remote
         return remote + await self.delivery.deliver_lobby(lobby_code, data, exclude_user_id)
+
+    def _broadcast_kept(
+        self,
+        lobby_code: str,
+        message: Any,
+        exclude_user_id: str | None,
+        default: Callable[[Any], Any] | None,
+    ) -> int:
+        """broadcast_to_lobby with history on (single process): the message
+        gets its position and is kept in the lobby's ring, members or not."""
+        data = encode_message(message, default if default is not None else self._json_default)
+        data = self._history_append(lobby_code, data)
+        if not self._lobby_count(lobby_code):
+            return 0
+        return self.delivery.deliver_lobby_now(lobby_code, data, exclude_user_id)
 
     async def send_to_user(
         self, user_id: str, message: Any, *, default: Callable[[Any], Any] | None = None

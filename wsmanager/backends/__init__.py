@@ -55,6 +55,22 @@ class Backend(Protocol):
       lobby changed, it calls ``manager.presence_changed(lobby)`` (cheap, a
       no-op unless the manager has ``presence_events`` on) so that the
       presence diff of that lobby covers every node.
+    * history (``history_size``, issue 12; the in-memory rings are the core's,
+      ``csrc/history.c``): a clustered backend keeps one history per lobby for
+      the cluster and implements ``await history_publish(lobby, data,
+      exclude_user_id) -> (text, remote)``: assign the next offset of the
+      lobby's epoch, add it to ``data`` exactly as the core does (the member
+      ``"_pos":{"lobby":L,"epoch":E,"offset":N}`` before the final ``}``),
+      keep it (trimmed to ``manager.history_size`` and ``history_ttl``) and
+      publish ``text`` to the other nodes, atomically (one Lua script), then
+      the manager delivers ``text`` locally; and ``await history_since(lobby,
+      epoch, offset) -> (recovered, epoch, top, texts)`` with the meaning of
+      ``Core._history_since``. The replay-before-live guarantee then needs the
+      manager to hold that connection's live messages of the lobby from the
+      moment it becomes a member until the replay is posted, and to drop
+      those with an offset <= ``top``. A clustered backend without
+      ``history_publish`` makes ``ConnectionManager(history_size=N)`` raise
+      NotImplementedError.
 
     Messages from other nodes come back through the manager's
     ``_deliver_lobby`` / ``_deliver_user``.

@@ -1,0 +1,85 @@
+"""History and recovery (issue 12): the Python side of the core's rings.
+
+With ``ConnectionManager(history_size=N)`` every lobby message gets its
+position added by the core (``csrc/history.c``) as the last member of its JSON
+object::
+
+    {"type": "chat", "text": "hi", "_pos": {"lobby": "room-1", "epoch": "k3v9q0c1m2ab", "offset": 17}}
+
+``offset`` counts the lobby's messages from 1; ``epoch`` names the lobby's
+history (random, 12 characters of ``[0-9a-v]``) and changes whenever it is
+lost (a new process, the lobby's ring expired). A client that reconnects
+with the last position it saw, ``since=(epoch, offset)``, is sent what it
+missed, then a :func:`recovery_message`. This module checks a ``since``
+(from an app or, through ``serve()``, from a client) and builds that message.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = [
+    "MAX_EPOCH_CHARS",
+    "MAX_OFFSET",
+    "POSITION_KEY",
+    "Since",
+    "check_since",
+    "recovery_message",
+]
+
+POSITION_KEY = "_pos"
+"""The member the core adds to each lobby message when history is on."""
+
+MAX_OFFSET = 2**53 - 1
+"""Largest offset a ``since`` may name: JavaScript's ``Number.MAX_SAFE_INTEGER``
+(a browser reads offsets as doubles; past it they are no longer exact)."""
+
+MAX_EPOCH_CHARS = 64
+"""Longest epoch a ``since`` may name (the core's are 12 characters)."""
+
+Since = tuple[str, int]
+"""A position: ``(epoch, offset)`` of the last lobby message a client saw."""
+
+
+def check_since(value: Any) -> Since | None:
+    """``value`` as a position, or None for None.
+
+    A position is a 2-item tuple or list ``(epoch, offset)``: ``epoch`` a str
+    of at most :data:`MAX_EPOCH_CHARS` characters (any str: one that is not
+    the lobby's current epoch means "not recoverable"), ``offset`` an int
+    (not a bool, not a float) from 0 to :data:`MAX_OFFSET`. Raises
+    ``TypeError`` for a wrong shape or type (a float offset, NaN included)
+    and ``ValueError`` for a value out of range (a negative or huge offset,
+    a long epoch); the message starts with ``since``.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"since must be None or (epoch: str, offset: int), not {_describe(value)}")
+    epoch, offset = value
+    if not isinstance(epoch, str):
+        raise TypeError(f"since: epoch must be a str, not {type(epoch).__name__}")
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        shown = "NaN" if isinstance(offset, float) and math.isnan(offset) else type(offset).__name__
+        raise TypeError(f"since: offset must be an int, not {shown}")
+    if len(epoch) > MAX_EPOCH_CHARS:
+        raise ValueError(f"since: epoch must be at most {MAX_EPOCH_CHARS} characters, got {len(epoch)}")
+    if not 0 <= offset <= MAX_OFFSET:
+        shown = str(offset) if offset.bit_length() <= 128 else f"an int of {offset.bit_length()} bits"
+        raise ValueError(f"since: offset must be an int from 0 to {MAX_OFFSET}, got {shown}")
+    return (str(epoch), int(offset))
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    return type(value).__name__
+
+
+def recovery_message(lobby_code: str, recovered: bool, epoch: str, offset: int) -> dict[str, Any]:
+    """What a recovering connection is sent after the replayed messages:
+    ``{"type": "recovery", "lobby": ..., "recovered": bool, "epoch": str,
+    "offset": int}``, ``epoch`` / ``offset`` the lobby's position now (the
+    next live message has ``offset + 1``)."""
+    return {"type": "recovery", "lobby": lobby_code, "recovered": recovered, "epoch": epoch, "offset": offset}
