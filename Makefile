@@ -54,7 +54,7 @@ build: deps
 
 # The demo needs only its own extra (fastapi, uvicorn, prometheus-client), not the dev tools;
 # the editable install builds the extension. A .venv made by `make build` already has it all.
-$(VENV)/.demo-stamp: pyproject.toml setup.py
+$(VENV)/.demo-stamp: pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h)
 	$(MAKE) apt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -e '.[demo]'
@@ -118,24 +118,26 @@ wheel: deps
 	ls -l $(DIST); $(call missing_banner,BUILT); exit $$rc
 
 # The core tests against the installed manylinux wheel, on every CPython 3.10-3.13 that pyenv
-# has: a fresh venv each; the tests run from a copy outside the tree, so `import wsmanager` can
-# only find the installed package (printed, and checked to be inside the venv).
+# has: a fresh venv each, first with the demo extra only (the demo must import with just that),
+# then the test extra; the tests run from a copy outside the tree, so `import wsmanager` can only
+# find the installed package (printed, and checked to be inside the venv).
 CORE_TESTS = tests/test_manager_api.py tests/test_defects.py tests/test_json.py tests/test_model.py tests/test_memory.py \
              tests/test_c_safety.py tests/test_settings.py
 INSTALLED_CHECK = import sys, wsmanager, wsmanager._core as c, wsmanager.demo.app as d; \
-  print("wsmanager under test:", wsmanager.__file__, "core:", c.__file__, "demo:", d.__file__); \
+  d.app; print("wsmanager under test:", wsmanager.__file__, "core:", c.__file__, "demo:", d.__file__); \
   sys.exit(0 if all(m.__file__.startswith(sys.prefix) for m in (wsmanager, c, d)) else "not the installed wheel")
 test-pythons: wheel
 	@ran=""; missing=""; \
 	for v in $(PYTHONS); do \
 	  py=$(call pyenv_python,$$v); \
 	  if [ -z "$$py" ]; then missing="$$missing $$v"; continue; fi; \
-	  whl=$$(ls $(DIST)/wsmanager-*-cp$$(echo $$v | tr -d .)-*manylinux*.whl); \
+	  whl=$$(ls $(abspath $(DIST))/wsmanager-*-cp$$(echo $$v | tr -d .)-*manylinux*.whl); \
 	  echo "== CPython $$v: $$whl in a fresh venv"; \
 	  venv=$(CURDIR)/.venv-$$v; rm -rf $$venv; $$py -m venv $$venv || exit 1; \
-	  $$venv/bin/python -m pip install -q "$$whl[test]" || exit 1; \
 	  tmp=$$(mktemp -d); cp -r tests pyproject.toml $$tmp/; \
-	  (cd $$tmp && $$venv/bin/python -c '$(INSTALLED_CHECK)' && \
+	  (cd $$tmp && $$venv/bin/python -m pip install -q "$$whl[demo]" && \
+	   $$venv/bin/python -c '$(INSTALLED_CHECK)' && \
+	   $$venv/bin/python -m pip install -q "$$whl[test]" && \
 	   $$venv/bin/python -m pytest -q -p no:cacheprovider $(CORE_TESTS)); rc=$$?; \
 	  rm -rf $$tmp; [ $$rc = 0 ] || exit $$rc; \
 	  ran="$$ran $$v"; \
