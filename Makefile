@@ -105,7 +105,7 @@ endef
 # 0.14.5 that auditwheel >= 6 requires.
 wheel: deps
 	rm -rf $(DIST) build/wheels-raw
-	$(PY) -m build --sdist -o $(DIST) .
+	$(PY) -m build -q --sdist -o $(DIST) .
 	@missing=""; \
 	for v in $(PYTHONS); do \
 	  py=$(call pyenv_python,$$v); \

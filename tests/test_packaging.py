@@ -33,6 +33,13 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def build_env() -> dict[str, str]:
+    """The environment of a build subprocess: without the ASan run's preload and options (the
+    compiler and pip are not what the sanitizers check) and without its WSM_ switches."""
+    drop = ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS", "PYTHONMALLOC", "WSM_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+
+
 HIDE_REDIS = "import sys; sys.modules['redis'] = None  # as if redis-py were not installed\n"
 
 
@@ -73,6 +80,7 @@ def sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
         text=True,
         timeout=120,
         check=False,
+        env=build_env(),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (path,) = out.glob("wsmanager-*.tar.gz")
@@ -159,6 +167,7 @@ def test_the_wheel_built_from_the_sdist_holds_the_client_the_demo_and_the_licens
         text=True,
         timeout=300,
         check=False,
+        env=build_env(),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # setuptools' ~40-line "Package 'wsmanager.static' is absent from the `packages`
@@ -191,5 +200,7 @@ def test_the_wheel_built_from_the_sdist_holds_the_client_the_demo_and_the_licens
     demo_needs = {
         re.split(r"[\[<>=;]", r)[0] for r in meta.get_all("Requires-Dist") or [] if 'extra == "demo"' in r
     }
-    # what wsmanager.demo.app imports beyond wsmanager itself (wsmanager.metrics: prometheus-client)
-    assert demo_needs == {"fastapi", "uvicorn", "prometheus-client"}
+    # what wsmanager.demo.app imports beyond wsmanager itself (wsmanager.metrics: prometheus-client),
+    # and none of the development tools `make demo` once installed with it
+    assert {"fastapi", "uvicorn", "prometheus-client"} <= demo_needs
+    assert not demo_needs & {"mypy", "ruff", "playwright", "python-socketio", "pytest", "wsmanager"}
