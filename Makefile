@@ -88,11 +88,16 @@ test-asan: deps apt-test
 # The newest CPython X.Y that pyenv has (not a free-threaded "t" build), or nothing.
 PYENV_DIR := $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 pyenv_python = $$(ls -d $(PYENV_DIR)/versions/$(1).*/bin/python3 2>/dev/null | grep -E '/versions/[0-9.]+/bin/' | sort -V | tail -n 1)
+# The interpreter for CPython $$v: pyenv's, else the project venv's when it is that version.
+define find_python
+py=$(call pyenv_python,$$v); \
+[ -n "$$py" ] || [ "$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')" != "$$v" ] || py=$(abspath $(PY))
+endef
 # A banner for the versions pyenv does not have: they are not built, not tested.
 define missing_banner
 if [ -n "$$missing" ]; then \
   echo "#####################################################################################"; \
-  echo "## WARNING: CPython$$missing NOT $(1): pyenv has no such version here."; \
+  echo "## WARNING: CPython$$missing NOT $(1): neither pyenv nor $(VENV) has it here."; \
   echo "##          Install it (pyenv install <version>) for the full 3.10-3.13 coverage."; \
   echo "#####################################################################################"; \
 fi
@@ -108,7 +113,7 @@ wheel: deps
 	$(PY) -m build -q --sdist -o $(DIST) .
 	@missing=""; \
 	for v in $(PYTHONS); do \
-	  py=$(call pyenv_python,$$v); \
+	  $(find_python); \
 	  if [ -z "$$py" ]; then missing="$$missing $$v"; continue; fi; \
 	  echo "== wheel for CPython $$v ($$py)"; \
 	  WSM_DEV=1 $$py -m pip wheel -q --no-deps -w build/wheels-raw $(DIST)/wsmanager-*.tar.gz || exit 1; \
@@ -129,7 +134,7 @@ INSTALLED_CHECK = import sys, wsmanager, wsmanager._core as c, wsmanager.demo.ap
 test-pythons: wheel
 	@ran=""; missing=""; \
 	for v in $(PYTHONS); do \
-	  py=$(call pyenv_python,$$v); \
+	  $(find_python); \
 	  if [ -z "$$py" ]; then missing="$$missing $$v"; continue; fi; \
 	  whl=$$(ls $(abspath $(DIST))/wsmanager-*-cp$$(echo $$v | tr -d .)-*manylinux*.whl); \
 	  echo "== CPython $$v: $$whl in a fresh venv"; \
