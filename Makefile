@@ -21,8 +21,9 @@ ASAN_LIB = $(shell gcc -print-file-name=libasan.so)
 
 help:
 	@echo "make demo   - run the demo app on http://$(HOST):$(PORT) (in-memory)"
-	@echo "make test   - lint, type-check, full test suite (real browser included), the JS client's"
-	@echo "              tests on node, then the suite under ASan+UBSan"
+	@echo "make test   - lint, type-check, the core tests against the installed wheel on CPython"
+	@echo "              3.10-3.13, the JS client's tests on node, the suite under ASan+UBSan, then"
+	@echo "              the full test suite (real browser included)"
 	@echo "make wheel  - sdist + manylinux wheels for CPython 3.10-3.13 (those pyenv has) in $(DIST)/"
 	@echo "make bench  - benchmarks (tables with ratios against baselines)"
 	@echo "make bench-e2e - end-to-end broadcast benchmark only (uvicorn, ~3 min)"
