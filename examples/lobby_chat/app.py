@@ -46,12 +46,13 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 import wsmanager
-from examples.lobby_chat.simulate import KINDS, Simulator
 from wsmanager import Connection, ConnectionManager
 from wsmanager.client import mount_client
 from wsmanager.codes import CloseCode
 from wsmanager.events import CloseEvent
 from wsmanager.metrics import ManagerMetrics
+
+from .simulate import KINDS, Simulator
 
 STATIC = Path(__file__).resolve().parent / "static"
 NAME_RE = re.compile(r"^[\w][\w .-]{0,23}$")
