@@ -23,8 +23,11 @@ events, as a user and as an attacker would go at them:
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
-from collections.abc import Coroutine
+import sys
+import tracemalloc
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
@@ -34,7 +37,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from starlette.types import Message
 
 from tests.asgi_fakes import FakePeer
-from tests.test_c_safety import assert_rooms_consistent
+from tests.test_c_safety import assert_rooms_consistent, call_with_finalizer
 from wsmanager import ConnectionManager
 
 T = TypeVar("T")
@@ -767,5 +770,261 @@ def test_a_broadcast_whose_send_makes_members_leave_and_rejoin() -> None:
         assert_rooms_consistent(m)
         assert await m.broadcast_to_lobby("L", {"type": "chat"}) == 4
         assert [len(chat(p)) for p in peers] == [2, 2, 0, 2, 2]
+
+    run(main())
+
+
+# ================================================================ hostile ids
+
+
+class RaisingStr(str):
+    """A lobby code whose own hash and eq raise: only the core's exact copy
+    of it may be hashed or compared."""
+
+    __slots__ = ()
+
+    def __hash__(self) -> int:
+        raise RuntimeError("hash of a hostile id")
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("eq of a hostile id")
+
+
+@pytest.mark.parametrize("presence", [False, True])
+def test_a_str_subclass_lobby_whose_hash_raises_is_used_by_value(presence: bool) -> None:
+    """connect() and join() with such a lobby code register the plain id and
+    return True; with presence on the state message goes out too (the code
+    is never hashed by Python code either)."""
+
+    async def main() -> None:
+        m = ConnectionManager(100, 10, presence_events=presence, ping_interval=None)
+        a = FakePeer()
+        assert await m.connect(a.ws, RaisingStr("L"), "alice") is True
+        b = await connected(m, "X", "bob")
+        assert await m.join(b.ws, RaisingStr("L")) is True
+        assert await m.join(b.ws, RaisingStr("L")) is True  # already a member
+        assert m.leave(b.ws, RaisingStr("X")) is True
+        assert m.lobbies_of(b.ws) == {"L"} and all(type(k) is str for k in m.lobbies_of(b.ws))
+        assert m.get_lobby_users(RaisingStr("L")) == {"alice", "bob"}
+        assert all(type(k) is str for k in m.active_connections)
+        if presence:
+            assert presence_of(a, "L") == [
+                {"type": "presence", "lobby": "L", "joins": [], "leaves": [], "state": True}
+            ]
+            assert len(presence_of(b, "L")) == 1
+        await m.shutdown(timeout=1)
+
+    run(main())
+
+
+def test_huge_and_lone_surrogate_lobby_codes() -> None:
+    async def main() -> None:
+        m = ConnectionManager(100, 10, max_id_bytes=1 << 20, presence_events=True, ping_interval=None)
+        assert m.presence is not None
+        a = await connected(m, "A", "alice")
+        huge = "é" * (1 << 19)  # exactly 1 MiB of UTF-8
+        assert await m.join(a.ws, huge) is True
+        with pytest.raises(ValueError):
+            await m.join(a.ws, huge + "x")
+        for bad in ("\ud800", "a\udfffb", ""):
+            with pytest.raises(ValueError):
+                await m.join(a.ws, bad)
+            assert m.leave(a.ws, bad) is False
+            assert m.get_lobby_users(bad) == set()
+            assert await m.broadcast_to_lobby(bad, {"type": "chat"}) == 0
+        for wrong in (None, 5, b"A", ["A"]):
+            with pytest.raises(TypeError):
+                await m.join(a.ws, wrong)  # type: ignore[arg-type]
+            with pytest.raises(TypeError):
+                m.leave(a.ws, wrong)  # type: ignore[arg-type]
+        assert m.lobbies_of(a.ws) == {"A", huge}
+        m.presence.flush()
+        assert presence_of(a, huge)[-1] == {
+            "type": "presence",
+            "lobby": huge,
+            "joins": ["alice"],
+            "leaves": [],
+        }
+        assert m.leave(a.ws, huge) is True
+        assert m.get_stats()["active_lobbies"] == 1
+        await m.shutdown(timeout=1)
+
+    run(main())
+
+
+# =============================================== finalizers in the middle of a call
+
+
+def many_rooms(m: ConnectionManager, n_lobbies: int = 40) -> list[Any]:
+    """Six connections of three users, each in its own lobby plus L0..L<n>."""
+    socks = []
+    for i in range(6):
+        ws = Sock(f"s{i}")
+        assert m._reserve(ws, fresh(f"H{i}"), fresh(f"u{i % 3}")) == ""
+        assert m._commit(ws)
+        for k in range(n_lobbies):
+            assert m._join(ws, fresh(f"L{k}")) == ""
+        socks.append(ws)
+    return socks
+
+
+def room_action(m: ConnectionManager, socks: list[Any], action: str) -> Callable[[], None]:
+    def act() -> None:
+        if action == "disconnect":
+            for ws in socks:
+                m.disconnect(ws)
+        elif action == "leave":
+            for ws in socks:
+                for lobby in list(m.lobbies_of(ws)):
+                    m.leave(ws, lobby)
+        elif action == "join":
+            for ws in socks:
+                for k in range(40, 80):
+                    m._join(ws, fresh(f"L{k}"))
+        else:  # replace every connection of u0 by a new handshake
+            m.on_user_limit = "replace"
+            m.max_per_user = 1
+            m._reserve(Sock("newcomer"), fresh("L0"), fresh("u0"), True)
+
+    return act
+
+
+ROOM_CALLS: dict[str, Callable[[ConnectionManager, list[Any]], Any]] = {
+    "lobbies_of": lambda m, socks: m.lobbies_of(socks[0]),
+    "get_lobby_users": lambda m, socks: m.get_lobby_users("L0"),
+    "lobby_targets": lambda m, socks: m._lobby_targets("L0"),
+    "lobby_targets_exclude": lambda m, socks: m._lobby_targets("L0", "u1"),
+    "user_targets": lambda m, socks: m._user_targets("u0"),
+    "active_connections": lambda m, socks: dict(m.active_connections),
+    "connection_info": lambda m, socks: dict(m.connection_info),
+    "take_dirty": lambda m, socks: m._take_dirty(),
+    "snapshot": lambda m, socks: m._snapshot(),
+}
+
+
+@pytest.mark.parametrize("call", sorted(ROOM_CALLS))
+@pytest.mark.parametrize("action", ["disconnect", "leave", "join", "replace"])
+@pytest.mark.parametrize("after", [0, 2])
+def test_finalizer_joining_leaving_disconnecting_during_multi_lobby_reads(
+    call: str, action: str, after: int
+) -> None:
+    """A GC finalizer that disconnects, leaves every lobby, joins 40 more or
+    replaces connections while a multi-lobby connection's lobbies, a lobby
+    of guests or the compatibility views are read: no crash (ASan), no None,
+    no duplicate, and the registry agrees with itself afterwards."""
+    m = ConnectionManager(1000, 100, ping_interval=None)
+    m._track_presence(True)
+    socks = many_rooms(m)
+    result, _fired = call_with_finalizer(
+        lambda: ROOM_CALLS[call](m, socks), room_action(m, socks, action), after=after
+    )
+    if isinstance(result, list):
+        assert None not in result
+        if call != "take_dirty" and call != "snapshot":
+            assert len({id(x) for x in result}) == len(result)
+    assert_rooms_consistent(m)
+    m._track_presence(False)
+    for ws in socks:
+        m.disconnect(ws)
+
+
+@pytest.mark.parametrize("action", ["disconnect", "leave", "join", "replace"])
+def test_finalizer_during_a_fanout_to_a_lobby_of_guests(action: str) -> None:
+    """The C fan-out (csrc/fanout.c) to a lobby whose members are all guests,
+    with a finalizer that changes the memberships at the first allocation:
+    each recipient gets the message at most once and only while a member."""
+
+    async def main() -> None:
+        m = ConnectionManager(1000, 100, ping_interval=None)
+        peers = [FakePeer() for _ in range(6)]
+        for i, p in enumerate(peers):
+            assert await m.connect(p.ws, f"H{i}", f"u{i % 3}")
+            for k in range(5):
+                assert await m.join(p.ws, f"L{k}")
+        socks = [p.ws for p in peers]
+        data = json.dumps({"type": "chat"})
+        sent, _fired = call_with_finalizer(
+            lambda: m.delivery.deliver_lobby_now("L0", data, None), room_action(m, socks, action)
+        )
+        got = [len(chat(p)) for p in peers]
+        assert all(n <= 1 for n in got) and sent == sum(got)
+        assert_rooms_consistent(m)
+        await m.shutdown(timeout=1)
+
+    run(main())
+
+
+# ===================================================================== memory
+
+
+def test_join_leave_churn_gives_back_every_byte_and_reference() -> None:
+    """Thousands of join / leave cycles (and disconnects of connections in
+    several lobbies) over lobby codes used nowhere else: traced memory flat,
+    every count back to zero, each code's refcount back to what it was."""
+    codes = [f"room-{i}-{'x' * 3}" for i in range(64)]  # built at runtime: ours alone
+    before_refs = [sys.getrefcount(c) for c in codes]
+    m = ConnectionManager(1000, 1000, ping_interval=None)
+    m._track_presence(True)
+    socks = [Sock(f"s{i}") for i in range(32)]
+
+    def cycles(count: int) -> None:
+        for i in range(count):
+            ws = socks[i % len(socks)]
+            if ws not in m:
+                assert m._reserve(ws, codes[i % 7], f"user{i % 5}") == ""
+                assert m._commit(ws)
+            lobby = codes[(i * 13) % len(codes)]
+            m._join(ws, lobby)
+            if i % 3:
+                m.leave(ws, lobby)
+            if i % 11 == 0:
+                m.leave(ws, codes[i % 7])  # its first lobby
+            if i % 17 == 0:
+                m.disconnect(ws)
+            if i % 50 == 0:
+                m._take_dirty()
+
+    def drain() -> None:
+        for ws in socks:
+            m.disconnect(ws)
+        m._take_dirty()
+
+    tracemalloc.start()
+    try:
+        cycles(5_000)
+        drain()
+        gc.collect()
+        base = tracemalloc.get_traced_memory()[0]
+        cycles(20_000)
+        drain()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert grown < 16 * 1024, f"grew by {grown} bytes"
+    stats = m.get_stats()
+    assert (stats["total_connections"], stats["active_lobbies"], stats["connected_users"]) == (0, 0, 0)
+    assert [sys.getrefcount(c) for c in codes] == before_refs
+    assert all(m.lobbies_of(ws) == set() for ws in socks)
+
+
+def test_presence_churn_keeps_no_announced_state_for_empty_lobbies() -> None:
+    async def main() -> None:
+        m = ConnectionManager(1000, 1000, presence_events=True, presence_interval=3600, ping_interval=None)
+        assert m.presence is not None
+        a = await connected(m, "home", "alice")
+        for i in range(500):
+            lobby = f"r{i}"
+            assert await m.join(a.ws, lobby)
+            if i % 2:
+                m.presence.flush()
+            m.leave(a.ws, lobby)
+        m.presence.flush()
+        assert set(m.presence.announced) == {"home"}
+        m.disconnect(a.ws)
+        m.presence.flush()
+        assert m.presence.announced == {}
+        assert m._take_dirty() == []
+        await m.shutdown(timeout=1)
 
     run(main())

@@ -78,6 +78,13 @@ _core_max_connections = Core.__dict__["max_connections"].__get__
 _core_get_stats: Callable[[Core], Any] = Core.get_stats
 
 
+def _exact_str(value: str) -> str:
+    """``value`` as an exact ``str``: a subclass (validated by the core) is
+    copied without running its own ``__hash__`` / ``__eq__`` / ``__str__``,
+    so that the Python-side tables keyed by lobby (presence) never run them."""
+    return value if type(value) is str else str.__str__(value)
+
+
 def _weak_pong_hook(manager: ConnectionManager) -> Callable[[str, Any, float | None], None]:
     """The manager's ``_on_pong`` through a weak reference (the core holds
     its hooks strongly)."""
@@ -524,7 +531,7 @@ class ConnectionManager(Core):
             # heartbeat: runs in this loop; reclaims the entry if the endpoint dies
             self._health.watch(websocket, loop, owned=read)
             if self.presence is not None:
-                self.presence.entered(websocket, lobby_code)
+                self.presence.entered(websocket, _exact_str(lobby_code))
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("connected", extra={"lobby": lobby_code, "user": user_id})
             if len(self) >= _core_max_connections(self):
@@ -570,7 +577,7 @@ class ConnectionManager(Core):
             return True
         if bp is None:
             if self.presence is not None:
-                self.presence.entered(websocket, lobby_code)
+                self.presence.entered(websocket, _exact_str(lobby_code))
             return True
         # clustered: the local slot is held; the backend decides cluster-wide
         join = getattr(bp, "join", None)
@@ -592,7 +599,7 @@ class ConnectionManager(Core):
             getattr(bp, "leave")(websocket, lobby_code)  # noqa: B009 - not in RedisBackend yet
             return False
         if self.presence is not None:
-            self.presence.entered(websocket, lobby_code)
+            self.presence.entered(websocket, _exact_str(lobby_code))
         return True
 
     def presence_changed(self, lobby_code: str) -> None:
