@@ -39,6 +39,7 @@ from starlette.types import Message
 from tests.asgi_fakes import FakePeer
 from tests.test_c_safety import assert_rooms_consistent, call_with_finalizer
 from wsmanager import ConnectionManager
+from wsmanager.backends import ClusterView
 
 T = TypeVar("T")
 
@@ -1026,5 +1027,203 @@ def test_presence_churn_keeps_no_announced_state_for_empty_lobbies() -> None:
         assert m.presence.announced == {}
         assert m._take_dirty() == []
         await m.shutdown(timeout=1)
+
+    run(main())
+
+
+# ============================================ a clustered backend's join paths
+
+
+class FakeCluster:
+    """A clustered backend that admits every connection and lets the test
+    decide, and delay, each membership (``join``)."""
+
+    clustered = True
+
+    def __init__(self) -> None:
+        self.view = ClusterView()
+        self.gate: asyncio.Event | None = None
+        self.verdict = ""
+        self.error: BaseException | None = None
+        self.calls: list[tuple[Any, ...]] = []
+
+    def bind(self, manager: ConnectionManager) -> None:
+        self.manager = manager
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def ensure_running(self) -> None:
+        pass
+
+    def pending_count(self) -> int:
+        return 0
+
+    def stats(self) -> dict[str, Any]:
+        return {"backend": "fake", "up": True}
+
+    async def reserve(self, websocket: Any, lobby: str, user: str) -> str:
+        return ""
+
+    def commit(self, websocket: Any) -> None:
+        self.calls.append(("commit", websocket))
+
+    def release(self, websocket: Any) -> None:
+        self.calls.append(("release", websocket))
+
+    def publish_lobby(self, lobby: str, data: str, exclude: str | None) -> int:
+        return 0
+
+    def publish_user(self, user: str, data: str) -> int:
+        return 0
+
+    async def join(self, websocket: Any, lobby: str) -> str:
+        self.calls.append(("join", websocket, lobby))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.error is not None:
+            error, self.error = self.error, None  # once
+            raise error
+        return self.verdict
+
+    def leave(self, websocket: Any, lobby: str) -> None:
+        self.calls.append(("leave", websocket, lobby))
+
+
+def clustered(max_per_lobby: int = 1, **kwargs: Any) -> tuple[ConnectionManager, FakeCluster]:
+    bp = FakeCluster()
+    return ConnectionManager(100, max_per_lobby, backend=bp, ping_interval=None, **kwargs), bp
+
+
+@pytest.mark.parametrize("outcome", ["refused", "raises", "cancelled", "disconnected"])
+def test_a_clustered_join_that_fails_frees_its_local_place(outcome: str) -> None:
+    """The local place a clustered join holds while the backend decides is
+    given back however the join ends: refused (counted once), the backend
+    raising, the join cancelled, or the connection gone meanwhile."""
+
+    async def main() -> None:
+        m, bp = clustered(1)
+        a = await connected(m, "A", "alice")
+        bp.gate = asyncio.Event()
+        if outcome == "refused":
+            bp.verdict = "lobby_full"
+        elif outcome == "raises":
+            bp.error = RuntimeError("redis down")
+        task = asyncio.ensure_future(m.join(a.ws, "B"))
+        await asyncio.sleep(0)
+        assert m.can_accept_connection("B") == (False, "lobby_full")  # held meanwhile
+        if outcome == "cancelled":
+            task.cancel()
+        if outcome == "disconnected":
+            m.disconnect(a.ws)
+        bp.gate.set()
+        result = await asyncio.gather(task, return_exceptions=True)
+        expected: Any = {
+            "refused": False,
+            "raises": RuntimeError,
+            "cancelled": asyncio.CancelledError,
+            "disconnected": False,
+        }[outcome]
+        if isinstance(expected, bool):
+            assert list(result) == [expected]
+        else:
+            assert isinstance(result[0], expected)
+        assert m.lobbies_of(a.ws) == ({"A"} if outcome != "disconnected" else set())
+        assert m._lobby_count("B") == 0 and m.get_lobby_users("B") == set()
+        refused = m.get_stats()["refused"]["lobby_full"]
+        assert refused == (2 if outcome == "refused" else 1)  # + the probe above
+        bp.gate, bp.verdict, bp.error = None, "", None
+        b = await connected(m, "C", "bob")
+        assert await m.join(b.ws, "B") is True  # the place is free
+        assert m.get_stats(local=True)["active_lobbies"] == 3 - (outcome == "disconnected")
+
+    run(main())
+
+
+@pytest.mark.parametrize("max_per_lobby", [1, 5])
+def test_two_clustered_joins_of_one_connection_to_one_lobby_at_once(max_per_lobby: int) -> None:
+    """Joining a lobby it is (being) joined to: True for both (as without a
+    backend), no refusal counted, one membership, and one cluster membership
+    (the backend's joins and leaves balance)."""
+
+    async def main() -> None:
+        m, bp = clustered(max_per_lobby)
+        a = await connected(m, "A", "alice")
+        bp.gate = asyncio.Event()
+        first = asyncio.ensure_future(m.join(a.ws, "B"))
+        second = asyncio.ensure_future(m.join(a.ws, "B"))
+        await asyncio.sleep(0)
+        bp.gate.set()
+        assert [await first, await second] == [True, True]
+        assert m._lobby_count("B") == 1
+        assert m.get_stats()["refused"]["lobby_full"] == 0
+        joins = sum(1 for c in bp.calls if c[0] == "join")
+        leaves = sum(1 for c in bp.calls if c[0] == "leave")
+        assert m.leave(a.ws, "B") is True
+        leaves_after = sum(1 for c in bp.calls if c[0] == "leave")
+        assert joins - leaves == leaves_after - leaves == 1
+
+    run(main())
+
+
+def test_clustered_leave_tells_the_backend_once_and_only_for_a_member() -> None:
+    async def main() -> None:
+        m, bp = clustered(5)
+        a = await connected(m, "A", "alice")
+        assert await m.join(a.ws, "B") is True
+        assert m.leave(a.ws, "B") is True
+        assert m.leave(a.ws, "B") is False
+        assert m.leave(a.ws, "nowhere") is False
+        assert [c for c in bp.calls if c[0] == "leave"] == [("leave", a.ws, "B")]
+
+    run(main())
+
+
+def test_clustered_presence_covers_other_nodes_and_the_state_too() -> None:
+    async def main() -> None:
+        m, bp = clustered(5, presence_events=True, presence_interval=3600)
+        assert m.presence is not None
+        w = await connected(m, "L", "watcher")
+        m.presence.flush()
+        bp.view.add("node2", "c1", "L", "remote")
+        m.presence_changed("L")
+        m.presence.flush()
+        assert presence_of(w, "L")[-1] == {
+            "type": "presence",
+            "lobby": "L",
+            "joins": ["remote"],
+            "leaves": [],
+        }
+        late = await connected(m, "X", "late")
+        assert await m.join(late.ws, "L") is True
+        assert presence_of(late, "L")[0]["joins"] == ["remote", "watcher"]
+        bp.view.remove("node2", "c1")
+        m.presence_changed("L")
+        m.presence.flush()
+        for member in (w, late):
+            assert presence_of(member, "L")[-1]["leaves"] == ["remote"]
+        await m.stop()
+
+    run(main())
+
+
+def test_a_clustered_join_waiting_on_one_that_raises_tries_again() -> None:
+    async def main() -> None:
+        m, bp = clustered(1)
+        a = await connected(m, "A", "alice")
+        bp.gate = asyncio.Event()
+        bp.error = RuntimeError("redis down")
+        first = asyncio.ensure_future(m.join(a.ws, "B"))
+        second = asyncio.ensure_future(m.join(a.ws, "B"))
+        await asyncio.sleep(0)
+        bp.gate.set()
+        with pytest.raises(RuntimeError):
+            await first
+        assert await second is True
+        assert m.lobbies_of(a.ws) == {"A", "B"} and m._lobby_count("B") == 1
+        assert m.get_stats()["refused"]["lobby_full"] == 0
 
     run(main())
