@@ -1227,3 +1227,39 @@ def test_a_clustered_join_waiting_on_one_that_raises_tries_again() -> None:
         assert m.get_stats()["refused"]["lobby_full"] == 0
 
     run(main())
+
+
+def test_presence_to_a_slow_member_keeps_the_state_before_its_diffs() -> None:
+    """A member whose sends block gets the state and the diffs queued in its
+    backlog, in order: applied once it reads, its view is exact."""
+
+    async def main() -> None:
+        m = ConnectionManager(100, 10, presence_events=True, presence_interval=3600, ping_interval=None)
+        assert m.presence is not None
+        bob = await connected(m, "L", "bob")
+        m.presence.flush()
+        slow = FakePeer()
+        slow.send_gate = asyncio.Event()  # every send blocks until set
+        assert await m.connect(slow.ws, "X", "slow")
+        assert await m.join(slow.ws, "L")
+        for i in range(3):
+            carol = await connected(m, "L", f"c{i}")
+            m.presence.flush()
+            m.disconnect(carol.ws)
+            m.presence.flush()
+        m.leave(bob.ws, "L")
+        m.presence.flush()
+        assert m.get_stats()["backlogged_connections"] == 1
+        slow.send_gate.set()
+        member = Member(slow)
+        while m.get_stats()["backlogged_connections"]:
+            await slow.got_text.wait()
+            slow.got_text.clear()
+            await asyncio.sleep(0)
+        diffs = member.read()
+        assert [(d["joins"], d["leaves"]) for d in diffs if d["lobby"] == "L"][-1] == ([], ["bob"])
+        assert member.views["L"] == m.get_lobby_users("L") == {"slow"}
+        assert member.views["X"] == m.get_lobby_users("X")
+        await m.shutdown(timeout=1)
+
+    run(main())
