@@ -91,6 +91,13 @@ _core_max_connections = Core.__dict__["max_connections"].__get__
 _core_get_stats: Callable[[Core], Any] = Core.get_stats
 
 
+def _exact_str(value: str) -> str:
+    """``value`` as an exact ``str``: a subclass (validated by the core) is
+    copied without running its own ``__hash__`` / ``__eq__`` / ``__str__``,
+    so that the Python-side tables keyed by lobby (presence) never run them."""
+    return value if type(value) is str else str.__str__(value)
+
+
 def _weak_pong_hook(manager: ConnectionManager) -> Callable[[str, Any, float | None], None]:
     """The manager's ``_on_pong`` through a weak reference (the core holds
     its hooks strongly)."""
@@ -293,6 +300,8 @@ class ConnectionManager(Core):
         self._handshakes_waiter: asyncio.Future[None] | None = None
         # handshakes whose reservation shutdown() released while they hung in accept()
         self._overtaken: set[Any] = set()
+        # clustered joins awaiting the backend: (id(websocket), lobby) -> their answer
+        self._joins_in_flight: dict[tuple[int, str], asyncio.Future[bool | None]] = {}
         # -- backend (issue 6): None on the single-process path, which then
         # makes no backend call at all.
         self.backend: Backend = backend if backend is not None else InMemoryBackend()
@@ -564,9 +573,9 @@ class ConnectionManager(Core):
             # heartbeat: runs in this loop; reclaims the entry if the endpoint dies
             self._health.watch(websocket, loop, owned=read)
             if self.presence is not None:
-                self.presence.entered(websocket, lobby_code)
+                self.presence.entered(websocket, _exact_str(lobby_code))
             if since is not None:  # no await since the commit: no live message came first
-                self._recover(websocket, lobby_code, since)
+                self._recover(websocket, _exact_str(lobby_code), since)
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("connected", extra={"lobby": lobby_code, "user": user_id})
             if len(self) >= _core_max_connections(self):
@@ -591,7 +600,10 @@ class ConnectionManager(Core):
         its ``max_per_lobby`` (which counts memberships, checked and taken
         atomically: concurrent joins never overshoot it; with a clustered
         backend, cluster-wide). Joining a lobby it is already in: True, no
-        change. Returns False, changing nothing, with the reason logged:
+        change; with a clustered backend, a join while another join of the
+        same connection to that lobby awaits the cluster gets that join's
+        answer (one place, one cluster membership). Returns False, changing
+        nothing, with the reason logged:
 
         * ``"lobby_full"``: the lobby is at ``max_per_lobby`` (counted in
           ``get_stats()["refused"]["lobby_full"]``);
@@ -611,6 +623,13 @@ class ConnectionManager(Core):
         if since is not None:
             since = check_since(since)
         bp = self._backplane
+        if bp is not None and self._joins_in_flight and isinstance(lobby_code, str):
+            # the same connection is already being joined to this lobby: one
+            # local place, one cluster membership; its answer is this one's
+            flight = self._joins_in_flight.get((id(websocket), _exact_str(lobby_code)))
+            if flight is not None and flight.get_loop() is asyncio.get_running_loop():
+                theirs = await asyncio.shield(flight)
+                return theirs if theirs is not None else await self.join(websocket, lobby_code)
         reason = self._join(websocket, lobby_code, bp is not None)
         if reason and reason != "member":
             self._log_join_refused(lobby_code, reason)
@@ -619,15 +638,30 @@ class ConnectionManager(Core):
             return True
         if bp is None:
             if self.presence is not None:
-                self.presence.entered(websocket, lobby_code)
+                self.presence.entered(websocket, _exact_str(lobby_code))
             if since is not None:  # no await since the membership began
-                self._recover(websocket, lobby_code, since)
+                self._recover(websocket, _exact_str(lobby_code), since)
             return True
         # clustered: the local slot is held; the backend decides cluster-wide
         join = getattr(bp, "join", None)
         if join is None:
             self._join_settle(None, lobby_code)
             raise NotImplementedError(f"{type(bp).__name__} does not implement join() yet")
+        key = (id(websocket), _exact_str(lobby_code))
+        mine: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+        self._joins_in_flight[key] = mine
+        answer: bool | None = None  # None: it raised; a concurrent join of the same tries again
+        try:
+            answer = await self._join_clustered(websocket, lobby_code, join, bp)
+            return answer
+        finally:
+            del self._joins_in_flight[key]
+            mine.set_result(answer)
+
+    async def _join_clustered(
+        self, websocket: WebSocket, lobby_code: str, join: Callable[..., Awaitable[str]], bp: Any
+    ) -> bool:
+        """The backend's verdict on a join whose local place is held."""
         try:
             reason = await join(websocket, lobby_code)
         except BaseException:
@@ -643,7 +677,7 @@ class ConnectionManager(Core):
             getattr(bp, "leave")(websocket, lobby_code)  # noqa: B009 - not in RedisBackend yet
             return False
         if self.presence is not None:
-            self.presence.entered(websocket, lobby_code)
+            self.presence.entered(websocket, _exact_str(lobby_code))
         return True
 
     def _recover(self, websocket: Any, lobby_code: str, since: Since) -> None:
