@@ -24,6 +24,13 @@
   ``max_connections`` / ``max_per_lobby`` / ``max_per_user`` against the
   cluster counts and takes the slot in the same step; commit and release are
   scripts too. Counts include handshakes in progress.
+* Rooms: ``manager.join`` asks :meth:`RedisBackend.join`, whose script
+  counts memberships (a connect's lobby and every joined one) against
+  ``max_per_lobby`` and records the membership in this node's hash in one
+  step; joins, leaves, commits and releases go to Redis in the order they
+  happened. Channels follow memberships; the view counts them; remote
+  membership changes of a lobby this node serves reach
+  ``manager.presence_changed`` so presence diffs cover the cluster.
 * Presence: each node registers its connections in a hash of its own and
   renews a lease (``lease`` seconds, default 10) every ``lease / 3``. Every
   node reaps nodes whose lease expired (kill -9, lost machine): their
