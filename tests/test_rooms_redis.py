@@ -226,3 +226,21 @@ def test_memberships_survive_a_redis_restart() -> None:
         asyncio.run(main(server))
     finally:
         server.close()
+
+
+def test_a_cancelled_join_leaves_no_membership_behind(redis: RedisServer) -> None:
+    async def main() -> None:
+        async with cluster(redis.url, max_per_lobby=1) as (a, b):
+            x = await connected(a, "home-x", "xavier")
+            task = asyncio.ensure_future(a.join(x.ws, "L"))
+            await asyncio.sleep(0)  # queued for Redis, not answered yet
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert a.lobbies_of(x.ws) == {"home-x"}
+            assert bp(a).lobby_channel("L") not in bp(a).subscribed_channels()
+            y = await connected(b, "home-y", "yann")
+            assert await b.join(y.ws, "L")  # the slot was not kept by the cancelled join
+            await until(lambda: a.get_lobby_users("L") == {"yann"}, "a sees only yann in L")
+
+    asyncio.run(main())
