@@ -575,7 +575,9 @@ class RedisBackend:
             if self._joining.get((cid, lobby)) is fut:
                 del self._joining[(cid, lobby)]
         if self._entries.get(cid) is not entry or lobby not in entry[2]:
-            return reason  # released (or left) meanwhile: the queue undid it in Redis too
+            # released meanwhile (the queue, or a reservation's script, undid it
+            # in Redis too): the manager finds the connection gone
+            return "" if reason == "lost" else reason
         if reason == "lost":  # Redis forgot this node or connection: the resync records it
             self._mark_dirty()
             reason = ""
