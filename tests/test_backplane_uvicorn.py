@@ -332,3 +332,245 @@ def test_a_publisher_in_another_process_reaches_members_on_two_nodes(redis: Redi
 
     with nodes(redis.url, namespace="pub") as [(p1, _), (p2, _)]:
         asyncio.run(main(p1, p2))
+
+
+# ------------------------------------------------------------------ rooms
+# tests/rooms_cluster_app.py: connections join and leave lobbies, presence on
+
+
+@contextlib.contextmanager
+def room_nodes(
+    redis_url: str, n: int = 2, namespace: str = "", **settings: str
+) -> Iterator[list[tuple[int, subprocess.Popen[bytes]]]]:
+    """``n`` uvicorn nodes of tests/rooms_cluster_app.py in one fresh cluster."""
+    env = {
+        "WSMANAGER_REDIS_URL": redis_url,
+        "WSMANAGER_REDIS_NAMESPACE": namespace or f"rooms{next(_namespaces)}",
+        "WSMANAGER_LEASE_SECONDS": "1",
+        **settings,
+    }
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(uvicorn_server("tests.rooms_cluster_app:app", env=env)) for _ in range(n)]
+
+
+class Member:
+    """A real client of a rooms node: every message it receives, in order."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.got: list[Any] = []
+        self._reader = asyncio.ensure_future(self._read())
+
+    @classmethod
+    async def open(cls, port: int, lobby: str, user: str) -> Member:
+        return cls(await connect(f"ws://127.0.0.1:{port}/ws/{lobby}?user={user}"))
+
+    async def _read(self) -> None:
+        with contextlib.suppress(Exception):
+            async for raw in self.ws:
+                self.got.append(json.loads(raw))
+
+    async def until(self, check: Any, what: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while not check(self):
+            if loop.time() > deadline:
+                raise AssertionError(f"never happened: {what}; got {self.got}")
+            await asyncio.sleep(0.02)
+
+    def of(self, kind: str, lobby: str | None = None) -> list[Any]:
+        return [m for m in self.got if m.get("type") == kind and (lobby is None or m.get("lobby") == lobby)]
+
+    async def ask(self, kind: str, lobby: str) -> bool:
+        """Join or leave ``lobby``: the node's answer."""
+        answer = {"join": "joined", "leave": "left"}[kind]
+        before = len(self.of(answer, lobby))
+        await self.ws.send(json.dumps({"type": kind, "lobby": lobby}))
+        await self.until(lambda m: len(m.of(answer, lobby)) > before, f"{kind} {lobby} answered")
+        return bool(self.of(answer, lobby)[before]["ok"])
+
+    async def chat(self, lobby: str, text: str) -> None:
+        await self.ws.send(json.dumps({"type": "chat", "lobby": lobby, "text": text}))
+
+    def chats(self, lobby: str, text: str) -> int:
+        return sum(1 for m in self.of("chat", lobby) if m["text"] == text)
+
+    def presence(self, lobby: str) -> set[str]:
+        """The lobby's users as this client knows them: the state it got, then every diff applied."""
+        users: set[str] = set()
+        for m in self.of("presence", lobby):
+            base = set() if m.get("state") else users  # a state replaces, a diff applies
+            users = (base | set(m["joins"])) - set(m["leaves"])
+        return users
+
+    def abort(self) -> None:
+        """Die without a close frame (a crashed tab, a pulled cable)."""
+        self.ws.transport.abort()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.close()
+        self._reader.cancel()
+
+
+async def lobby_is(port: int, lobby: str, users: set[str]) -> None:
+    await wait_for(port, f"/lobby/{lobby}", lambda r: set(r["cluster"]) == users, f"{lobby} has {users}")
+
+
+def test_one_connection_in_three_lobbies_gets_each_lobbys_broadcast_once(redis: RedisServer) -> None:
+    async def main(p1: int, p2: int) -> None:
+        x = await Member.open(p1, "L1", "xavier")
+        assert await x.ask("join", "L2") and await x.ask("join", "L3")
+        assert await x.ask("join", "L2")  # already a member: nothing changes
+        local = await Member.open(p1, "L2", "yann")  # a member of L2 on x's node too
+        remote = {lobby: await Member.open(p2, lobby, f"m-{lobby}") for lobby in ("L1", "L2", "L3")}
+        for lobby in ("L1", "L2", "L3"):
+            await lobby_is(p2, lobby, {"xavier", f"m-{lobby}"} | ({"yann"} if lobby == "L2" else set()))
+        for lobby, m in remote.items():
+            await m.chat(lobby, "one")
+        for lobby, m in remote.items():  # a second message per lobby: in order behind the first
+            await m.chat(lobby, "fence")
+        await x.until(lambda c: all(c.chats(lb, "fence") for lb in remote), "every lobby's fence")
+        assert [x.chats(lobby, "one") for lobby in remote] == [1, 1, 1]
+        await local.until(lambda c: c.chats("L2", "fence") == 1, "yann's fence")
+        assert local.chats("L2", "one") == 1 and not local.of("chat", "L1")
+        for m in (x, local, *remote.values()):
+            await m.close()
+
+    with room_nodes(redis.url) as [(p1, _), (p2, _)]:
+        asyncio.run(main(p1, p2))
+
+
+def test_join_over_a_full_lobby_is_refused_atomically_in_a_storm_across_two_nodes(redis: RedisServer) -> None:
+    async def main(p1: int, p2: int) -> None:
+        members = [await Member.open((p1, p2)[i % 2], f"home{i}", f"u{i}") for i in range(20)]
+        results = await asyncio.gather(*(m.ask("join", "busy") for m in members))
+        assert sum(results) == 5  # ROOMS_MAX_PER_LOBBY, cluster-wide
+        admitted = {f"u{i}" for i, ok in enumerate(results) if ok}
+        await lobby_is(p1, "busy", admitted)
+        await lobby_is(p2, "busy", admitted)
+        refused = 0
+        for port in (p1, p2):
+            refused += (await get(port, "/stats"))["refused"]["lobby_full"]
+        assert refused == 15
+        for m in members:
+            await m.close()
+
+    with room_nodes(redis.url, ROOMS_MAX_PER_LOBBY="5") as [(p1, _), (p2, _)]:
+        asyncio.run(main(p1, p2))
+
+
+def test_presence_diffs_are_coalesced_and_exact_across_two_nodes(redis: RedisServer) -> None:
+    async def main(p1: int, p2: int) -> None:
+        watchers = [await Member.open(p1, "P", "w1"), await Member.open(p2, "P", "w2")]
+        for w in watchers:
+            await w.until(lambda c: c.presence("P") == {"w1", "w2"}, "the watchers see each other")
+
+        def sees(users: set[str]) -> Any:
+            return lambda c: c.presence("P") == users
+
+        # a burst of six joins over both nodes: coalesced into fewer messages
+        before = [len(w.of("presence", "P")) for w in watchers]
+        burst = [await Member.open((p1, p2)[i % 2], f"home{i}", f"b{i}") for i in range(6)]
+        assert all(await asyncio.gather(*(m.ask("join", "P") for m in burst)))
+        everyone = {"w1", "w2"} | {f"b{i}" for i in range(6)}
+        for w, n in zip(watchers, before, strict=True):
+            await w.until(sees(everyone), "the burst seen")
+            assert len(w.of("presence", "P")) - n < 6
+        # bob, on node 2 only, dies without a close frame: node 1 learns both from Redis
+        bob = await Member.open(p2, "P", "bob")
+        for w in watchers:
+            await w.until(sees(everyone | {"bob"}), "bob in")
+        bob.abort()
+        for w in watchers:
+            await w.until(sees(everyone), "bob out")
+        # alice: a tab on each node; the one on node 2 dies, she stays through the other
+        tab1, tab2 = await Member.open(p2, "home", "alice"), await Member.open(p1, "home", "alice")
+        assert await tab1.ask("join", "P")
+        for w in watchers:
+            await w.until(sees(everyone | {"alice"}), "alice in")
+        assert await tab2.ask("join", "P")
+        tab1.abort()
+        carol = await Member.open(p1, "home", "carol")  # a fence: after tab1's end on both nodes
+        assert await carol.ask("join", "P")
+        for w in watchers:
+            await w.until(sees(everyone | {"alice", "carol"}), "carol in, alice still in")
+        carol.abort()
+        assert await tab2.ask("leave", "P")  # alice leaves, seen by node 2 from Redis
+        for m in burst:
+            m.abort()
+        for w in watchers:
+            await w.until(sees({"w1", "w2"}), "only the watchers left")
+        for w in watchers:  # every user joined once and left once, on both nodes
+            diffs = [m for m in w.of("presence", "P") if not m.get("state")]
+            joins = [u for m in diffs for u in m["joins"]]
+            leaves = [u for m in diffs for u in m["leaves"]]
+            for user in ("alice", "bob", "carol", *(f"b{i}" for i in range(6))):
+                assert (joins.count(user), leaves.count(user)) == (1, 1), (user, diffs)
+        for m in (*watchers, tab2):
+            await m.close()
+
+    with room_nodes(redis.url, ROOMS_PRESENCE_INTERVAL="0.5", ROOMS_MAX_PER_LOBBY="20") as [(p1, _), (p2, _)]:
+        asyncio.run(main(p1, p2))
+
+
+def test_a_node_unsubscribes_from_a_lobby_after_its_last_member_leaves(redis: RedisServer) -> None:
+    async def main(p1: int, p2: int) -> None:
+        x = await Member.open(p1, "home", "xavier")
+        y = await Member.open(p2, "J", "yann")
+        assert await x.ask("join", "J")
+        await wait_subscribers(redis.port, "unsub:l:J", 2)
+        assert await x.ask("leave", "J")
+        await wait_subscribers(redis.port, "unsub:l:J", 1)  # node 1 no longer gets J's traffic
+        before = (await get(p1, "/stats"))["backplane"]["received"]
+        await y.chat("J", "nobody on node 1")
+        await y.until(lambda c: c.chats("J", "nobody on node 1") == 1, "yann's own echo")
+        await x.chat("home", "fence")  # node 1's own lobby, local
+        await x.until(lambda c: c.chats("home", "fence") == 1, "fence")
+        assert (await get(p1, "/stats"))["backplane"]["received"] == before
+        assert not x.of("chat", "J")
+        await x.close()
+        await y.close()
+
+    with room_nodes(redis.url, namespace="unsub") as [(p1, _), (p2, _)]:
+        asyncio.run(main(p1, p2))
+
+
+def test_kill_9_of_a_node_frees_its_memberships_after_its_lease(redis: RedisServer) -> None:
+    async def main(p1: int, p2: int, victim: subprocess.Popen[bytes]) -> None:
+        on1 = [await Member.open(p1, f"h{i}", f"a{i}") for i in range(2)]
+        on2 = [await Member.open(p2, f"k{i}", f"b{i}") for i in range(3)]
+        assert all([await m.ask("join", "full") for m in on1 + on2])
+        late = await Member.open(p1, "late-home", "late")
+        assert not await late.ask("join", "full")
+        victim.kill()  # SIGKILL: no cleanup at all
+        victim.wait()
+        await lobby_is(p1, "full", {"a0", "a1"})
+        assert await late.ask("join", "full")
+        for m in (*on1, late):
+            await m.close()
+
+    with room_nodes(redis.url, ROOMS_MAX_PER_LOBBY="5") as [(p1, _), (p2, victim)]:
+        asyncio.run(main(p1, p2, victim))
+
+
+def test_a_publisher_sees_and_reaches_joined_members(redis: RedisServer) -> None:
+    async def main(p1: int, p2: int) -> None:
+        x = await Member.open(p1, "home-x", "xavier")
+        y = await Member.open(p2, "home-y", "yann")
+        assert await x.ask("join", "news") and await y.ask("join", "news")
+        await lobby_is(p1, "news", {"xavier", "yann"})
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(None, publish, redis.url, "pubrooms", "news", "hello")
+        assert out == "delivered to 2 connection(s) of ['xavier', 'yann']"
+        for m in (x, y):
+            await m.until(lambda c: [c["text"] for c in c.of("chat")] == ["hello"], "the publisher's message")
+        assert await y.ask("leave", "news")
+        await lobby_is(p1, "news", {"xavier"})
+        out = await loop.run_in_executor(None, publish, redis.url, "pubrooms", "--sync", "news", "again")
+        assert out == "delivered to 1 connection(s) of ['xavier']"
+        await x.close()
+        await y.close()
+
+    with room_nodes(redis.url, namespace="pubrooms") as [(p1, _), (p2, _)]:
+        asyncio.run(main(p1, p2))

@@ -674,7 +674,7 @@ class ConnectionManager(Core):
             return False
         # False: it disconnected meanwhile (or a concurrent join added it)
         if not self._join_settle(websocket, lobby_code) and not self._is_member(websocket, lobby_code):
-            getattr(bp, "leave")(websocket, lobby_code)  # noqa: B009 - not in RedisBackend yet
+            bp.leave(websocket, lobby_code)
             return False
         if self.presence is not None:
             self.presence.entered(websocket, _exact_str(lobby_code))

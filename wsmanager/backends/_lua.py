@@ -4,26 +4,33 @@ presence is one of these, so that each is atomic in Redis.
 Every script takes the same five keys and four leading arguments::
 
     KEYS[1] total      string: reserved + connected connections, cluster-wide
-    KEYS[2] lobbies    hash:   lobby -> reserved + connected connections
+    KEYS[2] lobbies    hash:   lobby -> reserved + connected memberships
     KEYS[3] users      hash:   user  -> reserved + connected connections
     KEYS[4] nodes      zset:   node id -> lease expiry (ms, Redis clock)
-    KEYS[5] node       hash:   this node's connections: cid -> [lobby, user, state]
+    KEYS[5] node       hash:   this node's connections: cid -> [user, state, lobby, ...]
     ARGV[1] channel    the bus every node subscribes to
     ARGV[2] node id
     ARGV[3] lease      milliseconds
     ARGV[4] prefix     of the per-node hashes (prefix .. node id)
 
 ``state`` is 0 for a reservation (handshake in progress), 1 once connected.
-Connected entries (state 1) are also counted where a process that holds no
-connection reads them (:class:`wsmanager.backends.redis.Publisher`), under the
-namespace's prefix (``ARGV[4]`` without its trailing ``node:``)::
+The lobbies of an entry are its memberships (rooms): the lobby of
+``connect()`` first, then those joined (JOIN), minus those left (PART); a
+connection may be in none. ``lobbies`` counts memberships, so
+``max_per_lobby`` holds for connects and joins alike; a reaped node's
+memberships go with its hash. Connected entries (state 1) are also counted
+where a process that holds no connection reads them
+(:class:`wsmanager.backends.redis.Publisher`), under the namespace's prefix
+(``ARGV[4]`` without its trailing ``node:``)::
 
     <prefix>online      hash: user -> connected connections, cluster-wide
-    <prefix>lu:<lobby>  hash: user -> connected connections in that lobby
-Presence events go on the bus as ``"C" .. json``: ``["j", node, cid, lobby,
-user]`` (joined), ``["l", node, [cid, ...]]`` (left), ``["s", node, [cid,
-lobby, user, ...]]`` (the node's full list, after a resync) and ``["g",
-node]`` (node gone: its lease expired, or it shut down).
+    <prefix>lu:<lobby>  hash: user -> connected memberships in that lobby
+Presence events go on the bus as ``"C" .. json``: ``["j", node, cid, user,
+lobby, ...]`` (connected, with its lobbies), ``["m", node, cid, lobby]``
+(joined a lobby), ``["p", node, cid, lobby]`` (left a lobby), ``["l", node,
+[cid, ...]]`` (disconnected), ``["s", node, [cid, user, n, lobby * n,
+...]]`` (the node's full list, after a resync) and ``["g", node]`` (node
+gone: its lease expired, or it shut down).
 
 Redis' own clock (TIME) decides leases, so nodes need no synchronised clocks.
 Standalone Redis (or Sentinel) only: reaping touches keys of other nodes.
@@ -41,28 +48,36 @@ end
 local function hdec(key, field)
   if redis.call('HINCRBY', key, field, -1) <= 0 then redis.call('HDEL', key, field) end
 end
+-- t: an entry {user, state, lobby, ...}
 local function unaccount(t)
   if redis.call('DECR', K[1]) <= 0 then redis.call('DEL', K[1]) end
-  hdec(K[2], t[1])
-  hdec(K[3], t[2])
+  hdec(K[3], t[1])
+  for i = 3, #t do hdec(K[2], t[i]) end
 end
-local function account(lobby, user)
+local function account(t)
   redis.call('INCR', K[1])
-  redis.call('HINCRBY', K[2], lobby, 1)
-  redis.call('HINCRBY', K[3], user, 1)
+  redis.call('HINCRBY', K[3], t[1], 1)
+  for i = 3, #t do redis.call('HINCRBY', K[2], t[i], 1) end
 end
 local function event(t) redis.call('PUBLISH', chan, 'C' .. cjson.encode(t)) end
 local base = string.sub(ARGV[4], 1, -6)
--- a connected entry {lobby, user, 1} appears (d = 1) or goes (d = -1) for readers
-local function online(t, d)
-  if t[3] ~= 1 then return end
+-- membership of a connected (state 1) user in lobby appears (d = 1) or goes (d = -1) for readers
+local function online_in(lobby, user, d)
   if d > 0 then
-    redis.call('HINCRBY', base .. 'online', t[2], 1)
-    redis.call('HINCRBY', base .. 'lu:' .. t[1], t[2], 1)
+    redis.call('HINCRBY', base .. 'lu:' .. lobby, user, 1)
   else
-    hdec(base .. 'online', t[2])
-    hdec(base .. 'lu:' .. t[1], t[2])
+    hdec(base .. 'lu:' .. lobby, user)
   end
+end
+-- a connected entry appears (d = 1) or goes (d = -1) for readers
+local function online(t, d)
+  if t[2] ~= 1 then return end
+  if d > 0 then
+    redis.call('HINCRBY', base .. 'online', t[1], 1)
+  else
+    hdec(base .. 'online', t[1])
+  end
+  for i = 3, #t do online_in(t[i], t[1], d) end
 end
 -- release this node's cids ARGV[first..]; publish "left" for the connected ones
 local function release_from(first)
@@ -75,7 +90,7 @@ local function release_from(first)
       unaccount(t)
       online(t, -1)
       redis.call('HDEL', K[5], cid)
-      if t[3] == 1 then gone[#gone + 1] = cid end
+      if t[2] == 1 then gone[#gone + 1] = cid end
     end
   end
   if #gone > 0 then event({'l', node, gone}) end
@@ -113,8 +128,8 @@ local max_user = tonumber(ARGV[10])
 if max_user >= 0 and tonumber(redis.call('HGET', K[3], user) or '0') >= max_user then
   return 'user_limit'
 end
-account(lobby, user)
-redis.call('HSET', K[5], cid, cjson.encode({lobby, user, 0}))
+account({user, 0, lobby})
+redis.call('HSET', K[5], cid, cjson.encode({user, 0, lobby}))
 return ''
 """
 )
@@ -127,11 +142,13 @@ local cid = ARGV[5]
 local e = redis.call('HGET', K[5], cid)
 if not e then return 0 end
 local t = cjson.decode(e)
-if t[3] ~= 1 then
-  t[3] = 1
+if t[2] ~= 1 then
+  t[2] = 1
   online(t, 1)
   redis.call('HSET', K[5], cid, cjson.encode(t))
-  event({'j', node, cid, t[1], t[2]})
+  local ev = {'j', node, cid, t[1]}
+  for i = 3, #t do ev[#ev + 1] = t[i] end
+  event(ev)
 end
 return 1
 """
@@ -145,15 +162,20 @@ return release_from(5)
 """
 )
 
-# ARGV[5..]: quadruples cid, lobby, user, state: the node's whole truth.
-# Registers the node (lease), makes its hash equal to the list (accounting the
-# difference, without limit checks: these connections exist), publishes "s".
+# ARGV[5..]: per connection cid, user, state, n, then its n lobbies: the
+# node's whole truth. Registers the node (lease), makes its hash equal to the
+# list (accounting the difference, without limit checks: these connections
+# and memberships exist), publishes "s".
 SYNC = (
     _COMMON
     + """
 redis.call('ZADD', K[4], now_ms() + lease, node)
 local want = {}
-for i = 5, #ARGV, 4 do want[ARGV[i]] = true end
+local i = 5
+while i <= #ARGV do
+  want[ARGV[i]] = true
+  i = i + 4 + tonumber(ARGV[i + 3])
+end
 local have = redis.call('HGETALL', K[5])
 for j = 1, #have, 2 do
   local t = cjson.decode(have[j + 1])
@@ -162,18 +184,75 @@ for j = 1, #have, 2 do
   if not want[have[j]] then redis.call('HDEL', K[5], have[j]) end
 end
 local flat = {}
-for i = 5, #ARGV, 4 do
-  local cid, lobby, user, state = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-  local t = {lobby, user, state}
-  account(lobby, user)
+local conns = 0
+i = 5
+while i <= #ARGV do
+  local cid, n = ARGV[i], tonumber(ARGV[i + 3])
+  local t = {ARGV[i + 1], tonumber(ARGV[i + 2])}
+  for k = 1, n do t[#t + 1] = ARGV[i + 3 + k] end
+  account(t)
   online(t, 1)
   redis.call('HSET', K[5], cid, cjson.encode(t))
-  if state == 1 then
-    flat[#flat + 1] = cid; flat[#flat + 1] = lobby; flat[#flat + 1] = user
+  if t[2] == 1 then
+    conns = conns + 1
+    flat[#flat + 1] = cid; flat[#flat + 1] = t[1]; flat[#flat + 1] = n
+    for k = 3, #t do flat[#flat + 1] = t[k] end
   end
+  i = i + 4 + n
 end
 if #flat == 0 then event({'s', node, 0}) else event({'s', node, flat}) end
-return #flat / 3
+return conns
+"""
+)
+
+# ARGV[5]: cid, ARGV[6]: lobby, ARGV[7]: max_per_lobby -> "" (a member now,
+# or already) | "lobby_full" | "lost" (node or connection unknown: resync).
+# The membership counts in ``lobbies`` (and, connected, in ``lu:<lobby>``)
+# and goes with the node's hash; publishes "m".
+JOIN = (
+    _COMMON
+    + """
+if not redis.call('ZSCORE', K[4], node) then return 'lost' end
+local cid, lobby = ARGV[5], ARGV[6]
+local e = redis.call('HGET', K[5], cid)
+if not e then return 'lost' end
+local t = cjson.decode(e)
+for i = 3, #t do
+  if t[i] == lobby then return '' end
+end
+if tonumber(redis.call('HGET', K[2], lobby) or '0') >= tonumber(ARGV[7]) then return 'lobby_full' end
+t[#t + 1] = lobby
+redis.call('HINCRBY', K[2], lobby, 1)
+redis.call('HSET', K[5], cid, cjson.encode(t))
+if t[2] == 1 then
+  online_in(lobby, t[1], 1)
+  event({'m', node, cid, lobby})
+end
+return ''
+"""
+)
+
+# ARGV[5]: cid, ARGV[6]: lobby -> 1 (left) | 0 (not a member)
+PART = (
+    _COMMON
+    + """
+local cid, lobby = ARGV[5], ARGV[6]
+local e = redis.call('HGET', K[5], cid)
+if not e then return 0 end
+local t = cjson.decode(e)
+for i = 3, #t do
+  if t[i] == lobby then
+    table.remove(t, i)
+    hdec(K[2], lobby)
+    redis.call('HSET', K[5], cid, cjson.encode(t))
+    if t[2] == 1 then
+      online_in(lobby, t[1], -1)
+      event({'p', node, cid, lobby})
+    end
+    return 1
+  end
+end
+return 0
 """
 )
 

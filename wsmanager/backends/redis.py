@@ -24,6 +24,13 @@
   ``max_connections`` / ``max_per_lobby`` / ``max_per_user`` against the
   cluster counts and takes the slot in the same step; commit and release are
   scripts too. Counts include handshakes in progress.
+* Rooms: ``manager.join`` asks :meth:`RedisBackend.join`, whose script
+  counts memberships (a connect's lobby and every joined one) against
+  ``max_per_lobby`` and records the membership in this node's hash in one
+  step; joins, leaves, commits and releases go to Redis in the order they
+  happened. Channels follow memberships; the view counts them; remote
+  membership changes of a lobby this node serves reach
+  ``manager.presence_changed`` so presence diffs cover the cluster.
 * Presence: each node registers its connections in a hash of its own and
   renews a lease (``lease`` seconds, default 10) every ``lease / 3``. Every
   node reaps nodes whose lease expired (kill -9, lost machine): their
@@ -52,7 +59,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 try:
@@ -68,7 +75,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
 
 from ..settings import DefaultFloat, DefaultInt, Setting, class_defaults, count, resolve, seconds
 from ..stats import BackplaneStats
-from ._lua import COMMIT, LEAVE, REAP, RELEASE, RENEW, RESERVE, SNAPSHOT, SYNC
+from ._lua import COMMIT, JOIN, LEAVE, PART, REAP, RELEASE, RENEW, RESERVE, SNAPSHOT, SYNC
 from .publisher import Publisher, SyncPublisher
 from .routing import (
     RECORD,
@@ -288,7 +295,10 @@ class RedisBackend:
         self._manager: ConnectionManager | None = None
         # this node's connections, as Redis should know them
         self._cids: dict[Any, str] = {}  # websocket -> cid
-        self._entries: dict[str, list[Any]] = {}  # cid -> [lobby, user, state 0|1]
+        # cid -> [user, state 0|1, lobbies (memberships, the connect() lobby first)]
+        self._entries: dict[str, list[Any]] = {}
+        # (cid, lobby) -> the answer of a JOIN queued or in flight
+        self._joining: dict[tuple[str, str], asyncio.Future[str]] = {}
         self._ids = itertools.count(1)
         self.view = ClusterView()  # every node, this one included
         self.own = ClusterView()  # this node only
@@ -450,7 +460,7 @@ class RedisBackend:
             await self.wait_up(self.connect_timeout)
         cid = f"{next(self._ids)}"
         self._cids[websocket] = cid
-        self._entries[cid] = [lobby, user, 0]
+        self._entries[cid] = [user, 0, [lobby]]
         client = self._client
         if not self.up or client is None:
             self.local_admissions += 1
@@ -501,13 +511,14 @@ class RedisBackend:
         if cid is None:
             return
         entry = self._entries[cid]
-        if entry[2]:
+        if entry[1]:
             return
-        entry[2] = 1
-        self.view.add(self.node_id, cid, entry[0], entry[1])
-        self.own.add(self.node_id, cid, entry[0], entry[1])
-        self._ref(self.lobby_channel(entry[0]), 1)
-        self._ref(self.user_channel(entry[1]), 1)
+        entry[1] = 1
+        self.view.add(self.node_id, cid, entry[2], entry[0])
+        self.own.add(self.node_id, cid, entry[2], entry[0])
+        for lobby in entry[2]:
+            self._ref(self.lobby_channel(lobby), 1)
+        self._ref(self.user_channel(entry[0]), 1)
         self._presence("c", cid)
 
     def release(self, websocket: Any) -> None:
@@ -515,18 +526,104 @@ class RedisBackend:
         if cid is None:
             return
         entry = self._entries.pop(cid)
-        if entry[2]:
+        if entry[1]:
             self.view.remove(self.node_id, cid)
             self.own.remove(self.node_id, cid)
-            self._ref(self.lobby_channel(entry[0]), -1)
-            self._ref(self.user_channel(entry[1]), -1)
+            for lobby in entry[2]:
+                self._ref(self.lobby_channel(lobby), -1)
+            self._ref(self.user_channel(entry[0]), -1)
         if self._session:
-            self._releasing[cid] = entry[1]
+            self._releasing[cid] = entry[0]
         self._presence("r", cid)
 
-    def _presence(self, op: str, cid: str) -> None:
+    # -------------------------------------------------------------- rooms
+
+    async def join(self, websocket: Any, lobby: str) -> str:
+        """Make connection ``websocket`` a member of ``lobby`` cluster-wide
+        (``manager.join``, after its local slot is held): ``""`` (a member
+        now) or ``"lobby_full"`` (``max_per_lobby`` memberships in the
+        cluster, checked and taken in one script, in order after this node's
+        earlier commits, leaves and releases). The node subscribes to the
+        lobby's channel (confirmed by Redis) before the membership is
+        visible. While the backplane is down the join is admitted on local
+        limits (counted in ``local_admissions``) and written to Redis by the
+        resync. An unknown ``websocket`` (gone meanwhile): ``""``, nothing
+        recorded."""
+        cid = self._cids.get(websocket)
+        if cid is None:
+            return ""
+        entry = self._entries[cid]
+        pending = self._joining.get((cid, lobby))
+        if pending is not None:  # the same join, concurrently: one answer
+            return await asyncio.shield(pending)
+        if lobby in entry[2]:
+            return ""
+        entry[2].append(lobby)
+        if entry[1]:
+            self._ref(self.lobby_channel(lobby), 1)
+        if not self._session or not self.up:
+            self.local_admissions += 1
+            self._mark_dirty()
+            self._joined(cid, entry, lobby)
+            return ""
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._joining[(cid, lobby)] = fut
+        resyncs = self.resyncs
+        self._ops.append(("j", (cid, lobby, fut)))
+        self._kick()
+        try:
+            reason = await fut
+        except BaseException:  # cancelled: the script may still run; undo after it, in order
+            self._part(cid, lobby)
+            raise
+        finally:
+            if self._joining.get((cid, lobby)) is fut:
+                del self._joining[(cid, lobby)]
+        if self._entries.get(cid) is not entry or lobby not in entry[2]:
+            # released meanwhile (the queue, or a reservation's script, undid it
+            # in Redis too): the manager finds the connection gone
+            return "" if reason == "lost" else reason
+        if reason == "lost":  # Redis forgot this node or connection: the resync records it
+            self._mark_dirty()
+            reason = ""
+        if reason:
+            entry[2].remove(lobby)
+            if entry[1]:
+                self._ref(self.lobby_channel(lobby), -1)
+            if self.resyncs != resyncs:  # a resync meanwhile may have written it
+                self._mark_dirty()
+            return reason
+        self._joined(cid, entry, lobby)
+        return ""
+
+    def _joined(self, cid: str, entry: list[Any], lobby: str) -> None:
+        if entry[1]:
+            self.view.join(self.node_id, cid, lobby)
+            self.own.join(self.node_id, cid, lobby)
+
+    def leave(self, websocket: Any, lobby: str) -> None:
+        """Connection ``websocket`` left ``lobby`` (``manager.leave``): its
+        membership ends cluster-wide (queued, in order, like ``release``);
+        the node unsubscribes from the lobby's channel once no local
+        connection is a member. A no-op for an unknown connection or lobby."""
+        cid = self._cids.get(websocket)
+        if cid is not None:
+            self._part(cid, lobby)
+
+    def _part(self, cid: str, lobby: str) -> None:
+        entry = self._entries.get(cid)
+        if entry is None or lobby not in entry[2]:
+            return
+        entry[2].remove(lobby)
+        if entry[1]:
+            self.view.leave(self.node_id, cid, lobby)
+            self.own.leave(self.node_id, cid, lobby)
+            self._ref(self.lobby_channel(lobby), -1)
+        self._presence("x", (cid, lobby))
+
+    def _presence(self, op: str, arg: Any) -> None:
         if self._session:
-            self._ops.append((op, cid))
+            self._ops.append((op, arg))
             self._kick()
         else:
             self._dirty = True  # the next session's sync carries it
@@ -541,7 +638,7 @@ class RedisBackend:
         m = self._manager
         if m is None or len(self.own.nodes.get(self.node_id, ())) == len(m):
             return 0
-        stale = [ws for ws, cid in self._cids.items() if self._entries[cid][2] and ws not in m]
+        stale = [ws for ws, cid in self._cids.items() if self._entries[cid][1] and ws not in m]
         for ws in stale:
             self.release(ws)
         return len(stale)
@@ -707,12 +804,15 @@ class RedisBackend:
         dropped = sum(1 for op, _ in self._ops if op == "p")  # records
         if any(op != "p" for op, _ in self._ops) or self._releasing:
             self._dirty = True
+        self._admit_joins(self._ops)
         self._ops.clear()
         self._releasing.clear()
         self.dropped += dropped
         # answers are local only while down: forget the other nodes
+        changed: set[str] = set()
         for node in [n for n in self.view.nodes if n != self.node_id]:
-            self.view.drop_node(node)
+            changed |= self.view.drop_node(node)
+        self._remote_changed(changed)
         if outage and was_up:
             self.outages += 1
             self.down_since = time.monotonic()
@@ -721,6 +821,27 @@ class RedisBackend:
                 self.last_error,
                 extra={"reason": "backplane_down"},
             )
+
+    def _admit_joins(self, ops: Iterable[tuple[str, Any]]) -> None:
+        """Joins whose script may not have run (an outage): admitted on local
+        limits; the resync writes them."""
+        for op, arg in ops:
+            if op == "j" and not arg[2].done():
+                self.local_admissions += 1
+                self._dirty = True
+                with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                    arg[2].set_result("")
+
+    def _remote_changed(self, lobbies: Iterable[str]) -> None:
+        """Other nodes' memberships of ``lobbies`` changed: the presence of
+        those this node serves is re-read (``manager.presence_changed``)."""
+        m = self._manager
+        if m is None or m.presence is None:
+            return
+        own = self.own.lobbies
+        for lobby in lobbies:
+            if lobby in own:
+                m.presence_changed(lobby)
 
     def _note_error(self, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
@@ -732,23 +853,25 @@ class RedisBackend:
         """Make Redis' record of this node equal to ``_entries``."""
         self._dirty = False
         flat: list[Any] = []
-        for cid, (lobby, user, state) in self._entries.items():
-            flat += (cid, lobby, user, state)
+        for cid, (user, state, lobbies) in self._entries.items():
+            flat += (cid, user, state, len(lobbies), *lobbies)
         await self._eval(client, SYNC, *flat)
         self.resyncs += 1
 
     def _load_snapshot(self, raw: list[Any]) -> None:
+        changed: set[str] = set()
         for node in [n for n in self.view.nodes if n != self.node_id]:
-            self.view.drop_node(node)
+            changed |= self.view.drop_node(node)
         for i in range(0, len(raw), 2):
             node = raw[i].decode()
             if node == self.node_id:
                 continue
             pairs = raw[i + 1]
             for j in range(0, len(pairs), 2):
-                lobby, user, state = json.loads(pairs[j + 1])
+                user, state, *lobbies = json.loads(pairs[j + 1])
                 if state == 1:
-                    self.view.add(node, pairs[j].decode(), lobby, user)
+                    changed.update(self.view.add(node, pairs[j].decode(), lobbies, user))
+        self._remote_changed(changed)
 
     async def _read_loop(self, shard: _Shard) -> None:
         m = self._manager
@@ -800,16 +923,30 @@ class RedisBackend:
                 self._mark_dirty()
             return
         view = self.view
+        changed: Iterable[str] = ()
         if op == "j":
-            view.add(node, ev[2], ev[3], ev[4])
+            changed = view.add(node, ev[2], ev[4:], ev[3])
+        elif op == "m":
+            if view.join(node, ev[2], ev[3]):
+                changed = (ev[3],)
+        elif op == "p":
+            if view.leave(node, ev[2], ev[3]):
+                changed = (ev[3],)
         elif op == "l":
-            for cid in ev[2]:
-                view.remove(node, cid)
+            changed = [lobby for cid in ev[2] for lobby in view.remove(node, cid)]
         elif op == "s":
             flat = ev[2] if isinstance(ev[2], list) else []
-            view.replace_node(node, [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)])
+            entries = []
+            i = 0
+            while i < len(flat):
+                n = flat[i + 2]
+                entries.append((flat[i], flat[i + 3 : i + 3 + n], flat[i + 1]))
+                i += 3 + n
+            changed = view.replace_node(node, entries)
         elif op == "g":
-            view.drop_node(node)
+            changed = view.drop_node(node)
+        if changed:
+            self._remote_changed(changed)
 
     async def _write_loop(self, client: aioredis.Redis) -> None:
         wake = self._wake
@@ -859,10 +996,11 @@ class RedisBackend:
                 await self._flush_records(head)
                 continue
             pipe = client.pipeline(transaction=False)
-            kinds: list[str] = []
+            kinds: list[tuple[str, Any]] = []
             releases: list[str] = []
             sent_releases: list[str] = []
             commands = 0
+            max_per_lobby = self._manager.max_per_lobby if self._manager is not None else 0
             while ops and commands < _BATCH and ops[0][0] != "p":
                 op, arg = ops.popleft()
                 if op == "r":  # consecutive releases: one script call
@@ -872,15 +1010,29 @@ class RedisBackend:
                         continue
                     pipe.eval(RELEASE, 5, *self._keys, *self._argv, *releases)
                     releases = []
+                elif op == "j":  # (cid, lobby, future of the answer)
+                    pipe.eval(JOIN, 5, *self._keys, *self._argv, arg[0], arg[1], max_per_lobby)
+                elif op == "x":  # (cid, lobby)
+                    pipe.eval(PART, 5, *self._keys, *self._argv, arg[0], arg[1])
                 else:
                     pipe.eval(COMMIT, 5, *self._keys, *self._argv, arg)
-                kinds.append(op)
+                kinds.append((op, arg))
                 commands += 1
-            results = await _detached(pipe.execute(raise_on_error=False), self.command_timeout)
+            try:
+                results = await _detached(pipe.execute(raise_on_error=False), self.command_timeout)
+            except BaseException:
+                self._admit_joins(kinds)
+                raise
             for cid in sent_releases:
                 self._releasing.pop(cid, None)
-            for op, res in zip(kinds, results, strict=True):
-                if isinstance(res, Exception) or (op == "c" and res == 0):
+            for (op, arg), res in zip(kinds, results, strict=True):
+                if op == "j":
+                    if isinstance(res, Exception):
+                        self._admit_joins([(op, arg)])
+                        self._mark_dirty()
+                    elif not arg[2].done():
+                        arg[2].set_result(res.decode() if isinstance(res, bytes) else str(res))
+                elif isinstance(res, Exception) or (op == "c" and res == 0):
                     self._mark_dirty()
 
     async def _flush_records(self, head: bytes) -> None:
