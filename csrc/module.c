@@ -1270,7 +1270,7 @@ Core_get_lobby_users_impl(CoreObject *self, PyObject *lobby_code)
                 return NULL;
             }
         }
-        for (wsm_member *m = g->guests.head; m; m = m->next) {
+        for (wsm_member *m = g->guests; m; m = m->next) {
             if (PySet_Add(set, m->conn->user->key) < 0) {
                 Py_DECREF(set);
                 return NULL;
@@ -1345,7 +1345,7 @@ group_targets(CoreObject *self, PyObject *key /* exact str */, int by_lobby,
     Py_ssize_t i = 0;
     /* a lobby: its first-lobby members, then its guests (join()); each
      * connection is on one of the two at most once */
-    wsm_member *m = by_lobby && g ? g->guests.head : NULL;
+    wsm_member *m = by_lobby && g ? g->guests : NULL;
     for (wsm_conn *c = g ? g->members.head : NULL; c != NULL || m != NULL;) {
         wsm_conn *cur = c;
         if (cur != NULL) {

@@ -8,6 +8,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import pytest
+from starlette.types import Message
 
 from tests.asgi_fakes import FakePeer
 from wsmanager import ConnectionManager
@@ -224,6 +225,53 @@ def test_a_failed_send_removes_the_connection_from_every_lobby() -> None:
         assert a.ws not in m
         assert m.get_lobby_users("B") == {"bob"} and m.get_lobby_users("A") == set()
         assert chat(bob) == [{"type": "chat"}]
+
+    run(main())
+
+
+class LoggedPeer(FakePeer):
+    """A FakePeer that writes its name to a shared log on every text frame."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        super().__init__()
+        self.name, self.log = name, log
+
+    async def _send(self, message: Message) -> None:
+        if message["type"] == "websocket.send":
+            self.log.append(self.name)
+        await super()._send(message)
+
+
+def test_a_lobby_broadcast_goes_out_in_the_order_members_entered_after_leaves() -> None:
+    """Members whose first lobby it is first (by connect), then those that
+    joined it (by join), whichever left in between: the head, the tail or
+    the middle of the joined list."""
+
+    async def main() -> None:
+        m = ConnectionManager(100, 10)
+        log: list[str] = []
+        first = LoggedPeer("first", log)
+        assert await m.connect(first.ws, "L", "first") is True
+        peers = [LoggedPeer(f"u{i}", log) for i in range(4)]
+        for i, peer in enumerate(peers):
+            assert await m.connect(peer.ws, f"H{i}", peer.name) is True
+            assert await m.join(peer.ws, "L") is True
+        assert m.leave(peers[3].ws, "L") is True  # the newest
+        assert m.leave(peers[0].ws, "L") is True  # the oldest
+        assert await m.join(peers[3].ws, "L") is True
+        assert await m.join(peers[0].ws, "L") is True
+        assert m.leave(peers[2].ws, "L") is True  # one in the middle
+        log.clear()
+        assert await m.broadcast_to_lobby("L", {"type": "chat"}) == 4
+        assert log == ["first", "u1", "u3", "u0"]
+        for name in ("u1", "u3", "u0"):  # every leave again: the lobby empties
+            assert m.leave(peers[int(name[1])].ws, "L") is True
+        m.disconnect(first.ws)
+        assert m.get_lobby_users("L") == set() and "L" not in m.active_connections
+        assert await m.join(peers[1].ws, "L") is True
+        log.clear()
+        assert await m.broadcast_to_lobby("L", {"type": "chat"}) == 1
+        assert log == ["u1"]
 
     run(main())
 
