@@ -845,6 +845,11 @@ Core_join(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (lobby == NULL) {
         return NULL;
     }
+    if (self->shutting_down) { /* as _reserve refuses connect(): counted */
+        Py_DECREF(lobby);
+        self->n_refused_shutdown++;
+        return Py_NewRef(self->st->str_shutting_down);
+    }
     wsm_conn *c = wsm_find_conn(&self->reg, args[0]);
     if (c == NULL || c->state != WSM_ACTIVE) {
         Py_DECREF(lobby);

@@ -11,7 +11,9 @@ import pytest
 from starlette.types import Message
 
 from tests.asgi_fakes import FakePeer
+from tests.redis_server import redis_server
 from wsmanager import ConnectionManager
+from wsmanager.backends.redis import RedisBackend
 
 T = TypeVar("T")
 
@@ -131,6 +133,86 @@ def test_join_of_an_unknown_connection_is_refused_not_connected(caplog: pytest.L
         assert m.get_stats()["active_lobbies"] == 0
 
     run(main())
+
+
+async def shutdown_began(m: ConnectionManager) -> None:
+    """Let a shutdown() task just created run up to its first wait."""
+    for _ in range(10):
+        if m.shutting_down:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("shutdown() did not begin")
+
+
+def test_join_during_shutdown_is_refused_shutting_down_like_connect(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        m = ConnectionManager(100, 10, ping_interval=None)
+        a = await connected(m, "A", "alice")
+        slow = await connected(m, "S", "slow")
+        slow.send_gate = asyncio.Event()  # its sends suspend until set: shutdown() waits for its backlog
+        assert await m.send_to_user("slow", {"type": "chat"}) is True
+        shutdown = asyncio.create_task(m.shutdown(timeout=5.0))
+        await shutdown_began(m)
+        assert a.ws in m  # shutdown() under way, nothing closed yet
+        with caplog.at_level(logging.INFO, logger="wsmanager.manager"):
+            assert await m.join(a.ws, "B") is False
+            assert await m.connect(FakePeer().ws, "B", "bob") is False
+        reasons = [getattr(r, "reason", None) for r in caplog.records]
+        assert reasons.count("shutting_down") == 2
+        assert m.get_stats()["refused"]["shutting_down"] == 2
+        assert m.lobbies_of(a.ws) <= {"A"} and m.get_lobby_users("B") == set()
+        with pytest.raises(TypeError):  # a bad id is still an error, not a refusal
+            await m.join(a.ws, 42)  # type: ignore[arg-type]
+        slow.send_gate.set()
+        await shutdown
+        assert (a.close_code, a.close_reason) == (1001, "server_shutdown")
+        assert m.get_stats()["active_lobbies"] == 0
+
+    run(main())
+
+
+class JoinGatedBackend(RedisBackend):
+    """A Redis backend whose cluster-wide join admits once ``gate`` is set
+    (a slow Redis round trip) and which records the memberships it is told ended."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
+        self.left: list[str] = []
+
+    async def join(self, websocket: Any, lobby: str) -> str:
+        self.waiting.set()
+        await self.gate.wait()
+        return ""
+
+    def leave(self, websocket: Any, lobby: str) -> None:
+        self.left.append(lobby)
+
+
+@pytest.mark.slow
+def test_a_clustered_join_that_shutdown_overtakes_is_refused_and_undone() -> None:
+    async def main(url: str) -> None:
+        backend = JoinGatedBackend(url, namespace="rooms-shutdown", lease=1.0, connect_timeout=5.0)
+        m = ConnectionManager(max_per_lobby=100, backend=backend, ping_interval=None)
+        await m.start()
+        try:
+            a = await connected(m, "A", "alice")
+            join = asyncio.create_task(m.join(a.ws, "B"))
+            await backend.waiting.wait()  # the backend holds the join
+            shutdown = asyncio.create_task(m.shutdown(timeout=5.0))
+            await shutdown_began(m)
+            backend.gate.set()  # the cluster admits it after shutdown began
+            assert await join is False
+            assert "B" not in m.lobbies_of(a.ws) and m.get_lobby_users("B") == set()
+            assert backend.left == ["B"]  # the cluster-wide membership is given back
+            assert m.get_stats()["refused"]["shutting_down"] == 1
+            await shutdown
+        finally:
+            await m.stop()
+
+    with redis_server() as server:
+        run(main(server.url))
 
 
 def test_join_validates_the_lobby_code_like_connect() -> None:

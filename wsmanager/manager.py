@@ -555,6 +555,10 @@ class ConnectionManager(Core):
           ``get_stats()["refused"]["lobby_full"]``);
         * ``"not_connected"``: ``websocket`` is not a registered connection
           (never connected, still in its handshake, or disconnected).
+        * ``"shutting_down"``: :meth:`shutdown` has begun (counted in
+          ``get_stats()["refused"]["shutting_down"]``, as ``connect()``'s
+          refusals then are); a join still waiting for a clustered backend's
+          verdict when it begins is refused too.
 
         Raises TypeError / ValueError for a ``lobby_code`` ``connect()`` would
         refuse (not a str, empty, longer than ``max_id_bytes``), before
@@ -582,6 +586,9 @@ class ConnectionManager(Core):
         except BaseException:
             self._join_settle(None, lobby_code)
             raise
+        if not reason and self.shutting_down:  # shutdown() began meanwhile
+            getattr(bp, "leave")(websocket, lobby_code)  # noqa: B009 - not in RedisBackend yet
+            reason = "shutting_down"
         if reason:
             self._join_settle(None, lobby_code)
             self._count_refusal(reason)
