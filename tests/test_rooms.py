@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
@@ -531,5 +531,105 @@ def test_presence_changed_rereads_the_lobby_and_the_task_flushes() -> None:
             watcher.got_text.clear()
         assert presence(watcher)[-1]["joins"] == ["alice"]
         await m.stop()
+
+    run(main())
+
+
+async def next_presence(peer: FakePeer, count: int) -> dict[str, Any]:
+    """Wait until ``peer`` has ``count`` presence messages (sent by the flusher
+    task); the last. Bounded: a flusher that never wakes fails, not hangs."""
+
+    async def arrived() -> None:
+        while len(presence(peer)) < count:
+            peer.got_text.clear()
+            await peer.got_text.wait()
+
+    await asyncio.wait_for(arrived(), 10.0)
+    last: dict[str, Any] = presence(peer)[count - 1]
+    return last
+
+
+class Big(ConnectionManager):
+    max_per_lobby = 50
+
+
+@pytest.mark.parametrize("cls", [ConnectionManager, Big])
+def test_the_presence_flusher_sleeps_until_a_membership_changes(cls: type[ConnectionManager]) -> None:
+    """One wake-up per change burst, by every path that ends a membership
+    (disconnect, leave, the heartbeat's stale sweep), none while nothing
+    changes; a subclass with class-level settings keeps them."""
+
+    async def main() -> None:
+        clock = [100.0]
+        m = cls(
+            presence_events=True,
+            presence_interval=0.002,
+            clock=lambda: clock[0],
+            ping_interval=5,
+            ping_timeout=5,
+        )
+        assert m.presence is not None and isinstance(m, cls) and m.max_per_lobby == cls().max_per_lobby
+        watcher = await connected(m, "L", "watcher")
+        assert m.presence.wakeups <= 1  # at most the one its arrival caused
+        alice = await connected(m, "L", "alice")
+        bob = await connected(m, "L", "bob")
+        other = await connected(m, "X", "carol")
+        diff = await next_presence(watcher, 2)  # state, then one diff for all three
+        assert diff["joins"] == ["alice", "bob", "watcher"]
+        woke = m.presence.wakeups
+        await asyncio.sleep(0.1)  # 50 intervals with nothing changing
+        assert m.presence.wakeups == woke and len(presence(watcher)) == 2
+        expected: list[tuple[Callable[[], object], list[str]]] = [
+            (lambda: m.disconnect(alice.ws), ["alice"]),
+            (lambda: m.leave(bob.ws, "L"), ["bob"]),
+        ]
+        for n, (change, leaves) in enumerate(expected, start=3):
+            change()
+            assert (await next_presence(watcher, n))["leaves"] == leaves
+            assert m.presence.wakeups == woke + n - 2
+        assert await m.join(other.ws, "L") is True
+        assert (await next_presence(watcher, 5))["joins"] == ["carol"]
+        for _ in range(2):  # carol stays silent past ping_interval + ping_timeout: swept
+            clock[0] += 6.0
+            m.update_last_message("watcher")
+            await m.health.sweep(wait=True)
+        assert other.ws not in m
+        assert (await next_presence(watcher, 6))["leaves"] == ["carol"]
+        assert m.presence.wakeups == woke + 4
+        await m.stop()
+
+    run(main())
+
+
+def test_a_member_whose_send_fails_during_a_presence_flush_is_removed_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        loop_errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: loop_errors.append(context))
+        m = ConnectionManager(100, 10, presence_events=True, presence_interval=0.002)
+        watcher = await connected(m, "L", "watcher")
+        broken = await connected(m, "L", "broken")
+        assert (await next_presence(watcher, 2))["joins"] == ["broken", "watcher"]
+        broken.fail_sends = True
+        with caplog.at_level(logging.DEBUG, logger="wsmanager"):
+            await connected(m, "L", "alice")  # the flusher's diff to broken fails
+            assert (await next_presence(watcher, 3))["joins"] == ["alice"]
+            assert broken.ws not in m
+            # its removal is announced by the next flush
+            assert (await next_presence(watcher, 4))["leaves"] == ["broken"]
+            # a newcomer whose state message fails is removed the same way
+            doomed = FakePeer()
+            doomed.fail_sends = True
+            await m.connect(doomed.ws, "L", "doomed")
+            assert doomed.ws not in m
+            assert await m.broadcast_to_lobby("L", {"type": "chat"}) == 2
+        assert [getattr(r, "reason", None) for r in caplog.records if "send failed" in r.getMessage()] == [
+            "send_failed",
+            "send_failed",
+        ]
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+        await m.stop()
+        assert loop_errors == []
 
     run(main())

@@ -295,6 +295,11 @@ class ConnectionManager(Core):
         if presence_events:
             self._track_presence(True)  # the core marks the lobbies whose membership changes
             self.presence = Presence(self, interval, Core._take_dirty)
+            # disconnect() / leave() / the heartbeat's removals are the core's
+            # own methods, with no Python layer: this class adds the flusher's
+            # wake-up to them (see _PresenceConnectionManager), so that it sleeps while
+            # nothing changes; without presence they stay plain C calls
+            self.__class__ = _presence_class(type(self))
 
     @property
     def direct_frames(self) -> bool:
@@ -625,6 +630,8 @@ class ConnectionManager(Core):
     def _close_replaced(self, replaced: tuple[Any, ...], lobby_code: str, user_id: str) -> None:
         """Close the open connections the "replace" policy removed (already
         out of the registry) with 4003 "replaced", in the background."""
+        if replaced and self.presence is not None:
+            self.presence.wake()  # they left their lobbies
         for old in replaced:
             logger.info(
                 "closing connection: replaced",
@@ -1152,3 +1159,66 @@ class _ClusteredConnectionManager(ConnectionManager):
         if bp is not None and not local:
             users.update(bp.view.lobby_users.get(lobby_code, ()))
         return users
+
+
+class _PresenceConnectionManager(ConnectionManager):
+    """``presence_events=True``: the core's methods that end memberships also
+    wake the presence flusher (wsmanager.presence), which otherwise sleeps.
+    ``ConnectionManager(presence_events=True)`` becomes one of these (a
+    subclass of the class instantiated, with its name): see _presence_class."""
+
+    __slots__ = ()
+
+    def _presence_wake(self) -> None:
+        presence = self.presence
+        if presence is not None:
+            presence.wake()
+
+    def disconnect(self, websocket: Any) -> tuple[str, str] | None:
+        """Remove ``websocket`` from the manager (every lobby); its
+        ``(first_lobby_code, user_id)``, or None if it was not registered."""
+        info = super().disconnect(websocket)
+        if info is not None:
+            self._presence_wake()
+        return info
+
+    def leave(self, websocket: Any, lobby_code: str) -> bool:
+        """Take ``websocket`` out of ``lobby_code`` (its first lobby
+        included): True if it was a member."""
+        left = super().leave(websocket, lobby_code)
+        if left:
+            self._presence_wake()
+        return left
+
+    def _reap(self, websocket: Any, reason: str, /) -> tuple[str, str] | None:
+        info = super()._reap(websocket, reason)
+        if info is not None:
+            self._presence_wake()
+        return info
+
+    def _sweep(
+        self, ping_interval: float, ping_timeout: float, limit: int = -1, /
+    ) -> tuple[list[Any], list[tuple[Any, str, str]]]:
+        to_ping, expired = super()._sweep(ping_interval, ping_timeout, limit)
+        if expired:
+            self._presence_wake()
+        return to_ping, expired
+
+
+class _ClusteredPresenceConnectionManager(_PresenceConnectionManager, _ClusteredConnectionManager):
+    """_PresenceConnectionManager over a clustered manager."""
+
+    __slots__ = ()
+
+
+def _presence_class(cls: type[ConnectionManager]) -> type[ConnectionManager]:
+    """The class a manager of class ``cls`` with presence events on takes."""
+    if issubclass(cls, _PresenceConnectionManager):
+        return cls
+    if cls is ConnectionManager:
+        return _PresenceConnectionManager
+    if cls is _ClusteredConnectionManager:
+        return _ClusteredPresenceConnectionManager
+    # an application's subclass (class-level settings): the hooks over it
+    namespace = {"__slots__": (), "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    return cast("type[ConnectionManager]", type(cls.__name__, (_PresenceConnectionManager, cls), namespace))
