@@ -859,6 +859,11 @@ Core_join(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (lobby == NULL) {
         return NULL;
     }
+    if (self->shutting_down) { /* as _reserve refuses connect(): counted */
+        Py_DECREF(lobby);
+        self->n_refused_shutdown++;
+        return Py_NewRef(self->st->str_shutting_down);
+    }
     wsm_conn *c = wsm_find_conn(&self->reg, args[0]);
     if (c == NULL || c->state != WSM_ACTIVE) {
         Py_DECREF(lobby);
@@ -1284,7 +1289,7 @@ Core_get_lobby_users_impl(CoreObject *self, PyObject *lobby_code)
                 return NULL;
             }
         }
-        for (wsm_member *m = g->guests.head; m; m = m->next) {
+        for (wsm_member *m = g->guests; m; m = m->next) {
             if (PySet_Add(set, m->conn->user->key) < 0) {
                 Py_DECREF(set);
                 return NULL;
@@ -1359,7 +1364,7 @@ group_targets(CoreObject *self, PyObject *key /* exact str */, int by_lobby,
     Py_ssize_t i = 0;
     /* a lobby: its first-lobby members, then its guests (join()); each
      * connection is on one of the two at most once */
-    wsm_member *m = by_lobby && g ? g->guests.head : NULL;
+    wsm_member *m = by_lobby && g ? g->guests : NULL;
     for (wsm_conn *c = g ? g->members.head : NULL; c != NULL || m != NULL;) {
         wsm_conn *cur = c;
         if (cur != NULL) {

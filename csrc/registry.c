@@ -74,13 +74,27 @@ group_get(wsm_table *table, PyObject *key)
 
 /* Free a group once nothing refers to it. */
 static void
-group_release_if_empty(wsm_table *table, wsm_group *g)
+group_free(wsm_table *table, wsm_group *g)
 {
-    if (g->members.len == 0 && g->reserved == 0 && g->guests.len == 0 &&
-        g->anchors == 0 && !g->dirty) {
-        wsm_table_remove(table, str_tag(g->key), g);
-        Py_CLEAR(g->key);
-        PyMem_Free(g);
+    wsm_table_remove(table, str_tag(g->key), g);
+    Py_CLEAR(g->key);
+    PyMem_Free(g);
+}
+
+static void
+lobby_release_if_empty(wsm_registry *r, wsm_group *g)
+{
+    if (g->members.len == 0 && g->reserved == 0 && g->nguests == 0 &&
+        g->anchors == 0 && g->dirty_next == NULL) {
+        group_free(&r->lobbies, g);
+    }
+}
+
+static void
+user_release_if_empty(wsm_registry *r, wsm_group *g)
+{
+    if (g->members.len == 0 && g->reserved == 0) { /* pending: empty too */
+        group_free(&r->users, g);
     }
 }
 
@@ -89,11 +103,10 @@ group_release_if_empty(wsm_table *table, wsm_group *g)
 static inline void
 mark_dirty(wsm_registry *r, wsm_group *g)
 {
-    if (!r->track_dirty || g->dirty) {
+    if (!r->track_dirty || g->dirty_next != NULL) {
         return;
     }
-    g->dirty = 1;
-    g->dirty_next = NULL;
+    g->dirty_next = g; /* the last one */
     if (r->dirty_tail) {
         r->dirty_tail->dirty_next = g;
     }
@@ -110,15 +123,16 @@ wsm_take_dirty(wsm_registry *r, PyObject **out, Py_ssize_t max)
     Py_ssize_t n = 0;
     while (n < max && r->dirty_head != NULL) {
         wsm_group *g = r->dirty_head;
-        r->dirty_head = g->dirty_next;
-        if (r->dirty_head == NULL) {
-            r->dirty_tail = NULL;
+        if (g->dirty_next == g) {
+            r->dirty_head = r->dirty_tail = NULL;
+        }
+        else {
+            r->dirty_head = g->dirty_next;
         }
         r->ndirty--;
-        g->dirty = 0;
         g->dirty_next = NULL;
         out[n++] = Py_NewRef(g->key); /* ours: the DECREF below is not the last */
-        group_release_if_empty(&r->lobbies, g);
+        lobby_release_if_empty(r, g);
     }
     return n;
 }
@@ -170,7 +184,7 @@ wsm_is_member(wsm_registry *r, wsm_conn *c, wsm_group *g)
     if (c->lobby == g && wsm_in_first(c)) {
         return 1;
     }
-    return g->guests.len > 0 && member_find(r, c, g) != NULL;
+    return g->nguests > 0 && member_find(r, c, g) != NULL;
 }
 
 /* Unlink and free one node; the group is released if nothing else holds it. */
@@ -179,19 +193,19 @@ member_drop(wsm_registry *r, wsm_member *m, wsm_slot *head)
 {
     wsm_group *g = m->lobby;
     wsm_table_remove(&r->memberships, member_tag(m->conn, g), m);
-    if (m->prev) {
+    if (m == g->guests) {
+        g->guests = m->next;
+    }
+    else {
         m->prev->next = m->next;
     }
-    else {
-        g->guests.head = m->next;
-    }
     if (m->next) {
-        m->next->prev = m->prev;
+        m->next->prev = m->prev; /* the tail, if m was the head */
     }
-    else {
-        g->guests.tail = m->prev;
+    else if (g->guests) {
+        g->guests->prev = m->prev; /* m was the tail */
     }
-    g->guests.len--;
+    g->nguests--;
     if (m->cprev) {
         m->cprev->cnext = m->cnext;
     }
@@ -209,7 +223,7 @@ member_drop(wsm_registry *r, wsm_member *m, wsm_slot *head)
     }
     mark_dirty(r, g);
     PyMem_Free(m);
-    group_release_if_empty(&r->lobbies, g);
+    lobby_release_if_empty(r, g);
 }
 
 /* Every extra membership of `c` ends (it is being removed). */
@@ -226,6 +240,10 @@ drop_extras(wsm_registry *r, wsm_conn *c)
 static int
 member_add(wsm_registry *r, wsm_conn *c, wsm_group *g)
 {
+    if (g->nguests == UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "too many memberships in one lobby");
+        return -1;
+    }
     wsm_member *m = PyMem_Calloc(1, sizeof(*m));
     if (m == NULL) {
         PyErr_NoMemory();
@@ -256,15 +274,16 @@ member_add(wsm_registry *r, wsm_conn *c, wsm_group *g)
     if (wsm_lobby_count(g) == 0) {
         r->active_lobbies++;
     }
-    m->prev = g->guests.tail;
-    if (g->guests.tail) {
-        g->guests.tail->next = m;
+    if (g->guests) {
+        m->prev = g->guests->prev; /* the tail */
+        m->prev->next = m;
+        g->guests->prev = m;
     }
     else {
-        g->guests.head = m;
+        m->prev = m;
+        g->guests = m;
     }
-    g->guests.tail = m;
-    g->guests.len++;
+    g->nguests++;
     mark_dirty(r, g);
     return 0;
 }
@@ -290,7 +309,7 @@ wsm_join(wsm_registry *r, wsm_conn *c, PyObject *lobby, Py_ssize_t max_lobby,
         return WSM_OK;
     }
     if (member_add(r, c, g) < 0) {
-        group_release_if_empty(&r->lobbies, g);
+        lobby_release_if_empty(r, g);
         return WSM_ERROR;
     }
     *added = 1;
@@ -308,11 +327,11 @@ wsm_join_settle(wsm_registry *r, wsm_conn *c, PyObject *lobby)
         g->reserved--;
     }
     if (c == NULL || c->state != WSM_ACTIVE || wsm_is_member(r, c, g)) {
-        group_release_if_empty(&r->lobbies, g);
+        lobby_release_if_empty(r, g);
         return 0;
     }
     if (member_add(r, c, g) < 0) {
-        group_release_if_empty(&r->lobbies, g);
+        lobby_release_if_empty(r, g);
         return -1;
     }
     return 1;
@@ -327,7 +346,7 @@ wsm_leave(wsm_registry *r, wsm_conn *c, PyObject *lobby)
     }
     if (c->lobby == g && wsm_in_first(c)) {
         wsm_list_unlink(&g->members, c, WSM_OFF_LOBBY);
-        g->anchors++;
+        g->anchors++; /* < UINT32_MAX: at most one per connection (each holds a socket) */
         r->detached++;
         if (wsm_lobby_count(g) == 0) {
             r->active_lobbies--;
@@ -336,7 +355,7 @@ wsm_leave(wsm_registry *r, wsm_conn *c, PyObject *lobby)
         r->removals++;
         return 1;
     }
-    wsm_member *m = g->guests.len ? member_find(r, c, g) : NULL;
+    wsm_member *m = g->nguests ? member_find(r, c, g) : NULL;
     if (m == NULL) {
         return 0;
     }
@@ -475,7 +494,7 @@ wsm_reserve(wsm_registry *r, PyObject *ws, PyObject *lobby, PyObject *user,
     lg->reserved++;
     if (ug == NULL && (ug = group_get(&r->users, user)) == NULL) {
         lg->reserved--;
-        group_release_if_empty(&r->lobbies, lg);
+        lobby_release_if_empty(r, lg);
         goto error;
     }
     ug->reserved++;
@@ -490,8 +509,8 @@ wsm_reserve(wsm_registry *r, PyObject *ws, PyObject *lobby, PyObject *user,
     if (wsm_table_insert(&r->conns, (uintptr_t)ws, c) < 0) {
         lg->reserved--;
         ug->reserved--;
-        group_release_if_empty(&r->lobbies, lg);
-        group_release_if_empty(&r->users, ug);
+        lobby_release_if_empty(r, lg);
+        user_release_if_empty(r, ug);
         Py_DECREF(ws);
         PyErr_NoMemory();
         goto error;
@@ -566,8 +585,8 @@ wsm_remove(wsm_registry *r, wsm_conn *c)
         r->pending--;
     }
     PyMem_Free(c);
-    group_release_if_empty(&r->lobbies, lg);
-    group_release_if_empty(&r->users, ug);
+    lobby_release_if_empty(r, lg);
+    user_release_if_empty(r, ug);
     /* Last: the websocket's finalizer may run arbitrary code. */
     Py_DECREF(ws);
 }

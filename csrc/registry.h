@@ -52,18 +52,15 @@ typedef struct wsm_list {
 struct wsm_member {
     wsm_conn *conn;
     wsm_group *lobby;
-    wsm_member *prev, *next;    /* lobby->guests, oldest first */
+    wsm_member *prev, *next;    /* lobby->guests, oldest first: `next` ends
+                                   with NULL, the head's `prev` is the tail */
     wsm_member *cprev, *cnext;  /* the connection's chain (its head: the
                                    registry's `chains` table) */
 };
 
-typedef struct wsm_mlist {
-    wsm_member *head;
-    wsm_member *tail;
-    Py_ssize_t len;
-} wsm_mlist;
-
-/* A lobby or a user: a keyed group of connections. */
+/* A lobby or a user: a keyed group of connections. A group is one or the
+ * other for life (they live in separate tables), so the user-only and the
+ * lobby-only fields share storage. */
 struct wsm_group {
     PyObject *key;          /* strong ref: the exact str id as first seen;
                                its cached hash is the group's table tag */
@@ -73,15 +70,26 @@ struct wsm_group {
     Py_ssize_t reserved;    /* handshakes admitted but not yet committed
                                (lobbies: and joins awaiting a clustered
                                backend's verdict) */
-    wsm_list pending;       /* users only: those handshakes, oldest first
+    union {
+        wsm_list pending;   /* users only: those handshakes, oldest first
                                (linked by user_link while PENDING) */
-    wsm_mlist guests;       /* lobbies only: the other memberships (join()) */
-    Py_ssize_t anchors;     /* lobbies only: connections that left this,
-                               their first lobby (it stays their connect()
-                               lobby: disconnect() returns its key) */
-    wsm_group *dirty_next;  /* on the registry's presence dirty list */
-    uint8_t dirty;
+        struct {            /* lobbies only */
+            wsm_member *guests;     /* the other memberships (join()),
+                                       oldest first; guests->prev is the
+                                       newest (O(1) append) */
+            wsm_group *dirty_next;  /* non-NULL while on the registry's
+                                       presence dirty list; the last one
+                                       points to itself */
+            uint32_t nguests;       /* length of `guests` */
+            uint32_t anchors;       /* connections that left this, their
+                                       first lobby (it stays their connect()
+                                       lobby: disconnect() returns its key) */
+        };
+    };
 };
+/* 64 bytes: one pymalloc size class, paid by every user (each connect() of
+ * a new user creates one); a field more costs every user 16. */
+_Static_assert(sizeof(wsm_group) <= 64, "wsm_group grew past 64 bytes");
 
 enum wsm_conn_state {
     WSM_PENDING = 0,        /* capacity reserved, accept() in progress */
@@ -202,7 +210,7 @@ void wsm_remove(wsm_registry *r, wsm_conn *c);
 /* Memberships (committed) of a lobby: first-lobby members and guests. */
 static inline Py_ssize_t wsm_lobby_count(const wsm_group *g)
 {
-    return g ? g->members.len + g->guests.len : 0;
+    return g ? g->members.len + (Py_ssize_t)g->nguests : 0;
 }
 /* Whether the committed connection `c` is a member of lobby `g` (NULL: no). */
 int wsm_is_member(wsm_registry *r, wsm_conn *c, wsm_group *g);

@@ -1220,7 +1220,8 @@ LOBBY_NAMES = ["A", "B", "C"]
 
 class RoomsMachine(RuleBasedStateMachine):
     """connect / join / leave / disconnect against a plain model: after
-    every step each lobby walk sees each membership once."""
+    every step each lobby walk sees each membership once, in delivery order
+    (first-lobby members by connect, then the others by join)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1228,6 +1229,8 @@ class RoomsMachine(RuleBasedStateMachine):
         self.m._track_presence(True)
         self.model: dict[int, tuple[Any, str, str, set[str]]] = {}
         self.dirty: set[str] = set()
+        #: lobby -> (first-lobby members, the others), each oldest first
+        self.order: dict[str, tuple[list[Any], list[Any]]] = {name: ([], []) for name in LOBBY_NAMES}
 
     def _pick(self, data: st.DataObject) -> int:
         keys = list(self.model)  # oldest first: the same draw picks the same one
@@ -1245,6 +1248,7 @@ class RoomsMachine(RuleBasedStateMachine):
             return
         assert reason == "" and self.m._commit(ws)
         self.model[id(ws)] = (ws, lobby, user, {lobby})
+        self.order[lobby][0].append(ws)
         self.dirty.add(lobby)
 
     @rule(data=st.data(), lobby=st.sampled_from(LOBBY_NAMES))
@@ -1260,6 +1264,7 @@ class RoomsMachine(RuleBasedStateMachine):
         else:
             assert reason == ""
             lobbies.add(lobby)
+            self.order[lobby][1].append(ws)  # back in its first lobby too: after the others
             self.dirty.add(lobby)
 
     @rule(data=st.data(), lobby=st.sampled_from(LOBBY_NAMES))
@@ -1270,6 +1275,7 @@ class RoomsMachine(RuleBasedStateMachine):
         assert self.m.leave(ws, fresh(lobby)) is (lobby in lobbies)
         if lobby in lobbies:
             lobbies.discard(lobby)
+            self._unlist(ws, lobby)
             self.dirty.add(lobby)
 
     @rule(data=st.data())
@@ -1278,7 +1284,16 @@ class RoomsMachine(RuleBasedStateMachine):
             return
         ws, first, user, lobbies = self.model.pop(self._pick(data))
         assert self.m.disconnect(ws) == (first, user)
+        for lobby in lobbies:
+            self._unlist(ws, lobby)
         self.dirty |= lobbies
+
+    def _unlist(self, ws: Any, lobby: str) -> None:
+        for members in self.order[lobby]:
+            if any(x is ws for x in members):
+                members[:] = [x for x in members if x is not ws]
+                return
+        raise AssertionError(f"{lobby}: not in the model's order")
 
     @rule()
     def take_dirty(self) -> None:
@@ -1291,6 +1306,8 @@ class RoomsMachine(RuleBasedStateMachine):
             assert self.m.lobbies_of(ws) == lobbies
         for lobby in LOBBY_NAMES:
             assert self.m._lobby_count(lobby) == self._count(lobby)
+            firsts, others = self.order[lobby]
+            assert [id(ws) for ws in self.m._lobby_targets(lobby)] == [id(ws) for ws in firsts + others]
         assert_rooms_consistent(self.m)
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
+from starlette.types import Message
 
 from tests.asgi_fakes import FakePeer
+from tests.redis_server import redis_server
 from wsmanager import ConnectionManager
+from wsmanager.backends.redis import RedisBackend
 
 T = TypeVar("T")
 
@@ -132,6 +135,86 @@ def test_join_of_an_unknown_connection_is_refused_not_connected(caplog: pytest.L
     run(main())
 
 
+async def shutdown_began(m: ConnectionManager) -> None:
+    """Let a shutdown() task just created run up to its first wait."""
+    for _ in range(10):
+        if m.shutting_down:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("shutdown() did not begin")
+
+
+def test_join_during_shutdown_is_refused_shutting_down_like_connect(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        m = ConnectionManager(100, 10, ping_interval=None)
+        a = await connected(m, "A", "alice")
+        slow = await connected(m, "S", "slow")
+        slow.send_gate = asyncio.Event()  # its sends suspend until set: shutdown() waits for its backlog
+        assert await m.send_to_user("slow", {"type": "chat"}) is True
+        shutdown = asyncio.create_task(m.shutdown(timeout=5.0))
+        await shutdown_began(m)
+        assert a.ws in m  # shutdown() under way, nothing closed yet
+        with caplog.at_level(logging.INFO, logger="wsmanager.manager"):
+            assert await m.join(a.ws, "B") is False
+            assert await m.connect(FakePeer().ws, "B", "bob") is False
+        reasons = [getattr(r, "reason", None) for r in caplog.records]
+        assert reasons.count("shutting_down") == 2
+        assert m.get_stats()["refused"]["shutting_down"] == 2
+        assert m.lobbies_of(a.ws) <= {"A"} and m.get_lobby_users("B") == set()
+        with pytest.raises(TypeError):  # a bad id is still an error, not a refusal
+            await m.join(a.ws, 42)  # type: ignore[arg-type]
+        slow.send_gate.set()
+        await shutdown
+        assert (a.close_code, a.close_reason) == (1001, "server_shutdown")
+        assert m.get_stats()["active_lobbies"] == 0
+
+    run(main())
+
+
+class JoinGatedBackend(RedisBackend):
+    """A Redis backend whose cluster-wide join admits once ``gate`` is set
+    (a slow Redis round trip) and which records the memberships it is told ended."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
+        self.left: list[str] = []
+
+    async def join(self, websocket: Any, lobby: str) -> str:
+        self.waiting.set()
+        await self.gate.wait()
+        return ""
+
+    def leave(self, websocket: Any, lobby: str) -> None:
+        self.left.append(lobby)
+
+
+@pytest.mark.slow
+def test_a_clustered_join_that_shutdown_overtakes_is_refused_and_undone() -> None:
+    async def main(url: str) -> None:
+        backend = JoinGatedBackend(url, namespace="rooms-shutdown", lease=1.0, connect_timeout=5.0)
+        m = ConnectionManager(max_per_lobby=100, backend=backend, ping_interval=None)
+        await m.start()
+        try:
+            a = await connected(m, "A", "alice")
+            join = asyncio.create_task(m.join(a.ws, "B"))
+            await backend.waiting.wait()  # the backend holds the join
+            shutdown = asyncio.create_task(m.shutdown(timeout=5.0))
+            await shutdown_began(m)
+            backend.gate.set()  # the cluster admits it after shutdown began
+            assert await join is False
+            assert "B" not in m.lobbies_of(a.ws) and m.get_lobby_users("B") == set()
+            assert backend.left == ["B"]  # the cluster-wide membership is given back
+            assert m.get_stats()["refused"]["shutting_down"] == 1
+            await shutdown
+        finally:
+            await m.stop()
+
+    with redis_server() as server:
+        run(main(server.url))
+
+
 def test_join_validates_the_lobby_code_like_connect() -> None:
     async def main() -> None:
         m = ConnectionManager(100, 10, max_id_bytes=8)
@@ -224,6 +307,53 @@ def test_a_failed_send_removes_the_connection_from_every_lobby() -> None:
         assert a.ws not in m
         assert m.get_lobby_users("B") == {"bob"} and m.get_lobby_users("A") == set()
         assert chat(bob) == [{"type": "chat"}]
+
+    run(main())
+
+
+class LoggedPeer(FakePeer):
+    """A FakePeer that writes its name to a shared log on every text frame."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        super().__init__()
+        self.name, self.log = name, log
+
+    async def _send(self, message: Message) -> None:
+        if message["type"] == "websocket.send":
+            self.log.append(self.name)
+        await super()._send(message)
+
+
+def test_a_lobby_broadcast_goes_out_in_the_order_members_entered_after_leaves() -> None:
+    """Members whose first lobby it is first (by connect), then those that
+    joined it (by join), whichever left in between: the head, the tail or
+    the middle of the joined list."""
+
+    async def main() -> None:
+        m = ConnectionManager(100, 10)
+        log: list[str] = []
+        first = LoggedPeer("first", log)
+        assert await m.connect(first.ws, "L", "first") is True
+        peers = [LoggedPeer(f"u{i}", log) for i in range(4)]
+        for i, peer in enumerate(peers):
+            assert await m.connect(peer.ws, f"H{i}", peer.name) is True
+            assert await m.join(peer.ws, "L") is True
+        assert m.leave(peers[3].ws, "L") is True  # the newest
+        assert m.leave(peers[0].ws, "L") is True  # the oldest
+        assert await m.join(peers[3].ws, "L") is True
+        assert await m.join(peers[0].ws, "L") is True
+        assert m.leave(peers[2].ws, "L") is True  # one in the middle
+        log.clear()
+        assert await m.broadcast_to_lobby("L", {"type": "chat"}) == 4
+        assert log == ["first", "u1", "u3", "u0"]
+        for name in ("u1", "u3", "u0"):  # every leave again: the lobby empties
+            assert m.leave(peers[int(name[1])].ws, "L") is True
+        m.disconnect(first.ws)
+        assert m.get_lobby_users("L") == set() and "L" not in m.active_connections
+        assert await m.join(peers[1].ws, "L") is True
+        log.clear()
+        assert await m.broadcast_to_lobby("L", {"type": "chat"}) == 1
+        assert log == ["u1"]
 
     run(main())
 
@@ -401,5 +531,105 @@ def test_presence_changed_rereads_the_lobby_and_the_task_flushes() -> None:
             watcher.got_text.clear()
         assert presence(watcher)[-1]["joins"] == ["alice"]
         await m.stop()
+
+    run(main())
+
+
+async def next_presence(peer: FakePeer, count: int) -> dict[str, Any]:
+    """Wait until ``peer`` has ``count`` presence messages (sent by the flusher
+    task); the last. Bounded: a flusher that never wakes fails, not hangs."""
+
+    async def arrived() -> None:
+        while len(presence(peer)) < count:
+            peer.got_text.clear()
+            await peer.got_text.wait()
+
+    await asyncio.wait_for(arrived(), 10.0)
+    last: dict[str, Any] = presence(peer)[count - 1]
+    return last
+
+
+class Big(ConnectionManager):
+    max_per_lobby = 50
+
+
+@pytest.mark.parametrize("cls", [ConnectionManager, Big])
+def test_the_presence_flusher_sleeps_until_a_membership_changes(cls: type[ConnectionManager]) -> None:
+    """One wake-up per change burst, by every path that ends a membership
+    (disconnect, leave, the heartbeat's stale sweep), none while nothing
+    changes; a subclass with class-level settings keeps them."""
+
+    async def main() -> None:
+        clock = [100.0]
+        m = cls(
+            presence_events=True,
+            presence_interval=0.002,
+            clock=lambda: clock[0],
+            ping_interval=5,
+            ping_timeout=5,
+        )
+        assert m.presence is not None and isinstance(m, cls) and m.max_per_lobby == cls().max_per_lobby
+        watcher = await connected(m, "L", "watcher")
+        assert m.presence.wakeups <= 1  # at most the one its arrival caused
+        alice = await connected(m, "L", "alice")
+        bob = await connected(m, "L", "bob")
+        other = await connected(m, "X", "carol")
+        diff = await next_presence(watcher, 2)  # state, then one diff for all three
+        assert diff["joins"] == ["alice", "bob", "watcher"]
+        woke = m.presence.wakeups
+        await asyncio.sleep(0.1)  # 50 intervals with nothing changing
+        assert m.presence.wakeups == woke and len(presence(watcher)) == 2
+        expected: list[tuple[Callable[[], object], list[str]]] = [
+            (lambda: m.disconnect(alice.ws), ["alice"]),
+            (lambda: m.leave(bob.ws, "L"), ["bob"]),
+        ]
+        for n, (change, leaves) in enumerate(expected, start=3):
+            change()
+            assert (await next_presence(watcher, n))["leaves"] == leaves
+            assert m.presence.wakeups == woke + n - 2
+        assert await m.join(other.ws, "L") is True
+        assert (await next_presence(watcher, 5))["joins"] == ["carol"]
+        for _ in range(2):  # carol stays silent past ping_interval + ping_timeout: swept
+            clock[0] += 6.0
+            m.update_last_message("watcher")
+            await m.health.sweep(wait=True)
+        assert other.ws not in m
+        assert (await next_presence(watcher, 6))["leaves"] == ["carol"]
+        assert m.presence.wakeups == woke + 4
+        await m.stop()
+
+    run(main())
+
+
+def test_a_member_whose_send_fails_during_a_presence_flush_is_removed_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        loop_errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: loop_errors.append(context))
+        m = ConnectionManager(100, 10, presence_events=True, presence_interval=0.002)
+        watcher = await connected(m, "L", "watcher")
+        broken = await connected(m, "L", "broken")
+        assert (await next_presence(watcher, 2))["joins"] == ["broken", "watcher"]
+        broken.fail_sends = True
+        with caplog.at_level(logging.DEBUG, logger="wsmanager"):
+            await connected(m, "L", "alice")  # the flusher's diff to broken fails
+            assert (await next_presence(watcher, 3))["joins"] == ["alice"]
+            assert broken.ws not in m
+            # its removal is announced by the next flush
+            assert (await next_presence(watcher, 4))["leaves"] == ["broken"]
+            # a newcomer whose state message fails is removed the same way
+            doomed = FakePeer()
+            doomed.fail_sends = True
+            await m.connect(doomed.ws, "L", "doomed")
+            assert doomed.ws not in m
+            assert await m.broadcast_to_lobby("L", {"type": "chat"}) == 2
+        assert [getattr(r, "reason", None) for r in caplog.records if "send failed" in r.getMessage()] == [
+            "send_failed",
+            "send_failed",
+        ]
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+        await m.stop()
+        assert loop_errors == []
 
     run(main())

@@ -332,6 +332,11 @@ class ConnectionManager(Core):
         if presence_events:
             self._track_presence(True)  # the core marks the lobbies whose membership changes
             self.presence = Presence(self, interval, Core._take_dirty)
+            # disconnect() / leave() / the heartbeat's removals are the core's
+            # own methods, with no Python layer: this class adds the flusher's
+            # wake-up to them (see _PresenceConnectionManager), so that it sleeps while
+            # nothing changes; without presence they stay plain C calls
+            self.__class__ = _presence_class(type(self))
 
     @property
     def direct_frames(self) -> bool:
@@ -609,6 +614,10 @@ class ConnectionManager(Core):
           ``get_stats()["refused"]["lobby_full"]``);
         * ``"not_connected"``: ``websocket`` is not a registered connection
           (never connected, still in its handshake, or disconnected).
+        * ``"shutting_down"``: :meth:`shutdown` has begun (counted in
+          ``get_stats()["refused"]["shutting_down"]``, as ``connect()``'s
+          refusals then are); a join still waiting for a clustered backend's
+          verdict when it begins is refused too.
 
         Raises TypeError / ValueError for a ``lobby_code`` ``connect()`` would
         refuse (not a str, empty, longer than ``max_id_bytes``), before
@@ -667,6 +676,9 @@ class ConnectionManager(Core):
         except BaseException:
             self._join_settle(None, lobby_code)
             raise
+        if not reason and self.shutting_down:  # shutdown() began meanwhile
+            getattr(bp, "leave")(websocket, lobby_code)  # noqa: B009 - not in RedisBackend yet
+            reason = "shutting_down"
         if reason:
             self._join_settle(None, lobby_code)
             self._count_refusal(reason)
@@ -716,6 +728,8 @@ class ConnectionManager(Core):
     def _close_replaced(self, replaced: tuple[Any, ...], lobby_code: str, user_id: str) -> None:
         """Close the open connections the "replace" policy removed (already
         out of the registry) with 4003 "replaced", in the background."""
+        if replaced and self.presence is not None:
+            self.presence.wake()  # they left their lobbies
         for old in replaced:
             logger.info(
                 "closing connection: replaced",
@@ -1296,3 +1310,66 @@ class _ClusteredConnectionManager(ConnectionManager):
         if bp is not None and not local:
             users.update(bp.view.lobby_users.get(lobby_code, ()))
         return users
+
+
+class _PresenceConnectionManager(ConnectionManager):
+    """``presence_events=True``: the core's methods that end memberships also
+    wake the presence flusher (wsmanager.presence), which otherwise sleeps.
+    ``ConnectionManager(presence_events=True)`` becomes one of these (a
+    subclass of the class instantiated, with its name): see _presence_class."""
+
+    __slots__ = ()
+
+    def _presence_wake(self) -> None:
+        presence = self.presence
+        if presence is not None:
+            presence.wake()
+
+    def disconnect(self, websocket: Any) -> tuple[str, str] | None:
+        """Remove ``websocket`` from the manager (every lobby); its
+        ``(first_lobby_code, user_id)``, or None if it was not registered."""
+        info = super().disconnect(websocket)
+        if info is not None:
+            self._presence_wake()
+        return info
+
+    def leave(self, websocket: Any, lobby_code: str) -> bool:
+        """Take ``websocket`` out of ``lobby_code`` (its first lobby
+        included): True if it was a member."""
+        left = super().leave(websocket, lobby_code)
+        if left:
+            self._presence_wake()
+        return left
+
+    def _reap(self, websocket: Any, reason: str, /) -> tuple[str, str] | None:
+        info = super()._reap(websocket, reason)
+        if info is not None:
+            self._presence_wake()
+        return info
+
+    def _sweep(
+        self, ping_interval: float, ping_timeout: float, limit: int = -1, /
+    ) -> tuple[list[Any], list[tuple[Any, str, str]]]:
+        to_ping, expired = super()._sweep(ping_interval, ping_timeout, limit)
+        if expired:
+            self._presence_wake()
+        return to_ping, expired
+
+
+class _ClusteredPresenceConnectionManager(_PresenceConnectionManager, _ClusteredConnectionManager):
+    """_PresenceConnectionManager over a clustered manager."""
+
+    __slots__ = ()
+
+
+def _presence_class(cls: type[ConnectionManager]) -> type[ConnectionManager]:
+    """The class a manager of class ``cls`` with presence events on takes."""
+    if issubclass(cls, _PresenceConnectionManager):
+        return cls
+    if cls is ConnectionManager:
+        return _PresenceConnectionManager
+    if cls is _ClusteredConnectionManager:
+        return _ClusteredPresenceConnectionManager
+    # an application's subclass (class-level settings): the hooks over it
+    namespace = {"__slots__": (), "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    return cast("type[ConnectionManager]", type(cls.__name__, (_PresenceConnectionManager, cls), namespace))

@@ -19,7 +19,13 @@ diffs that follow apply to it exactly::
     {"type": "presence", "lobby": L, "joins": [...], "leaves": [], "state": true}
 
 When presence is off nothing here exists: no task, no mark, no cost on
-connect or broadcast.
+connect or broadcast. When it is on, one task per manager sends the diffs:
+it sleeps until a membership changes (:meth:`Presence.wake`: the manager
+calls it on connect, join, leave, disconnect, a stale or dead endpoint's
+removal and a backend's report), then waits one ``presence_interval`` to
+coalesce what else changes meanwhile, flushes, and sleeps again. A member
+whose presence message cannot be sent is removed like on any failed send
+(``wsmanager.delivery``); its leave is announced one interval later.
 """
 
 from __future__ import annotations
@@ -59,6 +65,11 @@ class Presence:
         self.announced: dict[str, frozenset[str]] = {}
         self._remote: set[str] = set()  # lobbies a backend reported changed
         self._task: asyncio.Task[None] | None = None
+        self._due = False  # a change since the flusher last took the marks
+        self._waiter: asyncio.Future[None] | None = None  # the parked flusher's
+        #: how many times the flusher woke up to flush (once per interval at
+        #: most, and only after a change: none while nothing changes)
+        self.wakeups = 0
 
     # ------------------------------------------------------------ events
 
@@ -71,11 +82,27 @@ class Presence:
         users = sorted(self.announced.get(lobby_code, ()))
         message = {"type": "presence", "lobby": lobby_code, "joins": users, "leaves": [], "state": True}
         manager.delivery.post(websocket, dumps(message))
-        self.ensure_running()
+        self.wake()
 
     def changed(self, lobby_code: str) -> None:
         """Another node's membership of ``lobby_code`` changed (a backend's call)."""
         self._remote.add(lobby_code)
+        self.wake()
+
+    def wake(self) -> None:
+        """A membership changed (the core has marked its lobby): the flusher
+        sends the diffs one ``interval`` from now, starting if it is not
+        running in the running loop. Cheap when it is awake already."""
+        self._due = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and not waiter.get_loop().is_closed():
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:  # a call outside any loop: the flusher's loop runs it later
+                running = waiter.get_loop()
+            if running is waiter.get_loop():
+                waiter.set_result(None)
+                return
         self.ensure_running()
 
     # ------------------------------------------------------------- flush
@@ -123,8 +150,18 @@ class Presence:
         self._task = loop.create_task(self._run(), name="wsmanager-presence")
 
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
+        loop = asyncio.get_running_loop()
+        while self._manager() is not None:
+            if not self._due:  # nothing changed: sleep until something does
+                waiter = self._waiter = loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    if self._waiter is waiter:
+                        self._waiter = None
+            self.wakeups += 1
+            await asyncio.sleep(self.interval)  # what else changes meanwhile goes in the same diff
+            self._due = False  # a change made by the flush itself (a failed send) wakes it again
             try:
                 self.flush()
             except Exception:
