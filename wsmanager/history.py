@@ -10,8 +10,11 @@ object::
 history (random, 12 characters of ``[0-9a-v]``) and changes whenever it is
 lost (a new process, the lobby's ring expired). A client that reconnects
 with the last position it saw, ``since=(epoch, offset)``, is sent what it
-missed, then a :func:`recovery_message`. This module checks a ``since``
-(from an app or, through ``serve()``, from a client) and builds that message.
+missed, then a :func:`recovery_message`; one that enters a lobby without a
+``since`` is sent the lobby's :func:`position_message`, so that it knows its
+position before the lobby's first message. This module checks a ``since``
+(from an app or, through ``serve()``, from a client) and builds those
+messages.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ __all__ = [
     "POSITION_KEY",
     "Since",
     "check_since",
+    "position_message",
     "recovery_message",
 ]
 
@@ -83,3 +87,13 @@ def recovery_message(lobby_code: str, recovered: bool, epoch: str, offset: int) 
     "offset": int}``, ``epoch`` / ``offset`` the lobby's position now (the
     next live message has ``offset + 1``)."""
     return {"type": "recovery", "lobby": lobby_code, "recovered": recovered, "epoch": epoch, "offset": offset}
+
+
+def position_message(lobby_code: str, epoch: str, offset: int) -> dict[str, Any]:
+    """What a connection entering a lobby without a ``since`` is sent, history
+    on, before any live message of the lobby: ``{"type": "lobby_position",
+    "lobby": ..., "epoch": str, "offset": int}``, the lobby's position now (the
+    next message has ``offset + 1``; 0: none yet in this epoch). A client that
+    keeps it and reconnects with it as ``since`` gets every message it missed,
+    even if it received none before losing its connection."""
+    return {"type": "lobby_position", "lobby": lobby_code, "epoch": epoch, "offset": offset}
