@@ -8,8 +8,8 @@ str_tag(PyObject *key)
     return (uintptr_t)PyObject_Hash(key); /* exact str: cached, no Python code */
 }
 
-static inline int
-str_same(PyObject *a, PyObject *b)
+int
+wsm_str_same(PyObject *a, PyObject *b)
 {
     if (a == b) {
         return 1;
@@ -57,7 +57,7 @@ wsm_history_find(wsm_history *h, PyObject *lobby)
     wsm_slot *s;
     WSM_TABLE_FOR_TAG(&h->table, str_tag(lobby), s) {
         wsm_ring *ring = s->item;
-        if (str_same(ring->lobby, lobby)) {
+        if (wsm_str_same(ring->lobby, lobby)) {
             return ring;
         }
     }
@@ -125,11 +125,14 @@ static void
 drop_head(wsm_history *h, wsm_ring *ring)
 {
     PyObject *text = ring->buf[ring->head].text;
+    PyObject *excluded = ring->buf[ring->head].excluded;
     ring->buf[ring->head].text = NULL;
+    ring->buf[ring->head].excluded = NULL;
     ring->head = (ring->head + 1) % ring->cap;
     ring->count--;
     h->nentries--;
-    Py_DECREF(text); /* an exact str: its deallocation runs no Python code */
+    Py_DECREF(text); /* exact str: their deallocation runs no Python code */
+    Py_XDECREF(excluded);
 }
 
 static void
@@ -180,7 +183,8 @@ wsm_history_expire(wsm_history *h, wsm_ring *ring, double now)
 }
 
 int
-wsm_history_push(wsm_history *h, wsm_ring *ring, PyObject *text, double now)
+wsm_history_push(wsm_history *h, wsm_ring *ring, PyObject *text, PyObject *excluded,
+                 double now)
 {
     uint32_t size = h->size > (Py_ssize_t)UINT32_MAX ? UINT32_MAX : (uint32_t)h->size;
     while (ring->count && ring->count >= size) { /* also after size shrank */
@@ -208,7 +212,9 @@ wsm_history_push(wsm_history *h, wsm_ring *ring, PyObject *text, double now)
     }
     uint32_t tail = (ring->head + ring->count) % ring->cap;
     Py_INCREF(text);
+    Py_XINCREF(excluded);
     ring->buf[tail].text = text;
+    ring->buf[tail].excluded = excluded;
     ring->buf[tail].t = now;
     ring->count++;
     ring->top++;

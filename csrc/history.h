@@ -30,6 +30,7 @@
 
 typedef struct {
     PyObject *text;         /* strong: exact str, the positioned message */
+    PyObject *excluded;     /* strong: exact str, the broadcast's exclude_user_id, or NULL */
     double t;               /* when it was appended (core clock, seconds) */
 } wsm_hentry;
 
@@ -70,17 +71,22 @@ wsm_ring *wsm_history_create(wsm_history *h, PyObject *lobby, PyObject *prefix,
 /* Drop what is older than the ttl: whole rings from the oldest end of the
  * age list, then the expired head entries of `ring` (may be NULL). */
 void wsm_history_expire(wsm_history *h, wsm_ring *ring, double now);
-/* Append `text` (a new reference is taken) as offset ring->top + 1, dropping
- * the oldest entry past the size. -1 on out of memory (no exception set;
- * the ring is unchanged). */
-int wsm_history_push(wsm_history *h, wsm_ring *ring, PyObject *text, double now);
+/* Append `text` (a new reference is taken) as offset ring->top + 1, with
+ * `excluded` (exact str, a new reference is taken, or NULL): the user whose
+ * connections the broadcast skipped, never replayed to them. Drops the
+ * oldest entry past the size. -1 on out of memory (no exception set; the
+ * ring is unchanged). */
+int wsm_history_push(wsm_history *h, wsm_ring *ring, PyObject *text, PyObject *excluded,
+                     double now);
+/* 1 if exact str `a` and `b` have the same characters (no Python code). */
+int wsm_str_same(PyObject *a, PyObject *b);
 /* The entry of `offset` (ring->top - ring->count < offset <= ring->top). */
-static inline PyObject *
+static inline const wsm_hentry *
 wsm_ring_at(const wsm_ring *ring, uint64_t offset)
 {
     uint64_t first = ring->top - ring->count + 1;
     uint32_t i = (uint32_t)((ring->head + (offset - first)) % ring->cap);
-    return ring->buf[i].text;
+    return &ring->buf[i];
 }
 
 #endif

@@ -2166,15 +2166,23 @@ history_ring(CoreObject *self, PyObject *key, double now)
     return ring;
 }
 
-/* _history_append(lobby_code, data) -> str
+/* _history_append(lobby_code, data, exclude_user_id=None) -> str
  * `data` (a serialized JSON object) with its position added as the last
- * member, `"_pos":{"lobby":L,"epoch":E,"offset":N}`, kept in the lobby's ring.
- * History off: `data` itself. TypeError if `data` is not an object's text. */
+ * member, `"_pos":{"lobby":L,"epoch":E,"offset":N}`, kept in the lobby's ring
+ * with `exclude_user_id` (a str or None: that user's connections are never
+ * sent it on a replay). History off: `data` itself. TypeError if `data` is
+ * not an object's text or the user is neither a str nor None. */
 static PyObject *
 Core_history_append(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "_history_append(lobby_code, data)");
+    if (nargs != 2 && nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "_history_append(lobby_code, data, exclude_user_id=None)");
+        return NULL;
+    }
+    PyObject *exclude_arg = nargs == 3 && args[2] != Py_None ? args[2] : NULL; /* borrowed */
+    if (exclude_arg != NULL && !PyUnicode_Check(exclude_arg)) {
+        PyErr_Format(PyExc_TypeError, "exclude_user_id must be a str or None, not %.100s",
+                     Py_TYPE(exclude_arg)->tp_name);
         return NULL;
     }
     CHECK_INIT(self, NULL);
@@ -2200,7 +2208,13 @@ Core_history_append(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (key == NULL) {
         return NULL;
     }
-    PyObject *text = NULL, *prefix = NULL;
+    PyObject *text = NULL, *prefix = NULL, *excluded = NULL;
+    if (exclude_arg != NULL) {
+        excluded = history_key(exclude_arg); /* new ref: exact str, copied before any lookup */
+        if (excluded == NULL) {
+            goto error;
+        }
+    }
     wsm_ring *ring = history_ring(self, key, now);
     if (ring == NULL) {
         goto error;
@@ -2236,31 +2250,38 @@ Core_history_append(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_RuntimeError, "history changed during an append");
         goto error;
     }
-    if (wsm_history_push(&self->hist, ring, text, now) < 0) {
+    if (wsm_history_push(&self->hist, ring, text, excluded, now) < 0) {
         PyErr_NoMemory();
         goto error;
     }
+    Py_XDECREF(excluded);
     Py_DECREF(prefix);
     Py_DECREF(key);
     return text;
 error:
     Py_XDECREF(text);
     Py_XDECREF(prefix);
+    Py_XDECREF(excluded);
     Py_DECREF(key);
     return NULL;
 }
 
-/* _history_since(lobby_code, epoch, offset) -> (recovered, epoch, top, [texts])
+/* _history_since(lobby_code, epoch, offset, user_id=None)
+ *     -> (recovered, epoch, top, [texts])
  * What a client that saw `offset` of `epoch` missed: recovered True and the
- * texts of offsets offset+1 .. top (in order), or recovered False and [] when
- * the epoch differs, the offset is ahead of top, or an entry it needs was
- * dropped (size or ttl). The lobby's ring is created if absent (its epoch is
- * the position handed back). History off: (False, "", 0, []). */
+ * texts of offsets offset+1 .. top (in order; those broadcast with
+ * exclude_user_id == user_id left out), or recovered False and [] when the
+ * epoch differs (any str: one that is not 12 ASCII characters never matches,
+ * a lone surrogate included), the offset is ahead of top, or an entry it
+ * needs was dropped (size or ttl). The lobby's ring is created if absent (its
+ * epoch is the position handed back). History off: (False, "", 0, []). */
 static PyObject *
 Core_history_since(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3 || !PyUnicode_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "_history_since(lobby_code, epoch: str, offset: int)");
+    if ((nargs != 3 && nargs != 4) || !PyUnicode_Check(args[1]) ||
+        (nargs == 4 && args[3] != Py_None && !PyUnicode_Check(args[3]))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_history_since(lobby_code, epoch: str, offset: int, user_id: str | None = None)");
         return NULL;
     }
     CHECK_INIT(self, NULL);
@@ -2271,15 +2292,26 @@ Core_history_since(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (self->hist.size == 0) {
         return Py_BuildValue("(Osi[])", Py_False, "", 0);
     }
-    Py_ssize_t elen;
-    const char *want = PyUnicode_AsUTF8AndSize(args[1], &elen); /* borrowed, cached in the str */
-    if (want == NULL) {
-        return NULL;
+    /* the epoch's characters, compared without encoding (a lone surrogate
+     * cannot be UTF-8: it simply does not match) */
+    PyObject *want = args[1]; /* borrowed */
+    int ascii12 = PyUnicode_IS_ASCII(want) && PyUnicode_GET_LENGTH(want) == WSM_EPOCH_LEN;
+    char wanted[WSM_EPOCH_LEN];
+    if (ascii12) {
+        memcpy(wanted, PyUnicode_1BYTE_DATA(want), WSM_EPOCH_LEN);
     }
     NOW_OR_FAIL(now, self, return NULL);
     PyObject *key = history_key(args[0]); /* new ref */
     if (key == NULL) {
         return NULL;
+    }
+    PyObject *user = NULL; /* new ref: exact str, or NULL for no user */
+    if (nargs == 4 && args[3] != Py_None) {
+        user = history_key(args[3]);
+        if (user == NULL) {
+            Py_DECREF(key);
+            return NULL;
+        }
     }
     PyObject **items = NULL, *list = NULL, *res = NULL;
     Py_ssize_t k = 0;
@@ -2291,18 +2323,24 @@ Core_history_since(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     char epoch[WSM_EPOCH_LEN + 1];
     memcpy(epoch, ring->epoch, sizeof epoch);
     uint64_t top = ring->top;
-    int recovered = elen == WSM_EPOCH_LEN && memcmp(want, epoch, WSM_EPOCH_LEN) == 0 &&
+    int recovered = ascii12 && memcmp(wanted, epoch, WSM_EPOCH_LEN) == 0 &&
                     since <= top && top - since <= ring->count;
     if (recovered && top > since) {
-        k = (Py_ssize_t)(top - since);
-        items = PyMem_Malloc((size_t)k * sizeof(PyObject *));
+        Py_ssize_t missed = (Py_ssize_t)(top - since);
+        items = PyMem_Malloc((size_t)missed * sizeof(PyObject *));
         if (items == NULL) {
             PyErr_NoMemory();
             goto done;
         }
-        for (Py_ssize_t i = 0; i < k; i++) {
-            items[i] = wsm_ring_at(ring, since + 1 + (uint64_t)i);
-            Py_INCREF(items[i]); /* strong: the list below may run a GC pass */
+        /* no Python code in this walk: exact str compared by their characters */
+        for (Py_ssize_t i = 0; i < missed; i++) {
+            const wsm_hentry *e = wsm_ring_at(ring, since + 1 + (uint64_t)i);
+            if (user != NULL && e->excluded != NULL && wsm_str_same(e->excluded, user)) {
+                continue; /* the broadcast skipped this user: so does its replay */
+            }
+            items[k] = e->text;
+            Py_INCREF(items[k]); /* strong: the list below may run a GC pass */
+            k++;
         }
     }
     list = PyList_New(k); /* new ref; may run a GC pass (finalizers): the ring is not used after */
@@ -2326,6 +2364,7 @@ done:
         PyMem_Free(items);
     }
     Py_XDECREF(list);
+    Py_XDECREF(user);
     Py_DECREF(key);
     return res;
 }

@@ -24,6 +24,7 @@ class FakePeer:
         accept_yields: int = 0,
         headers: list[tuple[bytes, bytes]] | None = None,
         receive_future: bool = False,
+        query_string: bytes = b"",
     ) -> None:
         """``receive_future``: the ASGI ``receive`` is a plain function
         returning a future (some servers' is no coroutine function)."""
@@ -41,7 +42,7 @@ class FakePeer:
             "path": "/ws",
             "raw_path": b"/ws",
             "headers": headers or [],
-            "query_string": b"",
+            "query_string": query_string,
             "client": ("127.0.0.1", 1234),
             "server": ("127.0.0.1", 80),
             "subprotocols": [],

@@ -75,7 +75,9 @@ def test_each_lobby_message_carries_its_position_as_the_last_member() -> None:
         await m.broadcast_to_lobby("L", {"type": "chat", "n": 1})
         await m.broadcast_to_lobby("L", {})
         await m.broadcast_to_lobby('we"ird', {"type": "chat", "n": 2})
-        raw = [f["text"] for f in a.frames if f["type"] == "websocket.send"]
+        raw = [
+            f["text"] for f in a.frames if f["type"] == "websocket.send" and "lobby_position" not in f["text"]
+        ]
         epoch = json.loads(raw[0])["_pos"]["epoch"]
         assert len(epoch) == 12
         pos = '"_pos":{"lobby":"L","epoch":"' + epoch + '","offset":'
@@ -97,7 +99,9 @@ def test_a_lobby_message_that_is_not_an_object_is_refused_with_history_on() -> N
         for bad in ([1], "s", 3, None):
             with pytest.raises(TypeError, match="JSON object"):
                 await m.broadcast_to_lobby("L", bad)
-        assert a.texts() == [] and m._history_info("L") is None
+        assert [t["type"] for t in a.texts()] == ["lobby_position"]
+        info = m._history_info("L")
+        assert info is not None and info[1:] == (0, 0)  # nothing kept
 
     run(main())
 
@@ -187,7 +191,7 @@ def test_broadcasts_during_a_replay_to_a_slow_client_come_after_it_without_gap_o
         a = await connected(m, "L", "x")
         for n in range(1, 51):
             await m.broadcast_to_lobby("L", {"type": "chat", "n": n})
-        epoch = a.texts()[0]["_pos"]["epoch"]
+        epoch = chats(a)[0]["_pos"]["epoch"]
         peer = FakePeer(accept_yields=3)
         gate = asyncio.Event()
         peer.send_gate = gate  # every send suspends: the replay goes to the backlog
@@ -281,6 +285,112 @@ def test_recovered_false_when_the_entries_expired() -> None:
         assert rec["recovered"] is False and rec["epoch"] != epoch and rec["offset"] == 0
 
     run(main())
+
+
+def positions(peer: FakePeer) -> list[dict[str, Any]]:
+    return [t for t in peer.texts() if t.get("type") == "lobby_position"]
+
+
+def test_a_client_that_received_nothing_reconnects_from_its_position_and_gets_the_5_it_missed() -> None:
+    async def main() -> None:
+        m = ConnectionManager(10, 10, history_size=100)
+        await m.broadcast_to_lobby("L", {"type": "chat", "n": 0})  # before it came: not its business
+        a = await connected(m, "L", "a")
+        # it received no lobby message, yet it knows where it stands
+        assert a.texts() == [positions(a)[0]]
+        pos = positions(a)[0]
+        assert pos["lobby"] == "L" and pos["offset"] == 1 and len(pos["epoch"]) == 12
+        m.disconnect(a.ws)  # lost its connection
+        for n in range(1, 6):
+            await m.broadcast_to_lobby("L", {"type": "chat", "n": n})
+        b = await connected(m, "L", "a", since=(pos["epoch"], pos["offset"]))
+        await m.broadcast_to_lobby("L", {"type": "chat", "n": 6})
+        assert [t["n"] for t in chats(b)] == [1, 2, 3, 4, 5, 6]
+        assert offsets(b) == [2, 3, 4, 5, 6, 7]
+        assert recoveries(b) == [
+            {"type": "recovery", "lobby": "L", "recovered": True, "epoch": pos["epoch"], "offset": 6}
+        ]
+        assert positions(b) == []  # with since: the recovery message says it
+
+    run(main())
+
+
+def test_a_position_message_comes_first_on_connect_and_join_in_an_empty_lobby_too() -> None:
+    async def main() -> None:
+        m = ConnectionManager(10, 10, history_size=10)
+        a = await connected(m, "L", "a")
+        assert await m.join(a.ws, "R")
+        first = positions(a)
+        assert [(p["lobby"], p["offset"]) for p in first] == [("L", 0), ("R", 0)]
+        assert first[0]["epoch"] != first[1]["epoch"]
+        await m.broadcast_to_lobby("R", {"type": "chat"})
+        # the epoch handed out is the one of the lobby's next messages
+        assert chats(a)[0]["_pos"] == {"lobby": "R", "epoch": first[1]["epoch"], "offset": 1}
+        assert await m.join(a.ws, "R")  # a member already: nothing new
+        assert len(positions(a)) == 2
+        # history off: no position, nothing on the wire
+        off = ConnectionManager(10, 10)
+        b = await connected(off, "L", "b")
+        assert await off.join(b.ws, "R")
+        assert b.texts() == []
+
+    run(main())
+
+
+def test_a_message_broadcast_with_exclude_user_id_is_never_replayed_to_that_user() -> None:
+    async def main() -> None:
+        m = ConnectionManager(10, 10, history_size=100)
+        a = await connected(m, "L", "alice")
+        b = await connected(m, "L", "bob")
+        start = positions(a)[0]
+        m.disconnect(a.ws)
+        m.disconnect(b.ws)
+        await m.broadcast_to_lobby("L", {"type": "chat", "n": 1})
+        await m.broadcast_to_lobby("L", {"type": "chat", "n": 2}, exclude_user_id="alice")
+        await m.broadcast_to_lobby("L", {"type": "chat", "n": 3}, exclude_user_id="bob")
+        await m.broadcast_to_lobby("L", {"type": "chat", "n": 4})
+        since = (start["epoch"], start["offset"])
+        a2 = await connected(m, "L", "alice", since=since)
+        b2 = await connected(m, "L", "bob", since=since)
+        c = await connected(m, "L", "carol", since=since)
+        assert [t["n"] for t in chats(a2)] == [1, 3, 4]
+        assert [t["n"] for t in chats(b2)] == [1, 2, 4]
+        assert [t["n"] for t in chats(c)] == [1, 2, 3, 4]
+        # recovered all the same, and the position is the lobby's: the next live one follows it
+        assert recoveries(a2)[0]["recovered"] is True and recoveries(a2)[0]["offset"] == 4
+        # live and replayed alike: a second connection of alice joining with since
+        a3 = await connected(m, "home", "alice")
+        await m.broadcast_to_lobby("L", {"type": "chat", "n": 5}, exclude_user_id="alice")
+        assert [t["n"] for t in chats(a2)] == [1, 3, 4]
+        assert await m.join(a3.ws, "L", since=since)
+        assert [t["n"] for t in chats(a3)] == [1, 3, 4]
+        # a user id that is a str subclass is compared by its characters, its methods never run
+        d = await connected(m, "L", HostileStr("alice"), since=since)
+        assert [t["n"] for t in chats(d)] == [1, 3, 4]
+
+    run(main())
+
+
+def test_the_excluded_user_in_the_ring_survives_finalizers_and_expiry() -> None:
+    clock = Clock()
+    m = ConnectionManager(10, 10, history_size=4, history_ttl=10, clock=clock)
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)
+    try:
+        for i in range(40):  # wraps the ring, drops entries with their excluded user
+            Finalizer(lambda: m._history_append("L", '{"late":1}', HostileStr("f")))
+            m._history_append("L", f'{{"i":{i}}}', HostileStr(f"u{i % 3}"))
+            epoch, top, count = m._history_info("L") or ("", 0, 0)
+            recovered, _, _, texts = m._history_since("L", epoch, top - count, f"u{i % 3}")
+            assert recovered is True and texts
+            assert all(f'"i":{i},' not in t for t in texts)
+        with pytest.raises(TypeError, match="exclude_user_id"):
+            m._history_append("L", "{}", 3)  # type: ignore[arg-type]
+    finally:
+        gc.set_threshold(*threshold)
+    assert m._history_since("L", "\ud800" * 12, 0)[0] is False  # a lone surrogate epoch: no match
+    clock.t += 11
+    assert m._history_stats() == (0, 0)
 
 
 @pytest.mark.parametrize(

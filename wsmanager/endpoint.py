@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ._core import dumps, encode_message
+from .history import SINCE_PARAM, Since, parse_since_param
 from .joining import DEFAULT_MAX_LOBBIES_PER_CONNECTION, JOIN, LEAVE, JoinHook, LobbyRequests, check_request
 from .settings import count
 
@@ -273,6 +274,16 @@ async def serve(
       :mod:`wsmanager.codes` for the policy.
     * the connection is removed from the manager however the loop ends,
       cancellation included.
+    * history (``history_size`` set): a client names the last message of
+      ``lobby_code`` it saw with the query parameter
+      ``?wsm_since=<epoch>:<offset>``; it is sent what it missed, then
+      ``{"type": "recovery", ...}``, before any live message; without it, a
+      ``{"type": "lobby_position", ...}`` first (see
+      :mod:`wsmanager.history`). A malformed ``wsm_since`` (no ``:``, an
+      offset that is not 1 to 16 ASCII digits or over 2**53 - 1, an epoch
+      over 64 characters) is answered with ``recovered: false``, as a
+      position no longer kept: the client refetches. ``lobby_join`` takes a
+      ``since`` too (:mod:`wsmanager.joining`).
     * lobbies beyond ``lobby_code``: the client asks with ``{"type":
       "lobby_join", "lobby": L, "ref": R}`` / ``{"type": "lobby_leave", ...}``
       and gets ``lobby_joined`` / ``lobby_join_refused`` (with a ``reason``) /
@@ -311,7 +322,8 @@ async def serve(
         await manager.delivery.refuse(websocket, "unauthorized", count=True, lobby_code=lobby_code)
         return
     try:
-        admitted = await manager.connect(websocket, lobby_code, user_id)
+        since = _since_of(websocket, lobby_code)
+        admitted = await manager.connect(websocket, lobby_code, user_id, since=since)
     except (TypeError, ValueError) as exc:
         logger.info("connection refused: invalid_id (%s)", exc, extra={"reason": "invalid_id"})
         await manager.delivery.refuse(websocket, "invalid_id", count=True)
@@ -346,6 +358,24 @@ async def serve(
         manager.disconnect(websocket)
         if departure is not None:
             await departure.finish()
+
+
+_UNRECOVERABLE: Since = ("", 0)  # matches no epoch: "recovered": false, the lobby's position
+
+
+def _since_of(websocket: WebSocket, lobby_code: str) -> Since | None:
+    """The client's position in ``lobby_code`` from the handshake's
+    ``wsm_since`` query parameter, or None without one. A malformed one
+    (see :func:`wsmanager.history.parse_since_param`) is logged and answered
+    as a position that cannot be recovered: ``recovered: false``."""
+    raw = websocket.query_params.get(SINCE_PARAM)
+    if raw is None:
+        return None
+    try:
+        return parse_since_param(raw)
+    except ValueError as exc:
+        logger.info("bad %s: %s", SINCE_PARAM, exc, extra={"lobby": lobby_code, "reason": "bad_since"})
+        return _UNRECOVERABLE
 
 
 async def _await_client_close(websocket: WebSocket, timeout: float) -> None:

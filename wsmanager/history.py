@@ -10,8 +10,11 @@ object::
 history (random, 12 characters of ``[0-9a-v]``) and changes whenever it is
 lost (a new process, the lobby's ring expired). A client that reconnects
 with the last position it saw, ``since=(epoch, offset)``, is sent what it
-missed, then a :func:`recovery_message`. This module checks a ``since``
-(from an app or, through ``serve()``, from a client) and builds that message.
+missed, then a :func:`recovery_message`; one that enters a lobby without a
+``since`` is sent the lobby's :func:`position_message`, so that it knows its
+position before the lobby's first message. This module checks a ``since``
+(from an app or, through ``serve()``, from a client) and builds those
+messages.
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ __all__ = [
     "MAX_EPOCH_CHARS",
     "MAX_OFFSET",
     "POSITION_KEY",
+    "SINCE_PARAM",
     "Since",
     "check_since",
+    "parse_since_field",
+    "parse_since_param",
+    "position_message",
     "recovery_message",
 ]
 
@@ -37,6 +44,12 @@ MAX_OFFSET = 2**53 - 1
 
 MAX_EPOCH_CHARS = 64
 """Longest epoch a ``since`` may name (the core's are 12 characters)."""
+
+SINCE_PARAM = "wsm_since"
+"""The query parameter a client of ``serve()`` names its position in the URL's
+lobby with: ``?wsm_since=<epoch>:<offset>`` (see :func:`parse_since_param`)."""
+
+_MAX_OFFSET_DIGITS = len(str(MAX_OFFSET))
 
 Since = tuple[str, int]
 """A position: ``(epoch, offset)`` of the last lobby message a client saw."""
@@ -83,3 +96,46 @@ def recovery_message(lobby_code: str, recovered: bool, epoch: str, offset: int) 
     "offset": int}``, ``epoch`` / ``offset`` the lobby's position now (the
     next live message has ``offset + 1``)."""
     return {"type": "recovery", "lobby": lobby_code, "recovered": recovered, "epoch": epoch, "offset": offset}
+
+
+def position_message(lobby_code: str, epoch: str, offset: int) -> dict[str, Any]:
+    """What a connection entering a lobby without a ``since`` is sent, history
+    on, before any live message of the lobby: ``{"type": "lobby_position",
+    "lobby": ..., "epoch": str, "offset": int}``, the lobby's position now (the
+    next message has ``offset + 1``; 0: none yet in this epoch). A client that
+    keeps it and reconnects with it as ``since`` gets every message it missed,
+    even if it received none before losing its connection."""
+    return {"type": "lobby_position", "lobby": lobby_code, "epoch": epoch, "offset": offset}
+
+
+def parse_since_param(value: str) -> Since:
+    """The position in a ``wsm_since`` query parameter, ``<epoch>:<offset>``
+    (split at the last ``:``; ``offset`` ASCII decimal digits), checked as
+    :func:`check_since` does. Raises ``ValueError`` (message starting with
+    ``since``) for anything else: no ``:``, an offset that is not digits
+    (a sign, a fraction, ``NaN``, other scripts' digits), out of range, an
+    epoch over :data:`MAX_EPOCH_CHARS` characters."""
+    epoch, colon, digits = value.rpartition(":")
+    if not colon:
+        raise ValueError("since: expected <epoch>:<offset>")
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > _MAX_OFFSET_DIGITS:
+        raise ValueError(f"since: the offset must be 1 to {_MAX_OFFSET_DIGITS} decimal digits")
+    offset = int(digits)
+    if len(epoch) > MAX_EPOCH_CHARS or offset > MAX_OFFSET:
+        check_since((epoch, offset))  # raises its ValueError
+    return (epoch, offset)
+
+
+def parse_since_field(value: Any) -> Since | None:
+    """The ``since`` member of a client's ``lobby_join``: absent / null (None)
+    or ``{"epoch": str, "offset": int}`` (no other members), checked as
+    :func:`check_since` does. Raises ``ValueError`` (message starting with
+    ``since``) for anything else, so a bad one is answered, never raised."""
+    if value is None:
+        return None
+    if type(value) is not dict or set(value) != {"epoch", "offset"}:
+        raise ValueError('since must be null or {"epoch": string, "offset": integer}')
+    try:
+        return check_since((value["epoch"], value["offset"])) or ("", 0)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None

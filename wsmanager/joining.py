@@ -3,7 +3,7 @@
 
 The wire format (README, "Lobbies from the client")::
 
-    client -> server  {"type": "lobby_join",  "lobby": L, "ref": R}
+    client -> server  {"type": "lobby_join",  "lobby": L, "ref": R, "since": {"epoch": E, "offset": N}}
                       {"type": "lobby_leave", "lobby": L, "ref": R}
     server -> client  {"type": "lobby_joined",       "lobby": L, "ref": R}
                       {"type": "lobby_join_refused", "lobby": L, "reason": why, "ref": R}
@@ -15,6 +15,14 @@ an integer of at most 53 bits, a JavaScript safe integer): the answer carries
 it back, so a client can match answers to requests; without one the answer
 has no ``ref``. Requests are answered one at a time, in order with the
 connection's other messages (the handler's included).
+
+``since`` is optional too (absent or null: none): with history on, the
+position of the last message of ``L`` the client saw; once admitted, it is
+sent what it missed of ``L`` and a ``recovery`` message, before
+``lobby_joined`` (without ``since``: a ``lobby_position`` message; see
+:mod:`wsmanager.history`). A ``since`` that is not ``{"epoch": string,
+"offset": integer from 0 to 2**53 - 1}`` (epoch at most 64 characters) is a
+``bad_message``, like a bad ``ref``.
 
 The app decides which lobbies a client may join: ``serve(...,
 on_join=hook)``, ``hook(connection, lobby) -> True | False | str`` (or an
@@ -36,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.websockets import WebSocketDisconnect
 
 from ._core import dumps
+from .history import Since, parse_since_field
 
 if TYPE_CHECKING:
     from .endpoint import Connection
@@ -96,9 +105,16 @@ def check_request(data: dict[str, Any]) -> str:
     """For a ``lobby_join`` / ``lobby_leave`` message: ``""`` when its fields
     have the right types, else what is wrong (the detail of a ``bad_message``
     error: ``lobby`` not a string, ``ref`` neither absent/null, a string of at
-    most :data:`MAX_REF_CHARS` characters nor an integer within 2**53 - 1)."""
+    most :data:`MAX_REF_CHARS` characters nor an integer within 2**53 - 1, a
+    ``lobby_join``'s ``since`` that :func:`wsmanager.history.parse_since_field`
+    refuses)."""
     if type(data.get("lobby")) is not str:
         return f"{data['type']} needs a string lobby"
+    if data["type"] == JOIN:
+        try:
+            parse_since_field(data.get("since"))
+        except ValueError as exc:
+            return str(exc)
     ref = data.get("ref")
     if ref is None:
         return ""
@@ -139,7 +155,7 @@ class LobbyRequests:
     async def handle(self, data: dict[str, Any]) -> None:
         """Answer one request (its reply goes to this connection only)."""
         if data["type"] == JOIN:
-            await self.join(data["lobby"], data.get("ref"))
+            await self.join(data["lobby"], data.get("ref"), since=parse_since_field(data.get("since")))
         else:
             self.leave(data["lobby"], data.get("ref"))
 
@@ -156,8 +172,10 @@ class LobbyRequests:
         )
         self._reply(_answer("lobby_join_refused", lobby, ref, reason=reason))
 
-    async def join(self, lobby: str, ref: Any) -> None:
-        """Decide a client's request to join ``lobby`` and answer it."""
+    async def join(self, lobby: str, ref: Any, *, since: Since | None = None) -> None:
+        """Decide a client's request to join ``lobby`` and answer it; once
+        admitted, recovery from ``since`` (see ``ConnectionManager.join``)
+        comes before the answer."""
         conn = self.conn
         manager = conn.manager
         websocket = conn.websocket
@@ -181,7 +199,7 @@ class LobbyRequests:
             self._refuse(lobby, ref, reason)
             return
         try:
-            joined = await manager.join(websocket, lobby)
+            joined = await manager.join(websocket, lobby, since=since)
         except (TypeError, ValueError):  # the manager's own id rules
             self._refuse(lobby, ref, "invalid_lobby")
             return

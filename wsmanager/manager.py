@@ -27,7 +27,7 @@ from .codes import CloseCode
 from .delivery import Delivery
 from .events import CloseListener
 from .health import HealthMonitor, health_ping
-from .history import Since, check_since, recovery_message
+from .history import Since, check_since, position_message, recovery_message
 from .joining import DEFAULT_MAX_LOBBIES_PER_CONNECTION
 from .presence import Presence
 from .receiving import Receiving, pinged
@@ -579,8 +579,8 @@ class ConnectionManager(Core):
             self._health.watch(websocket, loop, owned=read)
             if self.presence is not None:
                 self.presence.entered(websocket, _exact_str(lobby_code))
-            if since is not None:  # no await since the commit: no live message came first
-                self._recover(websocket, _exact_str(lobby_code), since)
+            if self._history or since is not None:  # no await since the commit: no live message came first
+                self._recover(websocket, _exact_str(lobby_code), user_id, since)
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("connected", extra={"lobby": lobby_code, "user": user_id})
             if len(self) >= _core_max_connections(self):
@@ -648,8 +648,9 @@ class ConnectionManager(Core):
         if bp is None:
             if self.presence is not None:
                 self.presence.entered(websocket, _exact_str(lobby_code))
-            if since is not None:  # no await since the membership began
-                self._recover(websocket, _exact_str(lobby_code), since)
+            if self._history or since is not None:  # no await since the membership began
+                info = self._info(websocket)
+                self._recover(websocket, _exact_str(lobby_code), info[1] if info is not None else None, since)
             return True
         # clustered: the local slot is held; the backend decides cluster-wide
         join = getattr(bp, "join", None)
@@ -692,13 +693,19 @@ class ConnectionManager(Core):
             self.presence.entered(websocket, _exact_str(lobby_code))
         return True
 
-    def _recover(self, websocket: Any, lobby_code: str, since: Since) -> None:
-        """Send ``websocket`` what it missed of ``lobby_code`` since ``since``,
-        then the recovery message. Synchronous: called right after the
-        connection became a member, with no await in between, so every live
-        message of the lobby is posted after these (post() keeps the order,
-        also through a backlog)."""
-        recovered, epoch, top, texts = self._history_since(lobby_code, since[0], since[1])
+    def _recover(self, websocket: Any, lobby_code: str, user_id: str | None, since: Since | None) -> None:
+        """Send ``websocket`` what it missed of ``lobby_code`` since ``since``
+        (not the messages broadcast with ``exclude_user_id=user_id``), then
+        the recovery message; without ``since``, the lobby's position
+        message. Synchronous: called right after the connection became a
+        member, with no await in between, so every live message of the lobby
+        is posted after these (post() keeps the order, also through a
+        backlog)."""
+        if since is None:
+            _recovered, epoch, top, _texts = self._history_since(lobby_code, "", 0)
+            self.delivery.post(websocket, encode_message(position_message(lobby_code, epoch, top), None))
+            return
+        recovered, epoch, top, texts = self._history_since(lobby_code, since[0], since[1], user_id)
         post = self.delivery.post
         for text in texts:
             if not post(websocket, text):
@@ -809,7 +816,7 @@ class ConnectionManager(Core):
         """broadcast_to_lobby with history on (single process): the message
         gets its position and is kept in the lobby's ring, members or not."""
         data = encode_message(message, default if default is not None else self._json_default)
-        data = self._history_append(lobby_code, data)
+        data = self._history_append(lobby_code, data, exclude_user_id)
         if not self._lobby_count(lobby_code):
             return 0
         return self.delivery.deliver_lobby_now(lobby_code, data, exclude_user_id)

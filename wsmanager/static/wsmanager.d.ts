@@ -128,6 +128,25 @@ export interface PresenceDetail {
   members: string[];
 }
 
+/** Where a lobby message stands in its lobby's history (a server with history_size set): `offset`
+ * counts the lobby's messages from 1, `epoch` names the history (it changes when the history
+ * was lost). */
+export interface Position {
+  lobby: string;
+  epoch: string;
+  offset: number;
+}
+
+/** The server replayed what a reconnect missed of `lobby` (before any live message), or could
+ * not (`recovered: false`: refetch the lobby's state). `epoch` / `offset`: the lobby's position
+ * now. */
+export interface RecoveryDetail {
+  lobby: string;
+  recovered: boolean;
+  epoch: string;
+  offset: number;
+}
+
 export interface ClientEventMap {
   state: CustomEvent<{ state: ClientState }>;
   open: CustomEvent<Record<string, never>>;
@@ -136,6 +155,7 @@ export interface ClientEventMap {
   latency: CustomEvent<{ latency: number }>;
   lobbies: CustomEvent<LobbiesDetail>;
   presence: CustomEvent<PresenceDetail>;
+  recovery: CustomEvent<RecoveryDetail>;
 }
 
 export declare class WSManagerClient extends EventTarget {
@@ -162,6 +182,10 @@ export declare class WSManagerClient extends EventTarget {
   readonly lobbies: string[];
   /** The user ids present in `lobby` per the server's presence messages ([] when unknown). */
   members(lobby: string): string[];
+  /** The position of the last message seen in each lobby (a copy), from lobby messages'
+   * positions and the server's lobby_position / recovery messages. Sent on every reconnect: the
+   * URL's lobby's as `?wsm_since=<epoch>:<offset>`, joined lobbies' in their lobby_join. */
+  readonly positions: Record<string, { epoch: string; offset: number }>;
   /** Ask to join `lobby` (the server's on_join hook decides). Never rejects for a refusal (see
    * JoinResult); rejects with TypeError for a bad lobby, Error when closed for good or after
    * `requestTimeout` ms without an answer. */
@@ -172,7 +196,12 @@ export declare class WSManagerClient extends EventTarget {
   /** False when the message was dropped (buffer full, or closed for good). */
   send(message: unknown): boolean;
   close(code?: number, reason?: string): void;
-  on<T extends ServerMessage = ServerMessage>(type: string, handler: (message: T) => void): () => void;
+  /** `position`: the lobby message's position (its `_pos` member, removed from `message`);
+   * undefined for other messages or with history off. */
+  on<T extends ServerMessage = ServerMessage>(
+    type: string,
+    handler: (message: T, position: Position | undefined) => void,
+  ): () => void;
   addEventListener<K extends keyof ClientEventMap>(
     type: K,
     listener: (ev: ClientEventMap[K]) => void,

@@ -17,6 +17,15 @@
 //   client.lobbies;                              // ["game-42"]: re-joined after every reconnect
 //   client.addEventListener("presence", (ev) => render(ev.detail.lobby, ev.detail.members));
 //   await client.leave("game-42");               // true if the server had it
+//
+// History and recovery, on a server with history_size set: the client keeps the position
+// (epoch, offset) of the last message it saw of each lobby and sends it on every reconnect
+// (the URL's lobby as ?wsm_since=<epoch>:<offset>, joined lobbies in their lobby_join), so the
+// server replays what was missed, in order, before any live message.
+//
+//   client.on("chat", (msg, position) => show(msg));    // msg without "_pos"; position {lobby, epoch, offset}
+//   client.addEventListener("recovery", (ev) => { if (!ev.detail.recovered) refetch(ev.detail.lobby); });
+//   client.positions;                                    // {lobby: {epoch, offset}}
 
 /** Close codes sent by wsmanager servers (wsmanager/codes.py). */
 export const CloseCode = Object.freeze({
@@ -88,6 +97,18 @@ function toWebSocketURL(url) {
 
 const OPEN = 1;
 
+// The query parameter naming the URL lobby's position (wsmanager/history.py SINCE_PARAM).
+const SINCE_PARAM = "wsm_since";
+
+/** A message's position, or null: `_pos` as the server adds it with history on. */
+function positionOf(message) {
+  const pos = message._pos;
+  if (pos === null || typeof pos !== "object") return null;
+  const { lobby, epoch, offset } = pos;
+  if (typeof lobby !== "string" || typeof epoch !== "string" || !Number.isSafeInteger(offset)) return null;
+  return { lobby, epoch, offset };
+}
+
 // Largest request reference sent: refs are integers the server echoes (it accepts JS safe integers).
 const MAX_REF = Number.MAX_SAFE_INTEGER;
 
@@ -97,8 +118,11 @@ const MAX_REF = Number.MAX_SAFE_INTEGER;
  * Lifecycle events (EventTarget, `event.detail`): "state" ({state}),
  * "open" ({}), "ready" ({}), "close" ({code, reason, wasClean, policy, willRetry, delay}),
  * "latency" ({latency}), "lobbies" ({lobbies, lobby, joined, reason, rejoin}) whenever
- * `lobbies` changes, "presence" ({lobby, joins, leaves, state, members}).
- * Messages: `on(type, handler)`; `on("*", handler)` receives every message.
+ * `lobbies` changes, "presence" ({lobby, joins, leaves, state, members}),
+ * "recovery" ({lobby, recovered, epoch, offset}) after the server replayed what a reconnect
+ * missed (`recovered: false`: it could not; refetch the lobby's state).
+ * Messages: `on(type, handler)`; `on("*", handler)` receives every message; a lobby message's
+ * position comes as the handler's second argument (its `_pos` member is removed).
  */
 export class WSManagerClient extends EventTarget {
   constructor(url, options = {}) {
@@ -144,6 +168,17 @@ export class WSManagerClient extends EventTarget {
     this._requests = new Map(); // ref -> request sent on the current socket
     this._ref = 0;
     this._presence = new Map(); // lobby -> Set of user ids
+    this._positions = new Map(); // lobby -> {epoch, offset} of the last message seen
+    this._urlLobby = null; // the URL's lobby, named by the first position message of a connection
+    this._urlLobbySeen = false; // that message came on the current socket
+  }
+
+  /** The position of the last message seen in each lobby, `{lobby: {epoch, offset}}` (a copy).
+   * Sent on every reconnect so that the server replays what was missed. */
+  get positions() {
+    const out = {};
+    for (const [lobby, pos] of this._positions) out[lobby] = { ...pos };
+    return out;
   }
 
   /** The lobbies joined with join() and confirmed by the server, in join order (a copy).
@@ -206,6 +241,7 @@ export class WSManagerClient extends EventTarget {
       pending.resolve({ lobby, joined: false, reason: "left" });
     }
     this._presence.delete(lobby);
+    if (lobby !== this._urlLobby) this._positions.delete(lobby); // left on purpose: nothing to recover
     if (index >= 0) {
       this._lobbies.splice(index, 1);
       this._emit("lobbies", { lobbies: this.lobbies, lobby, joined: false, reason: "left", rejoin: false });
@@ -225,7 +261,9 @@ export class WSManagerClient extends EventTarget {
     return this._buffer.slice();
   }
 
-  /** Register `handler(message)` for messages of `type` ("*": all). Returns an unsubscribe function. */
+  /** Register `handler(message, position)` for messages of `type` ("*": all); `position` is
+   * {lobby, epoch, offset} for a lobby message of a server with history on (then removed from the
+   * message as `_pos`), else undefined. Returns an unsubscribe function. */
   on(type, handler) {
     let set = this._handlers.get(type);
     if (!set) this._handlers.set(type, (set = new Set()));
@@ -277,10 +315,11 @@ export class WSManagerClient extends EventTarget {
   _open() {
     const WS = this.options.WebSocket;
     if (typeof WS !== "function") throw new Error("wsmanager: no WebSocket implementation available");
-    const url = toWebSocketURL(typeof this.url === "function" ? this.url() : this.url);
+    const url = this._withSince(toWebSocketURL(typeof this.url === "function" ? this.url() : this.url));
     const ws = this.options.protocols === undefined ? new WS(url) : new WS(url, this.options.protocols);
     this._ws = ws;
     this.ready = false;
+    this._urlLobbySeen = false;
     this._setState("connecting");
     ws.onopen = () => {
       if (ws !== this._ws) return;
@@ -296,6 +335,15 @@ export class WSManagerClient extends EventTarget {
       if (ws === this._ws) this._closed(event);
     };
     ws.onerror = () => {}; // a close event always follows
+  }
+
+  /** `url` with the URL lobby's position as ?wsm_since=<epoch>:<offset> (when known). */
+  _withSince(url) {
+    const pos = this._urlLobby === null ? undefined : this._positions.get(this._urlLobby);
+    if (!pos) return url;
+    const u = new URL(url);
+    u.searchParams.set(SINCE_PARAM, `${pos.epoch}:${pos.offset}`);
+    return u.href;
   }
 
   _becomeReady() {
@@ -320,7 +368,10 @@ export class WSManagerClient extends EventTarget {
     req.ref = this._ref;
     this._requests.set(req.ref, req);
     const type = req.kind === "leave" ? "lobby_leave" : "lobby_join";
-    this._ws.send(JSON.stringify({ type, lobby: req.lobby, ref: req.ref }));
+    const message = { type, lobby: req.lobby, ref: req.ref };
+    const pos = req.kind === "rejoin" ? this._positions.get(req.lobby) : undefined;
+    if (pos) message.since = { epoch: pos.epoch, offset: pos.offset };
+    this._ws.send(JSON.stringify(message));
     const ms = this.options.requestTimeout;
     if (ms && req.kind !== "rejoin") {
       req.timer = this.options.setTimeout(() => this._timedOut(req), ms);
@@ -385,6 +436,7 @@ export class WSManagerClient extends EventTarget {
     // lobby_join_refused
     const reason = typeof message.reason === "string" ? message.reason : "refused";
     this._presence.delete(lobby);
+    if (lobby !== this._urlLobby) this._positions.delete(lobby);
     if (req.kind === "join") {
       this._joining.delete(lobby);
       req.resolve({ lobby, joined: false, reason });
@@ -427,7 +479,17 @@ export class WSManagerClient extends EventTarget {
         this._emit("latency", { latency: this.latency });
       }
     }
+    let position;
+    if ("_pos" in message) {
+      position = positionOf(message) || undefined;
+      delete message._pos; // the app's object as it sent it
+      if (position) this._positions.set(position.lobby, { epoch: position.epoch, offset: position.offset });
+    }
     switch (message.type) {
+      case "lobby_position":
+      case "recovery":
+        this._applyPosition(message);
+        break;
       case "lobby_joined":
       case "lobby_join_refused":
       case "lobby_left":
@@ -439,16 +501,33 @@ export class WSManagerClient extends EventTarget {
         break;
     }
     if (this.options.readyOn && message.type === this.options.readyOn) this._becomeReady();
-    this._dispatch(message.type, message);
-    this._dispatch("*", message);
+    this._dispatch(message.type, message, position);
+    this._dispatch("*", message, position);
   }
 
-  _dispatch(type, message) {
+  /** A lobby_position or recovery message: the lobby's position now (the first one of a
+   * connection is its URL lobby's: serve() sends it before anything else). */
+  _applyPosition(message) {
+    const { lobby, epoch, offset } = message;
+    if (typeof lobby !== "string" || typeof epoch !== "string" || !Number.isSafeInteger(offset)) return;
+    if (!this._urlLobbySeen) {
+      this._urlLobbySeen = true;
+      this._urlLobby = lobby;
+    }
+    // history off on the server (epoch ""): nothing to resume from
+    if (epoch === "") this._positions.delete(lobby);
+    else this._positions.set(lobby, { epoch, offset });
+    if (message.type === "recovery") {
+      this._emit("recovery", { lobby, recovered: message.recovered === true, epoch, offset });
+    }
+  }
+
+  _dispatch(type, message, position) {
     const set = this._handlers.get(type);
     if (!set) return;
     for (const handler of [...set]) {
       try {
-        handler(message);
+        handler(message, position);
       } catch (err) {
         globalThis.setTimeout(() => {
           throw err;
