@@ -354,9 +354,6 @@ def test_a_huge_history_size_grows_the_ring_only_as_messages_come() -> None:
     assert recovered and top == 100 and len(got) == 100
 
 
-@pytest.mark.xfail(
-    strict=True, reason="rings keep their entries past a lowered history_size until their next append"
-)
 def test_shrinking_history_size_at_runtime_keeps_at_most_the_new_size() -> None:
     """Lowering history_size bounds what every ring holds: the memory goes
     at once, and a client more than the new size behind is not recovered."""
@@ -392,9 +389,6 @@ def test_history_size_0_then_on_again_is_a_new_epoch_and_frees_everything() -> N
     assert epoch_of(m, lobby) != old
 
 
-@pytest.mark.xfail(
-    strict=True, reason="expiry drops an entry exactly history_ttl old (<= cutoff), docs say older than"
-)
 def test_ttl_at_exactly_the_boundary_keeps_the_entry() -> None:
     """docs/history.md: entries "older than history_ttl" are dropped; one
     exactly history_ttl old is not older than it."""
@@ -465,9 +459,6 @@ def _epochs_in_child(m: ConnectionManager, lobbies: list[str]) -> list[str]:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-@pytest.mark.xfail(
-    strict=True, reason="a forked child keeps the parent's seed and rings: same epochs in both"
-)
 def test_a_forked_worker_never_hands_out_its_parents_epochs() -> None:
     """A manager created before the server forks its workers (gunicorn
     --preload, a module-level ``manager``): each worker's lobbies must have
