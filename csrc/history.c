@@ -2,6 +2,31 @@
  * the objects touched are exact str (cached hash, no finalizer). */
 #include "history.h"
 
+#include <pthread.h>
+#include <unistd.h>
+
+unsigned long wsm_history_forks;
+
+static void
+atfork_child(void)
+{
+    wsm_history_forks++;
+}
+
+int
+wsm_history_atfork(void)
+{
+    static int installed;
+    if (installed) {
+        return 0;
+    }
+    int err = pthread_atfork(NULL, NULL, atfork_child);
+    if (err == 0) {
+        installed = 1;
+    }
+    return err;
+}
+
 static inline uintptr_t
 str_tag(PyObject *key)
 {
@@ -27,6 +52,7 @@ wsm_history_init(wsm_history *h, uint64_t seed)
 {
     memset(h, 0, sizeof(*h));
     h->seed = seed;
+    h->forks = wsm_history_forks;
 }
 
 /* splitmix64: epochs look random and never repeat within a core */
@@ -166,17 +192,35 @@ wsm_history_clear(wsm_history *h)
 }
 
 void
+wsm_history_forked(wsm_history *h)
+{
+    wsm_history_clear(h); /* the parent's rings: their epochs are the parent's */
+    h->seed = mix(h->seed ^ ((uint64_t)getpid() << 32) ^ wsm_history_forks);
+    h->forks = wsm_history_forks;
+}
+
+void
+wsm_history_trim(wsm_history *h)
+{
+    for (wsm_ring *ring = h->oldest; ring != NULL; ring = ring->newer) {
+        while (ring->count && (Py_ssize_t)ring->count > h->size) {
+            drop_head(h, ring); /* exact str only: no Python code, the list stays */
+        }
+    }
+}
+
+void
 wsm_history_expire(wsm_history *h, wsm_ring *ring, double now)
 {
     if (h->ttl <= 0) {
         return;
     }
     double cutoff = now - h->ttl;
-    while (h->oldest && h->oldest->last <= cutoff && h->oldest != ring) {
+    while (h->oldest && h->oldest->last < cutoff && h->oldest != ring) {
         ring_drop(h, h->oldest);
     }
     if (ring) {
-        while (ring->count && ring->buf[ring->head].t <= cutoff) {
+        while (ring->count && ring->buf[ring->head].t < cutoff) {
             drop_head(h, ring);
         }
     }

@@ -4,8 +4,8 @@
  * One table keyed by lobby code (exact str, by its cached hash: no Python
  * code runs in a lookup), separate from the registry: a lobby keeps its
  * history while nobody is in it. A ring holds at most `size` entries (the
- * oldest is dropped first) and, with a `ttl`, only entries younger than
- * `ttl` seconds; a ring whose newest entry is older than `ttl` is dropped
+ * oldest is dropped first) and, with a `ttl`, only entries at most `ttl`
+ * seconds old; a ring whose newest entry is older than `ttl` is dropped
  * whole (its epoch is then lost: the next message starts a new epoch at
  * offset 1). Rings sit on one list ordered by their last append, so that
  * expiry walks only what is due: O(expired), never O(lobbies).
@@ -54,7 +54,15 @@ typedef struct {
     uint64_t created;       /* rings created so far: epochs differ within one */
     Py_ssize_t nrings;
     Py_ssize_t nentries;
+    unsigned long forks;    /* wsm_history_forks when the rings were made */
 } wsm_history;
+
+/* Forks this process came through (bumped in the child by a pthread_atfork
+ * handler, wsm_history_atfork): a child has its parent's memory, so its
+ * rings and seed would go on under the parent's epochs. */
+extern unsigned long wsm_history_forks;
+/* Install the fork handler (once per process); 0, or an errno value. */
+int wsm_history_atfork(void);
 
 void wsm_history_init(wsm_history *h, uint64_t seed);
 /* Drop every ring (history lost: new epochs from now on). */
@@ -80,6 +88,19 @@ int wsm_history_push(wsm_history *h, wsm_ring *ring, PyObject *text, PyObject *e
                      double now);
 /* 1 if exact str `a` and `b` have the same characters (no Python code). */
 int wsm_str_same(PyObject *a, PyObject *b);
+/* In a forked child (the first call after the fork): drop every ring and
+ * take a new seed, so the child's epochs are its own. Call before any use. */
+void wsm_history_forked(wsm_history *h);
+static inline void
+wsm_history_check_fork(wsm_history *h)
+{
+    if (h->forks != wsm_history_forks) {
+        wsm_history_forked(h);
+    }
+}
+/* Drop the oldest entries of every ring holding more than h->size (after
+ * the size was lowered): what is kept is bounded at once. */
+void wsm_history_trim(wsm_history *h);
 /* The entry of `offset` (ring->top - ring->count < offset <= ring->top). */
 static inline const wsm_hentry *
 wsm_ring_at(const wsm_ring *ring, uint64_t offset)

@@ -35,6 +35,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <math.h>
 #include <time.h>
 #include <unistd.h>
@@ -2076,9 +2077,13 @@ Core_set_history_size(CoreObject *self, PyObject *value, void *Py_UNUSED(c))
     if (value != Py_None && set_limit(&size, value, 0, "history_size") < 0) {
         return -1;
     }
+    Py_ssize_t before = self->hist.size;
     self->hist.size = size;
     if (size == 0) {
         wsm_history_clear(&self->hist);
+    }
+    else if (size < before) {
+        wsm_history_trim(&self->hist); /* bounded at once, not at each ring's next append */
     }
     return 0;
 }
@@ -2139,6 +2144,7 @@ static wsm_ring *
 history_ring(CoreObject *self, PyObject *key, double now)
 {
     wsm_history *h = &self->hist;
+    wsm_history_check_fork(h);
     wsm_history_expire(h, NULL, now);
     wsm_ring *ring = wsm_history_find(h, key);
     if (ring != NULL) {
@@ -2379,6 +2385,7 @@ Core_history_info(CoreObject *self, PyObject *lobby)
     if (key == NULL) {
         return NULL;
     }
+    wsm_history_check_fork(&self->hist);
     wsm_history_expire(&self->hist, NULL, now);
     wsm_ring *ring = wsm_history_find(&self->hist, key);
     Py_DECREF(key);
@@ -2398,6 +2405,7 @@ Core_history_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
 {
     CHECK_INIT(self, NULL);
     NOW_OR_FAIL(now, self, return NULL);
+    wsm_history_check_fork(&self->hist);
     wsm_history_expire(&self->hist, NULL, now);
     return Py_BuildValue("(nn)", self->hist.nrings, self->hist.nentries);
 }
@@ -2661,6 +2669,13 @@ static int
 module_exec(PyObject *m)
 {
     module_state *st = get_state(m);
+    /* a forked child's history must not go on under its parent's epochs */
+    int fork_err = wsm_history_atfork();
+    if (fork_err != 0) {
+        errno = fork_err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
 #define INTERN(field, text)                                   \
     st->field = PyUnicode_InternFromString(text);             \
     if (st->field == NULL) {                                  \

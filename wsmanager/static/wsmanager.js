@@ -177,7 +177,10 @@ export class WSManagerClient extends EventTarget {
    * Sent on every reconnect so that the server replays what was missed. */
   get positions() {
     const out = {};
-    for (const [lobby, pos] of this._positions) out[lobby] = { ...pos };
+    for (const [lobby, pos] of this._positions) {
+      // an own property even for "__proto__" (an assignment would set the prototype instead)
+      Object.defineProperty(out, lobby, { value: { ...pos }, enumerable: true, writable: true, configurable: true });
+    }
     return out;
   }
 
