@@ -42,7 +42,9 @@ async def commandstats(client: aioredis.Redis) -> dict[str, int]:
 
 async def row(url: str, ns: str, history: bool, messages: int, members: int) -> tuple[float, dict[str, int]]:
     kw = {"history_size": 100} if history else {}
-    nodes = [ConnectionManager(backend=RedisBackend(url, namespace=ns, connect_timeout=5.0), **kw) for _ in range(2)]
+    nodes = [
+        ConnectionManager(backend=RedisBackend(url, namespace=ns, connect_timeout=5), **kw) for _ in range(2)
+    ]
     for node in nodes:
         await node.start()
     peers = []
@@ -57,7 +59,7 @@ async def row(url: str, ns: str, history: bool, messages: int, members: int) -> 
     start = time.perf_counter()
     for i in range(messages):
         await nodes[0].broadcast_to_lobby("room", {"type": "note", "i": i})
-    while any(sum(f["type"] == "websocket.send" for f in p.frames) < want for p in peers):
+    while any(sum(f["type"] == "websocket.send" for f in p.frames) < want for p in peers):  # noqa: ASYNC110
         await asyncio.sleep(0.001)
     elapsed = time.perf_counter() - start
     after = await commandstats(client)
@@ -72,8 +74,9 @@ async def main(messages: int, members: int) -> None:
     port = free_port()
     tmp = tempfile.mkdtemp(prefix="wsm-bench-")
     server = shutil.which("redis-server") or "/usr/bin/redis-server"
-    cmd = [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp, "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    cmd = [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp]
+    cmd += ["--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)  # noqa: ASYNC220
     try:
         wait_for_port(port, proc)
         url = f"redis://127.0.0.1:{port}/0"
