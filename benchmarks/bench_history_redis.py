@@ -41,9 +41,10 @@ async def commandstats(client: aioredis.Redis) -> dict[str, int]:
 
 
 async def row(url: str, ns: str, history: bool, messages: int, members: int) -> tuple[float, dict[str, int]]:
-    kw = {"history_size": 100} if history else {}
+    size = 100 if history else None
     nodes = [
-        ConnectionManager(backend=RedisBackend(url, namespace=ns, connect_timeout=5), **kw) for _ in range(2)
+        ConnectionManager(backend=RedisBackend(url, namespace=ns, connect_timeout=5), history_size=size)
+        for _ in range(2)
     ]
     for node in nodes:
         await node.start()
