@@ -74,13 +74,16 @@ _FANOUT_POST, _FANOUT_SUSPENDED, _FANOUT_FAILED = 0, 1, 2
 class _Outbox:
     """The outbound backlog of one connection whose send suspended."""
 
-    __slots__ = ("loop", "nbytes", "queue", "task")
+    __slots__ = ("held", "holds", "loop", "nbytes", "queue", "task")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.queue: deque[tuple[str, int]] = deque()
         self.nbytes = 0
         self.task: asyncio.Task[None] | None = None
+        #: messages kept back while the connection recovers (Delivery.hold), else None
+        self.held: list[str] | None = None
+        self.holds = 0
 
 
 async def _resume(coro: _Steps, step: Any) -> None:
@@ -447,6 +450,17 @@ class Delivery:
             del self.outboxes[websocket]
             core._set_notify(websocket, _NOTIFY_OUTBOX, False)
             return self.post(websocket, data)
+        if box.held is not None:  # recovering (hold): kept back, in order, within max_backlog
+            if len(box.held) + len(box.queue) >= core.max_backlog:
+                logger.info(
+                    "slow consumer: %d messages held during a recovery",
+                    len(box.held),
+                    extra={"reason": "slow_consumer", "code": int(CloseCode.SLOW_CONSUMER)},
+                )
+                self.close_later(websocket, "slow_consumer")
+                return False
+            box.held.append(data)
+            return True
         size = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
         if len(box.queue) >= core.max_backlog or box.nbytes + size > core.max_backlog_bytes:
             logger.info(
@@ -477,9 +491,47 @@ class Delivery:
                 self._set_notify(websocket, _NOTIFY_OUTBOX, False)
                 self._send_failed(websocket, exc)
         finally:
-            if self.outboxes.get(websocket) is box:
+            if self.outboxes.get(websocket) is box and box.held is None:  # a hold keeps its box
                 del self.outboxes[websocket]
                 self._set_notify(websocket, _NOTIFY_OUTBOX, False)
+
+    # Holds (history recovery with a clustered backend, issue 12): between
+    # the moment a connection becomes a member and the moment its replay is
+    # known, every message to it (fan-out, post) is kept back in its outbox;
+    # the fan-out hands connections with an outbox to post(), so the C paths
+    # need nothing new.
+
+    def hold(self, websocket: Any) -> None:
+        """Keep back every message to ``websocket``, in order, until
+        :meth:`unhold` (holds nest: the last unhold releases). More than
+        ``max_backlog`` messages held closes it as a slow consumer."""
+        box = self.outboxes.get(websocket)
+        if box is None:
+            box = self.outboxes[websocket] = _Outbox(asyncio.get_running_loop())
+            self._set_notify(websocket, _NOTIFY_OUTBOX, True)
+        if box.held is None:
+            box.held = []
+        box.holds += 1
+
+    def unhold(self, websocket: Any, edit: Callable[[list[str]], list[str]]) -> bool:
+        """End one hold of ``websocket``: its held messages become
+        ``edit(held)`` (the caller adds its replay, drops duplicates); the
+        last hold sends them, in order, before anything later. False when
+        the connection is gone (removed meanwhile) or failed."""
+        box = self.outboxes.get(websocket)
+        if box is None or box.held is None:
+            return False
+        held = edit(box.held)
+        box.holds -= 1
+        if box.holds > 0:
+            box.held = held
+            return True
+        box.held = None
+        if box.task is not None and not box.task.done():  # a writer is sending its backlog
+            return all(self._enqueue(websocket, box, text) for text in held)
+        del self.outboxes[websocket]
+        self._set_notify(websocket, _NOTIFY_OUTBOX, False)
+        return all(self.post(websocket, text) for text in held)
 
     def drop(self, websocket: WebSocket, exc: BaseException | None = None) -> None:
         """Remove a connection whose send failed."""

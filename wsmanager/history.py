@@ -19,7 +19,9 @@ messages.
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
@@ -31,7 +33,9 @@ __all__ = [
     "check_since",
     "parse_since_field",
     "parse_since_param",
+    "place_replay",
     "position_message",
+    "position_of",
     "recovery_message",
 ]
 
@@ -139,3 +143,40 @@ def parse_since_field(value: Any) -> Since | None:
         return check_since((value["epoch"], value["offset"])) or ("", 0)
     except TypeError as exc:
         raise ValueError(str(exc)) from None
+
+
+_POS_TAIL = '"_pos":{"lobby":'
+
+
+def position_of(text: str) -> tuple[str, str, int] | None:
+    """``(lobby, epoch, offset)`` of a lobby message's text as sent with
+    history on (its last member, ``"_pos"``), or None for a text without one
+    (a direct message, history off). Reads only the end of the text."""
+    i = text.rfind(_POS_TAIL)
+    if i < 0 or not text.endswith("}}"):
+        return None
+    try:
+        pos = json.loads(text[i + 7 : -1])
+    except ValueError:
+        return None
+    if type(pos) is not dict:
+        return None
+    lobby, epoch, offset = pos.get("lobby"), pos.get("epoch"), pos.get("offset")
+    if type(lobby) is not str or type(epoch) is not str or type(offset) is not int:
+        return None
+    return lobby, epoch, offset
+
+
+def place_replay(held: list[str], lobby: str, epoch: str, top: int, first: Sequence[str]) -> list[str]:
+    """A recovering connection's held messages with its replay: ``first``
+    (the replayed texts and the recovery or position message) before
+    everything held, and the held messages of ``lobby`` in ``epoch`` at or
+    below ``top`` (the replay has them, or they precede the position told)
+    left out. Messages of other lobbies, or direct ones, keep their order."""
+    out = list(first)
+    for text in held:
+        pos = position_of(text)
+        if pos is not None and pos[0] == lobby and pos[1] == epoch and pos[2] <= top:
+            continue
+        out.append(text)
+    return out

@@ -27,7 +27,7 @@ from .codes import CloseCode
 from .delivery import Delivery
 from .events import CloseListener
 from .health import HealthMonitor, health_ping
-from .history import Since, check_since, position_message, recovery_message
+from .history import Since, check_since, place_replay, position_message, recovery_message
 from .joining import DEFAULT_MAX_LOBBIES_PER_CONNECTION
 from .presence import Presence
 from .receiving import Receiving, pinged
@@ -318,7 +318,7 @@ class ConnectionManager(Core):
             # manager keeps them as plain C calls
             self.__class__ = _ClusteredConnectionManager
         self._latency_listeners: list[Callable[[Any, float], None]] = []
-        if self._history and self._backplane is not None:
+        if self._history and self._backplane is not None and not hasattr(self.backend, "history_publish"):
             raise NotImplementedError(
                 f"history_size with a clustered backend needs {type(self.backend).__name__}"
                 ".history_publish (see wsmanager.backends.Backend)"
@@ -579,7 +579,9 @@ class ConnectionManager(Core):
             self._health.watch(websocket, loop, owned=read)
             if self.presence is not None:
                 self.presence.entered(websocket, _exact_str(lobby_code))
-            if self._history or since is not None:  # no await since the commit: no live message came first
+            if self._history and bp is not None:  # held from here (no await since the commit)
+                await self._recover_clustered(websocket, _exact_str(lobby_code), user_id, since)
+            elif self._history or since is not None:  # no await since the commit: no live message came first
                 self._recover(websocket, _exact_str(lobby_code), user_id, since)
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("connected", extra={"lobby": lobby_code, "user": user_id})
@@ -662,14 +664,19 @@ class ConnectionManager(Core):
         self._joins_in_flight[key] = mine
         answer: bool | None = None  # None: it raised; a concurrent join of the same tries again
         try:
-            answer = await self._join_clustered(websocket, lobby_code, join, bp)
+            answer = await self._join_clustered(websocket, lobby_code, join, bp, since)
             return answer
         finally:
             del self._joins_in_flight[key]
             mine.set_result(answer)
 
     async def _join_clustered(
-        self, websocket: WebSocket, lobby_code: str, join: Callable[..., Awaitable[str]], bp: Any
+        self,
+        websocket: WebSocket,
+        lobby_code: str,
+        join: Callable[..., Awaitable[str]],
+        bp: Any,
+        since: Since | None = None,
     ) -> bool:
         """The backend's verdict on a join whose local place is held."""
         try:
@@ -691,7 +698,37 @@ class ConnectionManager(Core):
             return False
         if self.presence is not None:
             self.presence.entered(websocket, _exact_str(lobby_code))
+        if self._history:  # held from here (no await since the membership began)
+            info = self._info(websocket)
+            user = info[1] if info is not None else None
+            await self._recover_clustered(websocket, _exact_str(lobby_code), user, since)
+        elif since is not None:
+            self._recover(websocket, _exact_str(lobby_code), None, since)
         return True
+
+    async def _recover_clustered(
+        self, websocket: Any, lobby_code: str, user_id: str | None, since: Since | None
+    ) -> None:
+        """:meth:`_recover` with a clustered backend's history: every message
+        to ``websocket`` is held from now (before any await) until the
+        backend read the lobby's history (after this node listens to the
+        lobby's channel); then the replay and the recovery (or position)
+        message go first, and the held messages of the lobby that the replay
+        covers (offset <= the top read) are dropped: no gap, no duplicate."""
+        delivery = self.delivery
+        delivery.hold(websocket)
+        recovered, epoch, top, texts = False, "", 0, []
+        try:
+            recovered, epoch, top, texts = await getattr(self.backend, "history_since")(  # noqa: B009
+                lobby_code, since, user_id
+            )
+        finally:
+            if since is None:
+                last = position_message(lobby_code, epoch, top)
+            else:
+                last = recovery_message(lobby_code, recovered, epoch, top)
+            first = [*texts, encode_message(last, None)]
+            delivery.unhold(websocket, lambda held: place_replay(held, lobby_code, epoch, top, first))
 
     def _recover(self, websocket: Any, lobby_code: str, user_id: str | None, since: Since | None) -> None:
         """Send ``websocket`` what it missed of ``lobby_code`` since ``since``
@@ -796,11 +833,21 @@ class ConnectionManager(Core):
                 return 0
             data = encode_message(message, default if default is not None else self._json_default)
             return self.delivery.deliver_lobby_now(lobby_code, data, exclude_user_id)
-        if self._history:
-            raise NotImplementedError("history_size with a clustered backend: see wsmanager.backends.Backend")
         # backend: other nodes get the same text, queued before local delivery
         bp.ensure_running()
         data = encode_message(message, default if default is not None else self._json_default)
+        if self._history:
+            publish = getattr(bp, "history_publish", None)
+            if publish is None:
+                raise NotImplementedError(
+                    "history_size with a clustered backend: see wsmanager.backends.Backend"
+                )
+            # kept with its position and published to every node, this one
+            # included: its members get it from the lobby's channel, in offset order
+            remote = publish(lobby_code, data, exclude_user_id)
+            if remote is not None:
+                return int(remote) + self._lobby_count(lobby_code)
+            # the backplane is down: this node's members only, without a position
         remote = bp.publish_lobby(lobby_code, data, exclude_user_id)
         if not self._lobby_count(lobby_code):
             return remote

@@ -57,20 +57,29 @@ class Backend(Protocol):
       presence diff of that lobby covers every node.
     * history (``history_size``, issue 12; the in-memory rings are the core's,
       ``csrc/history.c``): a clustered backend keeps one history per lobby for
-      the cluster and implements ``await history_publish(lobby, data,
-      exclude_user_id) -> (text, remote)``: assign the next offset of the
+      the cluster and implements ``history_publish(lobby, data,
+      exclude_user_id) -> int | None`` (sync): assign the next offset of the
       lobby's epoch, add it to ``data`` exactly as the core does (the member
       ``"_pos":{"lobby":L,"epoch":E,"offset":N}`` before the final ``}``),
       keep it (trimmed to ``manager.history_size`` and ``history_ttl``) and
-      publish ``text`` to the other nodes, atomically (one Lua script), then
-      the manager delivers ``text`` locally; and ``await history_since(lobby,
-      epoch, offset) -> (recovered, epoch, top, texts)`` with the meaning of
-      ``Core._history_since``. The replay-before-live guarantee then needs the
-      manager to hold that connection's live messages of the lobby from the
-      moment it becomes a member until the replay is posted, and to drop
-      those with an offset <= ``top``. A clustered backend without
-      ``history_publish`` makes ``ConnectionManager(history_size=N)`` raise
-      NotImplementedError.
+      publish it to **every** node, this one included, atomically (one Lua
+      script): the manager does not deliver it locally, its members get it
+      from the backend's lobby delivery like remote ones, so that every
+      member sees one offset order (a local delivery could overtake a remote
+      message with a lower offset). It returns the lobby's connection count,
+      or None when it cannot keep the message (the manager then delivers it
+      locally without a position). And ``await history_since(lobby, since,
+      user_id) -> (recovered, epoch, top, texts)`` with the meaning of
+      ``Core._history_since`` (``since`` None: the position only), answered
+      only once every later message of the lobby is sure to reach this node.
+      The manager holds the connection's messages (``Delivery.hold``) from
+      the moment it becomes a member until the answer, then sends the replay
+      and the recovery message first and drops the held messages of that
+      lobby and epoch with an offset <= ``top``
+      (:func:`wsmanager.history.place_replay`). ``RedisBackend`` does this
+      with :mod:`wsmanager.backends.redis_history`. A clustered backend
+      without ``history_publish`` makes ``ConnectionManager(history_size=N)``
+      raise NotImplementedError.
 
     Messages from other nodes come back through the manager's
     ``_deliver_lobby`` / ``_deliver_user``.

@@ -309,3 +309,97 @@ for j = 1, #vals, 2 do
 end
 return n
 """
+
+# History (issue 12; wsmanager.backends.redis_history): per lobby, on the
+# Redis that carries the lobby's channel,
+#
+#     KEYS[1] <prefix>hs:<lobby>  stream: one entry per message, id <offset>-<ms>,
+#                                 fields d (the text, "_pos" included), x (excluded user, if any)
+#     KEYS[2] <prefix>hm:<lobby>  hash:   e (the epoch), o (the last offset given)
+#
+# Both carry the same expiry (history_ttl after the newest message), so they
+# go together; a missing hash means the history was lost (Redis restarted
+# empty, expired) and the next script starts a new epoch.
+
+# ARGV[1] channel, ARGV[2] publish command (SPUBLISH | PUBLISH), ARGV[3] frame
+# head (routing.frame_head), ARGV[4] lobby, ARGV[5] excluded user or "",
+# ARGV[6] the text up to the epoch ('{..., "_pos":{"lobby":L,"epoch":"'),
+# ARGV[7] history_size (MAXLEN ~), ARGV[8] history_ttl in ms (0: none),
+# ARGV[9] the epoch to start if there is none -> the message's offset.
+# Assigns the next offset, keeps the message and publishes it (a lobby record
+# of routing.lobby_record, text with its position) in one step: every node
+# receives the lobby's messages in offset order.
+HISTORY_APPEND = """
+local e = redis.call('HGET', KEYS[2], 'e')
+local off
+if e then
+  off = redis.call('HINCRBY', KEYS[2], 'o', 1)
+else
+  e = ARGV[9]
+  off = 1
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'e', e, 'o', 1)
+end
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local text = ARGV[6] .. e .. '","offset":' .. string.format('%d', off) .. '}}'
+local id = string.format('%d-%d', off, ms)
+if ARGV[5] == '' then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[7], id, 'd', text)
+else
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[7], id, 'd', text, 'x', ARGV[5])
+end
+local ttl = tonumber(ARGV[8])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+redis.call(ARGV[2], ARGV[1], ARGV[3] .. 'L' .. struct.pack('>I4I4I4', #ARGV[4], #ARGV[5], #text)
+  .. ARGV[4] .. ARGV[5] .. text)
+return off
+"""
+
+# ARGV[1] epoch ("": the position only), ARGV[2] offset, ARGV[3] history_size,
+# ARGV[4] history_ttl in ms (0: none), ARGV[5] the epoch to start if there is
+# none -> {recovered 0|1, epoch, top, text, excluded user or "", ...}: the
+# kept messages after the offset when all of them are kept (no more than
+# history_size missed, the oldest needed younger than history_ttl), the
+# lobby's position (epoch, top) in any case. A lobby without history gets
+# its epoch now (offset 0): a client told it must find it in the next message.
+HISTORY_READ = """
+local m = redis.call('HMGET', KEYS[2], 'e', 'o')
+local e, top = m[1], tonumber(m[2] or '0')
+local ttl = tonumber(ARGV[4])
+if not e then
+  e = ARGV[5]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'e', e, 'o', 0)
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+  return {0, e, 0}
+end
+if ARGV[1] ~= e then return {0, e, top} end
+local since = tonumber(ARGV[2])
+if since > top or top - since > tonumber(ARGV[3]) then return {0, e, top} end
+if since == top then return {1, e, top} end
+local got = redis.call('XRANGE', KEYS[1], string.format('%d-0', since + 1), '+')
+if #got == 0 then return {0, e, top} end
+local first = got[1][1]
+local dash = string.find(first, '-', 1, true)
+if tonumber(string.sub(first, 1, dash - 1)) ~= since + 1 then return {0, e, top} end
+if ttl > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if tonumber(string.sub(first, dash + 1)) < now - ttl then return {0, e, top} end
+end
+local out = {1, e, top}
+for _, entry in ipairs(got) do
+  local f = entry[2]
+  local text, x = '', ''
+  for i = 1, #f, 2 do
+    if f[i] == 'd' then text = f[i + 1] elseif f[i] == 'x' then x = f[i + 1] end
+  end
+  out[#out + 1] = text
+  out[#out + 1] = x
+end
+return out
+"""

@@ -21,7 +21,9 @@ import redis
 import redis.asyncio as aioredis
 
 from .._core import dumps
-from ._lua import LOBBY_COUNT
+from ..settings import optional_count, optional_seconds
+from ._lua import HISTORY_APPEND, LOBBY_COUNT
+from .redis_history import append_args
 from .routing import frame_head, lobby_channel, lobby_record, parse_urls, shard_of, user_channel, user_record
 
 __all__ = ["Publisher", "SyncPublisher"]
@@ -40,7 +42,11 @@ class _Common:
         url: str | Sequence[str],
         namespace: str,
         json_default: Callable[[Any], Any] | None,
+        history_size: int | None = None,
+        history_ttl: float | None = None,
     ) -> None:
+        self.history_size = optional_count(1)("history_size", history_size)
+        self.history_ttl = optional_seconds("history_ttl", history_ttl)
         self.urls = parse_urls(url)
         self.url = self.urls[0]
         self.namespace = namespace
@@ -57,6 +63,12 @@ class _Common:
         channel = lobby_channel(self.namespace, lobby)
         frame = self._head + lobby_record(lobby, self._encode(message, default), exclude)
         return channel, shard_of(channel, self.urls), frame
+
+    def _kept(self, lobby: str, message: Any, exclude: str | None, default: Any, cmd: str) -> list[Any]:
+        """Keys and arguments of the history script for one broadcast (history on)."""
+        assert self.history_size is not None
+        data = self._encode(message, default)
+        return append_args(self.namespace, lobby, data, exclude, self.history_size, self.history_ttl, cmd)
 
     def _user(self, user: str, message: Any, default: Any) -> tuple[bytes, int, bytes]:
         channel = user_channel(self.namespace, user)
@@ -83,6 +95,13 @@ class Publisher(_Common):
     with``. Redis errors propagate as ``redis.exceptions.RedisError``.
     Counts are the cluster's connected connections as the primary Redis has
     them (handshakes in progress excluded).
+
+    ``history_size`` / ``history_ttl`` (keyword-only; the nodes' settings,
+    checked like the manager's: TypeError / ValueError): when the nodes keep
+    history, a Publisher must say so, and its broadcasts then go through the
+    nodes' history script (:mod:`wsmanager.backends.redis_history`): kept in
+    the lobby's stream with the next offset and published with their
+    position, whether or not anyone is in the lobby, like a node's.
     """
 
     def __init__(
@@ -91,15 +110,21 @@ class Publisher(_Common):
         *,
         namespace: str = "wsm",
         json_default: Callable[[Any], Any] | None = None,
+        history_size: int | None = None,
+        history_ttl: float | None = None,
     ) -> None:
-        super().__init__(url, namespace, json_default)
+        super().__init__(url, namespace, json_default, history_size, history_ttl)
         self._clients = [aioredis.Redis.from_url(u) for u in self.urls]
 
-    async def _publish(self, shard: int, channel: bytes, frame: bytes) -> None:
+    async def _command(self, shard: int) -> str:
         cmd = self._publish_cmd[shard]
         if cmd is None:
             info = await self._clients[shard].info("server")
             cmd = self._publish_cmd[shard] = "SPUBLISH" if _sharded(info) else "PUBLISH"
+        return cmd
+
+    async def _publish(self, shard: int, channel: bytes, frame: bytes) -> None:
+        cmd = await self._command(shard)
         await self._clients[shard].execute_command(cmd, channel, frame)  # type: ignore[no-untyped-call]
 
     async def broadcast_to_lobby(
@@ -114,12 +139,18 @@ class Publisher(_Common):
         (but ``exclude_user_id``'s). Returns how many connections it was
         handed to (0: nothing published). Serialization errors as
         ``ConnectionManager.broadcast_to_lobby`` (TypeError, ValueError,
-        RecursionError), raised before anything is sent."""
+        RecursionError), raised before anything is sent; with history on,
+        TypeError for a message that is not a JSON object."""
         channel, shard, frame = self._lobby(lobby_code, message, exclude_user_id, default)
+        kept = None
+        if self.history_size is not None:
+            kept = self._kept(lobby_code, message, exclude_user_id, default, await self._command(shard))
         count = int(
             await self._clients[0].eval(LOBBY_COUNT, 1, self._lobby_key(lobby_code), exclude_user_id or "")
         )
-        if count:
+        if kept is not None:  # kept and published, members or not
+            await self._clients[shard].eval(HISTORY_APPEND, 2, *kept)
+        elif count:
             await self._publish(shard, channel, frame)
         return count
 
@@ -160,8 +191,9 @@ class Publisher(_Common):
 
 class SyncPublisher(_Common):
     """:class:`Publisher` for synchronous code (a Celery task, a script): the
-    same methods, blocking, on redis-py's synchronous client. Safe to share
-    between threads (redis-py's connection pool)."""
+    same methods and keywords (``history_size`` / ``history_ttl`` included),
+    blocking, on redis-py's synchronous client. Safe to share between threads
+    (redis-py's connection pool)."""
 
     def __init__(
         self,
@@ -169,16 +201,21 @@ class SyncPublisher(_Common):
         *,
         namespace: str = "wsm",
         json_default: Callable[[Any], Any] | None = None,
+        history_size: int | None = None,
+        history_ttl: float | None = None,
     ) -> None:
-        super().__init__(url, namespace, json_default)
+        super().__init__(url, namespace, json_default, history_size, history_ttl)
         self._clients = [redis.Redis.from_url(u) for u in self.urls]
 
-    def _publish(self, shard: int, channel: bytes, frame: bytes) -> None:
+    def _command(self, shard: int) -> str:
         cmd = self._publish_cmd[shard]
         if cmd is None:
             info = self._clients[shard].info("server")
             cmd = self._publish_cmd[shard] = "SPUBLISH" if _sharded(info) else "PUBLISH"
-        self._clients[shard].execute_command(cmd, channel, frame)  # type: ignore[no-untyped-call]
+        return cmd
+
+    def _publish(self, shard: int, channel: bytes, frame: bytes) -> None:
+        self._clients[shard].execute_command(self._command(shard), channel, frame)  # type: ignore[no-untyped-call]
 
     def broadcast_to_lobby(
         self,
@@ -190,8 +227,13 @@ class SyncPublisher(_Common):
     ) -> int:
         """As :meth:`Publisher.broadcast_to_lobby`."""
         channel, shard, frame = self._lobby(lobby_code, message, exclude_user_id, default)
+        kept = None
+        if self.history_size is not None:
+            kept = self._kept(lobby_code, message, exclude_user_id, default, self._command(shard))
         count = int(self._clients[0].eval(LOBBY_COUNT, 1, self._lobby_key(lobby_code), exclude_user_id or ""))
-        if count:
+        if kept is not None:  # kept and published, members or not
+            self._clients[shard].eval(HISTORY_APPEND, 2, *kept)
+        elif count:
             self._publish(shard, channel, frame)
         return count
 

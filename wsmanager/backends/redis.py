@@ -77,6 +77,7 @@ from ..settings import DefaultFloat, DefaultInt, Setting, class_defaults, count,
 from ..stats import BackplaneStats
 from ._lua import COMMIT, JOIN, LEAVE, PART, REAP, RELEASE, RENEW, RESERVE, SNAPSHOT, SYNC
 from .publisher import Publisher, SyncPublisher
+from .redis_history import StreamHistory
 from .routing import (
     RECORD,
     frame_head,
@@ -335,6 +336,9 @@ class RedisBackend:
         self.local_admissions = 0  # admitted on local limits while down
         self.last_error: str | None = None
         self.down_since: float | None = None
+        self._applying = False  # subscriptions sent, confirmations awaited
+        #: history streams (issue 12, .redis_history), made on first use
+        self.history: StreamHistory | None = None
 
     @property
     def lease(self) -> float:
@@ -642,6 +646,73 @@ class RedisBackend:
         for ws in stale:
             self.release(ws)
         return len(stale)
+
+    # ------------------------------------------------------------ history
+
+    def history_publish(self, lobby: str, data: str, exclude_user_id: str | None) -> int | None:
+        """Keep ``data`` in ``lobby``'s stream with the next offset and
+        publish it to every node, this one included (queued, in order;
+        :mod:`.redis_history`): the count of the lobby's connections (this
+        node's and, per the view, the others'). None while the backplane is
+        down: nothing kept or published (the caller delivers locally).
+        TypeError when ``data`` is not a JSON object's text."""
+        m = self._manager
+        if not self.up or m is None:
+            return None
+        if self.history is None:
+            self.history = StreamHistory(self)
+        self.history.publish(lobby, data, exclude_user_id, m.history_size or 1, m.history_ttl)
+        return self.remote_lobby_count(lobby, exclude_user_id)
+
+    async def history_since(
+        self, lobby: str, since: tuple[str, int] | None, user_id: str | None
+    ) -> tuple[bool, str, int, list[str]]:
+        """``(recovered, epoch, top, texts)``: see :meth:`StreamHistory.read`;
+        Redis errors give ``(False, "", 0, [])`` (logged)."""
+        m = self._manager
+        assert m is not None
+        if self.history is None:
+            self.history = StreamHistory(self)
+        try:
+            return await self.history.read(lobby, since, user_id, m.history_size or 1, m.history_ttl)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._note_error(exc)
+            extra = {"lobby": lobby, "reason": "backplane_down"}
+            logger.info("history: recovery read failed: %r", exc, extra=extra)
+            return False, "", 0, []
+
+    def shard_client(self, index: int) -> aioredis.Redis | None:
+        """The command client of ``urls[index]`` in the current session, or
+        None while the backplane is down."""
+        shards = self._shards
+        return shards[index].client if self.up and index < len(shards) else None
+
+    def publish_command(self, index: int) -> str:
+        """``SPUBLISH`` (Redis 7+) or ``PUBLISH`` for ``urls[index]``."""
+        shards = self._shards
+        return shards[index].pub if index < len(shards) else "PUBLISH"
+
+    async def wait_listening(self, channel: bytes, timeout: float) -> bool:
+        """True once Redis confirmed this node's subscription to ``channel``
+        (one it needs: a local member of the lobby), so that every message
+        published on it from now on reaches this node. False when the
+        backplane is down or no confirmation came within ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.up:
+            shard = self._shards[self.shard_of(channel)]
+            if (
+                not self._applying
+                and channel not in self._sub_changes
+                and channel in shard.subscribed
+                and shard.acked >= shard.sent
+            ):
+                return True
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(left, 0.001))  # confirmations come within a round trip
+        return False
 
     # ----------------------------------------------------------- delivery
 
@@ -965,6 +1036,13 @@ class RedisBackend:
         """Make each Redis' subscriptions match the channels needed, and wait
         until Redis confirmed them: a node's presence (sent after this) is
         never visible before it listens to the channels it needs."""
+        self._applying = True
+        try:
+            await self._apply_changes()
+        finally:
+            self._applying = False
+
+    async def _apply_changes(self) -> None:
         changes, self._sub_changes = self._sub_changes, set()
         shards = self._shards
         todo: dict[tuple[int, bool], list[bytes]] = {}

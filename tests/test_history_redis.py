@@ -1,0 +1,205 @@
+"""History and recovery on the Redis backplane (issue 12): one stream per
+lobby, offsets and epoch kept by one Lua script, recovery on any node.
+
+Two managers ("nodes") on one event loop and a real redis-server; the same
+with real uvicorn processes (kill -9, restarts) is in
+tests/test_history_redis_uvicorn.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from tests.asgi_fakes import FakePeer
+from tests.redis_server import RedisServer, redis_server
+from wsmanager import ConnectionManager
+from wsmanager.backends.redis import Publisher, RedisBackend
+
+pytestmark = pytest.mark.slow
+
+_namespaces = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Wait for a state a user would observe (bounded; no timing asserted)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def cluster(url: str | list[str], n: int = 2, **kwargs: Any) -> AsyncIterator[list[ConnectionManager]]:
+    ns = f"hr{next(_namespaces)}"
+    kwargs.setdefault("history_size", 100)
+    nodes = [
+        ConnectionManager(backend=RedisBackend(url, namespace=ns, lease=1.0, connect_timeout=5.0), **kwargs)
+        for _ in range(n)
+    ]
+    for node in nodes:
+        await node.start()
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
+def bp(node: ConnectionManager) -> RedisBackend:
+    assert isinstance(node.backend, RedisBackend)
+    return node.backend
+
+
+def notes(peer: FakePeer) -> list[int]:
+    return [t["n"] for t in peer.texts() if t.get("type") == "note"]
+
+
+def offsets(peer: FakePeer, lobby: str = "room") -> list[int]:
+    return [t["_pos"]["offset"] for t in peer.texts() if t.get("_pos", {}).get("lobby") == lobby]
+
+
+def of_type(peer: FakePeer, kind: str) -> list[dict[str, Any]]:
+    return [t for t in peer.texts() if t.get("type") == kind]
+
+
+async def connected(node: ConnectionManager, lobby: str, user: str, **kw: Any) -> FakePeer:
+    peer = FakePeer()
+    assert await node.connect(peer.ws, lobby, user, **kw)
+    return peer
+
+
+def test_every_member_on_every_node_sees_the_same_offsets(redis: RedisServer) -> None:
+    async def main() -> None:
+        async with cluster(redis.url) as (a, b):
+            pa = await connected(a, "room", "alice")
+            pb = await connected(b, "room", "bob")
+            assert of_type(pa, "lobby_position")[0]["offset"] == 0
+            for i in range(5):
+                await (a if i % 2 else b).broadcast_to_lobby("room", {"type": "note", "n": i})
+            await until(lambda: len(notes(pa)) == 5 and len(notes(pb)) == 5, "both got 5")
+            assert offsets(pa) == offsets(pb) == [1, 2, 3, 4, 5]
+            assert notes(pa) == notes(pb) and sorted(notes(pa)) == [0, 1, 2, 3, 4]  # one order for all
+            epochs = {t["_pos"]["epoch"] for t in pa.texts() + pb.texts() if "_pos" in t}
+            assert len(epochs) == 1 and epochs == {of_type(pb, "lobby_position")[0]["epoch"]}
+
+    asyncio.run(main())
+
+
+def test_offline_for_n_messages_gets_them_on_the_other_node_then_live_ones(redis: RedisServer) -> None:
+    async def main() -> None:
+        async with cluster(redis.url) as (a, b):
+            watcher = await connected(a, "room", "watcher")
+            p1 = await connected(a, "room", "carol")
+            await a.broadcast_to_lobby("room", {"type": "note", "n": 0})
+            await until(lambda: notes(p1) == [0], "carol got 0")
+            last = p1.texts()[-1]["_pos"]
+            a.disconnect(p1.ws)
+            for i in range(1, 8):  # offline for 7
+                await a.broadcast_to_lobby("room", {"type": "note", "n": i})
+            await until(lambda: len(notes(watcher)) == 8, "the watcher got 8")
+            p2 = await connected(b, "room", "carol", since=(last["epoch"], last["offset"]))
+            await b.broadcast_to_lobby("room", {"type": "note", "n": 8})
+            await until(lambda: 8 in notes(p2), "carol got the live one")
+            assert notes(p2) == list(range(1, 9))
+            (rec,) = of_type(p2, "recovery")
+            assert rec["recovered"] is True and rec["offset"] == 8
+            kinds = [t["type"] for t in p2.texts()]
+            assert kinds.index("recovery") == 7  # after the 7 replayed, before the live one
+
+    asyncio.run(main())
+
+
+def test_recovered_false_when_the_gap_exceeds_the_history(redis: RedisServer) -> None:
+    async def main() -> None:
+        async with cluster(redis.url, history_size=3) as (a, b):
+            p1 = await connected(a, "room", "dave")
+            pos = of_type(p1, "lobby_position")[0]
+            for i in range(4):
+                await a.broadcast_to_lobby("room", {"type": "note", "n": i})
+            await until(lambda: len(notes(p1)) == 4, "dave got 4")
+            a.disconnect(p1.ws)
+            for i in range(4, 8):
+                await a.broadcast_to_lobby("room", {"type": "note", "n": i})
+            p2 = await connected(b, "room", "dave", since=(pos["epoch"], 4))  # missed 4 > 3
+            (rec,) = of_type(p2, "recovery")
+            assert rec["recovered"] is False and notes(p2) == []
+            p3 = await connected(b, "room", "erin", since=(pos["epoch"], 5))  # missed 3: kept
+            assert notes(p3) == [5, 6, 7] and of_type(p3, "recovery")[0]["recovered"] is True
+            p4 = await connected(b, "room", "fred", since=("otherepoch", 5))
+            assert notes(p4) == [] and of_type(p4, "recovery")[0]["recovered"] is False
+
+    asyncio.run(main())
+
+
+def test_excluded_user_is_not_replayed_what_it_was_excluded_from(redis: RedisServer) -> None:
+    async def main() -> None:
+        async with cluster(redis.url) as (a, b):
+            p1 = await connected(a, "room", "gus")
+            pos = of_type(p1, "lobby_position")[0]
+            a.disconnect(p1.ws)
+            await a.broadcast_to_lobby("room", {"type": "note", "n": 1})
+            await a.broadcast_to_lobby("room", {"type": "note", "n": 2}, exclude_user_id="gus")
+            await a.broadcast_to_lobby("room", {"type": "note", "n": 3})
+            p2 = await connected(b, "room", "gus", since=(pos["epoch"], pos["offset"]))
+            assert notes(p2) == [1, 3] and of_type(p2, "recovery")[0]["recovered"] is True
+
+    asyncio.run(main())
+
+
+def test_concurrent_publishing_during_recovery_no_gap_no_duplicate(redis: RedisServer) -> None:
+    """Two publishers (a node and a Publisher process-alike) keep broadcasting
+    while clients reconnect to the other node, again and again: each client
+    sees offsets strictly increasing by one from its position."""
+
+    async def main() -> None:
+        async with cluster(redis.url, history_size=100_000) as (a, b):
+            ns = bp(a).namespace
+            stop = asyncio.Event()
+
+            async def publish_from_node() -> None:
+                i = 0
+                while not stop.is_set():
+                    await a.broadcast_to_lobby("room", {"type": "note", "n": i})
+                    i += 1
+                    await asyncio.sleep(0.001)
+
+            async def publish_from_worker() -> None:
+                async with Publisher(redis.url, namespace=ns, history_size=100_000) as pub:
+                    while not stop.is_set():
+                        await pub.broadcast_to_lobby("room", {"type": "note", "n": -1})
+                        await asyncio.sleep(0.001)
+
+            tasks = [asyncio.create_task(publish_from_node()), asyncio.create_task(publish_from_worker())]
+            try:
+                for round_ in range(12):
+                    first = await connected(a, "room", f"u{round_}")
+                    await until(lambda p=first: len(offsets(p)) >= 3, "a few live messages")  # type: ignore[misc]
+                    pos = first.texts()[-1]["_pos"]
+                    a.disconnect(first.ws)
+                    await asyncio.sleep(0.005 * (round_ % 3))
+                    second = await connected(b, "room", f"u{round_}", since=(pos["epoch"], pos["offset"]))
+                    await until(lambda p=second: len(offsets(p)) >= 10, "replay then live")  # type: ignore[misc]
+                    seen = offsets(second)
+                    assert seen == list(range(pos["offset"] + 1, pos["offset"] + 1 + len(seen))), seen
+                    (rec,) = of_type(second, "recovery")
+                    assert rec["recovered"] is True
+                    b.disconnect(second.ws)
+            finally:
+                stop.set()
+                await asyncio.gather(*tasks)
+
+    asyncio.run(main())

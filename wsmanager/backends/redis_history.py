@@ -1,0 +1,268 @@
+"""History and recovery on the Redis backplane (issue 12): one stream per lobby.
+
+Where: a lobby's history lives on the Redis that carries the lobby's channel
+(:func:`wsmanager.backends.routing.shard_of`), because the script that keeps a
+message must publish it in the same step: a Lua script can only publish on the
+server it runs on. With one URL that is the primary; with several, lobbies'
+histories spread over the servers as their channels do.
+
+What: per lobby a stream and a small hash (keys and scripts in
+:mod:`._lua`, ``HISTORY_APPEND`` / ``HISTORY_READ``). One script assigns the
+next offset of the lobby's epoch, adds the position to the text
+(``"_pos":{"lobby":L,"epoch":E,"offset":N}`` as its last member, the bytes
+the in-memory core writes), appends it (``XADD ... MAXLEN ~ history_size``,
+the keys expiring ``history_ttl`` after the newest message) and publishes it
+on the lobby's channel. So every node, the sender included, receives a
+lobby's messages in offset order from one place: a node does not deliver its
+own history broadcasts locally, it gets them back from the channel like the
+others (else its members could see offset 5, from another node, before its
+own 4). The epoch is stored in the hash; when the hash is gone (Redis
+restarted empty, the keys expired) the next script starts a new epoch at
+offset 1.
+
+Recovery (:meth:`StreamHistory.read`) runs after this node's subscription to
+the lobby's channel is confirmed, so every message after the read's top
+reaches the node; the manager holds the connection's live messages meanwhile
+(``Delivery.hold``) and drops those the replay covers
+(:func:`wsmanager.history.place_replay`).
+
+:class:`StreamHistory` is the part a node uses; :func:`append_args` is shared
+with :class:`wsmanager.backends.publisher.Publisher`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from redis.exceptions import NoScriptError, RedisError
+
+from .._core import dumps
+from ._lua import HISTORY_APPEND, HISTORY_READ
+from .routing import frame_head, lobby_channel
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from .redis import RedisBackend
+
+__all__ = ["StreamHistory", "append_args", "history_keys", "new_epoch"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: the frame head of history records: no sender, so that no node skips them
+#: (the sending node's members get its messages from the channel too)
+HEAD = frame_head(b"")
+_BATCH = 512  # scripts per pipeline
+_APPEND_SHA = hashlib.sha1(HISTORY_APPEND.encode()).hexdigest()
+_READ_SHA = hashlib.sha1(HISTORY_READ.encode()).hexdigest()
+_EPOCH_DIGITS = "0123456789abcdefghijklmnopqrstuv"
+_random = random.Random()  # seeded from os.urandom: epochs need to differ, not to be secret
+
+
+def new_epoch() -> str:
+    """A fresh epoch: 12 characters of ``[0-9a-v]`` (60 random bits), as the core's."""
+    n = _random.getrandbits(60)
+    return "".join(_EPOCH_DIGITS[(n >> (5 * i)) & 31] for i in range(12))
+
+
+def history_keys(namespace: str, lobby: str) -> tuple[str, str]:
+    """The stream and the hash of ``lobby``'s history (see :mod:`._lua`)."""
+    prefix = "{" + namespace + "}:"
+    return prefix + "hs:" + lobby, prefix + "hm:" + lobby
+
+
+def ttl_ms(history_ttl: float | None) -> int:
+    """``history_ttl`` as the scripts take it: milliseconds, 0 for none."""
+    return 0 if not history_ttl else max(1, int(history_ttl * 1000))
+
+
+def append_args(
+    namespace: str,
+    lobby: str,
+    data: str,
+    exclude_user_id: str | None,
+    history_size: int,
+    history_ttl: float | None,
+    publish_command: str,
+) -> list[Any]:
+    """Keys then arguments of ``HISTORY_APPEND`` for one message (``data``:
+    the serialized message). Raises TypeError when ``data`` is not a JSON
+    object's text (its position could not be added), as the core does."""
+    if len(data) < 2 or data[0] != "{" or data[-1] != "}":
+        raise TypeError(
+            "with history_size set, a lobby message must be a JSON object "
+            '(its position is added to it as "_pos")'
+        )
+    head = data[:-1] if data == "{}" else data[:-1] + ","
+    text = head + '"_pos":{"lobby":' + dumps(lobby) + ',"epoch":"'
+    stream, meta = history_keys(namespace, lobby)
+    return [
+        stream,
+        meta,
+        lobby_channel(namespace, lobby),
+        publish_command,
+        HEAD,
+        lobby,
+        exclude_user_id or "",
+        text,
+        history_size,
+        ttl_ms(history_ttl),
+        new_epoch(),
+    ]
+
+
+async def _bounded(coro: Awaitable[T], timeout: float) -> T:
+    """Await ``coro`` in a task of its own for at most ``timeout`` seconds
+    (as the backend does: a cancellation is not passed into redis-py)."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        raise asyncio.TimeoutError(f"no answer from Redis within {timeout}s")
+    return task.result()
+
+
+class StreamHistory:
+    """A node's side of the lobby streams: publishes in order, in pipelines
+    (one writer task per event loop), and reads for recoveries.
+
+    Counters: ``published`` (scripts that ran), ``dropped`` (messages lost:
+    Redis unreachable or failing), ``recoveries`` / ``recovered`` (reads, and
+    those that could replay)."""
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self._backend = backend
+        self._queue: deque[tuple[int, list[Any]]] = deque()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.published = 0
+        self.dropped = 0
+        self.recoveries = 0
+        self.recovered = 0
+
+    # ------------------------------------------------------------ publish
+
+    def publish(
+        self, lobby: str, data: str, exclude_user_id: str | None, size: int, ttl: float | None
+    ) -> None:
+        """Queue ``data`` for ``lobby``'s stream and channel (in order with
+        this node's other history messages). TypeError for a non-object."""
+        bp = self._backend
+        index = bp.shard_of(bp.lobby_channel(lobby))
+        args = append_args(bp.namespace, lobby, data, exclude_user_id, size, ttl, bp.publish_command(index))
+        self._queue.append((index, args))
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._task is None or self._task.done():
+            self._loop = loop
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._write_loop(), name="wsmanager-history-writer")
+        assert self._wake is not None
+        self._wake.set()
+
+    async def _write_loop(self) -> None:
+        queue = self._queue
+        wake = self._wake
+        assert wake is not None
+        while True:
+            if not queue:
+                wake.clear()
+                await wake.wait()
+                continue
+            batches: dict[int, list[list[Any]]] = {}
+            for _ in range(min(len(queue), _BATCH)):
+                index, args = queue.popleft()
+                batches.setdefault(index, []).append(args)
+            await asyncio.gather(*(self._send(index, batch) for index, batch in batches.items()))
+
+    async def _send(self, index: int, batch: list[list[Any]]) -> None:
+        client = self._backend.shard_client(index)
+        if client is None:
+            self._drop(len(batch), "backplane down")
+            return
+        try:
+            results = await self._pipeline(client, batch)
+            if any(isinstance(r, NoScriptError) for r in results):  # Redis restarted: load, resend those
+                await _bounded(client.script_load(HISTORY_APPEND), self._backend.command_timeout)
+                again = [a for a, r in zip(batch, results, strict=True) if isinstance(r, NoScriptError)]
+                results = [r for r in results if not isinstance(r, NoScriptError)]
+                results += await self._pipeline(client, again)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._drop(len(batch), repr(exc))
+            return
+        failed = sum(1 for r in results if isinstance(r, Exception))
+        self.published += len(results) - failed
+        if failed:
+            self._drop(failed, repr(next(r for r in results if isinstance(r, Exception))))
+
+    async def _pipeline(self, client: aioredis.Redis, batch: list[list[Any]]) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for args in batch:
+            pipe.evalsha(_APPEND_SHA, 2, *args)
+        result: list[Any] = await _bounded(pipe.execute(raise_on_error=False), self._backend.command_timeout)
+        return result
+
+    def _drop(self, n: int, why: str) -> None:
+        self.dropped += n
+        if self.dropped == n or self.dropped // 1000 != (self.dropped - n) // 1000:
+            logger.warning("history: %d lobby message(s) lost (%s)", self.dropped, why)
+
+    # --------------------------------------------------------------- read
+
+    async def read(
+        self, lobby: str, since: tuple[str, int] | None, user_id: str | None, size: int, ttl: float | None
+    ) -> tuple[bool, str, int, list[str]]:
+        """``(recovered, epoch, top, texts)`` of ``lobby`` since ``since``
+        (``None``: the position only), read once this node listens to the
+        lobby's channel: ``texts`` the kept messages after ``since`` (not
+        those broadcast with ``exclude_user_id=user_id``); ``recovered``
+        False, nothing replayed, when the epoch differs or a message needed
+        is no longer kept. The backplane down (or not listening within
+        ``command_timeout``): ``(False, "", 0, [])``. Redis errors propagate
+        as ``RedisError``."""
+        bp = self._backend
+        self.recoveries += 1
+        timeout = bp.command_timeout
+        if not await bp.wait_listening(bp.lobby_channel(lobby), timeout):
+            return False, "", 0, []
+        index = bp.shard_of(bp.lobby_channel(lobby))
+        client = bp.shard_client(index)
+        if client is None:
+            return False, "", 0, []
+        stream, meta = history_keys(bp.namespace, lobby)
+        epoch, offset = since if since is not None else ("", 0)
+        args = (2, stream, meta, epoch, offset, size, ttl_ms(ttl), new_epoch())
+        call: Callable[[], Awaitable[Any]] = lambda: client.evalsha(_READ_SHA, *args)  # noqa: E731
+        try:
+            raw = await _bounded(call(), timeout)
+        except NoScriptError:
+            raw = await _bounded(client.eval(HISTORY_READ, *args), timeout)
+        ok, now_epoch, top = bool(raw[0]), _text(raw[1]), int(raw[2])
+        texts: list[str] = []
+        if ok:
+            self.recovered += 1
+            for i in range(3, len(raw), 2):
+                if user_id is None or _text(raw[i + 1]) != user_id:
+                    texts.append(_text(raw[i]))
+        return ok, now_epoch, top, texts
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "history_published": self.published,
+            "history_dropped": self.dropped,
+            "history_backlog": len(self._queue),
+            "recoveries": self.recoveries,
+            "recovered": self.recovered,
+        }
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "surrogatepass") if isinstance(value, bytes) else str(value)
