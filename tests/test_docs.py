@@ -296,3 +296,12 @@ def test_a_refusal_before_accept_is_http_403_from_a_real_server_and_serve_gives_
 def test_the_readme_points_to_the_docs() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "make docs" in readme and "site/index.html" in readme
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
+def test_a_page_whose_examples_use_testclient_says_to_install_httpx2(page: str) -> None:
+    """Starlette's TestClient needs httpx2, which neither wsmanager nor its
+    `demo` extra installs: a new user running the page's example in a fresh
+    venv otherwise stops at a RuntimeError the page never mentions."""
+    if any("TestClient" in block for block in python_blocks(page)):
+        assert "pip install httpx2" in (DOCS / page).read_text(), page
