@@ -259,7 +259,7 @@ def python_blocks(page: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", (DOCS / page).read_text(), re.M | re.S)
 
 
-@pytest.mark.parametrize("page", ["getting-started.md", "migration.md", "testing.md", "configuration.md"])
+@pytest.mark.parametrize("page", ["getting-started.md", "migration.md", "testing.md", "configuration.md", "history.md"])
 def test_the_python_examples_of_a_page_run(page: str) -> None:
     """Every ```python block of the page, in order, in one namespace (their
     asserts are the checks)."""
@@ -305,3 +305,24 @@ def test_a_page_whose_examples_use_testclient_says_to_install_httpx2(page: str) 
     venv otherwise stops at a RuntimeError the page never mentions."""
     if any("TestClient" in block for block in python_blocks(page)):
         assert "pip install httpx2" in (DOCS / page).read_text(), page
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
+def test_the_python_examples_of_a_page_define_every_name_they_use(page: str) -> None:
+    """A block a user copies must run as written: pyflakes' undefined-name
+    check (ruff F821) over the page's blocks, read in order as one module,
+    for the pages whose examples need a server the suite does not run (Redis)
+    too. Top-level await counts as a syntax error: wrap it in an async def."""
+    source = "\n".join(python_blocks(page))
+    if not source:
+        return
+    compile(source, f"docs/{page}", "exec")  # a SyntaxError names the line
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--isolated", "--select", "F821", "--output-format", "concise"]
+        + ["--stdin-filename", f"docs/{page}.py", "-"],
+        input=source,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
