@@ -259,7 +259,10 @@ def python_blocks(page: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", (DOCS / page).read_text(), re.M | re.S)
 
 
-@pytest.mark.parametrize("page", ["getting-started.md", "migration.md", "testing.md", "configuration.md", "history.md"])
+EXAMPLE_PAGES = ["getting-started.md", "migration.md", "testing.md", "configuration.md", "history.md"]
+
+
+@pytest.mark.parametrize("page", EXAMPLE_PAGES)
 def test_the_python_examples_of_a_page_run(page: str) -> None:
     """Every ```python block of the page, in order, in one namespace (their
     asserts are the checks)."""
@@ -317,9 +320,9 @@ def test_the_python_examples_of_a_page_define_every_name_they_use(page: str) -> 
     if not source:
         return
     compile(source, f"docs/{page}", "exec")  # a SyntaxError names the line
+    ruff = [sys.executable, "-m", "ruff", "check", "--isolated", "--select", "F821"]
     proc = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "--isolated", "--select", "F821", "--output-format", "concise"]
-        + ["--stdin-filename", f"docs/{page}.py", "-"],
+        [*ruff, "--output-format", "concise", "--stdin-filename", f"docs/{page}.py", "-"],
         input=source,
         capture_output=True,
         text=True,
