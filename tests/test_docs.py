@@ -55,7 +55,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_site_builds_strict_with_every_page(site: Path) -> None:
     pages = {p.stem for p in DOCS.glob("*.md")}
     assert {"index", "getting-started", "migration", "configuration", "close-codes", "testing"} <= pages
-    assert {"troubleshooting", "changelog", "api", "redis-backplane"} <= pages
+    assert {"troubleshooting", "changelog", "api", "redis-backplane", "history", "rooms"} <= pages
     for page in pages:
         assert (site / f"{page}.html").is_file(), page
 
@@ -259,7 +259,14 @@ def python_blocks(page: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", (DOCS / page).read_text(), re.M | re.S)
 
 
-EXAMPLE_PAGES = ["getting-started.md", "migration.md", "testing.md", "configuration.md", "history.md"]
+EXAMPLE_PAGES = [
+    "getting-started.md",
+    "migration.md",
+    "testing.md",
+    "configuration.md",
+    "history.md",
+    "rooms.md",
+]
 
 
 @pytest.mark.parametrize("page", EXAMPLE_PAGES)
