@@ -55,7 +55,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_site_builds_strict_with_every_page(site: Path) -> None:
     pages = {p.stem for p in DOCS.glob("*.md")}
     assert {"index", "getting-started", "migration", "configuration", "close-codes", "testing"} <= pages
-    assert {"troubleshooting", "changelog", "api", "redis-backplane"} <= pages
+    assert {"troubleshooting", "changelog", "api", "redis-backplane", "history", "rooms"} <= pages
     for page in pages:
         assert (site / f"{page}.html").is_file(), page
 
@@ -259,7 +259,17 @@ def python_blocks(page: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", (DOCS / page).read_text(), re.M | re.S)
 
 
-@pytest.mark.parametrize("page", ["getting-started.md", "migration.md", "testing.md", "configuration.md"])
+EXAMPLE_PAGES = [
+    "getting-started.md",
+    "migration.md",
+    "testing.md",
+    "configuration.md",
+    "history.md",
+    "rooms.md",
+]
+
+
+@pytest.mark.parametrize("page", EXAMPLE_PAGES)
 def test_the_python_examples_of_a_page_run(page: str) -> None:
     """Every ```python block of the page, in order, in one namespace (their
     asserts are the checks)."""
@@ -296,3 +306,33 @@ def test_a_refusal_before_accept_is_http_403_from_a_real_server_and_serve_gives_
 def test_the_readme_points_to_the_docs() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "make docs" in readme and "site/index.html" in readme
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
+def test_a_page_whose_examples_use_testclient_says_to_install_httpx2(page: str) -> None:
+    """Starlette's TestClient needs httpx2, which neither wsmanager nor its
+    `demo` extra installs: a new user running the page's example in a fresh
+    venv otherwise stops at a RuntimeError the page never mentions."""
+    if any("TestClient" in block for block in python_blocks(page)):
+        assert "pip install httpx2" in (DOCS / page).read_text(), page
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
+def test_the_python_examples_of_a_page_define_every_name_they_use(page: str) -> None:
+    """A block a user copies must run as written: pyflakes' undefined-name
+    check (ruff F821) over the page's blocks, read in order as one module,
+    for the pages whose examples need a server the suite does not run (Redis)
+    too. Top-level await counts as a syntax error: wrap it in an async def."""
+    source = "\n".join(python_blocks(page))
+    if not source:
+        return
+    compile(source, f"docs/{page}", "exec")  # a SyntaxError names the line
+    ruff = [sys.executable, "-m", "ruff", "check", "--isolated", "--select", "F821"]
+    proc = subprocess.run(
+        [*ruff, "--output-format", "concise", "--stdin-filename", f"docs/{page}.py", "-"],
+        input=source,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -162,6 +162,19 @@ def test_refusals_are_accept_then_close() -> None:
     asyncio.run(main())
 
 
+def test_allowed_origins_given_as_one_string_is_a_type_error() -> None:
+    # frozenset("https://app.example") is a set of characters: every browser would be refused
+    # with 4008, silently. The error says what to write instead.
+    with pytest.raises(TypeError, match=r"^allowed_origins .* write \{'https://app.example'\}$"):
+        ConnectionManager(allowed_origins="https://app.example")
+    with pytest.raises(TypeError, match=r"^allowed_origins "):
+        ConnectionManager(allowed_origins=b"https://app.example")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^allowed_origins must hold str"):
+        ConnectionManager(allowed_origins=[b"https://app.example"])  # type: ignore[list-item]
+    ok = ConnectionManager(allowed_origins=["https://app.example", "https://admin.example"])
+    assert ok.allowed_origins == frozenset({"https://app.example", "https://admin.example"})
+
+
 def test_a_failing_handler_closes_with_1011_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     async def boom(lobby: str, user: str, data: dict[str, Any]) -> None:
         raise KeyError("to")

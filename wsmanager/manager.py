@@ -282,9 +282,16 @@ class ConnectionManager(Core):
         self.max_backlog_bytes = max_backlog_bytes
         self.max_message_bytes = max_message_bytes
         self.max_bad_messages = max_bad_messages
+        if isinstance(allowed_origins, (str, bytes)):  # a str is a Collection[str] of its characters
+            raise TypeError(
+                f"allowed_origins must be a collection of origins, not one {type(allowed_origins).__name__}:"
+                f" write {{{allowed_origins!r}}}"
+            )
         self.allowed_origins: frozenset[str] | None = (
             None if allowed_origins is None else frozenset(allowed_origins)
         )
+        if self.allowed_origins is not None and not all(isinstance(o, str) for o in self.allowed_origins):
+            raise TypeError("allowed_origins must hold str origins such as 'https://app.example'")
         self.close_timeout = close_timeout
         self.shutdown_timeout = shutdown_timeout
         self.on_user_limit = on_user_limit
