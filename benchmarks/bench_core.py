@@ -3,6 +3,8 @@
     python benchmarks/bench_core.py            # the real measurement: one markdown table
     python benchmarks/bench_core.py --json     # the same numbers as JSON
     python benchmarks/bench_core.py --quick    # small N, under a minute: a smoke run, not a measurement
+    python benchmarks/bench_core.py --rows connect,disconnect/own,bytes/with,bytes/one-task
+                                               # only the realistic rows whose key starts so
 
 The seed is benchmarks/baseline.py (the pattern's ``ConnectionManager``,
 statement for statement). Every row prints the ratio seed / wsmanager (>1:
@@ -736,7 +738,14 @@ async def time_broadcasts(m: Manager, codes: list[str], message: dict[str, Any],
     return (time.perf_counter_ns() - t0) / len(codes)
 
 
-async def bench_realistic(report: Report, sizes: Sizes, rng: random.Random) -> None:
+def wanted(key: str, rows: Sequence[str] | None) -> bool:
+    """Whether ``--rows`` (key prefixes; None: every row) asks for the row ``key``."""
+    return rows is None or any(key.startswith(prefix) for prefix in rows)
+
+
+async def bench_realistic(
+    report: Report, sizes: Sizes, rng: random.Random, rows: Sequence[str] | None = None
+) -> None:
     sides: list[Side] = [
         ("seed", lambda: BaselineManager(BIG, BIG)),
         ("wsmanager", lambda: ConnectionManager(BIG, BIG)),
@@ -750,12 +759,20 @@ async def bench_realistic(report: Report, sizes: Sizes, rng: random.Random) -> N
     bc_lobbies = max(1, n // sizes.broadcast_lobby)
     codes = rng.choices(ids(bc_lobbies, bc_lobbies, "x")[0], k=sizes.broadcasts)
     message = MESSAGES["chat message"]
+    own_rows = wanted("connect/own-task", rows) or wanted("disconnect/own-task-exit", rows)
+    broadcast_rows = any(
+        wanted(key, rows) for key in ("broadcast/gc-on", "broadcast/gc-off", "broadcast/wrapped-send")
+    )
     for _ in range(sizes.rounds):
         for side, make in sides:
-            connect_ns, exit_ns = await time_own_task(make, n, lobbies)
-            keep("connect/own-task", side, connect_ns)
-            keep("disconnect/own-task-exit", side, exit_ns)
-            keep("connect/one-task", side, await in_one_task(make, sizes.one_task, sizes.lobbies, False))
+            if own_rows:
+                connect_ns, exit_ns = await time_own_task(make, n, lobbies)
+                keep("connect/own-task", side, connect_ns)
+                keep("disconnect/own-task-exit", side, exit_ns)
+            if wanted("connect/one-task", rows):
+                keep("connect/one-task", side, await in_one_task(make, sizes.one_task, sizes.lobbies, False))
+            if not broadcast_rows:
+                continue
             # broadcast: a population of endpoint tasks, lobbies of broadcast_lobby members
             m = make()
             served = Served(m, n, bc_lobbies)
@@ -782,10 +799,16 @@ async def bench_realistic(report: Report, sizes: Sizes, rng: random.Random) -> N
             await stop(m)
             del m, served
     for side, make in sides:  # memory is deterministic enough: one measurement each
-        keep("bytes/with-task", side, await bytes_own_task(make, n, lobbies))
-        keep("bytes/one-task", side, await in_one_task(make, sizes.memory_connections, sizes.lobbies, True))
+        if wanted("bytes/with-task", rows):
+            keep("bytes/with-task", side, await bytes_own_task(make, n, lobbies))
+        if wanted("bytes/one-task", rows):
+            keep(
+                "bytes/one-task", side, await in_one_task(make, sizes.memory_connections, sizes.lobbies, True)
+            )
 
     def add(key: str, operation: str, scale: str, goal: float | None, unit: str = "ns") -> None:
+        if not wanted(key, rows):
+            return
         report.rows.append(
             Row(
                 key, operation, scale, "seed", best[key, "seed"], best[key, "wsmanager"], unit=unit, goal=goal
@@ -931,7 +954,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--rounds", type=int, default=None, help="rounds of the realistic rows (best is kept)"
     )
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help="comma-separated key prefixes of the realistic rows to run (e.g. connect,bytes/); "
+        "only those are measured: no operation rows, no aims",
+    )
     args = parser.parse_args(argv)
+    rows = None if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
 
     sizes = QUICK if args.quick else FULL
     sizes = replace(
@@ -948,7 +978,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = Report(quick=args.quick)
 
     # realistic rows first, garbage collector on
-    asyncio.run(bench_realistic(report, sizes, rng))
+    asyncio.run(bench_realistic(report, sizes, rng, rows))
+    if rows is not None:
+        report.seconds = time.perf_counter() - started
+        report.load = (load_before, os.getloadavg()[0])
+        if args.json:
+            doc = {
+                "rows": [asdict(r) | {"ratio": r.ratio, "met": r.met} for r in report.rows],
+                "load_average": report.load,
+                "seconds": report.seconds,
+                "quick": report.quick,
+                "python": sys.version,
+            }
+            print(json.dumps(doc, indent=2))
+        else:
+            print(markdown(report))
+        return 0
     gc.collect()
     gc.disable()
     try:

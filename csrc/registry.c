@@ -375,18 +375,22 @@ wsm_registry_init(wsm_registry *r)
 int
 wsm_registry_traverse(wsm_registry *r, visitproc visit, void *arg)
 {
-    void *item;
-    size_t i = 0;
-    while (wsm_table_next(&r->conns, &i, &item)) {
-        Py_VISIT(((wsm_conn *)item)->ws);
+    /* Only the websockets can take part in a reference cycle: the group
+     * keys are exact str (checked_id / lookup_id copy a subclass), which the
+     * collector does not track, so visiting them only cost a cache miss per
+     * lobby and per user in every full collection. Each websocket is read
+     * from its slot's tag (the pointer the conns table is keyed by), in one
+     * contiguous walk of the slots, without touching the entries. */
+    const wsm_table *t = &r->conns;
+    if (t->slots == NULL) {
+        return 0;
     }
-    i = 0;
-    while (wsm_table_next(&r->lobbies, &i, &item)) {
-        Py_VISIT(((wsm_group *)item)->key);
-    }
-    i = 0;
-    while (wsm_table_next(&r->users, &i, &item)) {
-        Py_VISIT(((wsm_group *)item)->key);
+    for (size_t i = 0; i <= t->mask; i++) {
+        const wsm_slot *s = &t->slots[i];
+        if (s->item != NULL) {
+            assert(((const wsm_conn *)s->item)->ws == (PyObject *)s->tag);
+            Py_VISIT((PyObject *)s->tag);
+        }
     }
     return 0;
 }

@@ -77,3 +77,27 @@ def test_bench_core_quick_json_has_every_row() -> None:
     assert rows["bytes/with-task"]["unit"] == "B"
     assert rows["connect-bookkeeping/large"]["favourable"] is True
     assert rows["connect-bookkeeping/large"]["goal"] is None
+
+
+def test_bench_core_rows_runs_only_the_rows_asked_for() -> None:
+    """``--rows`` (key prefixes) measures only those realistic rows, e.g. the
+    connect rows of issue 10 without the broadcasts and the operation rows."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_core.py"),
+            "--quick",
+            "--json",
+            "--rows",
+            "connect,bytes/one-task",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {row["key"]: row for row in json.loads(proc.stdout)["rows"]}
+    assert set(rows) == {"connect/own-task", "connect/one-task", "bytes/one-task"}
+    for key, row in rows.items():
+        assert row["baseline_value"] > 0 and row["wsmanager_value"] > 0, key

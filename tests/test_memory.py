@@ -455,3 +455,24 @@ def test_open_connections_are_traced_and_freed(
     freed = traced()
     assert m.get_stats()["total_connections"] == m.get_stats()["pending_connections"] == 0
     assert freed - empty < 64 * KIB, f"{freed - empty} bytes still traced once all are gone"
+
+
+def test_a_manager_used_from_successive_event_loops_keeps_none_of_the_closed_ones() -> None:
+    """connect() keeps a loop's record of handshakes in flight from one
+    connect to the next; a closed loop's is dropped by the next loop's first
+    connect, so a manager that outlives its loops (TestClient sessions,
+    successive asyncio.run()) does not keep them alive."""
+    m = ConnectionManager(ping_interval=None)
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def session() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        ws = AcceptingSocket()
+        assert await m.connect(cast(WebSocket, ws), "lobby", "user")
+        assert m.disconnect(ws) == ("lobby", "user")
+
+    for _ in range(4):
+        asyncio.run(session())
+    gc.collect()
+    assert [ref() is None for ref in loops[:-1]] == [True, True, True]
+    assert len(m) == 0

@@ -101,12 +101,6 @@ def _is_closed(websocket: Any) -> bool:
     )
 
 
-def _runs_connect(task: asyncio.Task[Any]) -> bool:
-    """True when ``connect()`` was wrapped in a task of its own (``wait_for`` on
-    Python < 3.12, ``gather``, ``create_task``): that task is not the endpoint's."""
-    return getattr(task.get_coro(), "__name__", "") == "connect"
-
-
 class HealthMonitor:
     """Heartbeat and stale-connection cleanup of one ``ConnectionManager``.
 
@@ -208,7 +202,9 @@ class HealthMonitor:
             endpoints = self._endpoints
             known = endpoints.get(task)
             if known is None:  # a task not watched yet: is it an endpoint?
-                if not _runs_connect(task):
+                # Not when it only runs connect() (wrapped in a task of its own by
+                # ``wait_for`` on Python < 3.12, ``gather``, ``create_task``)
+                if getattr(task.get_coro(), "__name__", "") != "connect":
                     st.handlers += 1
                     if not owned:
                         self._owners[websocket] = st
@@ -437,8 +433,15 @@ class HealthMonitor:
         st = self._states.get(task.get_loop())
         if known is None or st is None:  # its loop's state is gone only once the loop closed
             return
-        for websocket in known if isinstance(known, list) else (known,):
-            self._endpoint_done(websocket, st, task)
+        if isinstance(known, list):
+            for websocket in known:
+                self._endpoint_done(websocket, st, task)
+            return
+        manager = self._manager_ref()
+        if st.handlers > 1 and not self._owners and (manager is None or known not in manager):
+            st.handlers -= 1  # the common end (disconnected, others remain): _endpoint_done inline
+            return
+        self._endpoint_done(known, st, task)
 
     def _endpoint_done(self, websocket: WebSocket, st: _LoopState, task: asyncio.Task[Any]) -> None:
         """The endpoint task that called ``connect()`` for ``websocket`` has ended."""

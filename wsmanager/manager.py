@@ -512,7 +512,7 @@ class ConnectionManager(Core):
         loop = asyncio.get_running_loop()
         in_loop = self._handshakes.get(loop)
         if in_loop is None:
-            in_loop = self._handshakes[loop] = {}
+            in_loop = self._handshakes_of(loop)
         key = id(websocket)
         in_loop[key] = websocket
         try:
@@ -598,9 +598,7 @@ class ConnectionManager(Core):
                 )
             return True
         finally:
-            in_loop.pop(key, None)
-            if not in_loop and self._handshakes.get(loop) is in_loop:
-                del self._handshakes[loop]
+            in_loop.pop(key, None)  # (the loop's dict stays: the next connect reuses it)
             if self._overtaken:
                 self._overtaken.discard(websocket)
             if self._handshakes_waiter is not None:  # a shutdown() waits for the handshakes
@@ -765,6 +763,18 @@ class ConnectionManager(Core):
 
     def _log_join_refused(self, lobby_code: str, reason: str) -> None:
         logger.info("join refused: %s", reason, extra={"lobby": lobby_code, "reason": reason})
+
+    def _handshakes_of(self, loop: asyncio.AbstractEventLoop) -> dict[int, Any]:
+        """The record of ``loop``'s handshakes in flight, made on its first
+        connect and kept while empty (no dict per connect). The records of
+        closed loops are dropped here (a loop running in another thread keeps
+        its own), so a manager used from one loop after another keeps no
+        closed loop but the last."""
+        for other in [lp for lp in list(self._handshakes) if lp.is_closed()]:
+            self._handshakes.pop(other, None)
+        in_loop: dict[int, Any] = {}
+        self._handshakes[loop] = in_loop
+        return in_loop
 
     def _handshake_ended(self, loop: asyncio.AbstractEventLoop) -> None:
         """A handshake of ``loop`` ended while shutdown() waits: wake it once
