@@ -743,18 +743,17 @@ class ConnectionManager(Core):
         the recovery message; without ``since``, the lobby's position
         message. Synchronous: called right after the connection became a
         member, with no await in between, so every live message of the lobby
-        is posted after these (post() keeps the order, also through a
-        backlog)."""
+        is posted after these (post_all() keeps the order, also through a
+        backlog and against a send that posts re-entrantly)."""
         if since is None:
             _recovered, epoch, top, _texts = self._history_since(lobby_code, "", 0)
-            self.delivery.post(websocket, encode_message(position_message(lobby_code, epoch, top), None))
+            position = encode_message(position_message(lobby_code, epoch, top), None)
+            self.delivery.post_all(websocket, [position])
             return
         recovered, epoch, top, texts = self._history_since(lobby_code, since[0], since[1], user_id)
-        post = self.delivery.post
-        for text in texts:
-            if not post(websocket, text):
-                return  # the connection failed: it was removed
-        post(websocket, encode_message(recovery_message(lobby_code, recovered, epoch, top), None))
+        # one batch: a message posted while it is sent (even re-entrantly, from a send) comes after it
+        last = encode_message(recovery_message(lobby_code, recovered, epoch, top), None)
+        self.delivery.post_all(websocket, [*texts, last])
 
     def presence_changed(self, lobby_code: str) -> None:
         """A clustered backend's report that another node's membership of
