@@ -203,3 +203,91 @@ def test_concurrent_publishing_during_recovery_no_gap_no_duplicate(redis: RedisS
                 await asyncio.gather(*tasks)
 
     asyncio.run(main())
+
+
+# -- join(since=) with a clustered backend -----------------------------------
+
+
+def test_join_with_since_on_the_other_node_replays_what_was_missed_then_live_ones(redis: RedisServer) -> None:
+    """A connection of node B joins "room" (a lobby node B has no member
+    of, so no subscription yet) with the position it had on node A: it gets
+    exactly what it missed, in order, the recovery message, then live ones;
+    a join with another epoch gets ``recovered: false``, one while a member
+    replays nothing."""
+
+    async def main() -> None:
+        async with cluster(redis.url) as (a, b):
+            watcher = await connected(a, "room", "watcher")
+            p1 = await connected(a, "home", "hana")
+            assert await a.join(p1.ws, "room")
+            await a.broadcast_to_lobby("room", {"type": "note", "n": 0})
+            await until(lambda: notes(p1) == [0], "hana got 0")
+            last = [t for t in p1.texts() if t.get("type") == "note"][-1]["_pos"]
+            a.disconnect(p1.ws)
+            for i in range(1, 6):  # offline for 5
+                await a.broadcast_to_lobby("room", {"type": "note", "n": i})
+            await until(lambda: len(notes(watcher)) == 6, "the watcher got 6")
+            p2 = await connected(b, "home", "hana")
+            assert await b.join(p2.ws, "room", since=(last["epoch"], last["offset"]))
+            await a.broadcast_to_lobby("room", {"type": "note", "n": 6})
+            await until(lambda: 6 in notes(p2), "hana got the live one")
+            assert notes(p2) == [1, 2, 3, 4, 5, 6]
+            assert offsets(p2) == [2, 3, 4, 5, 6, 7]
+            (rec,) = of_type(p2, "recovery")
+            assert rec == {
+                "type": "recovery",
+                "lobby": "room",
+                "recovered": True,
+                "epoch": last["epoch"],
+                "offset": 6,
+            }
+            kinds = [
+                t["type"] for t in p2.texts() if t.get("lobby", t.get("_pos", {}).get("lobby")) == "room"
+            ]
+            assert kinds == ["note"] * 5 + ["recovery", "note"]
+            # a member already: it missed nothing, nothing replayed
+            assert await b.join(p2.ws, "room", since=(last["epoch"], 0))
+            assert len(of_type(p2, "recovery")) == 1 and notes(p2) == [1, 2, 3, 4, 5, 6]
+            # another epoch: recovered false, nothing replayed, live ones after
+            p3 = await connected(b, "home", "ivan")
+            assert await b.join(p3.ws, "room", since=("otherepoch12", 3))
+            (rec3,) = of_type(p3, "recovery")
+            assert rec3["recovered"] is False and rec3["offset"] == 7 and notes(p3) == []
+            await b.broadcast_to_lobby("room", {"type": "note", "n": 7})
+            await until(lambda: notes(p3) == [7] and 7 in notes(p2), "both got 7")
+
+    asyncio.run(main())
+
+
+def test_join_with_since_racing_broadcasts_from_both_nodes_sees_each_offset_once(redis: RedisServer) -> None:
+    async def main() -> None:
+        async with cluster(redis.url, history_size=10_000) as (a, b):
+            stop = asyncio.Event()
+
+            async def publisher(node: ConnectionManager) -> None:
+                i = 0
+                while not stop.is_set():
+                    await node.broadcast_to_lobby("room", {"type": "note", "n": i})
+                    i += 1
+                    await asyncio.sleep(0.001)
+
+            watcher = await connected(a, "room", "watcher")
+            tasks = [asyncio.create_task(publisher(a)), asyncio.create_task(publisher(b))]
+            try:
+                for round_ in range(6):
+                    want = 5 * (round_ + 1)
+                    await until(lambda w=want: len(offsets(watcher)) >= w, "more messages")  # type: ignore[misc]
+                    pos = [t for t in watcher.texts() if "_pos" in t][-1]["_pos"]
+                    peer = await connected(b if round_ % 2 else a, "home", f"j{round_}")
+                    node = b if round_ % 2 else a
+                    assert await node.join(peer.ws, "room", since=(pos["epoch"], pos["offset"]))
+                    await until(lambda p=peer: len(offsets(p)) >= 10, "replay then live")  # type: ignore[misc]
+                    seen = offsets(peer)
+                    assert seen == list(range(pos["offset"] + 1, pos["offset"] + 1 + len(seen))), seen
+                    (rec,) = of_type(peer, "recovery")
+                    assert rec["recovered"] is True
+            finally:
+                stop.set()
+                await asyncio.gather(*tasks)
+
+    asyncio.run(main())
