@@ -291,3 +291,34 @@ def test_join_with_since_racing_broadcasts_from_both_nodes_sees_each_offset_once
                 await asyncio.gather(*tasks)
 
     asyncio.run(main())
+
+
+def test_get_stats_history_counts_appends_and_recoveries_with_redis(redis: RedisServer) -> None:
+    async def main() -> None:
+        async with cluster(redis.url, history_size=3) as (a, b):
+            p1 = await connected(a, "room", "kim")
+            pos = of_type(p1, "lobby_position")[0]
+            for i in range(4):
+                await a.broadcast_to_lobby("room", {"type": "note", "n": i})
+            await b.broadcast_to_lobby("room", {"type": "note", "n": 4})
+            await until(lambda: len(notes(p1)) == 5, "kim got 5")
+            await until(lambda: a.get_stats()["history"]["appended"] == 4, "a's appends confirmed")
+            await until(lambda: b.get_stats()["history"]["appended"] == 1, "b's append confirmed")
+            await connected(b, "room", "lee", since=(pos["epoch"], 3))  # missed 2: replayed
+            await connected(b, "room", "max", since=(pos["epoch"], 0))  # missed 5 > 3 kept
+            got = b.get_stats()["history"]
+            assert (got["recoveries"], got["recovered"], got["not_recovered"], got["replayed"]) == (
+                2,
+                1,
+                1,
+                2,
+            )
+            assert (got["lobbies"], got["entries"], got["bytes"], got["dropped"], got["backlog"]) == (
+                0,
+                0,
+                0,
+                0,
+                0,
+            )
+
+    asyncio.run(main())

@@ -408,7 +408,8 @@ class Delivery:
         (as :meth:`_send_now` makes it, which keeps its own copy: a hot path)."""
         if type(websocket) is WebSocket and websocket.application_state is _CONNECTED:
             return asgi_send(websocket)({"type": "websocket.send", "text": data}).__await__()
-        return websocket.send_text(data).__await__()
+        steps: _Steps = websocket.send_text(data).__await__()
+        return steps
 
     def _send_failed(self, websocket: Any, exc: BaseException) -> None:
         """A send raised: Starlette's bookkeeping (an ``OSError`` marks the
@@ -570,9 +571,10 @@ class Delivery:
         while pending:
             text = pending.popleft()
             step: Any = None
-            coro = self._send_coro(websocket, text)
+            sending = self._send_coro(websocket, text)
+            coro: _Steps | None = sending
             try:
-                for step in coro:  # noqa: B007 (step is used below: what the send waits on)
+                for step in sending:  # noqa: B007 (step is used below: what the send waits on)
                     break
                 else:
                     coro = None

@@ -254,6 +254,11 @@ class StreamHistory:
                     texts.append(_text(raw[i]))
         return ok, now_epoch, top, texts
 
+    def totals(self) -> tuple[int, int, int]:
+        """``(appended, dropped, backlog)``: messages this node's scripts kept,
+        messages lost (never kept: Redis down or failing), messages queued."""
+        return self.published, self.dropped, len(self._queue)
+
     def stats(self) -> dict[str, int]:
         return {
             "history_published": self.published,
