@@ -15,11 +15,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from tests.asgi_fakes import FakePeer
 from tests.redis_server import RedisServer, redis_server
 from wsmanager import ConnectionManager
 from wsmanager.backends.redis import Publisher, RedisBackend
+from wsmanager.backends.redis_history import history_keys
 
 pytestmark = pytest.mark.slow
 
@@ -322,3 +324,74 @@ def test_get_stats_history_counts_appends_and_recoveries_with_redis(redis: Redis
             )
 
     asyncio.run(main())
+
+
+# -- broadcasting while the backplane is down -------------------------------
+
+
+def test_a_broadcast_while_redis_is_down_reaches_local_members_and_is_a_gap_recovery_reports() -> None:
+    """docs/history.md, Outages: with Redis stopped, a broadcast reaches this
+    node's members without a position and is not kept; it is counted in
+    ``get_stats()["history"]["dropped"]`` and, once Redis is back (here with
+    its data: saved, stopped, started again), the lobby's offset skips it, so
+    a client that missed it gets ``recovered: false``, never a silent gap."""
+
+    async def main(server: RedisServer) -> None:
+        async with cluster(server.url) as (a, b):
+            pa = await connected(a, "room", "ann")
+            pb = await connected(b, "room", "ben")
+            for i in (1, 2):
+                await a.broadcast_to_lobby("room", {"type": "note", "n": i})
+            await until(lambda: notes(pa) == notes(pb) == [1, 2], "both got 1, 2")
+            epoch = pb.texts()[-1]["_pos"]["epoch"]
+            client = aioredis.from_url(server.url)
+            await client.save()
+            await client.aclose()
+            server.kill()
+            await until(lambda: not bp(a).up and not bp(b).up, "both see the backplane down")
+            assert await a.broadcast_to_lobby("room", {"type": "note", "n": 3}) == 1  # ann only
+            assert pa.texts()[-1] == {"type": "note", "n": 3}  # no position: it is not kept
+            assert a.get_stats()["history"]["dropped"] == 1
+            server.start()  # loads the saved data: the same epoch, offset 2
+            await until(lambda: bp(a).up and bp(b).up, "both back up")
+            _stream, meta = history_keys(bp(a).namespace, "room")
+            client = aioredis.from_url(server.url)
+            try:
+                await until_async(lambda: client.hget(meta, "o"), b"3", "the gap marked: offset 3 skipped")
+                assert await client.hget(meta, "e") == epoch.encode()
+            finally:
+                await client.aclose()
+            b.disconnect(pb.ws)
+            again = await connected(b, "room", "ben", since=(epoch, 2))
+            (rec,) = of_type(again, "recovery")
+            assert rec == {
+                "type": "recovery",
+                "lobby": "room",
+                "recovered": False,
+                "epoch": epoch,
+                "offset": 3,
+            }
+            assert notes(again) == []
+            await b.broadcast_to_lobby("room", {"type": "note", "n": 4})
+            await until(lambda: notes(again) == [4] and notes(pa)[-1] == 4, "live again, on both nodes")
+            assert offsets(again) == [4]
+            late = await connected(a, "room", "cy", since=(epoch, 3))  # after the gap: recoverable
+            assert of_type(late, "recovery")[0]["recovered"] is True and offsets(late) == [4]
+            stats = a.get_stats()["history"]
+            assert stats["dropped"] == 1 and stats["backlog"] == 0
+
+    server = RedisServer()
+    server.start()
+    try:
+        asyncio.run(main(server))
+    finally:
+        server.close()
+
+
+async def until_async(read: Callable[[], Any], want: Any, what: str, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while await read() != want:
+        if loop.time() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.02)
