@@ -2411,14 +2411,18 @@ Core_history_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
 }
 
 /* _history_totals() -> (lobbies, entries, bytes, appended): _history_stats
- * plus the kept texts' character bytes and the appends so far */
+ * plus the kept texts' character bytes and the appends so far; reads the
+ * clock only when there is something to expire */
 static PyObject *
 Core_history_totals(CoreObject *self, PyObject *Py_UNUSED(ignored))
 {
     CHECK_INIT(self, NULL);
-    NOW_OR_FAIL(now, self, return NULL);
     wsm_history_check_fork(&self->hist);
-    wsm_history_expire(&self->hist, NULL, now);
+    if (self->hist.ttl > 0 && self->hist.nrings > 0) { /* no clock read otherwise (get_stats) */
+        NOW_OR_FAIL(now, self, return NULL);
+        wsm_history_check_fork(&self->hist); /* the clock ran Python code */
+        wsm_history_expire(&self->hist, NULL, now);
+    }
     unsigned long long appended = self->hist.appended;
     return Py_BuildValue("(nnnK)", self->hist.nrings, self->hist.nentries, self->hist.nbytes,
                          appended);
