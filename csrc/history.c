@@ -157,6 +157,7 @@ drop_head(wsm_history *h, wsm_ring *ring)
     ring->head = (ring->head + 1) % ring->cap;
     ring->count--;
     h->nentries--;
+    h->nbytes -= wsm_text_bytes(text);
     Py_DECREF(text); /* exact str: their deallocation runs no Python code */
     Py_XDECREF(excluded);
 }
@@ -264,6 +265,8 @@ wsm_history_push(wsm_history *h, wsm_ring *ring, PyObject *text, PyObject *exclu
     ring->top++;
     ring->last = now;
     h->nentries++;
+    h->nbytes += wsm_text_bytes(text);
+    h->appended++;
     age_unlink(h, ring);
     age_push(h, ring);
     return 0;

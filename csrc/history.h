@@ -54,6 +54,8 @@ typedef struct {
     uint64_t created;       /* rings created so far: epochs differ within one */
     Py_ssize_t nrings;
     Py_ssize_t nentries;
+    Py_ssize_t nbytes;      /* character data of the kept texts (length x kind) */
+    uint64_t appended;      /* messages appended so far (never goes down) */
     unsigned long forks;    /* wsm_history_forks when the rings were made */
 } wsm_history;
 
@@ -101,6 +103,13 @@ wsm_history_check_fork(wsm_history *h)
 /* Drop the oldest entries of every ring holding more than h->size (after
  * the size was lowered): what is kept is bounded at once. */
 void wsm_history_trim(wsm_history *h);
+/* Bytes of an exact str's character data, as CPython stores it (length x
+ * 1, 2 or 4): what history's `nbytes` counts. */
+static inline Py_ssize_t
+wsm_text_bytes(PyObject *text)
+{
+    return PyUnicode_GET_LENGTH(text) * (Py_ssize_t)PyUnicode_KIND(text);
+}
 /* The entry of `offset` (ring->top - ring->count < offset <= ring->top). */
 static inline const wsm_hentry *
 wsm_ring_at(const wsm_ring *ring, uint64_t offset)

@@ -2410,6 +2410,24 @@ Core_history_stats(CoreObject *self, PyObject *Py_UNUSED(ignored))
     return Py_BuildValue("(nn)", self->hist.nrings, self->hist.nentries);
 }
 
+/* _history_totals() -> (lobbies, entries, bytes, appended): _history_stats
+ * plus the kept texts' character bytes and the appends so far; reads the
+ * clock only when there is something to expire */
+static PyObject *
+Core_history_totals(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_INIT(self, NULL);
+    wsm_history_check_fork(&self->hist);
+    if (self->hist.ttl > 0 && self->hist.nrings > 0) { /* no clock read otherwise (get_stats) */
+        NOW_OR_FAIL(now, self, return NULL);
+        wsm_history_check_fork(&self->hist); /* the clock ran Python code */
+        wsm_history_expire(&self->hist, NULL, now);
+    }
+    unsigned long long appended = self->hist.appended;
+    return Py_BuildValue("(nnnK)", self->hist.nrings, self->hist.nentries, self->hist.nbytes,
+                         appended);
+}
+
 static PyGetSetDef Core_getset[] = {
     {"history_size", (getter)Core_get_history_size, (setter)Core_set_history_size,
      "Messages kept per lobby for recovery; 0: history off.", NULL},
@@ -2500,6 +2518,7 @@ static PyMethodDef Core_methods[] = {
      METH_FASTCALL, NULL},
     {"_history_info", (PyCFunction)Core_history_info, METH_O, NULL},
     {"_history_stats", (PyCFunction)Core_history_stats, METH_NOARGS, NULL},
+    {"_history_totals", (PyCFunction)Core_history_totals, METH_NOARGS, NULL},
     {"_user_targets", (PyCFunction)Core_user_targets, METH_O, NULL},
     {"_lobby_count", (PyCFunction)Core_lobby_count, METH_O, NULL},
     {"_snapshot", (PyCFunction)Core_snapshot, METH_NOARGS, NULL},

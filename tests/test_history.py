@@ -550,3 +550,48 @@ def test_finalizers_during_a_replay_cannot_corrupt_it(action: str) -> None:
     finally:
         gc.set_threshold(*threshold)
     assert m._history_stats()[0] <= 1
+
+
+def test_get_stats_counts_the_rings_their_bytes_and_the_recoveries() -> None:
+    """get_stats()["history"] (docs/history.md): what the rings hold now,
+    in lobbies, messages and bytes, and how recoveries went."""
+
+    async def main() -> None:
+        m = ConnectionManager(10, 10, history_size=3)
+        zero = {
+            "lobbies": 0,
+            "entries": 0,
+            "bytes": 0,
+            "appended": 0,
+            "dropped": 0,
+            "backlog": 0,
+            "recoveries": 0,
+            "recovered": 0,
+            "not_recovered": 0,
+            "replayed": 0,
+        }
+        assert m.get_stats()["history"] == zero
+        texts = []
+        for n in range(5):
+            for lobby in ("A", "B"):
+                texts.append(m._history_append(lobby, json.dumps({"n": n, "s": "é"}, ensure_ascii=False)))
+        epoch = m._history_info("A")
+        assert epoch is not None
+        got = m.get_stats()["history"]
+        kept = [t for t in texts if '"offset":3' in t or '"offset":4' in t or '"offset":5' in t]
+        assert (got["lobbies"], got["entries"], got["appended"]) == (2, 6, 10)
+        assert got["bytes"] == sum(len(t) for t in kept)  # latin-1 text: one byte per character
+        ok = FakePeer()
+        assert await m.connect(ok.ws, "A", "u", since=(epoch[0], 3))
+        late = FakePeer()
+        assert await m.connect(late.ws, "A", "v", since=(epoch[0], 0))  # missed 5 > 3 kept
+        fresh = FakePeer()
+        assert await m.connect(fresh.ws, "B", "w")  # no since: a position, not a recovery
+        got = m.get_stats()["history"]
+        assert (got["recoveries"], got["recovered"], got["not_recovered"], got["replayed"]) == (2, 1, 1, 2)
+        m.history_size = 0
+        got = m.get_stats()["history"]
+        assert (got["lobbies"], got["entries"], got["bytes"], got["appended"]) == (0, 0, 0, 10)
+        assert m.get_stats(local=True)["history"] == got
+
+    asyncio.run(main())

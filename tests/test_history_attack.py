@@ -207,10 +207,6 @@ def test_recovery_through_a_wrapped_send_or_a_websocket_subclass_keeps_the_order
     run(main())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a live message posted re-entrantly from a send during _recover overtakes the rest of the replay",
-)
 def test_a_send_that_broadcasts_to_the_lobby_while_the_replay_is_posted_keeps_the_order() -> None:
     """A send wrapper that itself broadcasts (an audit hook, say) runs in
     the middle of the replay: the live message it sends must still come
@@ -237,6 +233,72 @@ def test_a_send_that_broadcasts_to_the_lobby_while_the_replay_is_posted_keeps_th
         await drain(peer, 6)
         assert fired
         strictly_contiguous(offsets(peer), 1, 6)
+
+    run(main())
+
+
+@pytest.mark.parametrize("suspend_at", [None, 2, 4])
+def test_a_send_that_broadcasts_during_the_replay_then_suspends_keeps_the_order(
+    suspend_at: int | None,
+) -> None:
+    """The same re-entrant broadcast, and then one send of the replay
+    suspends (a slow client): the writer that takes over sends the rest of
+    the replay, the recovery message, then the live messages, in order."""
+
+    async def main() -> None:
+        m = ConnectionManager(10, 10, history_size=100)
+        for n in range(1, 6):
+            await chat(m, "L", n)
+        epoch = epoch_of(m, "L")
+        peer = FakePeer()
+        inner = peer.ws._send
+        gate = asyncio.Event()
+        fired = 0
+
+        async def send(message: Any) -> None:
+            nonlocal fired
+            if message["type"] == "websocket.send" and '"type":"chat"' in message["text"]:
+                offset = json.loads(message["text"])["_pos"]["offset"]
+                if offset in (1, 3) and fired < 2:
+                    fired += 1
+                    await chat(m, "L", 100 + offset)
+                if offset == suspend_at:
+                    await gate.wait()
+            await inner(message)
+
+        peer.ws._send = send
+        assert await m.connect(peer.ws, "L", "b", since=(epoch, 0))
+        await chat(m, "L", 200)
+        gate.set()
+        await drain(peer, 8)
+        strictly_contiguous(offsets(peer), 1, 8)
+        kinds = [t.get("type") for t in peer.texts()]
+        assert kinds.index("recovery") == 5  # after the replay of 1..5, before 6..8
+        assert peer.ws in m and not m.delivery.outboxes
+
+    run(main())
+
+
+def test_a_send_that_broadcasts_while_the_position_is_sent_comes_after_it() -> None:
+    async def main() -> None:
+        m = ConnectionManager(10, 10, history_size=100)
+        await chat(m, "L", 1)
+        peer = FakePeer()
+        inner = peer.ws._send
+        fired = False
+
+        async def send(message: Any) -> None:
+            nonlocal fired
+            if message["type"] == "websocket.send" and "lobby_position" in message["text"] and not fired:
+                fired = True
+                await chat(m, "L", 2)
+            await inner(message)
+
+        peer.ws._send = send
+        assert await m.connect(peer.ws, "L", "b")
+        await drain(peer, 1)
+        assert [t["type"] for t in peer.texts()] == ["lobby_position", "chat"]
+        assert peer.texts()[0]["offset"] == 1 and offsets(peer) == [2]
 
     run(main())
 

@@ -1,10 +1,13 @@
 """The browser client's recovery in Chromium: the server drops the socket, N messages are
 broadcast while the page is offline, and the page then shows exactly those N, in order, then
-live ones (tests/history_app.py in uvicorn; Playwright driving Debian's chromium)."""
+live ones (tests/history_app.py in uvicorn; Playwright driving Debian's chromium); the same
+with Redis, the page reconnecting to the other node (tests/history_browser_cluster_app.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +15,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, expect
 
+from tests.redis_server import redis_server
 from tests.servers import uvicorn_server
 from tests.test_browser import browser, shot
 
@@ -62,5 +66,55 @@ def test_a_page_offline_for_n_messages_shows_exactly_those_in_order_then_live_on
         # the app's handlers never see the position member
         assert {items.nth(i).get_attribute("data-has-pos") for i in range(7)} == {"false"}
         assert shot(page, "history-recovered").stat().st_size > 0
+    finally:
+        page.context.close()
+
+
+@pytest.fixture(scope="module")
+def cluster_ports() -> Iterator[tuple[int, int]]:
+    env = {"WSMANAGER_REDIS_URL": "", "WSMANAGER_REDIS_NAMESPACE": "hb", "WSMANAGER_LEASE_SECONDS": "2"}
+    with redis_server() as redis, contextlib.ExitStack() as stack:
+        env["WSMANAGER_REDIS_URL"] = redis.url
+        a, _ = stack.enter_context(uvicorn_server("tests.history_browser_cluster_app:app", env=env))
+        b, _ = stack.enter_context(uvicorn_server("tests.history_browser_cluster_app:app", env=env))
+        yield a, b
+
+
+def test_a_page_that_reconnects_to_the_other_node_shows_exactly_what_it_missed_then_live_ones(
+    browser: Browser, cluster_ports: tuple[int, int]
+) -> None:
+    """With Redis: the page on node A loses its socket, 5 messages are
+    broadcast from node B while it is offline, it reconnects to node B
+    (the client's ``url`` as a function) and shows exactly those 5, in
+    order, then live ones from either node."""
+    a, b = cluster_ports
+    page = browser.new_context().new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{a}/?user=pia&ports={a},{b}")
+        expect(page.locator("#status")).to_have_attribute("data-state", "open")
+        page.wait_for_function("window.wsmClient.positions.home !== undefined")
+        get(b, "/announce/home?start=1&n=2")
+        expect(page.locator("#notes li")).to_have_text(["1", "2"])
+        # the page may not reconnect until the test says so
+        page.evaluate("window.gate = new Promise((r) => { window.openGate = r; }); 0")  # not awaited
+        assert get(a, "/drop/pia")["dropped"] is True
+        expect(page.locator("#status")).to_have_attribute("data-state", "reconnecting")
+        appended = get(b, "/stats")["history"]["appended"]
+        get(b, "/announce/home?start=3&n=5")  # while the page is offline
+        deadline = time.monotonic() + 15
+        while get(b, "/stats")["history"]["appended"] < appended + 5:  # kept in Redis
+            assert time.monotonic() < deadline, "node B's messages were never kept"
+            time.sleep(0.02)
+        page.evaluate("window.openGate()")
+        expect(page.locator("#status")).to_have_attribute("data-state", "open")
+        expect(page.locator("#notes li")).to_have_text([str(n) for n in range(1, 8)])
+        expect(page.locator("#recoveries li")).to_have_text(["home true"])
+        assert page.evaluate("window.ports") == [str(a), str(b)]  # reconnected to node B
+        get(a, "/announce/home?start=8&n=1")
+        get(b, "/announce/home?start=9&n=1")
+        expect(page.locator("#notes li")).to_have_text([str(n) for n in range(1, 10)])
+        items = page.locator("#notes li")
+        assert [items.nth(i).get_attribute("data-offset") for i in range(9)] == [str(n) for n in range(1, 10)]
+        assert shot(page, "history-recovered-other-node").stat().st_size > 0
     finally:
         page.context.close()

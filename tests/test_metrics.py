@@ -116,3 +116,21 @@ def test_the_managers_round_trips_and_stale_closes_need_no_recording() -> None:
 
     metrics.close()  # stops observing the manager
     assert manager._latency_listeners == []
+
+
+def test_history_figures_are_exported() -> None:
+    manager = ConnectionManager(10, 10, history_size=2)
+    metrics = ManagerMetrics(manager)
+    for i in range(3):
+        manager._history_append("L", f'{{"i":{i}}}')
+    manager._recovery_counts.count(True, 2)
+    manager._recovery_counts.count(False, 0)
+    s = samples(metrics)
+    assert s[("wsmanager_history_lobbies", ())] == 1
+    assert s[("wsmanager_history_entries", ())] == 2
+    assert s[("wsmanager_history_bytes", ())] == manager.get_stats()["history"]["bytes"] > 0
+    assert s[("wsmanager_history_appended_total", ())] == 3
+    assert s[("wsmanager_history_dropped_total", ())] == 0
+    assert s[("wsmanager_history_replayed_total", ())] == 2
+    assert s[("wsmanager_history_recoveries_total", (("recovered", "true"),))] == 1
+    assert s[("wsmanager_history_recoveries_total", (("recovered", "false"),))] == 1

@@ -402,6 +402,15 @@ class Delivery:
             return False
         return self._suspended(websocket, coro, step)
 
+    @staticmethod
+    def _send_coro(websocket: Any, data: str) -> _Steps:
+        """The ``__await__()`` iterator of a send of ``data`` to ``websocket``
+        (as :meth:`_send_now` makes it, which keeps its own copy: a hot path)."""
+        if type(websocket) is WebSocket and websocket.application_state is _CONNECTED:
+            return asgi_send(websocket)({"type": "websocket.send", "text": data}).__await__()
+        steps: _Steps = websocket.send_text(data).__await__()
+        return steps
+
     def _send_failed(self, websocket: Any, exc: BaseException) -> None:
         """A send raised: Starlette's bookkeeping (an ``OSError`` marks the
         application side DISCONNECTED, as ``WebSocket.send`` does), then the
@@ -529,9 +538,72 @@ class Delivery:
         box.held = None
         if box.task is not None and not box.task.done():  # a writer is sending its backlog
             return all(self._enqueue(websocket, box, text) for text in held)
-        del self.outboxes[websocket]
+        return self._drain(websocket, box, held)
+
+    def post_all(self, websocket: Any, texts: list[str]) -> bool:
+        """Send ``texts`` to ``websocket`` as one batch: in order, and before
+        any message posted to it while they are being sent, even one posted
+        re-entrantly (from a send wrapper that broadcasts, say: without this
+        it would overtake the rest of the batch). A recovery's replay goes
+        through here. Sent inline while sends complete, queued behind a
+        backlog otherwise (``max_backlog`` applies as in :meth:`post`).
+        False if the connection failed, is not registered, or was closed as
+        a slow consumer."""
+        box = self.outboxes.get(websocket)
+        if box is not None:
+            return all(self._enqueue(websocket, box, text) for text in texts)
+        core = self._manager()
+        if core is None or websocket not in core:
+            return False
+        box = self.outboxes[websocket] = _Outbox(asyncio.get_running_loop())
+        self._set_notify(websocket, _NOTIFY_OUTBOX, True)
+        return self._drain(websocket, box, texts)
+
+    def _drain(self, websocket: Any, box: _Outbox, texts: list[str]) -> bool:
+        """Send ``texts`` inline through ``box`` (registered in
+        :attr:`outboxes`, no writer, not held): while they are sent, every
+        post to ``websocket`` lands in ``box.held`` and is sent after them.
+        A send that suspends hands the rest to a writer task; the box is
+        dropped once everything went out inline."""
+        outboxes = self.outboxes
+        pending = deque(texts)
+        box.held = []
+        while pending:
+            text = pending.popleft()
+            step: Any = None
+            sending = self._send_coro(websocket, text)
+            coro: _Steps | None = sending
+            try:
+                for step in sending:  # noqa: B007 (step is used below: what the send waits on)
+                    break
+                else:
+                    coro = None
+            except Exception as exc:
+                coro = None
+                if outboxes.get(websocket) is box:
+                    del outboxes[websocket]
+                    self._set_notify(websocket, _NOTIFY_OUTBOX, False)
+                self._send_failed(websocket, exc)
+                return False
+            if outboxes.get(websocket) is not box:  # removed (closed) during the send
+                if coro is not None:
+                    coro.close()
+                return False
+            if coro is not None:  # suspended: a writer finishes it, then the rest in order
+                rest = [*pending, *box.held]
+                box.held = None
+                box.task = box.loop.create_task(self._writer(websocket, box, coro, step))
+                return all(self._enqueue(websocket, box, t) for t in rest)
+            if box.holds:  # a recovery began meanwhile (re-entrantly): its unhold sends the rest
+                box.held[:0] = pending
+                return True
+            if not pending and box.held:  # posted meanwhile: next, in order
+                pending.extend(box.held)
+                box.held = []
+        box.held = None
+        del outboxes[websocket]
         self._set_notify(websocket, _NOTIFY_OUTBOX, False)
-        return all(self.post(websocket, text) for text in held)
+        return True
 
     def drop(self, websocket: WebSocket, exc: BaseException | None = None) -> None:
         """Remove a connection whose send failed."""

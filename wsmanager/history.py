@@ -29,6 +29,7 @@ __all__ = [
     "MAX_OFFSET",
     "POSITION_KEY",
     "SINCE_PARAM",
+    "RecoveryCounts",
     "Since",
     "check_since",
     "parse_since_field",
@@ -180,3 +181,25 @@ def place_replay(held: list[str], lobby: str, epoch: str, top: int, first: Seque
             continue
         out.append(text)
     return out
+
+
+class RecoveryCounts:
+    """A manager's recovery counters (``get_stats()["history"]``): recoveries
+    asked for, answered ``recovered`` true / false, messages replayed."""
+
+    __slots__ = ("not_recovered", "recovered", "recoveries", "replayed")
+
+    def __init__(self) -> None:
+        self.recoveries = 0
+        self.recovered = 0
+        self.not_recovered = 0
+        self.replayed = 0
+
+    def count(self, recovered: bool, replayed: int) -> None:
+        """One recovery answered ``recovered``, ``replayed`` messages sent."""
+        self.recoveries += 1
+        if recovered:
+            self.recovered += 1
+        else:
+            self.not_recovered += 1
+        self.replayed += replayed

@@ -27,7 +27,14 @@ from .codes import CloseCode
 from .delivery import Delivery
 from .events import CloseListener
 from .health import HealthMonitor, health_ping
-from .history import Since, check_since, place_replay, position_message, recovery_message
+from .history import (
+    RecoveryCounts,
+    Since,
+    check_since,
+    place_replay,
+    position_message,
+    recovery_message,
+)
 from .joining import DEFAULT_MAX_LOBBIES_PER_CONNECTION
 from .presence import Presence
 from .receiving import Receiving, pinged
@@ -46,7 +53,7 @@ from .settings import (
     resolve,
     seconds,
 )
-from .stats import Stats
+from .stats import HistoryStats, Stats
 
 if TYPE_CHECKING:
     from .endpoint import Handler, Hook
@@ -300,6 +307,7 @@ class ConnectionManager(Core):
         # -- history (issue 12): off (0) unless asked; the core keeps the rings
         self.history_ttl = history_ttl
         self.history_size = history_size
+        self._recovery_counts = RecoveryCounts()
         self._shutdown_task: asyncio.Task[None] | None = None
         # event loop -> {id(websocket): websocket}: reserved handshakes in flight
         # (no Future per connect: shutdown() waits on one future, made only while it waits)
@@ -732,6 +740,7 @@ class ConnectionManager(Core):
                 last = position_message(lobby_code, epoch, top)
             else:
                 last = recovery_message(lobby_code, recovered, epoch, top)
+                self._recovery_counts.count(recovered, len(texts))
             first = [*texts, encode_message(last, None)]
             delivery.unhold(websocket, lambda held: place_replay(held, lobby_code, epoch, top, first))
 
@@ -741,18 +750,18 @@ class ConnectionManager(Core):
         the recovery message; without ``since``, the lobby's position
         message. Synchronous: called right after the connection became a
         member, with no await in between, so every live message of the lobby
-        is posted after these (post() keeps the order, also through a
-        backlog)."""
+        is posted after these (post_all() keeps the order, also through a
+        backlog and against a send that posts re-entrantly)."""
         if since is None:
             _recovered, epoch, top, _texts = self._history_since(lobby_code, "", 0)
-            self.delivery.post(websocket, encode_message(position_message(lobby_code, epoch, top), None))
+            position = encode_message(position_message(lobby_code, epoch, top), None)
+            self.delivery.post_all(websocket, [position])
             return
         recovered, epoch, top, texts = self._history_since(lobby_code, since[0], since[1], user_id)
-        post = self.delivery.post
-        for text in texts:
-            if not post(websocket, text):
-                return  # the connection failed: it was removed
-        post(websocket, encode_message(recovery_message(lobby_code, recovered, epoch, top), None))
+        self._recovery_counts.count(recovered, len(texts))
+        # one batch: a message posted while it is sent (even re-entrantly, from a send) comes after it
+        last = encode_message(recovery_message(lobby_code, recovered, epoch, top), None)
+        self.delivery.post_all(websocket, [*texts, last])
 
     def presence_changed(self, lobby_code: str) -> None:
         """A clustered backend's report that another node's membership of
@@ -1073,6 +1082,7 @@ class ConnectionManager(Core):
         stats["backlogged_connections"] = len(delivery.outboxes)
         stats["rate_limited_messages"] = self._rate_stats()[0]
         bp = self._backplane
+        stats["history"] = self._history_figures(bp)
         if bp is None or local:
             return stats
         stats["local"] = {
@@ -1091,6 +1101,28 @@ class ConnectionManager(Core):
         stats["connected_users"] = len(view.users)
         stats["backplane"] = bp.stats()
         return stats
+
+    def _history_figures(self, bp: RedisBackend | None) -> HistoryStats:
+        """``get_stats()["history"]``: the core's rings, the recovery counters
+        and, with a clustered backend, its history writer's counters."""
+        lobbies, entries, nbytes, appended = self._history_totals()
+        dropped = backlog = 0
+        streams = None if bp is None else bp.history
+        if streams is not None:
+            appended, dropped, backlog = streams.totals()
+        counts = self._recovery_counts
+        return {
+            "lobbies": lobbies,
+            "entries": entries,
+            "bytes": nbytes,
+            "appended": appended,
+            "dropped": dropped,
+            "backlog": backlog,
+            "recoveries": counts.recoveries,
+            "recovered": counts.recovered,
+            "not_recovered": counts.not_recovered,
+            "replayed": counts.replayed,
+        }
 
     # ------------------------------------------------------------------ health
 

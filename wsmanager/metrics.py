@@ -124,6 +124,33 @@ class _StatsCollector(Collector):
         for reason, n in sorted(stale.items()):
             removed.add_metric([reason], float(n))
         yield removed
+        history: dict[str, Any] = stats.get("history") or {}
+
+        def hist(family: type[Metric], name: str, doc: str, key: str) -> Metric:
+            return family(f"{ns}_{name}", doc, value=float(history.get(key, 0)))  # type: ignore[call-arg]
+
+        yield hist(GaugeMetricFamily, "history_lobbies", "Lobbies with a history ring in memory.", "lobbies")
+        yield hist(GaugeMetricFamily, "history_entries", "Messages kept in the history rings.", "entries")
+        yield hist(GaugeMetricFamily, "history_bytes", "Character bytes of the messages kept.", "bytes")
+        yield hist(
+            GaugeMetricFamily, "history_backlog", "Messages waiting to be appended to Redis.", "backlog"
+        )
+        yield hist(
+            CounterMetricFamily, "history_appended", "Lobby messages kept with a position.", "appended"
+        )
+        yield hist(
+            CounterMetricFamily,
+            "history_dropped",
+            "Lobby messages that could not be kept (a gap).",
+            "dropped",
+        )
+        yield hist(CounterMetricFamily, "history_replayed", "Messages replayed by recoveries.", "replayed")
+        recoveries = CounterMetricFamily(
+            f"{ns}_history_recoveries", "Recoveries asked for, by outcome.", labels=["recovered"]
+        )
+        recoveries.add_metric(["true"], float(history.get("recovered", 0)))
+        recoveries.add_metric(["false"], float(history.get("not_recovered", 0)))
+        yield recoveries
 
 
 class ManagerMetrics:

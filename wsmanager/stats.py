@@ -29,6 +29,7 @@ __all__ = [
     "BackplaneStats",
     "ClusterStats",
     "CoreStats",
+    "HistoryStats",
     "LatencyStats",
     "LocalStats",
     "RefusedStats",
@@ -163,6 +164,40 @@ class BackplaneStats(TypedDict):
     """Whether every server takes ``SSUBSCRIBE`` / ``SPUBLISH`` (Redis >= 7)."""
 
 
+class HistoryStats(TypedDict):
+    """``get_stats()["history"]``: history and recovery (issue 12,
+    docs/history.md); all 0 while ``history_size`` was never set."""
+
+    lobbies: int
+    """Lobbies with a ring in this process's memory now (0 with a clustered
+    backend: the lobbies' histories are Redis streams)."""
+    entries: int
+    """Messages kept in those rings now."""
+    bytes: int
+    """Character data of those messages as CPython stores it (length x 1, 2
+    or 4 bytes; for ASCII JSON its UTF-8 size), not counting the rings'
+    slots."""
+    appended: int
+    """Lobby messages kept with a position so far: in memory, appends to the
+    rings; with Redis, this node's appends the script confirmed."""
+    dropped: int
+    """Lobby messages broadcast with history on that could not be kept
+    (Redis unreachable or failing): delivered to this node's members only,
+    without a position, and counted as a gap (see docs/history.md)."""
+    backlog: int
+    """Messages waiting to be appended to Redis (0 in memory)."""
+    recoveries: int
+    """Recoveries asked for: ``connect()`` / ``join()`` with a ``since``
+    (``serve()``'s ``wsm_since`` and ``lobby_join`` included)."""
+    recovered: int
+    """Of those, the ones answered ``recovered: true`` (all missed replayed)."""
+    not_recovered: int
+    """Of those, the ones answered ``recovered: false`` (epoch changed, gap
+    larger than the history, entries expired, Redis unreachable)."""
+    replayed: int
+    """Messages replayed by the recoveries."""
+
+
 class ClusterStats(TypedDict, total=False):
     """The keys ``get_stats()`` adds with a clustered backend (``RedisBackend``)
     unless called with ``local=True``: absent otherwise, so read them with
@@ -185,5 +220,6 @@ class Stats(CoreStats, ClusterStats):
     ``stale_closed`` instead."""
     backlogged_connections: int
     """Connections with queued outbound messages (slow readers)."""
+    history: HistoryStats
     rate_limited_messages: int
     """Inbound messages dropped by the rate limit."""

@@ -329,8 +329,15 @@ return n
 # Assigns the next offset, keeps the message and publishes it (a lobby record
 # of routing.lobby_record, text with its position) in one step: every node
 # receives the lobby's messages in offset order.
+# ARGV[6] "" marks a gap instead (redis_history: messages lost while Redis was
+# unreachable): the offset skips ARGV[7] (nothing kept or published), so a
+# recovery across it is not contiguous and answers recovered false -> 0.
 HISTORY_APPEND = """
 local e = redis.call('HGET', KEYS[2], 'e')
+if ARGV[6] == '' then
+  if e then redis.call('HINCRBY', KEYS[2], 'o', tonumber(ARGV[7])) end
+  return 0
+end
 local off
 if e then
   off = redis.call('HINCRBY', KEYS[2], 'o', 1)
@@ -364,7 +371,8 @@ return off
 # none -> {recovered 0|1, epoch, top, text, excluded user or "", ...}: the
 # kept messages after the offset when all of them are kept (no more than
 # history_size missed, the oldest needed younger than history_ttl), the
-# lobby's position (epoch, top) in any case. A lobby without history gets
+# lobby's position (epoch, top) in any case; not when the kept messages after the
+# offset skip one (a gap, see HISTORY_APPEND). A lobby without history gets
 # its epoch now (offset 0): a client told it must find it in the next message.
 HISTORY_READ = """
 local m = redis.call('HMGET', KEYS[2], 'e', 'o')
@@ -383,6 +391,7 @@ if since > top or top - since > tonumber(ARGV[3]) then return {0, e, top} end
 if since == top then return {1, e, top} end
 local got = redis.call('XRANGE', KEYS[1], string.format('%d-0', since + 1), '+')
 if #got == 0 then return {0, e, top} end
+if #got ~= top - since then return {0, e, top} end
 local first = got[1][1]
 local dash = string.find(first, '-', 1, true)
 if tonumber(string.sub(first, 1, dash - 1)) ~= since + 1 then return {0, e, top} end

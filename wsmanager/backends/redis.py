@@ -654,13 +654,18 @@ class RedisBackend:
         publish it to every node, this one included (queued, in order;
         :mod:`.redis_history`): the count of the lobby's connections (this
         node's and, per the view, the others'). None while the backplane is
-        down: nothing kept or published (the caller delivers locally).
+        down: nothing kept or published (the caller delivers locally), the
+        message counted as lost and its lobby's history marked with a gap
+        once Redis is back (:meth:`StreamHistory.lost`).
         TypeError when ``data`` is not a JSON object's text."""
         m = self._manager
-        if not self.up or m is None:
+        if m is None:
             return None
         if self.history is None:
             self.history = StreamHistory(self)
+        if not self.up:
+            self.history.lost(lobby)
+            return None
         self.history.publish(lobby, data, exclude_user_id, m.history_size or 1, m.history_ttl)
         return self.remote_lobby_count(lobby, exclude_user_id)
 

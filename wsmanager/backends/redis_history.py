@@ -33,6 +33,7 @@ with :class:`wsmanager.backends.publisher.Publisher`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
     from .redis import RedisBackend
 
-__all__ = ["StreamHistory", "append_args", "history_keys", "new_epoch"]
+__all__ = ["StreamHistory", "append_args", "gap_args", "history_keys", "new_epoch"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ T = TypeVar("T")
 #: (the sending node's members get its messages from the channel too)
 HEAD = frame_head(b"")
 _BATCH = 512  # scripts per pipeline
+_GAP_RETRY = 0.25  # seconds between looks at the backplane while gaps wait to be marked
 _APPEND_SHA = hashlib.sha1(HISTORY_APPEND.encode()).hexdigest()
 _READ_SHA = hashlib.sha1(HISTORY_READ.encode()).hexdigest()
 _EPOCH_DIGITS = "0123456789abcdefghijklmnopqrstuv"
@@ -119,6 +121,13 @@ def append_args(
     ]
 
 
+def gap_args(namespace: str, lobby: str, n: int) -> list[Any]:
+    """Keys then arguments of ``HISTORY_APPEND`` marking a gap of ``n``
+    messages in ``lobby``'s history (its offset skips ``n``)."""
+    stream, meta = history_keys(namespace, lobby)
+    return [stream, meta, "", "", "", lobby, "", "", n, 0, ""]
+
+
 async def _bounded(coro: Awaitable[T], timeout: float) -> T:
     """Await ``coro`` in a task of its own for at most ``timeout`` seconds
     (as the backend does: a cancellation is not passed into redis-py)."""
@@ -146,6 +155,8 @@ class StreamHistory:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.published = 0
         self.dropped = 0
+        #: lobby -> messages lost (never kept) not yet marked as a gap in its history
+        self.gaps: dict[str, int] = {}
         self.recoveries = 0
         self.recovered = 0
 
@@ -160,6 +171,19 @@ class StreamHistory:
         index = bp.shard_of(bp.lobby_channel(lobby))
         args = append_args(bp.namespace, lobby, data, exclude_user_id, size, ttl, bp.publish_command(index))
         self._queue.append((index, args))
+        self._wake_writer()
+
+    def lost(self, lobby: str) -> None:
+        """A message of ``lobby`` could not be kept (the backplane is down;
+        the caller delivered it locally, without a position): count it and
+        mark the gap in the lobby's history once Redis answers again (its
+        offset skips one), so that a recovery across it answers
+        ``recovered: false`` instead of silently missing it."""
+        self.gaps[lobby] = self.gaps.get(lobby, 0) + 1
+        self._drop(1, "backplane down")
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._task is None or self._task.done():
             self._loop = loop
@@ -172,10 +196,20 @@ class StreamHistory:
         queue = self._queue
         wake = self._wake
         assert wake is not None
+        bp = self._backend
         while True:
+            if self.gaps and bp.up:  # mark the gaps first: they precede what is queued
+                for lobby, n in self.gaps.items():
+                    index = bp.shard_of(bp.lobby_channel(lobby))
+                    queue.appendleft((index, gap_args(bp.namespace, lobby, n)))
+                self.gaps = {}
             if not queue:
                 wake.clear()
-                await wake.wait()
+                if self.gaps:  # the backplane is down: look again soon
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(wake.wait(), _GAP_RETRY)
+                else:
+                    await wake.wait()
                 continue
             batches: dict[int, list[list[Any]]] = {}
             for _ in range(min(len(queue), _BATCH)):
@@ -186,7 +220,7 @@ class StreamHistory:
     async def _send(self, index: int, batch: list[list[Any]]) -> None:
         client = self._backend.shard_client(index)
         if client is None:
-            self._drop(len(batch), "backplane down")
+            self._drop_batch(batch, "backplane down")
             return
         try:
             results = await self._pipeline(client, batch)
@@ -196,12 +230,25 @@ class StreamHistory:
                 results = [r for r in results if not isinstance(r, NoScriptError)]
                 results += await self._pipeline(client, again)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            self._drop(len(batch), repr(exc))
+            self._drop_batch(batch, repr(exc))
             return
-        failed = sum(1 for r in results if isinstance(r, Exception))
-        self.published += len(results) - failed
+        failed = [a for a, r in zip(batch, results, strict=True) if isinstance(r, Exception)]
+        self.published += sum(1 for r in results if not isinstance(r, Exception) and r != 0)
         if failed:
-            self._drop(failed, repr(next(r for r in results if isinstance(r, Exception))))
+            self._drop_batch(failed, repr(next(r for r in results if isinstance(r, Exception))))
+
+    def _drop_batch(self, batch: list[list[Any]], why: str) -> None:
+        """Scripts that did not run: their messages are lost (counted) and,
+        like the gaps not yet marked, become gaps to mark."""
+        gaps = self.gaps
+        lost = 0
+        for args in batch:
+            lobby = args[5]
+            n = int(args[8]) if args[7] == "" else 1
+            gaps[lobby] = gaps.get(lobby, 0) + n
+            lost += 0 if args[7] == "" else 1
+        if lost:
+            self._drop(lost, why)
 
     async def _pipeline(self, client: aioredis.Redis, batch: list[list[Any]]) -> list[Any]:
         pipe = client.pipeline(transaction=False)
@@ -253,6 +300,11 @@ class StreamHistory:
                 if user_id is None or _text(raw[i + 1]) != user_id:
                     texts.append(_text(raw[i]))
         return ok, now_epoch, top, texts
+
+    def totals(self) -> tuple[int, int, int]:
+        """``(appended, dropped, backlog)``: messages this node's scripts kept,
+        messages lost (never kept: Redis down or failing), messages queued."""
+        return self.published, self.dropped, len(self._queue)
 
     def stats(self) -> dict[str, int]:
         return {
