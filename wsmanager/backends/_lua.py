@@ -309,3 +309,90 @@ for j = 1, #vals, 2 do
 end
 return n
 """
+
+# After a Redis restart (no epoch key: this is the first node back), register
+# the other nodes this node last knew, with their connections, so that their
+# seats count until they rejoin or their lease (ARGV[5] ms) expires.
+# ARGV[6..]: per node: node id, n, then n pairs cid, entry (JSON [user, 1,
+# lobby, ...]). Nodes already registered are left alone. Sets the epoch key
+# -> how many nodes were registered, or -1 when the epoch key exists (Redis
+# kept its state) but this node is not registered (it was reaped).
+REVIVE = (
+    _COMMON
+    + """
+if redis.call('SETNX', base .. 'epoch', node) == 0 then
+  if redis.call('ZSCORE', K[4], node) then return 0 end
+  return -1
+end
+local expiry = now_ms() + tonumber(ARGV[5])
+local revived = 0
+local i = 6
+while i <= #ARGV do
+  local other, n = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  if other ~= node and not redis.call('ZSCORE', K[4], other) then
+    local h = ARGV[4] .. other
+    redis.call('ZADD', K[4], expiry, other)
+    revived = revived + 1
+    for k = 0, n - 1 do
+      local cid, e = ARGV[i + 2 * k], ARGV[i + 2 * k + 1]
+      if redis.call('HEXISTS', h, cid) == 0 then
+        local t = cjson.decode(e)
+        account(t)
+        online(t, 1)
+        redis.call('HSET', h, cid, e)
+      end
+    end
+  end
+  i = i + 2 * n
+end
+return revived
+"""
+)
+
+# This node found itself reaped while alive (frozen longer than its lease)
+# and has just re-registered (SYNC, no limit checks). ARGV[5..7]:
+# max_connections, max_per_lobby, max_per_user (-1: none) -> the cids of its
+# connected entries to shed, newest (highest cid) first, so that the
+# cluster's counts get back under each limit. Changes nothing itself.
+OVER = (
+    _COMMON
+    + """
+local over_total = tonumber(redis.call('GET', K[1]) or '0') - tonumber(ARGV[5])
+local max_lobby, max_user = tonumber(ARGV[6]), tonumber(ARGV[7])
+local have = redis.call('HGETALL', K[5])
+local cids, entries = {}, {}
+for j = 1, #have, 2 do
+  local t = cjson.decode(have[j + 1])
+  if t[2] == 1 then
+    cids[#cids + 1] = have[j]
+    entries[have[j]] = t
+  end
+end
+table.sort(cids, function(a, b) return (tonumber(a) or 0) > (tonumber(b) or 0) end)
+local over_lobby, over_user, out = {}, {}, {}
+for _, cid in ipairs(cids) do
+  local t = entries[cid]
+  local shed = over_total > 0
+  if max_user >= 0 then
+    if over_user[t[1]] == nil then
+      over_user[t[1]] = tonumber(redis.call('HGET', K[3], t[1]) or '0') - max_user
+    end
+    if over_user[t[1]] > 0 then shed = true end
+  end
+  for i = 3, #t do
+    if over_lobby[t[i]] == nil then
+      over_lobby[t[i]] = tonumber(redis.call('HGET', K[2], t[i]) or '0') - max_lobby
+    end
+    if over_lobby[t[i]] > 0 then shed = true end
+  end
+  if shed then
+    out[#out + 1] = cid
+    over_total = over_total - 1
+    if max_user >= 0 then over_user[t[1]] = over_user[t[1]] - 1 end
+    for i = 3, #t do over_lobby[t[i]] = over_lobby[t[i]] - 1 end
+  end
+end
+return out
+"""
+)
