@@ -116,7 +116,9 @@ def test_a_redis_restart_empty_with_staggered_rejoins_never_exceeds_a_lobby_limi
         late = [await attempt(pa, "L", f"late{i}") for i in range(5)]
         assert all(isinstance(r, int) and r in (403, 4002) for r in late), late
         resume(proc_b)
-        await wait_for(pb, "/stats", total_is(10), "B rejoined")
+        s = await wait_for(pb, "/stats", total_is(10), "B rejoined")
+        # a restart is no lost lease: nothing shed
+        assert (s["backplane"]["lease_losses"], s["backplane"]["shed"]) == (0, 0)
         await wait_for(pa, "/stats", total_is(10), "A sees B's own entries")
         assert await attempt(pa, "L", "later") in (403, 4002)
         r = aioredis.Redis.from_url(server.url, decode_responses=True)

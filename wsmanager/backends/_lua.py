@@ -310,23 +310,26 @@ end
 return n
 """
 
-# After a Redis restart (no epoch key: this is the first node back), register
-# the other nodes this node last knew, with their connections, so that their
-# seats count until they rejoin or their lease (ARGV[5] ms) expires.
-# ARGV[6..]: per node: node id, n, then n pairs cid, entry (JSON [user, 1,
-# lobby, ...]). Nodes already registered are left alone. Sets the epoch key
-# -> how many nodes were registered, or -1 when the epoch key exists (Redis
-# kept its state) but this node is not registered (it was reaped).
+# At the start of each session. After a Redis restart (no epoch key: this is
+# the first node back), register the other nodes this node last knew, with
+# their connections, so that their seats count until they rejoin or their
+# lease (ARGV[5] ms) expires, and set the epoch key to ARGV[6] (a new random
+# token). ARGV[7..]: per node: node id, n, then n pairs cid, entry (JSON
+# [user, 1, lobby, ...]). Nodes already registered are left alone.
+# -> {nodes registered, the epoch token, 1 if this node is registered else 0}:
+# a node that registered under the same epoch and is gone was reaped.
 REVIVE = (
     _COMMON
     + """
-if redis.call('SETNX', base .. 'epoch', node) == 0 then
-  if redis.call('ZSCORE', K[4], node) then return 0 end
-  return -1
+local key = base .. 'epoch'
+if redis.call('SETNX', key, ARGV[6]) == 0 then
+  local present = 0
+  if redis.call('ZSCORE', K[4], node) then present = 1 end
+  return {0, redis.call('GET', key), present}
 end
 local expiry = now_ms() + tonumber(ARGV[5])
 local revived = 0
-local i = 6
+local i = 7
 while i <= #ARGV do
   local other, n = ARGV[i], tonumber(ARGV[i + 1])
   i = i + 2
@@ -346,7 +349,7 @@ while i <= #ARGV do
   end
   i = i + 2 * n
 end
-return revived
+return {revived, ARGV[6], 0}
 """
 )
 

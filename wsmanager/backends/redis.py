@@ -377,6 +377,7 @@ class RedisBackend:
         # Redis that restarted empty until they rejoin (REVIVE)
         self._known = ClusterView()
         self._lease_lost = False  # reaped while alive: shed what is over a limit
+        self._epoch: bytes | None = None  # the epoch token of Redis' state this node registered in
         self._shedding: set[asyncio.Task[None]] = set()
         # cid -> user of releases queued or in flight: a reservation of the
         # same user releases them first, in its own script
@@ -1028,10 +1029,13 @@ class RedisBackend:
             flat += (node, len(conns))
             for cid, (user, lobbies) in conns.items():
                 flat += (cid, json.dumps([user, 1, *lobbies]))
-        revived = int(await self._eval(client, REVIVE, int(self.rejoin_window() * 1000), *flat))
-        if revived < 0 and self._ever_up and self._entries:  # reaped during the outage
+        window = int(self.rejoin_window() * 1000)
+        raw = await self._eval(client, REVIVE, window, os.urandom(8).hex(), *flat)
+        revived, epoch, present = int(raw[0]), raw[1], int(raw[2])
+        if epoch == self._epoch and not present and self._entries:  # reaped during the outage
             self._lost_lease()
-        elif revived > 0:
+        self._epoch = epoch
+        if revived > 0:
             self.revived_nodes += int(revived)
             logger.warning(
                 "backplane: Redis lost the cluster's state; holding the seats of %d node(s) for %.1fs",
@@ -1329,11 +1333,27 @@ class RedisBackend:
         while True:
             await asyncio.sleep(self.health_interval)
             try:
-                await asyncio.gather(*(_detached(s.health.ping(), self.health_timeout) for s in shards))
+                await asyncio.gather(*(self._ping(s) for s in shards))
             except (RedisError, OSError) as exc:
                 self._note_error(exc)
                 self._reset_session(outage=True)  # down now, not after the session's cleanup
                 raise
+
+    async def _ping(self, shard: _Shard) -> None:
+        """One health-check PING: RedisTimeoutError without an answer within
+        ``health_timeout``. An answer that arrived while this process's loop
+        was blocked (a long synchronous call, the process frozen) is taken:
+        the loop gets a few turns to read it before the verdict."""
+        task = asyncio.ensure_future(shard.health.ping())
+        task.add_done_callback(_retrieve)
+        await asyncio.wait({task}, timeout=self.health_timeout)
+        for _ in range(8):
+            if task.done():
+                break
+            await asyncio.sleep(0)
+        if not task.done():
+            raise RedisTimeoutError(f"no answer to PING within {self.health_timeout}s")
+        task.result()
 
     async def _keep_loop(self, client: aioredis.Redis) -> None:
         """Renew the lease, reap dead nodes, resync when Redis disagrees."""
