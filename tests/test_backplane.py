@@ -360,3 +360,34 @@ def test_several_redis_urls_and_the_rendezvous_hash() -> None:
     for c in channels:
         if home[c] != "redis://b":
             assert fewer[shard_of(c, fewer)] == home[c]
+
+
+def test_a_sender_that_forgot_an_idle_channels_sequence_starts_a_new_one(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sequence numbers are kept per channel only while it is in use (bounded
+    memory): a sender that forgot one starts again at 1; the receiver takes it
+    as a new sequence, not as messages missed."""
+    redis_module = importlib.import_module("wsmanager.backends.redis")
+
+    async def main() -> None:
+        async with cluster(redis.url) as (a, b):
+            bob = await join(b, "L", "bob")
+            await until(lambda: a.get_stats()["total_connections"] == 1, "a sees bob")
+            for n in range(3):
+                await a.broadcast_to_lobby("L", {"n": n})
+            await until(lambda: len(bob.texts()) == 3, "bob gets 3")
+            monkeypatch.setattr(redis_module, "_SEQ_IDLE", -1.0)
+            bp(a)._prune_seq()
+            await a.broadcast_to_lobby("L", {"n": 3})
+            await until(lambda: len(bob.texts()) == 4, "bob gets the 4th")
+            assert bp(b).stats()["missed"] == 0
+            bp(a).max_message_bytes = 10  # the next one is dropped: a gap of 1
+            await a.broadcast_to_lobby("L", {"n": 4})
+            bp(a).max_message_bytes = 1 << 20
+            await a.broadcast_to_lobby("L", {"n": 5})
+            await until(lambda: len(bob.texts()) == 5, "bob gets the 6th")
+            assert bp(b).stats()["missed"] == 1
+            assert bp(a).stats()["dropped"] == bp(a).stats()["oversize"] == 1
+
+    asyncio.run(main())

@@ -134,6 +134,7 @@ _CONTROL = ord("C")
 # messages dropped too), so that a receiver counts the ones it missed.
 # Publishers send frame_head (b"M") messages, without sequence numbers.
 _SEQ_HEAD = ord("S")
+_SEQ_IDLE = 300.0  # seconds after which a sender forgets a channel's sequence
 _U64 = struct.Struct("!Q")
 _BATCH = 512  # commands per pipeline
 _MAX_FRAME = 256 * 1024  # bytes of records per PUBLISH
@@ -370,7 +371,7 @@ class RedisBackend:
         self._backlog_bytes = 0  # of the records in _ops
         # sequence numbers: channel -> last one this node used (sender);
         # channel -> sender -> last one received (receiver)
-        self._seq: dict[bytes, int] = {}
+        self._seq: dict[bytes, list[float]] = {}  # channel -> [last seq, monotonic time of use]
         self._seen: dict[bytes, dict[bytes, int]] = {}
         # the other nodes as this node last knew them, kept through an outage:
         # counts the messages dropped meanwhile, and holds their seats in a
@@ -770,8 +771,7 @@ class RedisBackend:
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 logger.warning("backplane backlog full: %d messages dropped", self.dropped)
             return
-        seq = self._seq.get(channel, 0) + 1
-        self._seq[channel] = seq
+        seq = self._next_seq(channel)
         self._backlog_bytes += size
         self._ops.append(("p", (channel, seq, frame)))
         self._kick()
@@ -781,7 +781,23 @@ class RedisBackend:
         in ``dropped``; its sequence number is used up, so receivers count it
         in ``missed``."""
         self.dropped += 1
-        self._seq[channel] = self._seq.get(channel, 0) + 1
+        self._next_seq(channel)
+
+    def _next_seq(self, channel: bytes) -> int:
+        entry = self._seq.get(channel)
+        if entry is None:
+            entry = self._seq[channel] = [0, 0.0]
+        entry[0] += 1
+        entry[1] = time.monotonic()
+        return int(entry[0])
+
+    def _prune_seq(self) -> None:
+        """Forget the sequence of channels unused for ``_SEQ_IDLE`` seconds
+        (bounded memory); the next message on one starts again at 1, which a
+        receiver takes as a new sequence, not as a gap."""
+        idle = time.monotonic() - _SEQ_IDLE
+        for channel in [c for c, (_, used) in self._seq.items() if used < idle]:
+            del self._seq[channel]
 
     def _lost_lease(self) -> None:
         """Redis forgot this node while its session lasted (its lease expired:
@@ -1115,8 +1131,7 @@ class RedisBackend:
                     last = senders.get(sender)
                     if last is not None and seq > last + 1:
                         self.missed += seq - last - 1
-                    if last is None or seq > last:
-                        senders[sender] = seq
+                    senders[sender] = seq  # lower than last: the sender started a new sequence
                 kind, tlen, xlen, dlen = _REC.unpack_from(payload, off)
                 off += rec_size
                 target = payload[off : off + tlen].decode()
@@ -1368,6 +1383,7 @@ class RedisBackend:
                 if not await self._eval(client, RENEW):
                     self._lost_lease()
                 self.reconcile()
+                self._prune_seq()
                 reaped = await self._eval(client, REAP, 16)
                 if reaped:
                     self.reaped += int(reaped)
