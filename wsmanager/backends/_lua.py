@@ -355,9 +355,11 @@ return {revived, ARGV[6], 0}
 
 # This node found itself reaped while alive (frozen longer than its lease)
 # and has just re-registered (SYNC, no limit checks). ARGV[5..7]:
-# max_connections, max_per_lobby, max_per_user (-1: none) -> the cids of its
-# connected entries to shed, newest (highest cid) first, so that the
-# cluster's counts get back under each limit. Changes nothing itself.
+# max_connections, max_per_lobby, max_per_user (-1: none); ARGV[8..]: cids
+# already being shed (closing, not yet released: counted as gone) -> the
+# cids of its other entries (connected, or handshakes: shed once connected)
+# to shed, newest (highest cid) first,
+# so that the cluster's counts get back under each limit. Changes nothing.
 OVER = (
     _COMMON
     + """
@@ -366,34 +368,48 @@ local max_lobby, max_user = tonumber(ARGV[6]), tonumber(ARGV[7])
 local have = redis.call('HGETALL', K[5])
 local cids, entries = {}, {}
 for j = 1, #have, 2 do
-  local t = cjson.decode(have[j + 1])
-  if t[2] == 1 then
-    cids[#cids + 1] = have[j]
-    entries[have[j]] = t
-  end
+  cids[#cids + 1] = have[j]
+  entries[have[j]] = cjson.decode(have[j + 1])
 end
 table.sort(cids, function(a, b) return (tonumber(a) or 0) > (tonumber(b) or 0) end)
 local over_lobby, over_user, out = {}, {}, {}
-for _, cid in ipairs(cids) do
-  local t = entries[cid]
-  local shed = over_total > 0
-  if max_user >= 0 then
-    if over_user[t[1]] == nil then
-      over_user[t[1]] = tonumber(redis.call('HGET', K[3], t[1]) or '0') - max_user
-    end
-    if over_user[t[1]] > 0 then shed = true end
+local function init(t)
+  if max_user >= 0 and over_user[t[1]] == nil then
+    over_user[t[1]] = tonumber(redis.call('HGET', K[3], t[1]) or '0') - max_user
   end
   for i = 3, #t do
     if over_lobby[t[i]] == nil then
       over_lobby[t[i]] = tonumber(redis.call('HGET', K[2], t[i]) or '0') - max_lobby
     end
-    if over_lobby[t[i]] > 0 then shed = true end
   end
-  if shed then
-    out[#out + 1] = cid
-    over_total = over_total - 1
-    if max_user >= 0 then over_user[t[1]] = over_user[t[1]] - 1 end
-    for i = 3, #t do over_lobby[t[i]] = over_lobby[t[i]] - 1 end
+end
+local function gone(t)
+  over_total = over_total - 1
+  if max_user >= 0 then over_user[t[1]] = over_user[t[1]] - 1 end
+  for i = 3, #t do over_lobby[t[i]] = over_lobby[t[i]] - 1 end
+end
+local closing = {}
+for i = 8, #ARGV do
+  local t = entries[ARGV[i]]
+  if t and not closing[ARGV[i]] then
+    closing[ARGV[i]] = true
+    init(t)
+    gone(t)
+  end
+end
+for _, cid in ipairs(cids) do
+  local t = entries[cid]
+  if not closing[cid] then
+    init(t)
+    local shed = over_total > 0
+    if max_user >= 0 and over_user[t[1]] > 0 then shed = true end
+    for i = 3, #t do
+      if over_lobby[t[i]] > 0 then shed = true end
+    end
+    if shed then
+      out[#out + 1] = cid
+      gone(t)
+    end
   end
 end
 return out

@@ -380,6 +380,11 @@ class RedisBackend:
         self._lease_lost = False  # reaped while alive: shed what is over a limit
         self._epoch: bytes | None = None  # the epoch token of Redis' state this node registered in
         self._shedding: set[asyncio.Task[None]] = set()
+        self._unchecked: set[str] = set()  # cids admitted on a "lost" answer, not yet connected
+        self._closing: set[str] = set()  # cids being shed, not yet released
+        self._shed_on_commit: set[str] = set()  # handshakes to shed once connected
+        self._syncs = 0  # SYNCs sent whose "s" event this node has not read yet
+        self._syncs_sent = 0
         # cid -> user of releases queued or in flight: a reservation of the
         # same user releases them first, in its own script
         self._releasing: dict[str, str] = {}
@@ -544,6 +549,7 @@ class RedisBackend:
         max_user = m.max_per_user
         releasing = [c for c, u in self._releasing.items() if u == user]
         limits = (m.max_connections, m.max_per_lobby, -1 if max_user is None else max_user)
+        resyncs = self._syncs_sent
         try:  # bounded by admission_timeout: a hung Redis does not hold the handshake
             script = client.eval(RESERVE, 5, *self._keys, *self._argv, cid, lobby, user, *limits, *releasing)
             res = await _detached(script, self.admission_timeout)
@@ -564,7 +570,10 @@ class RedisBackend:
                 self._presence("r", cid)
             return "replaced"
         if reason == "lost":  # Redis forgot this node: admit; the resync registers it
-            self._lost_lease()  # and then sheds what is over a limit, the newest first
+            # and then sheds what is over a limit, the newest first (a SYNC sent
+            # meanwhile already registered the node again: the same loss)
+            self._lost_lease(counted=self._syncs_sent != resyncs)
+            self._unchecked.add(cid)  # once connected, checked again (shed if over)
             return ""
         if reason:
             del self._cids[websocket]
@@ -579,18 +588,28 @@ class RedisBackend:
         if entry[1]:
             return
         entry[1] = 1
+        if cid in self._unchecked:  # admitted while this node was unknown to Redis
+            self._unchecked.discard(cid)
+            self._lease_lost = True
+            self._mark_dirty()
         self.view.add(self.node_id, cid, entry[2], entry[0])
         self.own.add(self.node_id, cid, entry[2], entry[0])
         for lobby in entry[2]:
             self._ref(self.lobby_channel(lobby), 1)
         self._ref(self.user_channel(entry[0]), 1)
         self._presence("c", cid)
+        if cid in self._shed_on_commit:
+            self._shed_on_commit.discard(cid)
+            self._close_shed(websocket)
 
     def release(self, websocket: Any) -> None:
         cid = self._cids.pop(websocket, None)
         if cid is None:
             return
         entry = self._entries.pop(cid)
+        self._unchecked.discard(cid)
+        self._closing.discard(cid)
+        self._shed_on_commit.discard(cid)
         if entry[1]:
             self.view.remove(self.node_id, cid)
             self.own.remove(self.node_id, cid)
@@ -649,7 +668,7 @@ class RedisBackend:
             # in Redis too): the manager finds the connection gone
             return "" if reason == "lost" else reason
         if reason == "lost":  # Redis forgot this node or connection: the resync records it
-            self._lost_lease()
+            self._lost_lease(counted=self.resyncs != resyncs)
             reason = ""
         if reason:
             entry[2].remove(lobby)
@@ -799,12 +818,13 @@ class RedisBackend:
         for channel in [c for c, (_, used) in self._seq.items() if used < idle]:
             del self._seq[channel]
 
-    def _lost_lease(self) -> None:
+    def _lost_lease(self, *, counted: bool = False) -> None:
         """Redis forgot this node while its session lasted (its lease expired:
         the process was frozen or cut off longer than ``lease``, and other
         nodes reaped it). The resync registers it again; then it sheds its
-        newest connections over a limit (:meth:`_shed`)."""
-        if not self._lease_lost:
+        newest connections over a limit (:meth:`_shed`). ``counted``: this
+        loss is one already seen (an answer older than a later SYNC)."""
+        if not self._lease_lost and not counted:
             self._lease_lost = True
             self.lease_losses += 1
             logger.warning(
@@ -825,22 +845,32 @@ class RedisBackend:
             return
         max_user = m.max_per_user
         limits = (m.max_connections, m.max_per_lobby, -1 if max_user is None else max_user)
-        raw = await self._eval(client, OVER, *limits)
+        raw = await self._eval(client, OVER, *limits, *self._closing)
         by_cid = {cid: ws for ws, cid in self._cids.items()}
         for item in raw or ():
-            ws = by_cid.get(item.decode() if isinstance(item, bytes) else str(item))
+            cid = item.decode() if isinstance(item, bytes) else str(item)
+            ws = by_cid.get(cid)
             if ws is None:
                 continue
+            self._closing.add(cid)
             self.shed += 1
-            task = asyncio.ensure_future(m.close_connection(ws, "lease_lost"))
-            self._shedding.add(task)
-            task.add_done_callback(self._shedding.discard)
+            if self._entries[cid][1]:
+                self._close_shed(ws)
+            else:  # a handshake: closed once connected (commit)
+                self._shed_on_commit.add(cid)
         if raw:
             logger.warning(
                 "backplane: closed %d connection(s) over a limit after a lost lease",
                 len(raw),
                 extra={"reason": "lease_lost", "code": 1013},
             )
+
+    def _close_shed(self, websocket: Any) -> None:
+        m = self._manager
+        assert m is not None
+        task = asyncio.ensure_future(m.close_connection(websocket, "lease_lost"))
+        self._shedding.add(task)
+        task.add_done_callback(self._shedding.discard)
 
     def _mark_dirty(self) -> None:
         self._dirty = True
@@ -964,6 +994,7 @@ class RedisBackend:
         self.up = False
         self._session = False
         self._client = None
+        self._syncs = 0  # the next session reads the bus afresh
         if self._ready is not None:
             self._ready.clear()
         dropped = sum(1 for op, _ in self._ops if op == "p")  # records
@@ -1066,6 +1097,8 @@ class RedisBackend:
         flat: list[Any] = []
         for cid, (user, state, lobbies) in self._entries.items():
             flat += (cid, user, state, len(lobbies), *lobbies)
+        self._syncs += 1
+        self._syncs_sent += 1
         await self._eval(client, SYNC, *flat)
         self.resyncs += 1
 
@@ -1169,7 +1202,11 @@ class RedisBackend:
         ev = json.loads(payload[1:])
         op, node = ev[0], ev[1]
         if node == self.node_id:
-            if op == "g" and not self._stopping:  # reaped while alive: register again
+            if op == "s":
+                self._syncs = max(0, self._syncs - 1)
+            # reaped while alive: register again (a "g" published before this
+            # node's latest SYNC is stale: that SYNC registered it again)
+            elif op == "g" and not self._stopping and not self._syncs:
                 self._lost_lease()
             return
         view = self.view
