@@ -377,7 +377,7 @@ def test_a_sender_that_forgot_an_idle_channels_sequence_starts_a_new_one(
             for n in range(3):
                 await a.broadcast_to_lobby("L", {"n": n})
             await until(lambda: len(bob.texts()) == 3, "bob gets 3")
-            monkeypatch.setattr(redis_module, "_SEQ_IDLE", -1.0)
+            monkeypatch.setattr(redis_module, "_SEQ_IDLE", 0.0)
             bp(a)._prune_seq()
             await a.broadcast_to_lobby("L", {"n": 3})
             await until(lambda: len(bob.texts()) == 4, "bob gets the 4th")

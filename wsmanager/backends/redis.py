@@ -371,7 +371,8 @@ class RedisBackend:
         self._backlog_bytes = 0  # of the records in _ops
         # sequence numbers: channel -> last one this node used (sender);
         # channel -> sender -> last one received (receiver)
-        self._seq: dict[bytes, list[float]] = {}  # channel -> [last seq, monotonic time of use]
+        self._seq: dict[bytes, list[int]] = {}  # channel -> [last seq, _seq_clock at last use]
+        self._seq_clock = 0  # the number of _prune_seq calls (one per lease / 3)
         self._seen: dict[bytes, dict[bytes, int]] = {}
         # the other nodes as this node last knew them, kept through an outage:
         # counts the messages dropped meanwhile, and holds their seats in a
@@ -805,16 +806,18 @@ class RedisBackend:
     def _next_seq(self, channel: bytes) -> int:
         entry = self._seq.get(channel)
         if entry is None:
-            entry = self._seq[channel] = [0, 0.0]
+            entry = self._seq[channel] = [0, 0]
         entry[0] += 1
-        entry[1] = time.monotonic()
-        return int(entry[0])
+        entry[1] = self._seq_clock
+        return entry[0]
 
     def _prune_seq(self) -> None:
-        """Forget the sequence of channels unused for ``_SEQ_IDLE`` seconds
-        (bounded memory); the next message on one starts again at 1, which a
-        receiver takes as a new sequence, not as a gap."""
-        idle = time.monotonic() - _SEQ_IDLE
+        """Forget the sequence of channels unused for about ``_SEQ_IDLE``
+        seconds (bounded memory; called once per lease / 3); the next message
+        on one starts again at 1, which a receiver takes as a new sequence,
+        not as a gap."""
+        self._seq_clock += 1
+        idle = self._seq_clock - int(_SEQ_IDLE * 3 / self.lease)
         for channel in [c for c, (_, used) in self._seq.items() if used < idle]:
             del self._seq[channel]
 
@@ -1153,14 +1156,12 @@ class RedisBackend:
             if sender == node_b:
                 continue
             sequenced = payload[0] == _SEQ_HEAD
+            senders = seen.setdefault(reply[1], {}) if sequenced else {}
             end = len(payload)
             while off < end:
                 if sequenced:
                     (seq,) = _U64.unpack_from(payload, off)
                     off += 8
-                    senders = seen.get(reply[1])
-                    if senders is None:
-                        senders = seen[reply[1]] = {}
                     last = senders.get(sender)
                     if last is not None and seq > last + 1:
                         self.missed += seq - last - 1
