@@ -360,3 +360,66 @@ def test_several_redis_urls_and_the_rendezvous_hash() -> None:
     for c in channels:
         if home[c] != "redis://b":
             assert fewer[shard_of(c, fewer)] == home[c]
+
+
+def test_a_sender_that_forgot_an_idle_channels_sequence_starts_a_new_one(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sequence numbers are kept per channel only while it is in use (bounded
+    memory): a sender that forgot one starts again at 1; the receiver takes it
+    as a new sequence, not as messages missed."""
+    redis_module = importlib.import_module("wsmanager.backends.redis")
+
+    async def main() -> None:
+        async with cluster(redis.url) as (a, b):
+            bob = await join(b, "L", "bob")
+            await until(lambda: a.get_stats()["total_connections"] == 1, "a sees bob")
+            for n in range(3):
+                await a.broadcast_to_lobby("L", {"n": n})
+            await until(lambda: len(bob.texts()) == 3, "bob gets 3")
+            monkeypatch.setattr(redis_module, "_SEQ_IDLE", 0.0)
+            bp(a)._prune_seq()
+            await a.broadcast_to_lobby("L", {"n": 3})
+            await until(lambda: len(bob.texts()) == 4, "bob gets the 4th")
+            assert bp(b).stats()["missed"] == 0
+            bp(a).max_message_bytes = 10  # the next one is dropped: a gap of 1
+            await a.broadcast_to_lobby("L", {"n": 4})
+            bp(a).max_message_bytes = 1 << 20
+            await a.broadcast_to_lobby("L", {"n": 5})
+            await until(lambda: len(bob.texts()) == 5, "bob gets the 6th")
+            assert bp(b).stats()["missed"] == 1
+            assert bp(a).stats()["dropped"] == bp(a).stats()["oversize"] == 1
+
+    asyncio.run(main())
+
+
+def test_a_node_reaped_while_alive_never_leaves_a_lobby_over_its_limit(redis: RedisServer) -> None:
+    """Node b's lease is made to expire and a reaps it while b is alive; b
+    admits a handshake at once (its reservation may find b unknown: "lost").
+    Whichever comes first, b registers again and the lobby ends at its
+    limit: the newcomer is refused, or closed with 1013 lease_lost."""
+    import redis.asyncio as aioredis
+
+    from wsmanager.backends._lua import REAP
+
+    async def main() -> None:
+        async with cluster(redis.url, lease=30.0, max_per_lobby=2) as (a, b):
+            await join(b, "L", "bob")
+            await join(a, "L", "amy")
+            await until(lambda: b.get_stats()["total_connections"] == 2, "b sees both")
+            r = aioredis.Redis.from_url(redis.url)
+            ns = bp(b).namespace
+            await r.zadd(f"{{{ns}}}:nodes", {bp(b).node_id: 0})
+            await r.eval(REAP, 5, *bp(a)._keys, *bp(a)._argv, 16)  # a reaps b
+            late = FakePeer()
+            admitted = await b.connect(late.ws, "L", "late")
+            await until(lambda: a.get_stats()["total_connections"] == 2, "back at the limit")
+            await until(lambda: not admitted or late.close_message is not None, "the newcomer shed")
+            if admitted:
+                assert late.close_message is not None
+                assert (late.close_message["code"], late.close_message["reason"]) == (1013, "lease_lost")
+            assert int(await r.hget(f"{{{ns}}}:lobbies", "L") or 0) == 2
+            assert bp(b).stats()["lease_losses"] == 1
+            await r.aclose()
+
+    asyncio.run(main())

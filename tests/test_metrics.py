@@ -134,3 +134,19 @@ def test_history_figures_are_exported() -> None:
     assert s[("wsmanager_history_replayed_total", ())] == 2
     assert s[("wsmanager_history_recoveries_total", (("recovered", "true"),))] == 1
     assert s[("wsmanager_history_recoveries_total", (("recovered", "false"),))] == 1
+
+
+def test_the_backplanes_losses_and_health_are_exported() -> None:
+    from wsmanager.backends.redis import RedisBackend
+
+    backend = RedisBackend("redis://127.0.0.1:1/0")  # never started: no server needed
+    metrics = ManagerMetrics(ConnectionManager(backend=backend))
+    backend.dropped, backend.missed, backend.subscriber_cuts, backend.oversize = 3, 5, 1, 2
+    s = samples(metrics)
+    assert s[("wsmanager_backplane_up", ())] == 0
+    assert s[("wsmanager_backplane_dropped_total", ())] == 3
+    assert s[("wsmanager_backplane_missed_total", ())] == 5
+    assert s[("wsmanager_backplane_subscriber_cuts_total", ())] == 1
+    assert s[("wsmanager_backplane_oversize_total", ())] == 2
+    assert s[("wsmanager_backplane_backlog_bytes", ())] == 0
+    assert ("wsmanager_backplane_up", ()) not in samples(ManagerMetrics(ConnectionManager()))

@@ -37,6 +37,7 @@ CLOSE_CODES: dict[str, CloseCode] = {
     "lobby_full": CloseCode.CAPACITY,
     "user_limit": CloseCode.CAPACITY,
     "shutting_down": CloseCode.TRY_AGAIN_LATER,
+    "lease_lost": CloseCode.TRY_AGAIN_LATER,  # shed after the node's backplane lease expired
     "replaced": CloseCode.REPLACED,
     "stale": CloseCode.STALE,
     "rate_limited": CloseCode.RATE_LIMITED,

@@ -151,6 +151,29 @@ class _StatsCollector(Collector):
         recoveries.add_metric(["true"], float(history.get("recovered", 0)))
         recoveries.add_metric(["false"], float(history.get("not_recovered", 0)))
         yield recoveries
+        bp: Mapping[str, Any] | None = stats.get("backplane")
+        if bp is not None:  # a clustered backend (RedisBackend): its losses and health
+            yield GaugeMetricFamily(
+                f"{ns}_backplane_up", "1 while the backplane is up.", value=float(bp["up"])
+            )
+            yield GaugeMetricFamily(
+                f"{ns}_backplane_backlog_bytes",
+                "Bytes of messages queued for Redis.",
+                value=float(bp.get("backlog_bytes") or 0),
+            )
+            for key, doc in _BACKPLANE_TOTALS:
+                yield CounterMetricFamily(f"{ns}_backplane_{key}", doc, value=float(bp.get(key) or 0))
+
+
+_BACKPLANE_TOTALS = (
+    ("dropped", "Messages of this node that did not reach the cluster."),
+    ("missed", "Messages of other nodes this node did not receive (sequence gaps)."),
+    ("oversize", "Messages over max_message_bytes, delivered locally only."),
+    ("subscriber_cuts", "Subscriber connections Redis closed (pub/sub output buffer limit)."),
+    ("outages", "Times the backplane went down."),
+    ("lease_losses", "Times this node found its lease expired while alive."),
+    ("shed", "Connections closed with 1013 lease_lost after a lost lease."),
+)
 
 
 class ManagerMetrics:

@@ -142,7 +142,10 @@ class BackplaneStats(TypedDict):
     published: int
     received: int
     dropped: int
-    """Messages dropped while Redis was unreachable."""
+    """Messages that did not reach the cluster: sent while Redis was
+    unreachable to lobbies / users with members on other nodes (as last
+    known), queued or in flight when it failed, over ``max_backlog`` /
+    ``max_backlog_bytes``, or over ``max_message_bytes``."""
     backlog: int
     """Operations waiting to be written to Redis."""
     outages: int
@@ -162,6 +165,27 @@ class BackplaneStats(TypedDict):
     """Redis URLs the channels are spread over (rendezvous hashing)."""
     sharded_pubsub: bool
     """Whether every server takes ``SSUBSCRIBE`` / ``SPUBLISH`` (Redis >= 7)."""
+    backlog_bytes: int
+    """Bytes of messages queued for Redis (bounded by ``max_backlog_bytes``)."""
+    missed: int
+    """Messages of other nodes this node should have received and did not:
+    gaps in each sender's per-channel sequence numbers (Redis cut this
+    subscriber, an outage, a sender's drops)."""
+    oversize: int
+    """Messages over ``max_message_bytes``, delivered locally only (also in
+    ``dropped``)."""
+    subscriber_cuts: int
+    """Times Redis closed this node's subscriber connection while it still
+    answered (its pub/sub output buffer limit); the node resubscribed."""
+    lease_losses: int
+    """Times this node found its lease expired while it was alive (frozen or
+    cut off longer than ``lease``)."""
+    shed: int
+    """Connections closed with 1013 ``lease_lost`` after a lost lease, to get
+    the cluster back under a limit."""
+    revived_nodes: int
+    """Nodes whose last known connections this node registered again in a
+    Redis that restarted empty, until they rejoin or ``rejoin_window()``."""
 
 
 class HistoryStats(TypedDict):

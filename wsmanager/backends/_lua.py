@@ -412,3 +412,109 @@ for _, entry in ipairs(got) do
 end
 return out
 """
+
+# At the start of each session. After a Redis restart (no epoch key: this is
+# the first node back), register the other nodes this node last knew, with
+# their connections, so that their seats count until they rejoin or their
+# lease (ARGV[5] ms) expires, and set the epoch key to ARGV[6] (a new random
+# token). ARGV[7..]: per node: node id, n, then n pairs cid, entry (JSON
+# [user, 1, lobby, ...]). Nodes already registered are left alone.
+# -> {nodes registered, the epoch token, 1 if this node is registered else 0}:
+# a node that registered under the same epoch and is gone was reaped.
+REVIVE = (
+    _COMMON
+    + """
+local key = base .. 'epoch'
+if redis.call('SETNX', key, ARGV[6]) == 0 then
+  local present = 0
+  if redis.call('ZSCORE', K[4], node) then present = 1 end
+  return {0, redis.call('GET', key), present}
+end
+local expiry = now_ms() + tonumber(ARGV[5])
+local revived = 0
+local i = 7
+while i <= #ARGV do
+  local other, n = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  if other ~= node and not redis.call('ZSCORE', K[4], other) then
+    local h = ARGV[4] .. other
+    redis.call('ZADD', K[4], expiry, other)
+    revived = revived + 1
+    for k = 0, n - 1 do
+      local cid, e = ARGV[i + 2 * k], ARGV[i + 2 * k + 1]
+      if redis.call('HEXISTS', h, cid) == 0 then
+        local t = cjson.decode(e)
+        account(t)
+        online(t, 1)
+        redis.call('HSET', h, cid, e)
+      end
+    end
+  end
+  i = i + 2 * n
+end
+return {revived, ARGV[6], 0}
+"""
+)
+
+# This node found itself reaped while alive (frozen longer than its lease)
+# and has just re-registered (SYNC, no limit checks). ARGV[5..7]:
+# max_connections, max_per_lobby, max_per_user (-1: none); ARGV[8..]: cids
+# already being shed (closing, not yet released: counted as gone) -> the
+# cids of its other entries (connected, or handshakes: shed once connected)
+# to shed, newest (highest cid) first,
+# so that the cluster's counts get back under each limit. Changes nothing.
+OVER = (
+    _COMMON
+    + """
+local over_total = tonumber(redis.call('GET', K[1]) or '0') - tonumber(ARGV[5])
+local max_lobby, max_user = tonumber(ARGV[6]), tonumber(ARGV[7])
+local have = redis.call('HGETALL', K[5])
+local cids, entries = {}, {}
+for j = 1, #have, 2 do
+  cids[#cids + 1] = have[j]
+  entries[have[j]] = cjson.decode(have[j + 1])
+end
+table.sort(cids, function(a, b) return (tonumber(a) or 0) > (tonumber(b) or 0) end)
+local over_lobby, over_user, out = {}, {}, {}
+local function init(t)
+  if max_user >= 0 and over_user[t[1]] == nil then
+    over_user[t[1]] = tonumber(redis.call('HGET', K[3], t[1]) or '0') - max_user
+  end
+  for i = 3, #t do
+    if over_lobby[t[i]] == nil then
+      over_lobby[t[i]] = tonumber(redis.call('HGET', K[2], t[i]) or '0') - max_lobby
+    end
+  end
+end
+local function gone(t)
+  over_total = over_total - 1
+  if max_user >= 0 then over_user[t[1]] = over_user[t[1]] - 1 end
+  for i = 3, #t do over_lobby[t[i]] = over_lobby[t[i]] - 1 end
+end
+local closing = {}
+for i = 8, #ARGV do
+  local t = entries[ARGV[i]]
+  if t and not closing[ARGV[i]] then
+    closing[ARGV[i]] = true
+    init(t)
+    gone(t)
+  end
+end
+for _, cid in ipairs(cids) do
+  local t = entries[cid]
+  if not closing[cid] then
+    init(t)
+    local shed = over_total > 0
+    if max_user >= 0 and over_user[t[1]] > 0 then shed = true end
+    for i = 3, #t do
+      if over_lobby[t[i]] > 0 then shed = true end
+    end
+    if shed then
+      out[#out + 1] = cid
+      gone(t)
+    end
+  end
+end
+return out
+"""
+)

@@ -75,7 +75,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
 
 from ..settings import DefaultFloat, DefaultInt, Setting, class_defaults, count, resolve, seconds
 from ..stats import BackplaneStats
-from ._lua import COMMIT, JOIN, LEAVE, PART, REAP, RELEASE, RENEW, RESERVE, SNAPSHOT, SYNC
+from ._lua import COMMIT, JOIN, LEAVE, OVER, PART, REAP, RELEASE, RENEW, RESERVE, REVIVE, SNAPSHOT, SYNC
 from .publisher import Publisher, SyncPublisher
 from .redis_history import StreamHistory
 from .routing import (
@@ -98,6 +98,19 @@ __all__ = ["Publisher", "RedisBackend", "SyncPublisher"]
 T = TypeVar("T")
 
 
+_NUMERIC = (
+    "connect_timeout",
+    "command_timeout",
+    "backoff_max",
+    "max_backlog",
+    "max_backlog_bytes",
+    "max_message_bytes",
+    "admission_timeout",
+    "health_interval",
+    "health_timeout",
+)
+
+
 def _lease(name: str, value: object) -> float:
     """A lease: seconds from 0.001 to ``MAX_SECONDS`` (its milliseconds go to Redis as an int)."""
     lease = seconds(name, value)
@@ -117,6 +130,13 @@ _REC = RECORD
 _U32 = struct.Struct("!I")
 _LOBBY = b"L"
 _CONTROL = ord("C")
+# A node's own messages: b"S" + u32 length + sender id, then records each
+# preceded by its u64 sequence number (per sender and channel, counting the
+# messages dropped too), so that a receiver counts the ones it missed.
+# Publishers send frame_head (b"M") messages, without sequence numbers.
+_SEQ_HEAD = ord("S")
+_SEQ_IDLE = 300.0  # seconds after which a sender forgets a channel's sequence
+_U64 = struct.Struct("!Q")
 _BATCH = 512  # commands per pipeline
 _MAX_FRAME = 256 * 1024  # bytes of records per PUBLISH
 _SUB_CHUNK = 1000  # channels per SUBSCRIBE command
@@ -134,6 +154,7 @@ class _Shard:
         "client",
         "conn",
         "early",
+        "health",
         "index",
         "on_ack",
         "pub",
@@ -144,10 +165,13 @@ class _Shard:
         "subscribed",
     )
 
-    def __init__(self, index: int, client: aioredis.Redis, sub_client: aioredis.Redis) -> None:
+    def __init__(
+        self, index: int, client: aioredis.Redis, sub_client: aioredis.Redis, health: aioredis.Redis
+    ) -> None:
         self.index = index
         self.client = client
         self.sub_client = sub_client
+        self.health = health  # PINGs of the health check, on a connection of their own
         self.sub = sub_client.pubsub()  # owns ``conn``
         self.conn: Any = None
         self.sharded = False
@@ -229,16 +253,26 @@ class RedisBackend:
     connections are freed (renewed every ``lease / 3``). ``connect_timeout``:
     how long the first ``connect()`` waits for the backplane before admitting
     on local limits. ``max_backlog``: messages queued for Redis beyond this
-    are dropped (and counted) rather than held without bound.
+    are dropped (and counted) rather than held without bound;
+    ``max_backlog_bytes``: the same bound in bytes of queued records.
+    ``max_message_bytes``: a broadcast or direct message larger than this
+    (its record, in bytes) is delivered locally only, and counted in
+    ``oversize`` and ``dropped``. ``admission_timeout``: longest wait of a
+    ``connect()`` for its reservation script; past it the handshake is
+    admitted on local limits, as in an outage. ``health_interval`` /
+    ``health_timeout``: every ``health_interval`` each Redis gets a PING on a
+    connection of its own; no answer within ``health_timeout`` is an outage.
 
     The numeric settings (``lease`` at least 0.001 s, ``connect_timeout``,
-    ``command_timeout``, ``backoff_max``: seconds > 0, at most
-    ``wsmanager.settings.MAX_SECONDS`` (100 years); ``max_backlog``: an int
-    >= 1) are checked at construction and on assignment, with a TypeError /
-    ValueError naming the setting (``wsmanager.settings``). A new ``lease``
-    applies from the next renewal. A subclass may set any of them as a class
-    attribute: it is checked when the class is created and becomes the
-    default of its instances (a keyword argument still wins).
+    ``command_timeout``, ``backoff_max``, ``admission_timeout``,
+    ``health_interval``, ``health_timeout``: seconds > 0, at most
+    ``wsmanager.settings.MAX_SECONDS`` (100 years); ``max_backlog``,
+    ``max_backlog_bytes``, ``max_message_bytes``: an int >= 1) are checked
+    at construction and on assignment, with a TypeError / ValueError naming
+    the setting (``wsmanager.settings``). A new ``lease`` applies from the
+    next renewal. A subclass may set any of them as a class attribute: it is
+    checked when the class is created and becomes the default of its
+    instances (a keyword argument still wins).
     """
 
     clustered = True
@@ -246,11 +280,16 @@ class RedisBackend:
     command_timeout = Setting(seconds)
     backoff_max = Setting(seconds)
     max_backlog = Setting(count(1))
+    max_backlog_bytes = Setting(count(1))
+    max_message_bytes = Setting(count(1))
+    admission_timeout = Setting(seconds)
+    health_interval = Setting(seconds)
+    health_timeout = Setting(seconds)
     _class_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        names = ("connect_timeout", "command_timeout", "backoff_max", "max_backlog")
+        names = _NUMERIC
         checks = {"lease": _lease, **{n: RedisBackend.__dict__[n].check for n in names}}
         cls._class_defaults = class_defaults(cls, cls._class_defaults, checks)
 
@@ -265,6 +304,11 @@ class RedisBackend:
         command_timeout: float = DefaultFloat(5.0),
         backoff_max: float = DefaultFloat(5.0),
         max_backlog: int = DefaultInt(10_000),
+        max_backlog_bytes: int = DefaultInt(16 * 1024 * 1024),
+        max_message_bytes: int = DefaultInt(4 * 1024 * 1024),
+        admission_timeout: float = DefaultFloat(0.25),
+        health_interval: float = DefaultFloat(0.25),
+        health_timeout: float = DefaultFloat(0.5),
     ) -> None:
         d = self._class_defaults  # a subclass's class-attribute settings
         lease = resolve(d, "lease", lease)
@@ -272,6 +316,11 @@ class RedisBackend:
         command_timeout = resolve(d, "command_timeout", command_timeout)
         backoff_max = resolve(d, "backoff_max", backoff_max)
         max_backlog = resolve(d, "max_backlog", max_backlog)
+        max_backlog_bytes = resolve(d, "max_backlog_bytes", max_backlog_bytes)
+        max_message_bytes = resolve(d, "max_message_bytes", max_message_bytes)
+        admission_timeout = resolve(d, "admission_timeout", admission_timeout)
+        health_interval = resolve(d, "health_interval", health_interval)
+        health_timeout = resolve(d, "health_timeout", health_timeout)
         self._argv: list[str] = []
         self.lease = lease
         self.urls: list[str] = parse_urls(url)
@@ -282,6 +331,11 @@ class RedisBackend:
         self.command_timeout = command_timeout
         self.backoff_max = backoff_max
         self.max_backlog = max_backlog
+        self.max_backlog_bytes = max_backlog_bytes
+        self.max_message_bytes = max_message_bytes
+        self.admission_timeout = admission_timeout
+        self.health_interval = health_interval
+        self.health_timeout = health_timeout
         prefix = "{" + namespace + "}:"
         self._channel = prefix + "bus"
         self._keys = [
@@ -315,6 +369,24 @@ class RedisBackend:
         self._ready: asyncio.Event | None = None
         self._client: aioredis.Redis | None = None
         self._ops: deque[tuple[str, Any]] = deque()
+        self._backlog_bytes = 0  # of the records in _ops
+        # sequence numbers: channel -> last one this node used (sender);
+        # channel -> sender -> last one received (receiver)
+        self._seq: dict[bytes, list[int]] = {}  # channel -> [last seq, _seq_clock at last use]
+        self._seq_clock = 0  # the number of _prune_seq calls (one per lease / 3)
+        self._seen: dict[bytes, dict[bytes, int]] = {}
+        # the other nodes as this node last knew them, kept through an outage:
+        # counts the messages dropped meanwhile, and holds their seats in a
+        # Redis that restarted empty until they rejoin (REVIVE)
+        self._known = ClusterView()
+        self._lease_lost = False  # reaped while alive: shed what is over a limit
+        self._epoch: bytes | None = None  # the epoch token of Redis' state this node registered in
+        self._shedding: set[asyncio.Task[None]] = set()
+        self._unchecked: set[str] = set()  # cids admitted on a "lost" answer, not yet connected
+        self._closing: set[str] = set()  # cids being shed, not yet released
+        self._shed_on_commit: set[str] = set()  # handshakes to shed once connected
+        self._syncs = 0  # SYNCs sent whose "s" event this node has not read yet
+        self._syncs_sent = 0
         # cid -> user of releases queued or in flight: a reservation of the
         # same user releases them first, in its own script
         self._releasing: dict[str, str] = {}
@@ -334,6 +406,12 @@ class RedisBackend:
         self.resyncs = 0
         self.reaped = 0
         self.local_admissions = 0  # admitted on local limits while down
+        self.missed = 0  # sequence gaps seen by this node as a receiver
+        self.oversize = 0  # messages over max_message_bytes (also in dropped)
+        self.subscriber_cuts = 0  # subscriber connections Redis closed while it answered
+        self.lease_losses = 0  # times this node found itself reaped while alive
+        self.shed = 0  # connections closed (1013 lease_lost) to get back under a limit
+        self.revived_nodes = 0  # nodes whose last known seats this node put back after a restart
         self.last_error: str | None = None
         self.down_since: float | None = None
         self._applying = False  # subscriptions sent, confirmations awaited
@@ -385,6 +463,7 @@ class RedisBackend:
                 self._kick()
         else:
             self._refs.pop(channel, None)
+            self._seen.pop(channel, None)  # a later subscription starts counting afresh
             self._sub_changes.add(channel)
             self._kick()
 
@@ -474,18 +553,11 @@ class RedisBackend:
         assert m is not None
         max_user = m.max_per_user
         releasing = [c for c, u in self._releasing.items() if u == user]
-        try:
-            res = await self._eval(
-                client,
-                RESERVE,
-                cid,
-                lobby,
-                user,
-                m.max_connections,
-                m.max_per_lobby,
-                -1 if max_user is None else max_user,
-                *releasing,
-            )
+        limits = (m.max_connections, m.max_per_lobby, -1 if max_user is None else max_user)
+        resyncs = self._syncs_sent
+        try:  # bounded by admission_timeout: a hung Redis does not hold the handshake
+            script = client.eval(RESERVE, 5, *self._keys, *self._argv, cid, lobby, user, *limits, *releasing)
+            res = await _detached(script, self.admission_timeout)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self._note_error(exc)
             self.local_admissions += 1
@@ -503,7 +575,10 @@ class RedisBackend:
                 self._presence("r", cid)
             return "replaced"
         if reason == "lost":  # Redis forgot this node: admit; the resync registers it
-            self._mark_dirty()
+            # and then sheds what is over a limit, the newest first (a SYNC sent
+            # meanwhile already registered the node again: the same loss)
+            self._lost_lease(counted=self._syncs_sent != resyncs)
+            self._unchecked.add(cid)  # once connected, checked again (shed if over)
             return ""
         if reason:
             del self._cids[websocket]
@@ -518,18 +593,28 @@ class RedisBackend:
         if entry[1]:
             return
         entry[1] = 1
+        if cid in self._unchecked:  # admitted while this node was unknown to Redis
+            self._unchecked.discard(cid)
+            self._lease_lost = True
+            self._mark_dirty()
         self.view.add(self.node_id, cid, entry[2], entry[0])
         self.own.add(self.node_id, cid, entry[2], entry[0])
         for lobby in entry[2]:
             self._ref(self.lobby_channel(lobby), 1)
         self._ref(self.user_channel(entry[0]), 1)
         self._presence("c", cid)
+        if cid in self._shed_on_commit:
+            self._shed_on_commit.discard(cid)
+            self._close_shed(websocket)
 
     def release(self, websocket: Any) -> None:
         cid = self._cids.pop(websocket, None)
         if cid is None:
             return
         entry = self._entries.pop(cid)
+        self._unchecked.discard(cid)
+        self._closing.discard(cid)
+        self._shed_on_commit.discard(cid)
         if entry[1]:
             self.view.remove(self.node_id, cid)
             self.own.remove(self.node_id, cid)
@@ -588,7 +673,7 @@ class RedisBackend:
             # in Redis too): the manager finds the connection gone
             return "" if reason == "lost" else reason
         if reason == "lost":  # Redis forgot this node or connection: the resync records it
-            self._mark_dirty()
+            self._lost_lease(counted=self.resyncs != resyncs)
             reason = ""
         if reason:
             entry[2].remove(lobby)
@@ -735,28 +820,136 @@ class RedisBackend:
 
     def publish_lobby(self, lobby: str, data: str, exclude_user_id: str | None) -> int:
         """Queue ``data`` for the lobby's connections on other nodes; their count."""
+        if not self.up:  # dropped if the other nodes last known had recipients
+            if (
+                self._known.lobbies.get(lobby, 0)
+                - (0 if exclude_user_id is None else self._known.lobby_user_count(lobby, exclude_user_id))
+                > 0
+            ):
+                self._drop(self.lobby_channel(lobby))
+            return 0
         n = self.remote_lobby_count(lobby, exclude_user_id)
-        if n <= 0 or not self.up:
+        if n <= 0:
             return 0
         self._publish(self.lobby_channel(lobby), lobby_record(lobby, data, exclude_user_id))
         return n
 
     def publish_user(self, user: str, data: str) -> int:
         """Queue ``data`` for the user's connections on other nodes; their count."""
+        if not self.up:
+            if self._known.users.get(user, 0) > 0:
+                self._drop(self.user_channel(user))
+            return 0
         n = self.remote_user_count(user)
-        if n <= 0 or not self.up:
+        if n <= 0:
             return 0
         self._publish(self.user_channel(user), user_record(user, data))
         return n
 
     def _publish(self, channel: bytes, frame: bytes) -> None:
-        if len(self._ops) >= self.max_backlog:
-            self.dropped += 1
+        """Queue one record for ``channel`` with its sequence number, or drop
+        it (counted): larger than ``max_message_bytes``, or the backlog at
+        ``max_backlog`` records / ``max_backlog_bytes`` bytes."""
+        size = len(frame)
+        if size > self.max_message_bytes:
+            self.oversize += 1
+            if self.oversize == 1 or self.oversize % 1000 == 0:
+                logger.warning(
+                    "backplane: %d message(s) over max_message_bytes (%d) delivered locally only",
+                    self.oversize,
+                    self.max_message_bytes,
+                    extra={"reason": "message_too_big"},
+                )
+            self._drop(channel)
+            return
+        if len(self._ops) >= self.max_backlog or self._backlog_bytes + size > self.max_backlog_bytes:
+            self._drop(channel)
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 logger.warning("backplane backlog full: %d messages dropped", self.dropped)
             return
-        self._ops.append(("p", (channel, frame)))
+        seq = self._next_seq(channel)
+        self._backlog_bytes += size
+        self._ops.append(("p", (channel, seq, frame)))
         self._kick()
+
+    def _drop(self, channel: bytes) -> None:
+        """A message for ``channel`` that does not reach the cluster: counted
+        in ``dropped``; its sequence number is used up, so receivers count it
+        in ``missed``."""
+        self.dropped += 1
+        self._next_seq(channel)
+
+    def _next_seq(self, channel: bytes) -> int:
+        entry = self._seq.get(channel)
+        if entry is None:
+            entry = self._seq[channel] = [0, 0]
+        entry[0] += 1
+        entry[1] = self._seq_clock
+        return entry[0]
+
+    def _prune_seq(self) -> None:
+        """Forget the sequence of channels unused for about ``_SEQ_IDLE``
+        seconds (bounded memory; called once per lease / 3); the next message
+        on one starts again at 1, which a receiver takes as a new sequence,
+        not as a gap."""
+        self._seq_clock += 1
+        idle = self._seq_clock - int(_SEQ_IDLE * 3 / self.lease)
+        for channel in [c for c, (_, used) in self._seq.items() if used < idle]:
+            del self._seq[channel]
+
+    def _lost_lease(self, *, counted: bool = False) -> None:
+        """Redis forgot this node while its session lasted (its lease expired:
+        the process was frozen or cut off longer than ``lease``, and other
+        nodes reaped it). The resync registers it again; then it sheds its
+        newest connections over a limit (:meth:`_shed`). ``counted``: this
+        loss is one already seen (an answer older than a later SYNC)."""
+        if not self._lease_lost and not counted:
+            self._lease_lost = True
+            self.lease_losses += 1
+            logger.warning(
+                "backplane: this node's lease expired while it was alive", extra={"reason": "lease_lost"}
+            )
+        self._mark_dirty()
+
+    async def _shed(self, client: aioredis.Redis) -> None:
+        """After a lost lease and the resync: close this node's newest
+        connections while the cluster is over ``max_connections``,
+        ``max_per_lobby`` or ``max_per_user`` (close code 1013, reason
+        ``lease_lost``: the client may come back when there is room). The
+        other nodes admitted into the seats while this one was gone; its
+        newest connections are the ones a correct cluster would have refused."""
+        self._lease_lost = False
+        m = self._manager
+        if m is None:
+            return
+        max_user = m.max_per_user
+        limits = (m.max_connections, m.max_per_lobby, -1 if max_user is None else max_user)
+        raw = await self._eval(client, OVER, *limits, *self._closing)
+        by_cid = {cid: ws for ws, cid in self._cids.items()}
+        for item in raw or ():
+            cid = item.decode() if isinstance(item, bytes) else str(item)
+            ws = by_cid.get(cid)
+            if ws is None:
+                continue
+            self._closing.add(cid)
+            self.shed += 1
+            if self._entries[cid][1]:
+                self._close_shed(ws)
+            else:  # a handshake: closed once connected (commit)
+                self._shed_on_commit.add(cid)
+        if raw:
+            logger.warning(
+                "backplane: closed %d connection(s) over a limit after a lost lease",
+                len(raw),
+                extra={"reason": "lease_lost", "code": 1013},
+            )
+
+    def _close_shed(self, websocket: Any) -> None:
+        m = self._manager
+        assert m is not None
+        task = asyncio.ensure_future(m.close_connection(websocket, "lease_lost"))
+        self._shedding.add(task)
+        task.add_done_callback(self._shedding.discard)
 
     def _mark_dirty(self) -> None:
         self._dirty = True
@@ -802,7 +995,7 @@ class RedisBackend:
         # per Redis: a client for commands, pub/sub on its own client (no read
         # timeout on an idle subscription)
         shards = [
-            _Shard(i, self._redis(url, self.command_timeout), self._redis(url, None))
+            _Shard(i, self._redis(url, self.command_timeout), self._redis(url, None), self._redis(url, None))
             for i, url in enumerate(self.urls)
         ]
         client = shards[0].client
@@ -831,7 +1024,11 @@ class RedisBackend:
             self._client = client
             self._session = True
             self._ops.clear()  # superseded by the sync below
+            self._backlog_bytes = 0
+            await self._revive(client)
             await self._sync(client)
+            if self._lease_lost:
+                await self._shed(client)
             raw = await self._eval(client, SNAPSHOT)
             self._load_snapshot(raw)
             self.up = True
@@ -849,6 +1046,7 @@ class RedisBackend:
             tasks = [loop.create_task(self._read_loop(shard)) for shard in shards]
             tasks.append(loop.create_task(self._write_loop(client)))
             tasks.append(loop.create_task(self._keep_loop(client)))
+            tasks.append(loop.create_task(self._health_loop(shards)))
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 exc = t.exception()
@@ -866,7 +1064,7 @@ class RedisBackend:
             for shard in shards:
                 with contextlib.suppress(BaseException):
                     await shard.sub.aclose()  # type: ignore[no-untyped-call]
-                for c in (shard.client, shard.sub_client):
+                for c in (shard.client, shard.sub_client, shard.health):
                     with contextlib.suppress(BaseException):
                         await c.aclose()
 
@@ -875,6 +1073,7 @@ class RedisBackend:
         self.up = False
         self._session = False
         self._client = None
+        self._syncs = 0  # the next session reads the bus afresh
         if self._ready is not None:
             self._ready.clear()
         dropped = sum(1 for op, _ in self._ops if op == "p")  # records
@@ -882,11 +1081,19 @@ class RedisBackend:
             self._dirty = True
         self._admit_joins(self._ops)
         self._ops.clear()
+        self._backlog_bytes = 0
         self._releasing.clear()
         self.dropped += dropped
-        # answers are local only while down: forget the other nodes
+        # answers are local only while down: forget the other nodes (their
+        # last known connections stay in _known)
+        others = [n for n in self.view.nodes if n != self.node_id]
+        if others:
+            self._known = ClusterView()
+            for node in others:
+                for cid, (user, lobbies) in self.view.nodes[node].items():
+                    self._known.add(node, cid, lobbies, user)
         changed: set[str] = set()
-        for node in [n for n in self.view.nodes if n != self.node_id]:
+        for node in others:
             changed |= self.view.drop_node(node)
         self._remote_changed(changed)
         if outage and was_up:
@@ -925,12 +1132,52 @@ class RedisBackend:
     async def _eval(self, client: aioredis.Redis, script: str, *args: Any) -> Any:
         return await _detached(client.eval(script, 5, *self._keys, *self._argv, *args), self.command_timeout)
 
+    def rejoin_window(self) -> float:
+        """Seconds the seats of the nodes this node last knew are held in a
+        Redis that restarted empty, waiting for them to rejoin:
+        ``max(lease, 1.5 * backoff_max + connect_timeout)``, the longest a
+        live node with these settings takes to reconnect (its backoff with
+        jitter, then one connection attempt)."""
+        return max(self.lease, 1.5 * self.backoff_max + self.connect_timeout)
+
+    async def _revive(self, client: aioredis.Redis) -> None:
+        """In a Redis that lost the cluster's state (restarted empty: no
+        epoch key), the first node back registers the other nodes it last
+        knew, with their connections, under a lease of ``rejoin_window()``:
+        their seats count until each rejoins (its SYNC replaces them) or,
+        dead, is reaped. Without it a node back first would admit into seats
+        that connections on nodes not yet back still hold."""
+        known, self._known = self._known, ClusterView()
+        flat: list[Any] = []
+        for node, conns in known.nodes.items():
+            if node == self.node_id or not conns:
+                continue
+            flat += (node, len(conns))
+            for cid, (user, lobbies) in conns.items():
+                flat += (cid, json.dumps([user, 1, *lobbies]))
+        window = int(self.rejoin_window() * 1000)
+        raw = await self._eval(client, REVIVE, window, os.urandom(8).hex(), *flat)
+        revived, epoch, present = int(raw[0]), raw[1], int(raw[2])
+        if epoch == self._epoch and not present and self._entries:  # reaped during the outage
+            self._lost_lease()
+        self._epoch = epoch
+        if revived > 0:
+            self.revived_nodes += int(revived)
+            logger.warning(
+                "backplane: Redis lost the cluster's state; holding the seats of %d node(s) for %.1fs",
+                revived,
+                self.rejoin_window(),
+                extra={"reason": "backplane_revive"},
+            )
+
     async def _sync(self, client: aioredis.Redis) -> None:
         """Make Redis' record of this node equal to ``_entries``."""
         self._dirty = False
         flat: list[Any] = []
         for cid, (user, state, lobbies) in self._entries.items():
             flat += (cid, user, state, len(lobbies), *lobbies)
+        self._syncs += 1
+        self._syncs_sent += 1
         await self._eval(client, SYNC, *flat)
         self.resyncs += 1
 
@@ -957,8 +1204,16 @@ class RedisBackend:
         rec_size = _REC.size
         conn = shard.conn
         early = shard.early
+        seen = self._seen
         while True:
-            reply = early.pop(0) if early else await conn.read_response(push_request=True)
+            if early:
+                reply = early.pop(0)
+            else:
+                try:
+                    reply = await conn.read_response(push_request=True)
+                except (RedisError, OSError) as exc:
+                    await self._check_cut(shard, exc)
+                    raise
             if not isinstance(reply, list) or len(reply) < 3:
                 continue
             if reply[0] not in _MESSAGE:
@@ -973,10 +1228,20 @@ class RedisBackend:
             self.received_bytes += len(payload)
             (nlen,) = _U32.unpack_from(payload, 1)
             off = 5 + nlen
-            if payload[5:off] == node_b:
+            sender = payload[5:off]
+            if sender == node_b:
                 continue
+            sequenced = payload[0] == _SEQ_HEAD
+            senders = seen.setdefault(reply[1], {}) if sequenced else {}
             end = len(payload)
             while off < end:
+                if sequenced:
+                    (seq,) = _U64.unpack_from(payload, off)
+                    off += 8
+                    last = senders.get(sender)
+                    if last is not None and seq > last + 1:
+                        self.missed += seq - last - 1
+                    senders[sender] = seq  # lower than last: the sender started a new sequence
                 kind, tlen, xlen, dlen = _REC.unpack_from(payload, off)
                 off += rec_size
                 target = payload[off : off + tlen].decode()
@@ -991,12 +1256,35 @@ class RedisBackend:
                 elif m.is_user_connected(target, local=True):
                     await delivery.deliver_user(target, payload[start:off].decode())
 
+    async def _check_cut(self, shard: _Shard, exc: BaseException) -> None:
+        """The subscriber connection of ``shard`` failed. If that Redis still
+        answers a PING, it cut this subscriber (its pub/sub output buffer
+        limit, ``client-output-buffer-limit pubsub``, or CLIENT KILL): counted
+        in ``subscriber_cuts`` and logged; the messages lost meanwhile show in
+        ``missed`` when each sender's next message arrives."""
+        try:
+            await _detached(shard.health.ping(), self.health_timeout)
+        except (RedisError, OSError):
+            return  # Redis itself is gone: an outage
+        self.subscriber_cuts += 1
+        logger.warning(
+            "backplane: Redis %s closed this node's subscriber connection (%s): resubscribing; "
+            "messages lost meanwhile are counted in 'missed'",
+            self.urls[shard.index],
+            exc,
+            extra={"reason": "subscriber_cut"},
+        )
+
     def _on_control(self, payload: bytes) -> None:
         ev = json.loads(payload[1:])
         op, node = ev[0], ev[1]
         if node == self.node_id:
-            if op == "g" and not self._stopping:  # reaped while alive: register again
-                self._mark_dirty()
+            if op == "s":
+                self._syncs = max(0, self._syncs - 1)
+            # reaped while alive: register again (a "g" published before this
+            # node's latest SYNC is stale: that SYNC registered it again)
+            elif op == "g" and not self._stopping and not self._syncs:
+                self._lost_lease()
             return
         view = self.view
         changed: Iterable[str] = ()
@@ -1073,7 +1361,7 @@ class RedisBackend:
         per channel (on the channel's Redis), presence changes as script
         calls on the primary, one pipeline per Redis per round trip."""
         ops = self._ops
-        head = frame_head(self._node_b)
+        head = bytes((_SEQ_HEAD,)) + frame_head(self._node_b)[1:]
         while ops:
             if ops[0][0] == "p":
                 await self._flush_records(head)
@@ -1126,15 +1414,17 @@ class RedisBackend:
         size = 0
         count = 0
         while ops and ops[0][0] == "p" and count < _BATCH * 8:
-            channel, record = ops[0][1]
+            channel, seq, record = ops[0][1]
             if size and size + len(record) > _MAX_FRAME:
                 break
             ops.popleft()
-            frames.setdefault(channel, []).append(record)
+            frames.setdefault(channel, []).extend((_U64.pack(seq), record))
             size += len(record)
             count += 1
+        self._backlog_bytes -= size
         shards = self._shards
         pipes: dict[int, Any] = {}
+        sent: dict[int, list[int]] = {}  # shard -> records per PUBLISH, in order
         for channel, records in frames.items():
             shard = shards[self.shard_of(channel)]
             pipe = pipes.get(shard.index)
@@ -1143,10 +1433,63 @@ class RedisBackend:
             message = head + b"".join(records)
             pipe.execute_command(shard.pub, channel, message)
             self.published_bytes += len(message)
-        self.published += count
-        await asyncio.gather(
-            *(_detached(pipe.execute(raise_on_error=False), self.command_timeout) for pipe in pipes.values())
-        )
+            sent.setdefault(shard.index, []).append(len(records) // 2)
+        # not confirmed by Redis: counted as dropped (their receivers count
+        # them in missed, unless Redis ran them before failing to answer)
+        try:
+            timeout = self.command_timeout
+            results = await asyncio.gather(
+                *(_detached(pipe.execute(raise_on_error=False), timeout) for pipe in pipes.values()),
+                return_exceptions=True,
+            )
+        except BaseException:  # cancelled (the session ends)
+            self.dropped += count
+            raise
+        failure: BaseException | None = None
+        for index, res in zip(pipes, results, strict=True):
+            if isinstance(res, BaseException):
+                self.dropped += sum(sent[index])
+                failure = res
+                continue
+            for n, one in zip(sent[index], res, strict=True):
+                if isinstance(one, Exception):
+                    self.dropped += n
+                    failure = one
+                else:
+                    self.published += n
+        if failure is not None:
+            raise failure
+
+    async def _health_loop(self, shards: list[_Shard]) -> None:
+        """Every ``health_interval``, PING each Redis on a connection of its
+        own; one without an answer within ``health_timeout`` (hung: SIGSTOP,
+        a long DEBUG SLEEP or CLIENT PAUSE, a lost network) ends the session
+        at once: the node is down (``up`` false, cross-node messages dropped
+        and counted, admissions on local limits) and reconnects."""
+        while True:
+            await asyncio.sleep(self.health_interval)
+            try:
+                await asyncio.gather(*(self._ping(s) for s in shards))
+            except (RedisError, OSError) as exc:
+                self._note_error(exc)
+                self._reset_session(outage=True)  # down now, not after the session's cleanup
+                raise
+
+    async def _ping(self, shard: _Shard) -> None:
+        """One health-check PING: RedisTimeoutError without an answer within
+        ``health_timeout``. An answer that arrived while this process's loop
+        was blocked (a long synchronous call, the process frozen) is taken:
+        the loop gets a few turns to read it before the verdict."""
+        task = asyncio.ensure_future(shard.health.ping())
+        task.add_done_callback(_retrieve)
+        await asyncio.wait({task}, timeout=self.health_timeout)
+        for _ in range(8):
+            if task.done():
+                break
+            await asyncio.sleep(0)
+        if not task.done():
+            raise RedisTimeoutError(f"no answer to PING within {self.health_timeout}s")
+        task.result()
 
     async def _keep_loop(self, client: aioredis.Redis) -> None:
         """Renew the lease, reap dead nodes, resync when Redis disagrees."""
@@ -1159,8 +1502,9 @@ class RedisBackend:
             if loop.time() >= next_tick:
                 next_tick = loop.time() + interval
                 if not await self._eval(client, RENEW):
-                    self._dirty = True
+                    self._lost_lease()
                 self.reconcile()
+                self._prune_seq()
                 reaped = await self._eval(client, REAP, 16)
                 if reaped:
                     self.reaped += int(reaped)
@@ -1169,6 +1513,8 @@ class RedisBackend:
                 logger.info("backplane: resyncing this node's presence")
                 resync.clear()
                 await self._sync(client)
+                if self._lease_lost:
+                    await self._shed(client)
                 continue
             if resync.is_set():  # asked for while a sync (e.g. the session's first) was running
                 resync.clear()
@@ -1197,6 +1543,13 @@ class RedisBackend:
             "sharded_pubsub": bool(self._shards) and all(s.sharded for s in self._shards),
             "dropped": self.dropped,
             "backlog": len(self._ops),
+            "backlog_bytes": self._backlog_bytes,
+            "missed": self.missed,
+            "oversize": self.oversize,
+            "subscriber_cuts": self.subscriber_cuts,
+            "lease_losses": self.lease_losses,
+            "shed": self.shed,
+            "revived_nodes": self.revived_nodes,
             "outages": self.outages,
             "resyncs": self.resyncs,
             "reaped_nodes": self.reaped,
