@@ -73,8 +73,24 @@ class _HistorySetting(CoreSetting[Any]):
 
     def __set__(self, obj: Any, value: Any) -> None:
         super().__set__(obj, value)
-        obj.__dict__["_history"] = self.base.__get__(obj, type(obj)) > 0
+        on = self.base.__get__(obj, type(obj)) > 0
+        obj.__dict__["_history"] = on
+        if on:  # get_stats() reads the history figures from now on
+            obj.__dict__["_history_used"] = True
 
+
+_NO_HISTORY: HistoryStats = {
+    "lobbies": 0,
+    "entries": 0,
+    "bytes": 0,
+    "appended": 0,
+    "dropped": 0,
+    "backlog": 0,
+    "recoveries": 0,
+    "recovered": 0,
+    "not_recovered": 0,
+    "replayed": 0,
+}
 
 _RATE = optional_rate(0)  # set_rate_limit's checks (wsmanager.settings)
 _BURST = optional_rate(1)
@@ -221,6 +237,7 @@ class ConnectionManager(Core):
     history_size = _HistorySetting(Core.__dict__["history_size"], optional_count(0))
     history_ttl = CoreSetting(Core.__dict__["history_ttl"], optional_seconds)
     _history = False  # history_size > 0 (kept by _HistorySetting): one attribute read per broadcast
+    _history_used = False  # history_size was > 0 at some point: get_stats() reads its figures
 
     def __init__(
         self,
@@ -1105,12 +1122,14 @@ class ConnectionManager(Core):
     def _history_figures(self, bp: RedisBackend | None) -> HistoryStats:
         """``get_stats()["history"]``: the core's rings, the recovery counters
         and, with a clustered backend, its history writer's counters."""
+        streams = None if bp is None else bp.history
+        counts = self._recovery_counts
+        if not self._history_used and streams is None and not counts.recoveries:
+            return _NO_HISTORY.copy()  # history never on: no core call (get_stats stays O(1) and cheap)
         lobbies, entries, nbytes, appended = self._history_totals()
         dropped = backlog = 0
-        streams = None if bp is None else bp.history
         if streams is not None:
             appended, dropped, backlog = streams.totals()
-        counts = self._recovery_counts
         return {
             "lobbies": lobbies,
             "entries": entries,
