@@ -10,14 +10,15 @@ import asyncio
 import datetime
 import importlib
 import itertools
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 
 from tests.asgi_fakes import FakePeer
-from tests.redis_server import RedisServer, redis_server
+from tests.redis_server import RedisServer
+from tests.servers import until
 from wsmanager import ConnectionManager, InMemoryBackend, backend_from_env, manager
 from wsmanager.backends.redis import Publisher, RedisBackend, SyncPublisher
 from wsmanager.backends.routing import lobby_channel, shard_of
@@ -28,22 +29,6 @@ pytestmark = pytest.mark.slow
 manager_module = importlib.import_module("wsmanager.manager")
 
 _namespaces = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with redis_server() as server:
-        yield server
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Wait for a state a user would observe (bounded; no timing asserted)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.01)
 
 
 @asynccontextmanager

@@ -29,12 +29,6 @@ pytestmark = pytest.mark.slow
 _namespaces = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with redis_server() as server:
-        yield server
-
-
 @contextlib.contextmanager
 def nodes(url: str, n: int = 2, namespace: str = "") -> Iterator[list[tuple[int, subprocess.Popen[bytes]]]]:
     """``n`` uvicorn nodes of one fresh cluster (``url`` may be a comma list)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,7 +18,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.asgi_fakes import FakePeer
-from tests.redis_server import RedisServer, redis_server
+from tests.redis_server import RedisServer
+from tests.servers import until
 from wsmanager import ConnectionManager
 from wsmanager.backends.redis import Publisher, RedisBackend
 from wsmanager.backends.redis_history import history_keys
@@ -26,22 +27,6 @@ from wsmanager.backends.redis_history import history_keys
 pytestmark = pytest.mark.slow
 
 _namespaces = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with redis_server() as server:
-        yield server
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Wait for a state a user would observe (bounded; no timing asserted)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.01)
 
 
 @asynccontextmanager

@@ -28,12 +28,6 @@ _namespaces = itertools.count()
 APP = "tests.history_cluster_app:app"
 
 
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with redis_server() as server:
-        yield server
-
-
 def env_for(url: str, namespace: str, size: int = 100) -> dict[str, str]:
     return {
         "WSMANAGER_REDIS_URL": url,

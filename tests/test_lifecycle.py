@@ -10,7 +10,6 @@ import json
 import logging
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
 from tests.asgi_fakes import FakePeer
-from tests.redis_server import RedisServer, redis_server
+from tests.redis_server import RedisServer
 from tests.servers import uvicorn_server
 from wsmanager import ConnectionManager
 from wsmanager.backends.redis import RedisBackend
@@ -299,12 +298,6 @@ def test_seed_endpoint_with_an_auth_refusal_without_return_counts_nothing(
 
 
 # ------------------------------------------------------- with the Redis backplane
-
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with redis_server() as server:
-        yield server
 
 
 class GatedRedisBackend(RedisBackend):

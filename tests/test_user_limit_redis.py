@@ -10,22 +10,16 @@ all on other nodes is refused with 4002 "user_limit", as with "refuse".
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 import redis as redis_sync
 
 from tests.asgi_fakes import FakePeer
-from tests.redis_server import RedisServer, redis_server
-from tests.test_backplane import bp, cluster, until
+from tests.redis_server import RedisServer
+from tests.servers import until
+from tests.test_backplane import bp, cluster
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with redis_server() as server:
-        yield server
 
 
 def user_count(server: RedisServer, namespace: str, user: str) -> int:
