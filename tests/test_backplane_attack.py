@@ -19,11 +19,12 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tests.asgi_fakes import FakePeer
 from tests.redis_server import RedisServer, redis_server
 from wsmanager import ConnectionManager
-from wsmanager.backends.redis import RedisBackend
+from wsmanager.backends.redis import Publisher, RedisBackend
 
 pytestmark = pytest.mark.slow
 
@@ -393,5 +394,89 @@ def test_history_broadcast_during_an_outage_is_a_marked_gap_not_a_silent_one(red
             await until(lambda: 2 in notes(pc) and 2 in notes(pb), "live after")
             assert notes(pc) == [2] and notes(pb) == [0, 2]
             await until(lambda: a.get_stats()["history"]["backlog"] == 0, "history flushed")
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- recovery while Redis holds writes
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="with history on, connect() awaits the HISTORY_READ script (redis_history.py "
+    "StreamHistory.read: _bounded(call(), command_timeout)); under CLIENT PAUSE WRITE Redis "
+    "answers PING (no outage) and holds the script, so the handshake waits command_timeout, "
+    "not admission_timeout",
+)
+def test_connect_with_history_is_bounded_while_redis_holds_writes(redis: RedisServer) -> None:
+    _connect_while_redis_holds_writes(redis, 100)
+
+
+def test_connect_without_history_is_bounded_while_redis_holds_writes(redis: RedisServer) -> None:
+    """The control: the same handshake with history off is bounded by
+    admission_timeout (admitted on local limits), so the stall above is the
+    history read's."""
+    _connect_while_redis_holds_writes(redis, None)
+
+
+def _connect_while_redis_holds_writes(redis: RedisServer, history_size: int | None) -> None:
+    """docs/redis-backplane.md (a hung Redis): a connect() waits at most
+    admission_timeout for Redis. CLIENT PAUSE WRITE holds every script
+    (HISTORY_READ included) while PING answers: the handshake with history
+    on must stay bounded (asserted loosely: under 2 s, command_timeout 4 s)."""
+
+    async def main() -> None:
+        async with cluster(redis.url, backend={"command_timeout": 4.0}, history_size=history_size) as (a, _b):
+            await connected(a, "room", "alice")
+            raw = aioredis.Redis.from_url(redis.url)
+            try:
+                await raw.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
+                loop = asyncio.get_running_loop()
+                t0 = loop.time()
+                peer = FakePeer()
+                ok = await a.connect(peer.ws, "room", "carol")
+                took = loop.time() - t0
+                await raw.execute_command("CLIENT", "UNPAUSE")
+            finally:
+                await raw.aclose()
+            assert ok
+            assert bp(a).up  # PING answered throughout: no outage
+            assert took < 2.0, f"connect() took {took:.2f}s while Redis held writes"
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- the Publisher with history
+
+
+def test_publisher_with_history_through_an_outage_and_a_restart_empty(redis: RedisServer) -> None:
+    """A Publisher with history_size: while Redis is dead its broadcast
+    raises a redis ConnectionError (nothing half-sent); after a restart-empty
+    its broadcast starts the new epoch at offset 1, reaches the members of
+    both nodes, and a node's next broadcast is offset 2 of the same epoch."""
+
+    async def main() -> None:
+        async with cluster(redis.url) as (a, b):
+            ns = bp(a).namespace
+            pa = await connected(a, "room", "alice")
+            pb = await connected(b, "room", "bob")
+            async with Publisher(redis.url, namespace=ns, history_size=100) as pub:
+                assert await pub.broadcast_to_lobby("room", {"type": "note", "n": 0}) == 2
+                await until(lambda: notes(pa) == [0] and notes(pb) == [0], "both got 0")
+                redis.kill()
+                await until(lambda: not bp(a).up and not bp(b).up, "down")
+                with pytest.raises(RedisConnectionError):
+                    await pub.broadcast_to_lobby("room", {"type": "note", "n": 1})
+                redis.start()
+                await until(lambda: bp(a).up and bp(b).up, "back")
+                await until(lambda: a.get_stats()["total_connections"] == 2, "view rebuilt")
+                assert await pub.broadcast_to_lobby("room", {"type": "note", "n": 2}) == 2
+                await until(lambda: 2 in notes(pa) and 2 in notes(pb), "both got 2")
+            await a.broadcast_to_lobby("room", {"type": "note", "n": 3})
+            await until(lambda: 3 in notes(pa) and 3 in notes(pb), "both got 3")
+            assert notes(pa) == notes(pb) == [0, 2, 3]
+            e1 = positions(pa)[0][0]
+            e2 = positions(pa)[1][0]
+            assert e1 != e2 and positions(pa) == positions(pb) == [(e1, 1), (e2, 1), (e2, 2)]
 
     asyncio.run(main())
