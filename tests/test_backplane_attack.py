@@ -480,3 +480,129 @@ def test_publisher_with_history_through_an_outage_and_a_restart_empty(redis: Red
             assert e1 != e2 and positions(pa) == positions(pb) == [(e1, 1), (e2, 1), (e2, 2)]
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------- recovery (hold) while the node is shed
+
+
+def test_a_recovering_handshake_on_a_reaped_node_is_shed_cleanly(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Node b is reaped while alive (its lease set to expire, a runs REAP),
+    then admits a handshake with ``since=`` into a lobby at its limit: its
+    live messages are held while its recovery reads the stream. b learns it
+    lost its lease and sheds the newcomer (1013 lease_lost) or refuses it;
+    either way no error is logged, the lobby ends at its limit, the members
+    keep one order of offsets, and everything is back to zero afterwards."""
+    from wsmanager.backends._lua import REAP
+
+    async def main() -> None:
+        async with cluster(redis.url, backend={"lease": 30.0}, max_per_lobby=2) as (a, b):
+            ns = bp(b).namespace
+            pb = await connected(b, "room", "bob")
+            pa = await connected(a, "room", "amy")
+            await until(lambda: b.get_stats()["total_connections"] == 2, "b sees both")
+            await a.broadcast_to_lobby("room", {"type": "note", "n": 0})
+            await until(lambda: notes(pb) == [0], "bob got 0")
+            since = positions(pb)[-1]
+            r = aioredis.Redis.from_url(redis.url)
+            try:
+                await r.zadd(f"{{{ns}}}:nodes", {bp(b).node_id: 0})
+                await r.eval(REAP, 5, *bp(a)._keys, *bp(a)._argv, 16)  # a reaps b
+                late = FakePeer()
+                task = asyncio.ensure_future(b.connect(late.ws, "room", "late", since=since))
+                for i in range(1, 4):
+                    await a.broadcast_to_lobby("room", {"type": "note", "n": i})
+                admitted = await task
+                await until(lambda: a.get_stats()["total_connections"] == 2, "back at the limit")
+                await until(lambda: not admitted or late.close_message is not None, "the newcomer shed")
+                if admitted:
+                    assert late.close_message is not None
+                    assert (late.close_message["code"], late.close_message["reason"]) == (1013, "lease_lost")
+                assert int(await r.hget(f"{{{ns}}}:lobbies", "room") or 0) == 2
+                await until(
+                    lambda: notes(pa) == [0, 1, 2, 3] and notes(pb) == [0, 1, 2, 3], "members got all"
+                )
+                assert [o for _, o in positions(pb)] == [1, 2, 3, 4]
+                a.disconnect(pa.ws)
+                b.disconnect(pb.ws)
+                await until(
+                    lambda: (
+                        a.get_stats()["total_connections"] == 0 and b.get_stats()["total_connections"] == 0
+                    ),
+                    "counts back to zero",
+                )
+                await until(
+                    lambda: bp(a).stats()["backlog"] == 0 and bp(b).stats()["backlog"] == 0, "flushed"
+                )
+                assert int(await r.hget(f"{{{ns}}}:lobbies", "room") or 0) == 0
+            finally:
+                await r.aclose()
+        assert await leftover_keys(redis.url, ns) == []
+        assert not [rec for rec in caplog.records if rec.levelname in ("ERROR", "CRITICAL")]
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- memberships during a REVIVE window
+
+
+def test_memberships_of_a_node_not_yet_back_hold_their_seats_during_the_revive_window(
+    redis: RedisServer,
+) -> None:
+    """Redis restarts empty and node b cannot rejoin yet (it authenticates as
+    an ACL user the restart forgot): a comes back first and revives b's
+    stand-in, memberships included. During that window a join and a connect
+    on a into the lobby b fills (one connect, one join) are refused; once b
+    is back and one of its members leaves, a's join is admitted; all counts
+    end at zero with no key left."""
+
+    async def main() -> None:
+        raw = aioredis.Redis.from_url(redis.url)
+        acl = ("ACL", "SETUSER", "bnode", "on", ">pw", "~*", "&*", "+@all")
+        await raw.execute_command(*acl)
+        await raw.aclose()
+        ns = f"ba{next(_namespaces)}"
+        opts: dict[str, Any] = {"namespace": ns, "lease": 1.0, "connect_timeout": 5.0, "backoff_max": 0.2}
+        b_url = f"redis://bnode:pw@127.0.0.1:{redis.port}/0"
+        a = ConnectionManager(backend=RedisBackend(redis.url, **opts), max_per_lobby=2)
+        b = ConnectionManager(backend=RedisBackend(b_url, **opts), max_per_lobby=2)
+        await a.start()
+        await b.start()
+        try:
+            p1 = await connected(b, "room", "u1")
+            p2 = await connected(b, "other", "u2")
+            assert await b.join(p2.ws, "room")
+            p3 = await connected(a, "hall", "u3")
+            await until(lambda: len(a.get_lobby_users("room")) == 2, "a sees room full")
+            redis.kill()
+            await until(lambda: not bp(a).up and not bp(b).up, "down")
+            redis.start()  # empty: no ACL user bnode any more
+            await until(lambda: bp(a).up, "a is back")
+            assert not bp(b).up
+            assert bstats(a)["revived_nodes"] == 1
+            assert a.get_lobby_users("room") == {"u1", "u2"}
+            assert not await a.join(p3.ws, "room")
+            p4 = FakePeer()
+            assert not await a.connect(p4.ws, "room", "u4")
+            raw = aioredis.Redis.from_url(redis.url)
+            await raw.execute_command(*acl)
+            await raw.aclose()
+            await until(lambda: bp(b).up, "b is back")
+            assert not await a.join(p3.ws, "room")
+            b.leave(p2.ws, "room")
+            await until(lambda: len(a.get_lobby_users("room")) == 1, "a saw the leave")
+            assert await a.join(p3.ws, "room")
+            for node, peer in ((b, p1), (b, p2), (a, p3)):
+                node.disconnect(peer.ws)
+            await until(
+                lambda: a.get_stats()["total_connections"] == 0 and b.get_stats()["total_connections"] == 0,
+                "counts back to zero",
+            )
+            await until(lambda: bp(a).stats()["backlog"] == 0 and bp(b).stats()["backlog"] == 0, "flushed")
+        finally:
+            await a.stop()
+            await b.stop()
+        assert await leftover_keys(redis.url, ns) == []
+
+    asyncio.run(main())
