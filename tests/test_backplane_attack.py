@@ -24,7 +24,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from tests.asgi_fakes import FakePeer
 from tests.redis_server import RedisServer, redis_server
 from wsmanager import ConnectionManager
+from wsmanager.backends._lua import HISTORY_APPEND
 from wsmanager.backends.redis import Publisher, RedisBackend
+from wsmanager.backends.redis_history import append_args
 
 pytestmark = pytest.mark.slow
 
@@ -215,15 +217,13 @@ def test_history_messages_lost_to_a_subscriber_cut_are_counted_in_missed(redis: 
             try:
                 ids = await _pubsub_client_ids(raw)
                 victim = max(ids, key=lambda x: x[1])[0]  # b: control + lobby + user channels
-                from wsmanager.backends.redis_history import append_args
-
                 pipe = raw.pipeline(transaction=True)
                 pipe.execute_command("CLIENT", "KILL", "ID", victim)
                 for i in range(1, 4):
                     args = append_args(
                         ns, "room", f'{{"type":"note","n":{i}}}', None, 100, None, bp(a).publish_command(0)
                     )
-                    pipe.eval(__import__("wsmanager.backends._lua", fromlist=["x"]).HISTORY_APPEND, 2, *args)
+                    pipe.eval(HISTORY_APPEND, 2, *args)
                 await pipe.execute()
             finally:
                 await raw.aclose()
@@ -284,11 +284,11 @@ def test_history_backlog_is_bounded_while_redis_holds_writes(redis: RedisServer)
             await connected(b, "room", "bob")
             raw = aioredis.Redis.from_url(redis.url)
             try:
-                await raw.execute_command("CLIENT", "PAUSE", "2000", "WRITE")
+                await raw.execute_command("CLIENT", "PAUSE", "2000", "WRITE")  # type: ignore[no-untyped-call]
                 for i in range(200):
                     await a.broadcast_to_lobby("room", {"type": "note", "n": i, "pad": "x" * 10_000})
                 queued = a.get_stats()["history"]["backlog"]
-                await raw.execute_command("CLIENT", "UNPAUSE")
+                await raw.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
             finally:
                 await raw.aclose()
             assert queued <= 20
@@ -430,13 +430,13 @@ def _connect_while_redis_holds_writes(redis: RedisServer, history_size: int | No
             await connected(a, "room", "alice")
             raw = aioredis.Redis.from_url(redis.url)
             try:
-                await raw.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
+                await raw.execute_command("CLIENT", "PAUSE", "3000", "WRITE")  # type: ignore[no-untyped-call]
                 loop = asyncio.get_running_loop()
                 t0 = loop.time()
                 peer = FakePeer()
                 ok = await a.connect(peer.ws, "room", "carol")
                 took = loop.time() - t0
-                await raw.execute_command("CLIENT", "UNPAUSE")
+                await raw.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
             finally:
                 await raw.aclose()
             assert ok
@@ -560,7 +560,7 @@ def test_memberships_of_a_node_not_yet_back_hold_their_seats_during_the_revive_w
     async def main() -> None:
         raw = aioredis.Redis.from_url(redis.url)
         acl = ("ACL", "SETUSER", "bnode", "on", ">pw", "~*", "&*", "+@all")
-        await raw.execute_command(*acl)
+        await raw.execute_command(*acl)  # type: ignore[no-untyped-call]
         await raw.aclose()
         ns = f"ba{next(_namespaces)}"
         opts: dict[str, Any] = {"namespace": ns, "lease": 1.0, "connect_timeout": 5.0, "backoff_max": 0.2}
@@ -586,7 +586,7 @@ def test_memberships_of_a_node_not_yet_back_hold_their_seats_during_the_revive_w
             p4 = FakePeer()
             assert not await a.connect(p4.ws, "room", "u4")
             raw = aioredis.Redis.from_url(redis.url)
-            await raw.execute_command(*acl)
+            await raw.execute_command(*acl)  # type: ignore[no-untyped-call]
             await raw.aclose()
             await until(lambda: bp(b).up, "b is back")
             assert not await a.join(p3.ws, "room")
