@@ -401,14 +401,9 @@ def test_history_broadcast_during_an_outage_is_a_marked_gap_not_a_silent_one(red
 # ---------------------------------------------------------------- recovery while Redis holds writes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with history on, connect() awaits the HISTORY_READ script (redis_history.py "
-    "StreamHistory.read: _bounded(call(), command_timeout)); under CLIENT PAUSE WRITE Redis "
-    "answers PING (no outage) and holds the script, so the handshake waits command_timeout, "
-    "not admission_timeout",
-)
 def test_connect_with_history_is_bounded_while_redis_holds_writes(redis: RedisServer) -> None:
+    """The recovery read is bounded by admission_timeout too: the client is
+    answered without a position (recovered false when it gave a since)."""
     _connect_while_redis_holds_writes(redis, 100)
 
 
@@ -436,10 +431,14 @@ def _connect_while_redis_holds_writes(redis: RedisServer, history_size: int | No
                 peer = FakePeer()
                 ok = await a.connect(peer.ws, "room", "carol")
                 took = loop.time() - t0
+                since_peer = FakePeer()
+                since_ok = await a.connect(since_peer.ws, "room", "dave", since=("whatever", 1))
                 await raw.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
             finally:
                 await raw.aclose()
-            assert ok
+            assert ok and since_ok
+            if history_size is not None:  # answered without waiting for the read: it refetches
+                assert of_type(since_peer, "recovery")[0]["recovered"] is False
             assert bp(a).up  # PING answered throughout: no outage
             assert took < 2.0, f"connect() took {took:.2f}s while Redis held writes"
 

@@ -758,7 +758,9 @@ class RedisBackend:
         self, lobby: str, since: tuple[str, int] | None, user_id: str | None
     ) -> tuple[bool, str, int, list[str]]:
         """``(recovered, epoch, top, texts)``: see :meth:`StreamHistory.read`;
-        Redis errors give ``(False, "", 0, [])`` (logged)."""
+        Redis errors, and no answer within ``admission_timeout``, give
+        ``(False, "", 0, [])`` (logged): the client is told
+        ``recovered: false`` and refetches, the handshake is not held."""
         m = self._manager
         assert m is not None
         if self.history is None:
@@ -767,7 +769,8 @@ class RedisBackend:
             return await self.history.read(lobby, since, user_id, m.history_size or 1, m.history_ttl)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self._note_error(exc)
-            extra = {"lobby": lobby, "reason": "backplane_down"}
+            reason = "admission_timeout" if isinstance(exc, asyncio.TimeoutError) else "backplane_down"
+            extra = {"lobby": lobby, "reason": reason}
             logger.info("history: recovery read failed: %r", exc, extra=extra)
             return False, "", 0, []
 

@@ -272,12 +272,17 @@ class StreamHistory:
         lobby's channel: ``texts`` the kept messages after ``since`` (not
         those broadcast with ``exclude_user_id=user_id``); ``recovered``
         False, nothing replayed, when the epoch differs or a message needed
-        is no longer kept. The backplane down (or not listening within
-        ``command_timeout``): ``(False, "", 0, [])``. Redis errors propagate
-        as ``RedisError``."""
+        is no longer kept. The backplane down, or no subscription
+        confirmed within the backend's ``admission_timeout`` (the wait for
+        the subscription and the script are bounded by it each):
+        ``(False, "", 0, [])``. Redis errors propagate as ``RedisError``; no
+        answer to the script within ``admission_timeout`` (Redis holds
+        writes: CLIENT PAUSE WRITE, a long script) as
+        ``asyncio.TimeoutError``: the read is part of a handshake, bounded
+        as its reservation is (docs/redis-backplane.md#faults)."""
         bp = self._backend
         self.recoveries += 1
-        timeout = bp.command_timeout
+        timeout = bp.admission_timeout
         if not await bp.wait_listening(bp.lobby_channel(lobby), timeout):
             return False, "", 0, []
         index = bp.shard_of(bp.lobby_channel(lobby))
