@@ -242,25 +242,29 @@ def test_history_messages_lost_to_a_subscriber_cut_are_counted_in_missed(redis: 
 # ---------------------------------------------------------------- history + max_message_bytes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="history_publish (redis.py RedisBackend.history_publish) never checks max_message_bytes: "
-    "an oversize lobby message with history on is kept and published to every subscriber",
-)
 def test_history_oversize_lobby_message_respects_max_message_bytes(redis: RedisServer) -> None:
     """docs/redis-backplane.md: a message over max_message_bytes is delivered
     on its node only, counted in oversize and dropped. With history on the
-    same must hold (else history reopens the 1 MiB subscriber-cut hole)."""
+    same must hold (else history reopens the 1 MiB subscriber-cut hole), and
+    the message is a marked gap in the lobby's history: a recovery across it
+    answers recovered false."""
 
     async def main() -> None:
         async with cluster(redis.url, backend={"max_message_bytes": 2000}) as (a, b):
             pa = await connected(a, "room", "alice")
             pb = await connected(b, "room", "bob")
+            await a.broadcast_to_lobby("room", {"type": "pre"})
+            await until(lambda: len(positions(pb)) == 1, "bob got the first")
+            before = positions(pb)[0]
             await a.broadcast_to_lobby("room", {"type": "note", "n": 0, "pad": "x" * 10_000})
             await a.broadcast_to_lobby("room", {"type": "note", "n": 1})
             await until(lambda: 1 in notes(pb) and 1 in notes(pa), "the small one arrived")
-            assert bstats(a)["oversize"] == 1
-            assert notes(pb) == [1]
+            assert bstats(a)["oversize"] == 1 and bstats(a)["dropped"] == 1
+            assert a.get_stats()["history"]["dropped"] == 1
+            assert notes(pb) == [1] and notes(pa) == [0, 1]  # local members only
+            assert [o for _, o in positions(pb)] == [1, 3]  # its offset is skipped
+            pc = await connected(b, "room", "carol", since=before)
+            assert of_type(pc, "recovery")[0]["recovered"] is False
 
     asyncio.run(main())
 
@@ -268,11 +272,6 @@ def test_history_oversize_lobby_message_respects_max_message_bytes(redis: RedisS
 # ---------------------------------------------------------------- history + the backlog bounds
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="StreamHistory._queue (redis_history.py publish) is unbounded: history broadcasts ignore "
-    "max_backlog / max_backlog_bytes while Redis holds writes",
-)
 def test_history_backlog_is_bounded_while_redis_holds_writes(redis: RedisServer) -> None:
     """CLIENT PAUSE WRITE (Redis answers PING, holds scripts): 200 history
     broadcasts of 10 kB with max_backlog=20 must leave at most 20 queued,
@@ -281,17 +280,27 @@ def test_history_backlog_is_bounded_while_redis_holds_writes(redis: RedisServer)
     async def main() -> None:
         async with cluster(redis.url, backend={"max_backlog": 20, "command_timeout": 3.0}) as (a, b):
             await connected(a, "room", "alice")
-            await connected(b, "room", "bob")
+            pb = await connected(b, "room", "bob")
             raw = aioredis.Redis.from_url(redis.url)
             try:
                 await raw.execute_command("CLIENT", "PAUSE", "2000", "WRITE")  # type: ignore[no-untyped-call]
                 for i in range(200):
                     await a.broadcast_to_lobby("room", {"type": "note", "n": i, "pad": "x" * 10_000})
                 queued = a.get_stats()["history"]["backlog"]
+                queued_bytes = bstats(a)["backlog_bytes"]
                 await raw.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
             finally:
                 await raw.aclose()
             assert queued <= 20
+            assert queued_bytes >= queued * 10_000  # the history queue's bytes are counted
+            dropped = a.get_stats()["history"]["dropped"]
+            assert dropped >= 200 - 20 - 512  # the rest (beyond one batch in flight) counted
+            await until(lambda: a.get_stats()["history"]["backlog"] == 0, "flushed")
+            # the dropped ones are a marked gap: the offsets bob sees skip them
+            await a.broadcast_to_lobby("room", {"type": "note", "n": 200})
+            await until(lambda: 200 in notes(pb), "bob got the next one")
+            offsets = [o for _, o in positions(pb)]
+            assert len(offsets) == 200 - dropped + 1 and offsets[-1] == 201
 
     asyncio.run(main())
 

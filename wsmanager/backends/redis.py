@@ -741,7 +741,11 @@ class RedisBackend:
         node's and, per the view, the others'). None while the backplane is
         down: nothing kept or published (the caller delivers locally), the
         message counted as lost and its lobby's history marked with a gap
-        once Redis is back (:meth:`StreamHistory.lost`).
+        once Redis is back (:meth:`StreamHistory.lost`). None too for a
+        message over ``max_message_bytes`` or the backlog bounds: not kept,
+        a marked gap (:meth:`StreamHistory.publish`); the caller's
+        :meth:`publish_lobby` then counts it in ``oversize`` / ``dropped``
+        as without history.
         TypeError when ``data`` is not a JSON object's text."""
         m = self._manager
         if m is None:
@@ -751,7 +755,8 @@ class RedisBackend:
         if not self.up:
             self.history.lost(lobby)
             return None
-        self.history.publish(lobby, data, exclude_user_id, m.history_size or 1, m.history_ttl)
+        if self.history.publish(lobby, data, exclude_user_id, m.history_size or 1, m.history_ttl):
+            return None  # over max_message_bytes or the backlog bounds: a marked gap, local only
         return self.remote_lobby_count(lobby, exclude_user_id)
 
     async def history_since(
@@ -865,7 +870,7 @@ class RedisBackend:
                 )
             self._drop(channel)
             return
-        if len(self._ops) >= self.max_backlog or self._backlog_bytes + size > self.max_backlog_bytes:
+        if self.backlog_full(size):
             self._drop(channel)
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 logger.warning("backplane backlog full: %d messages dropped", self.dropped)
@@ -874,6 +879,16 @@ class RedisBackend:
         self._backlog_bytes += size
         self._ops.append(("p", (channel, seq, frame)))
         self._kick()
+
+    def backlog_full(self, size: int) -> bool:
+        """True when one more record of ``size`` bytes would pass
+        ``max_backlog`` records or ``max_backlog_bytes`` bytes, counting the
+        publish backlog and the history queue (:class:`StreamHistory`)
+        together: one bound for the node's memory of queued messages."""
+        h = self.history
+        count = len(self._ops) + (h.queued if h is not None else 0)
+        nbytes = self._backlog_bytes + (h.queued_bytes if h is not None else 0)
+        return count >= self.max_backlog or nbytes + size > self.max_backlog_bytes
 
     def _drop(self, channel: bytes) -> None:
         """A message for ``channel`` that does not reach the cluster: counted
@@ -1546,7 +1561,7 @@ class RedisBackend:
             "sharded_pubsub": bool(self._shards) and all(s.sharded for s in self._shards),
             "dropped": self.dropped,
             "backlog": len(self._ops),
-            "backlog_bytes": self._backlog_bytes,
+            "backlog_bytes": self._backlog_bytes + (self.history.queued_bytes if self.history else 0),
             "missed": self.missed,
             "oversize": self.oversize,
             "subscriber_cuts": self.subscriber_cuts,
