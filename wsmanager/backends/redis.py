@@ -375,6 +375,8 @@ class RedisBackend:
         self._seq: dict[bytes, list[int]] = {}  # channel -> [last seq, _seq_clock at last use]
         self._seq_clock = 0  # the number of _prune_seq calls (one per lease / 3)
         self._seen: dict[bytes, dict[bytes, int]] = {}
+        #: lobby channel -> (epoch, offset) of the last history message received on it
+        self._offsets: dict[bytes, tuple[bytes, int]] = {}
         # the other nodes as this node last knew them, kept through an outage:
         # counts the messages dropped meanwhile, and holds their seats in a
         # Redis that restarted empty until they rejoin (REVIVE)
@@ -464,6 +466,9 @@ class RedisBackend:
         else:
             self._refs.pop(channel, None)
             self._seen.pop(channel, None)  # a later subscription starts counting afresh
+            self._offsets.pop(channel, None)
+            if self.history is not None:
+                self.history.local_only.pop(channel, None)
             self._sub_changes.add(channel)
             self._kick()
 
@@ -880,6 +885,11 @@ class RedisBackend:
         self._ops.append(("p", (channel, seq, frame)))
         self._kick()
 
+    def listens(self, channel: bytes) -> bool:
+        """True while this node needs ``channel`` (a local member of its
+        lobby or user): it is, or is about to be, subscribed to it."""
+        return channel in self._refs
+
     def backlog_full(self, size: int) -> bool:
         """True when one more record of ``size`` bytes would pass
         ``max_backlog`` records or ``max_backlog_bytes`` bytes, counting the
@@ -1220,6 +1230,7 @@ class RedisBackend:
         delivery = m.delivery
         node_b = self._node_b
         rec_size = _REC.size
+        with_history = bool(m.history_size)
         conn = shard.conn
         early = shard.early
         seen = self._seen
@@ -1268,11 +1279,53 @@ class RedisBackend:
                 off += xlen
                 start, off = off, off + dlen
                 self.received += 1
+                if with_history and not sequenced and kind == _LOBBY:
+                    self._count_skipped(reply[1], payload, start, off)
                 if kind == _LOBBY:
                     if delivery.lobby_count(target):
                         await delivery.deliver_lobby(target, payload[start:off].decode(), excl)
                 elif m.is_user_connected(target, local=True):
                     await delivery.deliver_user(target, payload[start:off].decode())
+
+    def _count_skipped(self, channel: bytes, payload: bytes, start: int, end: int) -> None:
+        """With history on, a lobby's messages come from the history script
+        (frames without sequence numbers, from nodes and Publishers alike)
+        with ``"_pos":{...,"epoch":E,"offset":N}`` at the end of their text
+        (``payload[start:end]``): the offsets of one epoch follow each other,
+        so a jump is messages this node missed (a subscriber cut, or gaps
+        marked for messages dropped elsewhere), counted in ``missed``; the
+        gaps marked for this node's own drops, which its members got locally,
+        are not (:attr:`StreamHistory.local_only`). The first message after
+        a subscription, and a new epoch, start counting afresh."""
+        j = payload.rfind(b'","offset":', start, end)
+        k = payload.rfind(b'"epoch":"', start, j) if j > 0 else -1
+        if k < 0 or payload[end - 2 : end] != b"}}":
+            return  # no position (a Publisher without history_size)
+        try:
+            offset = int(payload[j + 11 : end - 2])
+        except ValueError:
+            return
+        epoch = payload[k + 9 : j]
+        last = self._offsets.get(channel)
+        self._offsets[channel] = (epoch, offset)
+        h = self.history
+        if last is None:
+            return
+        if last[0] != epoch:  # a new epoch: the gaps marked in the old one no longer show
+            if h is not None:
+                h.local_only.pop(channel, None)
+            return
+        skipped = offset - last[1] - 1
+        if skipped <= 0:
+            return
+        own = h.local_only.get(channel, 0) if h is not None else 0
+        if own and h is not None:
+            if own > skipped:
+                h.local_only[channel] = own - skipped
+            else:
+                del h.local_only[channel]
+            skipped -= min(own, skipped)
+        self.missed += skipped
 
     async def _check_cut(self, shard: _Shard, exc: BaseException) -> None:
         """The subscriber connection of ``shard`` failed. If that Redis still

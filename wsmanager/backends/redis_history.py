@@ -158,6 +158,10 @@ class StreamHistory:
         self._tail_gaps: dict[str, list[Any]] = {}
         self.queued = 0
         self.queued_bytes = 0
+        #: lobby channel -> gaps marked for messages this node delivered to its
+        #: own members only (not kept): its receiver does not count them in
+        #: ``missed`` (only for channels it listens to; forgotten on unsubscribe)
+        self.local_only: dict[bytes, int] = {}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -204,6 +208,7 @@ class StreamHistory:
         else:
             gap = self._tail_gaps[lobby] = gap_args(bp.namespace, lobby, 1)
             self._queue.append((index, gap, 0))
+        self._local_only(lobby)
         self._drop(1, why)
         self._wake_writer()
         return why
@@ -215,8 +220,14 @@ class StreamHistory:
         offset skips one), so that a recovery across it answers
         ``recovered: false`` instead of silently missing it."""
         self.gaps[lobby] = self.gaps.get(lobby, 0) + 1
+        self._local_only(lobby)
         self._drop(1, "backplane down")
         self._wake_writer()
+
+    def _local_only(self, lobby: str) -> None:
+        channel = self._backend.lobby_channel(lobby)
+        if self._backend.listens(channel):
+            self.local_only[channel] = self.local_only.get(channel, 0) + 1
 
     def _wake_writer(self) -> None:
         loop = asyncio.get_running_loop()
