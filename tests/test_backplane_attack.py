@@ -168,18 +168,22 @@ def test_history_through_a_restart_empty_new_epoch_no_duplicate_no_reorder(redis
 
 def test_history_messages_make_no_false_gap_in_missed(redis: RedisServer) -> None:
     """Lobby messages with history (unsequenced, published by the script)
-    interleaved with direct messages (sequenced) from the same node: no
-    message is lost, so ``missed`` stays 0 on every node."""
+    interleaved with direct messages (sequenced) from the same node and
+    with a Publisher's history messages (which take offsets of the same
+    lobby): no message is lost, so ``missed`` stays 0 on every node."""
 
     async def main() -> None:
         async with cluster(redis.url) as (a, b):
             await connected(a, "room", "alice")
             pb = await connected(b, "room", "bob")
-            for i in range(20):
-                await a.broadcast_to_lobby("room", {"type": "note", "n": i})
-                await a.send_to_user("bob", {"type": "dm", "n": i})
+            async with Publisher(redis.url, namespace=bp(a).namespace, history_size=100) as pub:
+                for i in range(20):
+                    await a.broadcast_to_lobby("room", {"type": "note", "n": i})
+                    await a.send_to_user("bob", {"type": "dm", "n": i})
+                    await pub.broadcast_to_lobby("room", {"type": "pub", "n": i})
             await until(lambda: len(notes(pb)) == 20 and len(of_type(pb, "dm")) == 20, "bob got all")
-            assert [t["_pos"]["offset"] for t in pb.texts() if "_pos" in t] == list(range(1, 21))
+            await until(lambda: len(of_type(pb, "pub")) == 20, "bob got the Publisher's")
+            assert [t["_pos"]["offset"] for t in pb.texts() if "_pos" in t] == list(range(1, 41))
             assert bstats(a)["missed"] == bstats(b)["missed"] == 0
             assert bstats(a)["dropped"] == bstats(b)["dropped"] == 0
 
@@ -196,11 +200,6 @@ async def _pubsub_client_ids(client: aioredis.Redis) -> list[tuple[int, int]]:
     return out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="history lobby messages carry no per-channel sequence (HEAD = frame_head(b'') in "
-    "redis_history.py): a receiver whose subscriber was cut does not count them in 'missed'",
-)
 def test_history_messages_lost_to_a_subscriber_cut_are_counted_in_missed(redis: RedisServer) -> None:
     """Node b's subscriber is cut by Redis (CLIENT KILL in the same MULTI as
     three history appends, so they are surely lost to b); its member then
@@ -242,25 +241,31 @@ def test_history_messages_lost_to_a_subscriber_cut_are_counted_in_missed(redis: 
 # ---------------------------------------------------------------- history + max_message_bytes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="history_publish (redis.py RedisBackend.history_publish) never checks max_message_bytes: "
-    "an oversize lobby message with history on is kept and published to every subscriber",
-)
 def test_history_oversize_lobby_message_respects_max_message_bytes(redis: RedisServer) -> None:
     """docs/redis-backplane.md: a message over max_message_bytes is delivered
     on its node only, counted in oversize and dropped. With history on the
-    same must hold (else history reopens the 1 MiB subscriber-cut hole)."""
+    same must hold (else history reopens the 1 MiB subscriber-cut hole), and
+    the message is a marked gap in the lobby's history: a recovery across it
+    answers recovered false."""
 
     async def main() -> None:
         async with cluster(redis.url, backend={"max_message_bytes": 2000}) as (a, b):
             pa = await connected(a, "room", "alice")
             pb = await connected(b, "room", "bob")
+            await a.broadcast_to_lobby("room", {"type": "pre"})
+            await until(lambda: len(positions(pb)) == 1, "bob got the first")
+            before = positions(pb)[0]
             await a.broadcast_to_lobby("room", {"type": "note", "n": 0, "pad": "x" * 10_000})
             await a.broadcast_to_lobby("room", {"type": "note", "n": 1})
             await until(lambda: 1 in notes(pb) and 1 in notes(pa), "the small one arrived")
-            assert bstats(a)["oversize"] == 1
-            assert notes(pb) == [1]
+            assert bstats(a)["oversize"] == 1 and bstats(a)["dropped"] == 1
+            assert a.get_stats()["history"]["dropped"] == 1
+            assert notes(pb) == [1] and notes(pa) == [0, 1]  # local members only
+            assert [o for _, o in positions(pb)] == [1, 3]  # its offset is skipped
+            pc = await connected(b, "room", "carol", since=before)
+            assert of_type(pc, "recovery")[0]["recovered"] is False
+            # b's members never got it (missed, as a sequence gap would be); a's did, locally
+            assert bstats(b)["missed"] == 1 and bstats(a)["missed"] == 0
 
     asyncio.run(main())
 
@@ -268,11 +273,6 @@ def test_history_oversize_lobby_message_respects_max_message_bytes(redis: RedisS
 # ---------------------------------------------------------------- history + the backlog bounds
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="StreamHistory._queue (redis_history.py publish) is unbounded: history broadcasts ignore "
-    "max_backlog / max_backlog_bytes while Redis holds writes",
-)
 def test_history_backlog_is_bounded_while_redis_holds_writes(redis: RedisServer) -> None:
     """CLIENT PAUSE WRITE (Redis answers PING, holds scripts): 200 history
     broadcasts of 10 kB with max_backlog=20 must leave at most 20 queued,
@@ -281,17 +281,28 @@ def test_history_backlog_is_bounded_while_redis_holds_writes(redis: RedisServer)
     async def main() -> None:
         async with cluster(redis.url, backend={"max_backlog": 20, "command_timeout": 3.0}) as (a, b):
             await connected(a, "room", "alice")
-            await connected(b, "room", "bob")
+            pb = await connected(b, "room", "bob")
             raw = aioredis.Redis.from_url(redis.url)
             try:
                 await raw.execute_command("CLIENT", "PAUSE", "2000", "WRITE")  # type: ignore[no-untyped-call]
                 for i in range(200):
                     await a.broadcast_to_lobby("room", {"type": "note", "n": i, "pad": "x" * 10_000})
                 queued = a.get_stats()["history"]["backlog"]
+                queued_bytes = bstats(a)["backlog_bytes"]
                 await raw.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
             finally:
                 await raw.aclose()
             assert queued <= 20
+            assert queued_bytes >= queued * 10_000  # the history queue's bytes are counted
+            dropped = a.get_stats()["history"]["dropped"]
+            assert dropped >= 200 - 20 - 512  # the rest (beyond one batch in flight) counted
+            await until(lambda: a.get_stats()["history"]["backlog"] == 0, "flushed")
+            # the dropped ones are a marked gap: the offsets bob sees skip them
+            await a.broadcast_to_lobby("room", {"type": "note", "n": 200})
+            await until(lambda: 200 in notes(pb), "bob got the next one")
+            offsets = [o for _, o in positions(pb)]
+            assert len(offsets) == 200 - dropped + 1 and offsets[-1] == 201
+            assert (bstats(b)["missed"], bstats(a)["missed"]) == (dropped, 0)
 
     asyncio.run(main())
 
@@ -401,14 +412,9 @@ def test_history_broadcast_during_an_outage_is_a_marked_gap_not_a_silent_one(red
 # ---------------------------------------------------------------- recovery while Redis holds writes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with history on, connect() awaits the HISTORY_READ script (redis_history.py "
-    "StreamHistory.read: _bounded(call(), command_timeout)); under CLIENT PAUSE WRITE Redis "
-    "answers PING (no outage) and holds the script, so the handshake waits command_timeout, "
-    "not admission_timeout",
-)
 def test_connect_with_history_is_bounded_while_redis_holds_writes(redis: RedisServer) -> None:
+    """The recovery read is bounded by admission_timeout too: the client is
+    answered without a position (recovered false when it gave a since)."""
     _connect_while_redis_holds_writes(redis, 100)
 
 
@@ -436,10 +442,14 @@ def _connect_while_redis_holds_writes(redis: RedisServer, history_size: int | No
                 peer = FakePeer()
                 ok = await a.connect(peer.ws, "room", "carol")
                 took = loop.time() - t0
+                since_peer = FakePeer()
+                since_ok = await a.connect(since_peer.ws, "room", "dave", since=("whatever", 1))
                 await raw.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
             finally:
                 await raw.aclose()
-            assert ok
+            assert ok and since_ok
+            if history_size is not None:  # answered without waiting for the read: it refetches
+                assert of_type(since_peer, "recovery")[0]["recovered"] is False
             assert bp(a).up  # PING answered throughout: no outage
             assert took < 2.0, f"connect() took {took:.2f}s while Redis held writes"
 
@@ -478,6 +488,7 @@ def test_publisher_with_history_through_an_outage_and_a_restart_empty(redis: Red
             e1 = positions(pa)[0][0]
             e2 = positions(pa)[1][0]
             assert e1 != e2 and positions(pa) == positions(pb) == [(e1, 1), (e2, 1), (e2, 2)]
+            assert bstats(a)["missed"] == bstats(b)["missed"] == 0  # a new epoch is no gap
 
     asyncio.run(main())
 

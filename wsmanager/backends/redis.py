@@ -375,6 +375,8 @@ class RedisBackend:
         self._seq: dict[bytes, list[int]] = {}  # channel -> [last seq, _seq_clock at last use]
         self._seq_clock = 0  # the number of _prune_seq calls (one per lease / 3)
         self._seen: dict[bytes, dict[bytes, int]] = {}
+        #: lobby channel -> (epoch, offset) of the last history message received on it
+        self._offsets: dict[bytes, tuple[bytes, int]] = {}
         # the other nodes as this node last knew them, kept through an outage:
         # counts the messages dropped meanwhile, and holds their seats in a
         # Redis that restarted empty until they rejoin (REVIVE)
@@ -464,6 +466,9 @@ class RedisBackend:
         else:
             self._refs.pop(channel, None)
             self._seen.pop(channel, None)  # a later subscription starts counting afresh
+            self._offsets.pop(channel, None)
+            if self.history is not None:
+                self.history.local_only.pop(channel, None)
             self._sub_changes.add(channel)
             self._kick()
 
@@ -741,7 +746,11 @@ class RedisBackend:
         node's and, per the view, the others'). None while the backplane is
         down: nothing kept or published (the caller delivers locally), the
         message counted as lost and its lobby's history marked with a gap
-        once Redis is back (:meth:`StreamHistory.lost`).
+        once Redis is back (:meth:`StreamHistory.lost`). None too for a
+        message over ``max_message_bytes`` or the backlog bounds: not kept,
+        a marked gap (:meth:`StreamHistory.publish`); the caller's
+        :meth:`publish_lobby` then counts it in ``oversize`` / ``dropped``
+        as without history.
         TypeError when ``data`` is not a JSON object's text."""
         m = self._manager
         if m is None:
@@ -751,14 +760,17 @@ class RedisBackend:
         if not self.up:
             self.history.lost(lobby)
             return None
-        self.history.publish(lobby, data, exclude_user_id, m.history_size or 1, m.history_ttl)
+        if self.history.publish(lobby, data, exclude_user_id, m.history_size or 1, m.history_ttl):
+            return None  # over max_message_bytes or the backlog bounds: a marked gap, local only
         return self.remote_lobby_count(lobby, exclude_user_id)
 
     async def history_since(
         self, lobby: str, since: tuple[str, int] | None, user_id: str | None
     ) -> tuple[bool, str, int, list[str]]:
         """``(recovered, epoch, top, texts)``: see :meth:`StreamHistory.read`;
-        Redis errors give ``(False, "", 0, [])`` (logged)."""
+        Redis errors, and no answer within ``admission_timeout``, give
+        ``(False, "", 0, [])`` (logged): the client is told
+        ``recovered: false`` and refetches, the handshake is not held."""
         m = self._manager
         assert m is not None
         if self.history is None:
@@ -767,7 +779,8 @@ class RedisBackend:
             return await self.history.read(lobby, since, user_id, m.history_size or 1, m.history_ttl)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self._note_error(exc)
-            extra = {"lobby": lobby, "reason": "backplane_down"}
+            reason = "admission_timeout" if isinstance(exc, asyncio.TimeoutError) else "backplane_down"
+            extra = {"lobby": lobby, "reason": reason}
             logger.info("history: recovery read failed: %r", exc, extra=extra)
             return False, "", 0, []
 
@@ -862,7 +875,7 @@ class RedisBackend:
                 )
             self._drop(channel)
             return
-        if len(self._ops) >= self.max_backlog or self._backlog_bytes + size > self.max_backlog_bytes:
+        if self.backlog_full(size):
             self._drop(channel)
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 logger.warning("backplane backlog full: %d messages dropped", self.dropped)
@@ -871,6 +884,21 @@ class RedisBackend:
         self._backlog_bytes += size
         self._ops.append(("p", (channel, seq, frame)))
         self._kick()
+
+    def listens(self, channel: bytes) -> bool:
+        """True while this node needs ``channel`` (a local member of its
+        lobby or user): it is, or is about to be, subscribed to it."""
+        return channel in self._refs
+
+    def backlog_full(self, size: int) -> bool:
+        """True when one more record of ``size`` bytes would pass
+        ``max_backlog`` records or ``max_backlog_bytes`` bytes, counting the
+        publish backlog and the history queue (:class:`StreamHistory`)
+        together: one bound for the node's memory of queued messages."""
+        h = self.history
+        count = len(self._ops) + (h.queued if h is not None else 0)
+        nbytes = self._backlog_bytes + (h.queued_bytes if h is not None else 0)
+        return count >= self.max_backlog or nbytes + size > self.max_backlog_bytes
 
     def _drop(self, channel: bytes) -> None:
         """A message for ``channel`` that does not reach the cluster: counted
@@ -1202,6 +1230,7 @@ class RedisBackend:
         delivery = m.delivery
         node_b = self._node_b
         rec_size = _REC.size
+        with_history = bool(m.history_size)
         conn = shard.conn
         early = shard.early
         seen = self._seen
@@ -1250,11 +1279,53 @@ class RedisBackend:
                 off += xlen
                 start, off = off, off + dlen
                 self.received += 1
+                if with_history and not sequenced and kind == _LOBBY:
+                    self._count_skipped(reply[1], payload, start, off)
                 if kind == _LOBBY:
                     if delivery.lobby_count(target):
                         await delivery.deliver_lobby(target, payload[start:off].decode(), excl)
                 elif m.is_user_connected(target, local=True):
                     await delivery.deliver_user(target, payload[start:off].decode())
+
+    def _count_skipped(self, channel: bytes, payload: bytes, start: int, end: int) -> None:
+        """With history on, a lobby's messages come from the history script
+        (frames without sequence numbers, from nodes and Publishers alike)
+        with ``"_pos":{...,"epoch":E,"offset":N}`` at the end of their text
+        (``payload[start:end]``): the offsets of one epoch follow each other,
+        so a jump is messages this node missed (a subscriber cut, or gaps
+        marked for messages dropped elsewhere), counted in ``missed``; the
+        gaps marked for this node's own drops, which its members got locally,
+        are not (:attr:`StreamHistory.local_only`). The first message after
+        a subscription, and a new epoch, start counting afresh."""
+        j = payload.rfind(b'","offset":', start, end)
+        k = payload.rfind(b'"epoch":"', start, j) if j > 0 else -1
+        if k < 0 or payload[end - 2 : end] != b"}}":
+            return  # no position (a Publisher without history_size)
+        try:
+            offset = int(payload[j + 11 : end - 2])
+        except ValueError:
+            return
+        epoch = payload[k + 9 : j]
+        last = self._offsets.get(channel)
+        self._offsets[channel] = (epoch, offset)
+        h = self.history
+        if last is None:
+            return
+        if last[0] != epoch:  # a new epoch: the gaps marked in the old one no longer show
+            if h is not None:
+                h.local_only.pop(channel, None)
+            return
+        skipped = offset - last[1] - 1
+        if skipped <= 0:
+            return
+        own = h.local_only.get(channel, 0) if h is not None else 0
+        if own and h is not None:
+            if own > skipped:
+                h.local_only[channel] = own - skipped
+            else:
+                del h.local_only[channel]
+            skipped -= min(own, skipped)
+        self.missed += skipped
 
     async def _check_cut(self, shard: _Shard, exc: BaseException) -> None:
         """The subscriber connection of ``shard`` failed. If that Redis still
@@ -1543,7 +1614,7 @@ class RedisBackend:
             "sharded_pubsub": bool(self._shards) and all(s.sharded for s in self._shards),
             "dropped": self.dropped,
             "backlog": len(self._ops),
-            "backlog_bytes": self._backlog_bytes,
+            "backlog_bytes": self._backlog_bytes + (self.history.queued_bytes if self.history else 0),
             "missed": self.missed,
             "oversize": self.oversize,
             "subscriber_cuts": self.subscriber_cuts,

@@ -45,7 +45,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from .._core import dumps
 from ._lua import HISTORY_APPEND, HISTORY_READ
-from .routing import frame_head, lobby_channel
+from .routing import frame_head, lobby_channel, lobby_record
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -144,12 +144,24 @@ class StreamHistory:
     (one writer task per event loop), and reads for recoveries.
 
     Counters: ``published`` (scripts that ran), ``dropped`` (messages lost:
-    Redis unreachable or failing), ``recoveries`` / ``recovered`` (reads, and
-    those that could replay)."""
+    Redis unreachable or failing, over the backend's ``max_message_bytes``,
+    or over its backlog bounds), ``recoveries`` / ``recovered`` (reads, and
+    those that could replay); ``queued`` / ``queued_bytes``: messages waiting
+    for Redis and the bytes of their records (counted against the backend's
+    ``max_backlog`` / ``max_backlog_bytes`` with its publish backlog)."""
 
     def __init__(self, backend: RedisBackend) -> None:
         self._backend = backend
-        self._queue: deque[tuple[int, list[Any]]] = deque()
+        #: (shard index, script args, record bytes); gap marks are 0 bytes
+        self._queue: deque[tuple[int, list[Any], int]] = deque()
+        #: lobby -> the gap mark at the queue's tail (after its last message), grown in place
+        self._tail_gaps: dict[str, list[Any]] = {}
+        self.queued = 0
+        self.queued_bytes = 0
+        #: lobby channel -> gaps marked for messages this node delivered to its
+        #: own members only (not kept): its receiver does not count them in
+        #: ``missed`` (only for channels it listens to; forgotten on unsubscribe)
+        self.local_only: dict[bytes, int] = {}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -164,14 +176,42 @@ class StreamHistory:
 
     def publish(
         self, lobby: str, data: str, exclude_user_id: str | None, size: int, ttl: float | None
-    ) -> None:
+    ) -> str | None:
         """Queue ``data`` for ``lobby``'s stream and channel (in order with
-        this node's other history messages). TypeError for a non-object."""
+        this node's other history messages): None. Not queued, the same rules
+        as the plain backplane's (:meth:`RedisBackend.publish_lobby`): its
+        record over the backend's ``max_message_bytes`` (``"oversize"``), or
+        the backlog (this queue and the publish backlog together) at
+        ``max_backlog`` records / ``max_backlog_bytes`` bytes (``"backlog"``):
+        the message is counted in ``dropped`` and becomes a gap in the
+        lobby's history at its place in this node's order (the offset skips
+        it, so a recovery across it answers ``recovered: false``); the caller
+        delivers it locally. TypeError for a non-object."""
         bp = self._backend
         index = bp.shard_of(bp.lobby_channel(lobby))
         args = append_args(bp.namespace, lobby, data, exclude_user_id, size, ttl, bp.publish_command(index))
-        self._queue.append((index, args))
+        nbytes = len(lobby_record(lobby, data, exclude_user_id))
+        if nbytes > bp.max_message_bytes:
+            why = "oversize"
+        elif bp.backlog_full(nbytes):
+            why = "backlog"
+        else:
+            self._queue.append((index, args, nbytes))
+            self.queued += 1
+            self.queued_bytes += nbytes
+            self._tail_gaps.clear()  # a later loss comes after this message
+            self._wake_writer()
+            return None
+        gap = self._tail_gaps.get(lobby)
+        if gap is not None:
+            gap[8] += 1
+        else:
+            gap = self._tail_gaps[lobby] = gap_args(bp.namespace, lobby, 1)
+            self._queue.append((index, gap, 0))
+        self._local_only(lobby)
+        self._drop(1, why)
         self._wake_writer()
+        return why
 
     def lost(self, lobby: str) -> None:
         """A message of ``lobby`` could not be kept (the backplane is down;
@@ -180,8 +220,14 @@ class StreamHistory:
         offset skips one), so that a recovery across it answers
         ``recovered: false`` instead of silently missing it."""
         self.gaps[lobby] = self.gaps.get(lobby, 0) + 1
+        self._local_only(lobby)
         self._drop(1, "backplane down")
         self._wake_writer()
+
+    def _local_only(self, lobby: str) -> None:
+        channel = self._backend.lobby_channel(lobby)
+        if self._backend.listens(channel):
+            self.local_only[channel] = self.local_only.get(channel, 0) + 1
 
     def _wake_writer(self) -> None:
         loop = asyncio.get_running_loop()
@@ -201,7 +247,7 @@ class StreamHistory:
             if self.gaps and bp.up:  # mark the gaps first: they precede what is queued
                 for lobby, n in self.gaps.items():
                     index = bp.shard_of(bp.lobby_channel(lobby))
-                    queue.appendleft((index, gap_args(bp.namespace, lobby, n)))
+                    queue.appendleft((index, gap_args(bp.namespace, lobby, n), 0))
                 self.gaps = {}
             if not queue:
                 wake.clear()
@@ -212,8 +258,12 @@ class StreamHistory:
                     await wake.wait()
                 continue
             batches: dict[int, list[list[Any]]] = {}
+            self._tail_gaps.clear()  # the marks sent are no longer to be grown
             for _ in range(min(len(queue), _BATCH)):
-                index, args = queue.popleft()
+                index, args, nbytes = queue.popleft()
+                if nbytes:
+                    self.queued -= 1
+                    self.queued_bytes -= nbytes
                 batches.setdefault(index, []).append(args)
             await asyncio.gather(*(self._send(index, batch) for index, batch in batches.items()))
 
@@ -272,12 +322,17 @@ class StreamHistory:
         lobby's channel: ``texts`` the kept messages after ``since`` (not
         those broadcast with ``exclude_user_id=user_id``); ``recovered``
         False, nothing replayed, when the epoch differs or a message needed
-        is no longer kept. The backplane down (or not listening within
-        ``command_timeout``): ``(False, "", 0, [])``. Redis errors propagate
-        as ``RedisError``."""
+        is no longer kept. The backplane down, or no subscription
+        confirmed within the backend's ``admission_timeout`` (the wait for
+        the subscription and the script are bounded by it each):
+        ``(False, "", 0, [])``. Redis errors propagate as ``RedisError``; no
+        answer to the script within ``admission_timeout`` (Redis holds
+        writes: CLIENT PAUSE WRITE, a long script) as
+        ``asyncio.TimeoutError``: the read is part of a handshake, bounded
+        as its reservation is (docs/redis-backplane.md#faults)."""
         bp = self._backend
         self.recoveries += 1
-        timeout = bp.command_timeout
+        timeout = bp.admission_timeout
         if not await bp.wait_listening(bp.lobby_channel(lobby), timeout):
             return False, "", 0, []
         index = bp.shard_of(bp.lobby_channel(lobby))
@@ -303,14 +358,15 @@ class StreamHistory:
 
     def totals(self) -> tuple[int, int, int]:
         """``(appended, dropped, backlog)``: messages this node's scripts kept,
-        messages lost (never kept: Redis down or failing), messages queued."""
-        return self.published, self.dropped, len(self._queue)
+        messages lost (never kept: Redis down or failing, over
+        ``max_message_bytes`` or the backlog bounds), messages queued."""
+        return self.published, self.dropped, self.queued
 
     def stats(self) -> dict[str, int]:
         return {
             "history_published": self.published,
             "history_dropped": self.dropped,
-            "history_backlog": len(self._queue),
+            "history_backlog": self.queued,
             "recoveries": self.recoveries,
             "recovered": self.recovered,
         }
