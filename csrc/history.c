@@ -1,6 +1,7 @@
 /* History rings: see history.h for the contract. No Python code runs here:
  * the objects touched are exact str (cached hash, no finalizer). */
 #include "history.h"
+#include "pycompat.h"
 
 #include <pthread.h>
 #include <unistd.h>
@@ -31,20 +32,6 @@ static inline uintptr_t
 str_tag(PyObject *key)
 {
     return (uintptr_t)PyObject_Hash(key); /* exact str: cached, no Python code */
-}
-
-int
-wsm_str_same(PyObject *a, PyObject *b)
-{
-    if (a == b) {
-        return 1;
-    }
-    Py_ssize_t n = PyUnicode_GET_LENGTH(a);
-    if (n != PyUnicode_GET_LENGTH(b) || PyUnicode_KIND(a) != PyUnicode_KIND(b)) {
-        return 0;
-    }
-    return memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b),
-                  (size_t)n * PyUnicode_KIND(a)) == 0;
 }
 
 void

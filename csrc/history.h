@@ -88,8 +88,6 @@ void wsm_history_expire(wsm_history *h, wsm_ring *ring, double now);
  * ring is unchanged). */
 int wsm_history_push(wsm_history *h, wsm_ring *ring, PyObject *text, PyObject *excluded,
                      double now);
-/* 1 if exact str `a` and `b` have the same characters (no Python code). */
-int wsm_str_same(PyObject *a, PyObject *b);
 /* In a forked child (the first call after the fork): drop every ring and
  * take a new seed, so the child's epochs are its own. Call before any use. */
 void wsm_history_forked(wsm_history *h);

@@ -47,6 +47,7 @@
 #include "json_writer.h"
 #include "fanout.h"
 #include "history.h"
+#include "pycompat.h"
 
 /* Keys of get_stats(), interned once in the module state. */
 #define WSM_STAT_KEYS(X) \

@@ -2,6 +2,7 @@
 #include "registry.h"
 #include "activity.h"
 #include "list.h"
+#include "pycompat.h"
 
 /* ---- keys ------------------------------------------------------------ */
 
@@ -11,23 +12,6 @@ static inline uintptr_t
 str_tag(PyObject *key)
 {
     return (uintptr_t)PyObject_Hash(key);
-}
-
-/* Equality of two exact, ready str objects, as str.__eq__ decides it,
- * without calling it: identity first (ids are usually the very objects
- * that were registered), then length, kind and the code units. */
-static inline int
-str_same(PyObject *a, PyObject *b)
-{
-    if (a == b) {
-        return 1;
-    }
-    Py_ssize_t n = PyUnicode_GET_LENGTH(a);
-    if (n != PyUnicode_GET_LENGTH(b) || PyUnicode_KIND(a) != PyUnicode_KIND(b)) {
-        return 0;
-    }
-    return memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b),
-                  (size_t)n * PyUnicode_KIND(a)) == 0;
 }
 
 static wsm_group *
@@ -43,7 +27,7 @@ group_find(wsm_table *table, PyObject *key)
     uintptr_t tag = str_tag(key);
     WSM_TABLE_FOR_TAG(table, tag, s) {
         wsm_group *g = s->item;
-        if (str_same(g->key, key)) {
+        if (wsm_str_same(g->key, key)) {
             return g;
         }
     }
