@@ -349,26 +349,31 @@ def test_the_publish_backlog_is_bounded_in_bytes_during_a_client_pause() -> None
 
     async def main(server: RedisServer, pa: int, proc_a: subprocess.Popen[bytes], pb: int) -> None:
         bob = await connect(url(pb, "X", "bob"), max_size=None)
-        await wait_for(pa, "/stats", total_is(1), "A sees bob")
-        await get(pa, f"/flood/X?n=4&size={MIB}")  # warm up: allocator arenas of this size
-        assert len(await drain(bob, ("flood",))) == 4
-        rss0 = rss_bytes(proc_a)
-        r = aioredis.Redis.from_url(server.url)
-        await r.execute_command("CLIENT", "PAUSE", "4000", "WRITE")  # type: ignore[no-untyped-call]
-        await r.aclose()
-        await get(pa, f"/flood/X?n=128&size={MIB}")
-        a = await backplane(pa)
-        grew = rss_bytes(proc_a) - rss0
-        assert grew < 48 * MIB, grew / MIB
-        assert a["up"]
-        assert a["backlog_bytes"] <= 8 * MIB
-        assert a["dropped"] >= 128 - 10
-        await wait_for(pa, "/stats", bp_is(lambda b: b["backlog"] == 0), "flushed after the pause")
-        got = await drain(bob, ("flood", "after"), until=2.0)
-        markers, more = await until_marker(pa, bob)
-        got += more
-        assert len(got) + (await backplane(pb))["missed"] == 128 + markers
-        await bob.close()
+        try:  # bob closed whatever fails: no socket left for the next test's warnings
+            await wait_for(pa, "/stats", total_is(1), "A sees bob")
+            await get(pa, f"/flood/X?n=4&size={MIB}")  # warm up: allocator arenas of this size
+            assert len(await drain(bob, ("flood",))) == 4
+            rss0 = rss_bytes(proc_a)
+            r = aioredis.Redis.from_url(server.url)
+            await r.execute_command("CLIENT", "PAUSE", "4000", "WRITE")  # type: ignore[no-untyped-call]
+            await r.aclose()
+            await get(pa, f"/flood/X?n=128&size={MIB}")
+            a = await backplane(pa)
+            grew = rss_bytes(proc_a) - rss0
+            if "libasan" not in os.environ.get("LD_PRELOAD", ""):
+                # under ASan (make test-asan) freed blocks sit in its quarantine, so RSS
+                # says nothing about the backlog there; the byte counts below still hold
+                assert grew < 48 * MIB, grew / MIB
+            assert a["up"]
+            assert a["backlog_bytes"] <= 8 * MIB
+            assert a["dropped"] >= 128 - 10
+            await wait_for(pa, "/stats", bp_is(lambda b: b["backlog"] == 0), "flushed after the pause")
+            got = await drain(bob, ("flood", "after"), until=2.0)
+            markers, more = await until_marker(pa, bob)
+            got += more
+            assert len(got) + (await backplane(pb))["missed"] == 128 + markers
+        finally:
+            await bob.close()
 
     backend = {"max_backlog_bytes": 8 * MIB}
     big = {"max_backlog_bytes": 1 << 30, "max_backlog": 1 << 20}

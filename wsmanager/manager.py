@@ -1122,7 +1122,9 @@ class ConnectionManager(Core):
     def _history_figures(self, bp: RedisBackend | None) -> HistoryStats:
         """``get_stats()["history"]``: the core's rings, the recovery counters
         and, with a clustered backend, its history writer's counters."""
-        streams = None if bp is None else bp.history
+        # a clustered backend without history (the Backend protocol does not
+        # require it) has no history writer to read
+        streams = None if bp is None else getattr(bp, "history", None)
         counts = self._recovery_counts
         if not self._history_used and streams is None and not counts.recoveries:
             return _NO_HISTORY.copy()  # history never on: no core call (get_stats stays O(1) and cheap)
