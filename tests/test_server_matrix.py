@@ -62,6 +62,8 @@ class Expect:
     backpressure: bool = True
     #: what an open client gets when the server is sent SIGTERM
     shutdown: tuple[int, str] = (1001, "server_shutdown")
+    #: another outcome the server sometimes gives instead (see EXPECT's comments)
+    shutdown_sometimes: tuple[int, str] | None = None
     #: every send suspends (granian completes it on its own threads), so a
     #: burst of more than ``max_backlog`` messages in one event-loop turn
     #: fills the backlog of every recipient, reading or not: 4006 for all
@@ -78,7 +80,10 @@ EXPECT: dict[str, Expect] = {
     # runs only after hypercorn's --graceful-timeout (3 s), once hypercorn
     # cancelled the endpoints, which it closes with 1011 and no reason
     "hypercorn": Expect(shutdown=(1011, "")),
-    "granian": Expect(burst_closes_readers=True),
+    # granian writes frames from its own threads: on SIGTERM it sometimes ends
+    # the TCP connection before the 1001 that shutdown() sent is written (seen
+    # in about 1 of 20 runs, under load), so a client may see 1006 instead
+    "granian": Expect(burst_closes_readers=True, shutdown_sometimes=(1006, "")),
     # daphne has no lifespan (manager.lifespan never runs) and drops the
     # connections on SIGTERM without a close frame (1006); close reasons are
     # not sent; its send never waits for a client
@@ -247,7 +252,7 @@ def test_sigterm_closes_open_connections(name: str) -> None:
             await asyncio.wait_for(ws.wait_closed(), 20)
             rcvd = ws.protocol.close_rcvd  # None: the TCP connection ended without a close frame
             got = (rcvd.code, rcvd.reason) if rcvd is not None else (1006, "")
-            assert got == expect.shutdown, (name, got, ws.protocol.close_exc)
+            assert got in (expect.shutdown, expect.shutdown_sometimes), (name, got, ws.protocol.close_exc)
 
     with asgi_server(name, APP, env=ENV) as (port, proc):
         asyncio.run(main(port, proc))
